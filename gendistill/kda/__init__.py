@@ -1,0 +1,92 @@
+"""Kimi Delta Attention ops with flash-linear-attention's layout and semantics.
+
+- `recurrent_kda` (naive.py): the step-by-step definition, the specification every other path is tested against.
+- `chunk_kda` (chunk.py): chunkwise-parallel pure PyTorch, differentiable, for CPU training and as the GPU fallback.
+- `kda_gated`: what the KDA layer calls. It takes raw projections (q/k before L2 norm, gate and beta pre-activations)
+  so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
+  it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from gendistill.kda.chunk import chunk_kda
+from gendistill.kda.naive import recurrent_kda
+
+__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "use_backend", "resolve_backend",
+           "fla_available"]
+
+BACKENDS = ("auto", "fla", "chunk", "recurrent")
+_backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a KDA path inside the block: "recurrent" (the reference), "chunk" (PyTorch), "fla" (CUDA), "auto"."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown KDA backend {name!r}; choose one of {BACKENDS}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+@functools.cache
+def _fla_ops():
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return fla_chunk, fla_recurrent
+
+
+def fla_available() -> bool:
+    return torch.cuda.is_available() and _fla_ops() is not None
+
+
+def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
+    name = _backend.get()
+    if name == "auto":
+        if x.is_cuda and _fla_ops() is not None:
+            return "fla"
+        return "recurrent" if seq_len <= 4 else "chunk"  # decoding steps: no chunk padding
+    if name == "fla" and not (x.is_cuda and _fla_ops() is not None):
+        raise RuntimeError("KDA backend 'fla' needs CUDA tensors and flash-linear-attention (pip install gendistill[gpu])")
+    return name
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's L2 norm: x / sqrt(sum(x^2) + eps), in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Channel-wise log-decay g = -exp(A_log[h]) * softplus(f + dt_bias), f: [..., HV, K], in fp32."""
+    heads, dim = f.shape[-2:]
+    return -A_log.float().exp()[:, None] * F.softplus(f.float() + dt_bias.float().view(heads, dim))
+
+
+def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None):
+    """KDA from raw projections: q, k [B,T,H,K] (not normalised); v [B,T,HV,V]; f [B,T,HV,K] gate pre-activation;
+    b [B,T,HV] beta logits. Positions to skip (padding) carry f = b = -1e4 (no decay, no write) — exact on every path.
+    Returns (o [B,T,HV,V], final state fp32 or None)."""
+    backend = resolve_backend(q, q.shape[1])
+    if backend == "fla":
+        fla_chunk, fla_recurrent = _fla_ops()
+        kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                  A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
+        if q.shape[1] <= 64 and not torch.is_grad_enabled():
+            return fla_recurrent(q, k, v, f, b, **kw)
+        return fla_chunk(q, k, v, f, b, **kw)
+    op = recurrent_kda if backend == "recurrent" else chunk_kda
+    return op(l2norm(q), l2norm(k), v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
+              initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)

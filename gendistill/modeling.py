@@ -1,0 +1,357 @@
+"""Hybrid-KDA: a Qwen3 decoder in which some softmax-attention layers are replaced by Kimi Delta Attention.
+
+Config/model pair in the transformers style. Attention layers, MLPs, norms and embeddings are Qwen3's own modules
+(parameter names match Qwen3 checkpoints); only the token mixer of `"linear_attention"` layers differs: `KDAMixer`,
+built as arXiv 2603.26556 builds it (teacher-shaped q/k/v/o, 8 k/v heads repeated to 16 at run time, identity-
+initialised short convs with bias, channel-wise low-rank forget gate, per-head beta, gated RMSNorm output, NoPE).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, Qwen3Config
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+from gendistill.kda import kda_gated
+
+FULL, LINEAR = "full_attention", "linear_attention"
+MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
+
+
+class HybridKDAConfig(Qwen3Config):
+    """Qwen3Config plus the KDA mixer options. `layer_types[i]` is "full_attention" or "linear_attention"."""
+
+    model_type = "hybrid_kda"
+
+    kda_conv_size: int = 4
+    kda_conv_bias: bool = True
+    kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
+    kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
+    kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
+    number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.kda_conv_activation not in ("identity", "silu"):
+            raise ValueError(f"kda_conv_activation must be 'identity' or 'silu', got {self.kda_conv_activation!r}")
+        if self.kda_output_gate not in ("sigmoid", "silu"):
+            raise ValueError(f"kda_output_gate must be 'sigmoid' or 'silu', got {self.kda_output_gate!r}")
+        bad = sorted(set(self.layer_types) - {FULL, LINEAR})
+        if bad:
+            raise ValueError(f"layer_types may only hold {FULL!r} and {LINEAR!r}, got {bad}")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == FULL]
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv over time (weight [D, 1, W] like nn.Conv1d) that can restart at document starts."""
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_in_doc: torch.Tensor | None):
+    """x: [B, D, W-1+T] (W-1 steps of left context, then the T new steps); returns [B, D, T].
+    `pos_in_doc` [B, T] (index of each step inside its document) hides taps that reach into a previous document."""
+    W = weight.shape[-1]
+    T = x.shape[-1] - (W - 1)
+    out = 0
+    for shift in range(W):  # tap W-1-shift looks `shift` steps back
+        term = weight[:, 0, W - 1 - shift, None] * x[..., W - 1 - shift : W - 1 - shift + T]
+        if pos_in_doc is not None and shift:
+            term = term * (pos_in_doc >= shift)[:, None, :]
+        out = out + term
+    return out if bias is None else out + bias[:, None]
+
+
+class KDAMixer(nn.Module):
+    """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
+
+    def __init__(self, config: HybridKDAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        hidden, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        rank = config.kda_gate_rank or D
+        self.conv_activation = config.kda_conv_activation
+        self.output_gate = config.kda_output_gate
+
+        self.q_proj = nn.Linear(hidden, H * D, bias=False)
+        self.k_proj = nn.Linear(hidden, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(hidden, Hkv * D, bias=False)
+        self.q_conv1d = ShortConvolution(H * D, config.kda_conv_size, config.kda_conv_bias)
+        self.k_conv1d = ShortConvolution(Hkv * D, config.kda_conv_size, config.kda_conv_bias)
+        self.v_conv1d = ShortConvolution(Hkv * D, config.kda_conv_size, config.kda_conv_bias)
+        self.f_a_proj = nn.Linear(hidden, rank, bias=False)
+        self.f_b_proj = nn.Linear(rank, H * D, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H * D))
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.g_a_proj = nn.Linear(hidden, rank, bias=False)
+        self.g_b_proj = nn.Linear(rank, H * D, bias=True)
+        self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(H * D, hidden, bias=False)
+
+    def _conv_params(self):
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = torch.cat([c.weight for c in convs])
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        return weight, bias
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                **kwargs):
+        """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask,
+        `position_ids` that restart at 0 mark packed documents: state and conv restart there."""
+        B, T, _ = hidden_states.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        cache = past_key_values
+        has_state = cache is not None and cache.get_recurrent_state(self.layer_idx) is not None
+        pad = None if attention_mask is None else attention_mask[:, -T:].bool()
+        doc_start = None
+        if pad is None and position_ids is not None and T > 1 and not has_state:
+            doc_start = _document_starts(position_ids.expand(B, T))
+
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
+            qkv = qkv * pad[..., None].to(qkv.dtype)
+        qkv = qkv.transpose(1, 2)  # [B, Dqkv, T]
+        W = self.q_conv1d.kernel_size
+        prev = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        context = prev if prev is not None else qkv.new_zeros(B, qkv.shape[1], W - 1)
+        conv_in = torch.cat([context.to(qkv.dtype), qkv], dim=-1)
+        if cache is not None:
+            cache.update_conv_state(conv_in[..., -(W - 1):], self.layer_idx, conv_kernel_size=W - 1)
+        weight, bias = self._conv_params()
+        pos_in_doc = None if doc_start is None else _position_in_document(doc_start)
+        qkv = causal_conv(conv_in, weight, bias, pos_in_doc)
+        if self.conv_activation == "silu":
+            qkv = F.silu(qkv)
+        q, k, v = qkv.transpose(1, 2).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.reshape(B, T, H, D)
+        # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
+        k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        f = self.f_b_proj(self.f_a_proj(hidden_states)).reshape(B, T, H, D)
+        b = self.b_proj(hidden_states)
+        if pad is not None:
+            f = f.masked_fill(~pad[..., None, None], MASKED)
+            b = b.masked_fill(~pad[..., None], MASKED)
+
+        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        cu_seqlens = None
+        if doc_start is not None:  # packed documents: flatten to one row and give the kernel the boundaries
+            starts = doc_start.clone()
+            starts[:, 0] = True
+            cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
+                                    torch.tensor([B * T], device=starts.device)])
+            q, k, v, f, b = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, f, b))
+        o, final_state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=initial_state,
+                                   output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.update_recurrent_state(final_state.float(), self.layer_idx)
+        o = o.reshape(B, T, H, D)
+
+        gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(B, T, H, D)
+        gate = torch.sigmoid(gate.float()) if self.output_gate == "sigmoid" else F.silu(gate.float())
+        o = (self.o_norm(o).float() * gate).to(hidden_states.dtype)
+        return self.o_proj(o.reshape(B, T, H * D)), None
+
+
+def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
+    None when nothing is packed."""
+    step = torch.diff(position_ids, dim=-1) != 1
+    if not step.any():
+        return None
+    return F.pad(step, (1, 0), value=False)
+
+
+def _position_in_document(doc_start: torch.Tensor) -> torch.Tensor:
+    T = doc_start.shape[-1]
+    idx = torch.arange(T, device=doc_start.device).expand_as(doc_start)
+    start_idx = torch.where(doc_start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - start_idx
+
+
+class HybridKDADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: HybridKDAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class HybridKDAPreTrainedModel(PreTrainedModel):
+    config: HybridKDAConfig
+    config_class = HybridKDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridKDADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ShortConvolution):
+            # Identity init: only the last tap (the current step) is 1, so copied q/k/v pass through unchanged.
+            weight = torch.zeros_like(module.weight)
+            weight[..., -1] = 1.0
+            init.copy_(module.weight, weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, KDAMixer):
+            # Mamba-style: A ~ U[1, 16]; dt ~ logU[1e-3, 1e-1] stored as inverse softplus in dt_bias.
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            # Output gate starts constant: sigmoid(0) = 0.5, or silu(1.278) ~= 1 (identity gate).
+            init.zeros_(module.g_b_proj.weight)
+            init.constant_(module.g_b_proj.bias, 0.0 if module.output_gate == "sigmoid" else 1.278)
+
+
+class HybridKDAModel(HybridKDAPreTrainedModel):
+    def __init__(self, config: HybridKDAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HybridKDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def build_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """Per layer type: the causal (block-diagonal when packed) mask for attention, the 2-D padding mask of the
+        current tokens for KDA (None when nothing is padded)."""
+        if isinstance(attention_mask, dict):  # prepared by generate()
+            return attention_mask
+        full = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        linear = None
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            linear = attention_mask[:, -inputs_embeds.shape[1]:]
+        return {FULL: full, LINEAR: linear}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+        masks = self.build_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
+                                  position_embeddings=position_embeddings, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states,
+                                       past_key_values=past_key_values if use_cache else None,
+                                       hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+
+
+class HybridKDAForCausalLM(HybridKDAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridKDAConfig):
+        super().__init__(config)
+        self.model = HybridKDAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
+                output_hidden_states=None, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
+
+
+AutoConfig.register(HybridKDAConfig.model_type, HybridKDAConfig, exist_ok=True)
+AutoModelForCausalLM.register(HybridKDAConfig, HybridKDAForCausalLM, exist_ok=True)
+
+
+# ---- parameter groups (used by the distillation stages to freeze/train parts of any Qwen3-like model) ----
+PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings")
+_NO_DECAY_SUFFIXES = ("A_log", "dt_bias", "bias")
+
+
+def parameter_group(model: nn.Module, name: str) -> str:
+    """Which trainable group a parameter belongs to: kda | attention | mlp | norms | embeddings."""
+    parts = name.split(".")
+    if "embed_tokens" in parts or parts[0] == "lm_head":
+        return "embeddings"
+    if "layers" in parts:
+        layer_idx = int(parts[parts.index("layers") + 1])
+        layer_types = getattr(model.config, "layer_types", None) or [FULL] * model.config.num_hidden_layers
+        if "self_attn" in parts:
+            return "kda" if layer_types[layer_idx] == LINEAR else "attention"
+        if "mlp" in parts:
+            return "mlp"
+    if any(p.endswith("norm") or p.endswith("layernorm") for p in parts):
+        return "norms"
+    raise ValueError(f"parameter {name!r} belongs to no known group {PARAMETER_GROUPS}")
+
+
+def no_weight_decay(name: str) -> bool:
+    """A_log, dt_bias, every norm weight and every bias are excluded from weight decay."""
+    parts = name.split(".")
+    return name.endswith(_NO_DECAY_SUFFIXES) or any(p.endswith("norm") or p.endswith("layernorm") for p in parts[:-1])
