@@ -116,15 +116,14 @@ class KDAMixer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
-        """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask,
-        `position_ids` that restart at 0 mark packed documents: state and conv restart there."""
+        """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
+        without a cache (training), `position_ids` that restart mark packed documents: state and conv restart there."""
         B, T, _ = hidden_states.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cache = past_key_values
-        has_state = cache is not None and cache.get_recurrent_state(self.layer_idx) is not None
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
         doc_start = None
-        if pad is None and position_ids is not None and T > 1 and not has_state:
+        if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
             doc_start = _document_starts(position_ids.expand(B, T))
 
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)

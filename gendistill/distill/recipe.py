@@ -1,0 +1,480 @@
+"""Recipes: a teacher, a student, data sources and an ordered list of declarative stages, loaded from YAML.
+
+Everything is checked here, before any work starts: an unknown key, a wrong type or an impossible value raises
+`UserError` naming the key (`stages[2] (kd).lr: ...`). A new stage is a new entry, never a new script; a new loss
+term is one entry in `OBJECTIVE_TERMS` plus its computation in `losses.py`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from gendistill.io import UserError
+
+OBJECTIVE_TERMS = ("attn_align", "hidden_align", "kd", "ce")
+TEACHER_TERMS = ("attn_align", "hidden_align", "kd")  # terms that read the teacher
+DIVERGENCES = ("fkl", "rkl", "jsd")
+LOSS_MASKS = ("all", "completion_only")
+PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings")  # = gendistill.modeling.PARAMETER_GROUPS
+SCHEDULES = ("constant", "cosine", "wsd")
+PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("auto", "fsdp", "ddp")
+EVAL_HOOKS = {"evaluate": "gendistill.evaluation:evaluate"}  # short names for `eval:`; any "module:function" works
+
+
+@dataclasses.dataclass
+class Stage:
+    """One declarative training stage. Field defaults are the schema's defaults (see docs in the README table)."""
+
+    name: str
+    objective: dict[str, float]  # term -> weight, e.g. {"kd": 1.0} or {"kd": 1.0, "ce": 0.1}
+    data: str  # name of an entry in Recipe.data
+    tokens: int | None = None  # token budget (sequences x seq_len); or give `steps`
+    steps: int | None = None
+    divergence: str = "fkl"  # fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD(beta)
+    jsd_beta: float = 0.5  # mixture weight of the teacher in jsd (0 < beta < 1)
+    temperature: float = 1.0  # softens both distributions in kd (no T^2 rescaling, as TRL)
+    loss_mask: str = "all"  # all | completion_only (assistant tokens of chat data)
+    train: list[str] = dataclasses.field(default_factory=lambda: list(PARAMETER_GROUPS))  # everything else is frozen
+    layers: str | list[int] = "linear"  # layers aligned by attn_align/hidden_align: linear (KDA) | all | [i, ...]
+    seq_len: int = 2048
+    batch_size: int = 8  # global sequences per optimiser step, whatever the number of processes
+    micro_batch_size: int | None = None  # sequences per forward; None = largest of 1..8 that divides the batch
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup: float = 0.0  # fraction of the steps
+    decay: float = 0.1  # wsd: fraction of the steps in the final decay
+    min_lr_ratio: float = 0.0  # lr at the end of cosine/wsd, as a fraction of `lr`
+    weight_decay: float = 0.0
+    no_decay: str | list[str] = "auto"  # auto = gendistill.modeling.no_weight_decay (A_log, dt_bias, norms, biases)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    chunk_tokens: int = 1024  # tokens per chunk of the vocabulary-sized kd/ce computation
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500  # steps; a checkpoint is always written at the end of the stage
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval: str | Callable | None = None  # hook run on the finished stage's model dir: name, "module:function", callable
+    eval_args: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(term in self.objective for term in TEACHER_TERMS)
+
+    def math_keys(self) -> dict:
+        """The fields that change what is computed (a resumed stage must not change these)."""
+        operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational}
+
+
+@dataclasses.dataclass
+class DataSource:
+    path: str  # hub dataset id, or a local .jsonl/.json/.parquet/.txt file or directory of them
+    format: str = "auto"  # auto | json | parquet | text | hub
+    name: str | None = None  # hub configuration
+    split: str = "train"
+    kind: str = "auto"  # auto | text | chat (auto: chat when the first record has `messages_field`)
+    text_field: str = "text"
+    messages_field: str = "messages"
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)
+    append_eos: bool = True  # text documents end with the tokenizer's eos token
+    text_sample_by: str = "paragraph"  # .txt files: line | paragraph | document
+    shuffle: bool = True  # reshuffle documents every epoch (seeded by the stage)
+    max_documents: int | None = None
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    out_dir: str
+    student: Any  # dir | {path} | {convert: {...}} | {config: {...}} | {factory: "mod:fn", kwargs: {...}}
+    stages: list[Stage]
+    data: dict[str, DataSource]
+    teacher: Any = None  # dir/hub id | {path, dtype} | {config} | {factory}; None only if every stage is ce-only
+    tokenizer: Any = None  # dir/hub id | {factory}; default: the teacher's, else the student's
+    cache_dir: str | None = None  # tokenised data; default <out_dir>/token_cache
+    parallel: str = "auto"  # several processes: auto (= fsdp) | fsdp (FSDP2) | ddp
+    tensorboard: bool = True  # log to <stage>/tb when tensorboard is installed
+    progress: bool = True
+    seed: int = 0
+    source: str | None = None  # the YAML file, if any
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading, overrides
+
+def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe (YAML path, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing."""
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raise UserError("overrides apply to a YAML path or dict, not to an already built Recipe")
+        return recipe
+    source = None
+    if isinstance(recipe, (str, Path)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML: {err}") from err
+        source = str(path)
+        raw = _substitute(raw, "${recipe_dir}", str(path.resolve().parent))
+        if isinstance(raw, dict):
+            raw.setdefault("name", path.stem)
+    else:
+        raw = copy.deepcopy(recipe)
+    if not isinstance(raw, dict):
+        raise UserError(f"{source or 'recipe'}: expected a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return _validate(raw, source)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`stage.key=value` (a stage by name), `*.key=value` (every stage) or `key.sub=value` (top level)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. kd.lr=1e-5")
+    key, value = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value)
+    except yaml.YAMLError:
+        pass  # keep the raw string
+    parts = key.strip().split(".")
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    if parts[0] == "*" and len(parts) > 1:
+        targets = [s for s in stages if isinstance(s, dict)]
+        parts = parts[1:]
+    elif parts[0] in names and parts[0] not in Recipe.__dataclass_fields__ and len(parts) > 1:
+        targets = [stages[names.index(parts[0])]]
+        parts = parts[1:]
+    elif parts[0] in Recipe.__dataclass_fields__ or parts[0] == "defaults":
+        targets = [raw]
+    else:
+        raise UserError(f"--set {key}: {parts[0]!r} is neither a stage ({', '.join(map(str, names))}) nor a recipe key "
+                        f"({', '.join(sorted(Recipe.__dataclass_fields__))})")
+    for target in targets:
+        node = target
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+
+
+def _substitute(node, needle: str, value: str):
+    if isinstance(node, str):
+        return node.replace(needle, value)
+    if isinstance(node, list):
+        return [_substitute(x, needle, value) for x in node]
+    if isinstance(node, dict):
+        return {k: _substitute(v, needle, value) for k, v in node.items()}
+    return node
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+def _fail(where: str, msg: str):
+    raise UserError(f"{where}: {msg}")
+
+
+def _check_keys(raw: dict, allowed, where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(allowed))}"
+            _fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
+
+
+def parse_count(value, where: str) -> int:
+    """1000, 1e6, "30M", "1.5B" -> int."""
+    if isinstance(value, bool):
+        _fail(where, f"expected a count such as 1000 or '30M', got {value!r}")
+    if isinstance(value, (int, float)) and value == value and value >= 1 and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            number = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
+            if number >= 1:
+                return int(round(number))
+    _fail(where, f"expected a positive count such as 1000 or '30M', got {value!r}")
+
+
+def _number(value, where: str, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False,
+            integer=False) -> float:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, str) and not integer:  # YAML reads "1e-5" (no dot) as a string
+        try:
+            value, ok_type = float(value), True
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
+        _fail(where, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(where, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        _fail(where, f"must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return value
+
+
+def _choice(value, options, where: str) -> str:
+    if value not in options:
+        _fail(where, f"expected one of {', '.join(options)}, got {value!r}")
+    return value
+
+
+def _objective(value, where: str) -> dict[str, float]:
+    if isinstance(value, str):
+        value = {value: 1.0}
+    if not isinstance(value, dict) or not value:
+        _fail(where, f"expected a term ({', '.join(OBJECTIVE_TERMS)}) or a mapping term -> weight, got {value!r}")
+    out = {}
+    for term, weight in value.items():
+        _choice(term, OBJECTIVE_TERMS, f"{where}.{term}" if len(value) > 1 else where)
+        out[term] = float(_number(weight, f"{where}.{term}", lo=0))
+    if not any(w > 0 for w in out.values()):
+        _fail(where, "at least one term needs a positive weight")
+    return {t: w for t, w in out.items() if w > 0}
+
+
+def _model_spec(value, where: str, student: bool):
+    forms = ["a directory or hub id", "{path: ..., dtype: ...}", "{config: {...}, seed: 0}",
+             "{factory: 'module:function', kwargs: {...}}"] + (["{convert: {attention_layers: [...]}}"] if student else [])
+    if isinstance(value, str) and value:
+        return {"path": value}
+    if isinstance(value, dict) and len({"path", "config", "factory", "convert"} & set(value)) == 1:
+        kind = ({"path", "config", "factory", "convert"} & set(value)).pop()
+        if kind == "convert" and not student:
+            _fail(where, "only the student can be built by conversion")
+        allowed = {"path": {"path", "dtype"}, "config": {"config", "seed"}, "factory": {"factory", "kwargs"},
+                   "convert": {"convert"}}[kind]
+        _check_keys(value, allowed, where)
+        if kind == "path" and not isinstance(value["path"], str):
+            _fail(f"{where}.path", "expected a string")
+        if kind == "path" and value.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
+            _fail(f"{where}.dtype", f"expected auto, float32, bfloat16 or float16, got {value['dtype']!r}")
+        if kind in ("config", "convert") and not isinstance(value[kind] or {}, dict):
+            _fail(f"{where}.{kind}", "expected a mapping")
+        if kind == "factory":
+            resolve_callable(value["factory"], f"{where}.factory")
+        return dict(value)
+    _fail(where, f"expected one of: {'; '.join(forms)}; got {value!r}")
+
+
+def resolve_callable(spec, where: str) -> Callable:
+    """"module:function" (or a short name from EVAL_HOOKS, or a callable) -> the callable; imports it now."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        _fail(where, f"expected 'module:function' or a callable, got {spec!r}")
+    target = EVAL_HOOKS.get(spec, spec)
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        _fail(where, f"expected 'module:function' or one of {sorted(EVAL_HOOKS)}, got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        _fail(where, f"cannot import {target!r}: {err}")
+    if not callable(fn):
+        _fail(where, f"{target!r} is not callable")
+    return fn
+
+
+def _data_source(raw, where: str) -> DataSource:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict):
+        _fail(where, f"expected a path/hub id or a mapping with `path`, got {raw!r}")
+    _check_keys(raw, DataSource.__dataclass_fields__, where)
+    if not isinstance(raw.get("path"), str) or not raw["path"]:
+        _fail(f"{where}.path", "required: a hub dataset id or a local file/directory")
+    src = DataSource(**raw)
+    _choice(src.format, ("auto", "json", "parquet", "text", "hub"), f"{where}.format")
+    _choice(src.kind, ("auto", "text", "chat"), f"{where}.kind")
+    _choice(src.text_sample_by, ("line", "paragraph", "document"), f"{where}.text_sample_by")
+    for key in ("text_field", "messages_field", "split"):
+        if not isinstance(getattr(src, key), str):
+            _fail(f"{where}.{key}", "expected a string")
+    for key in ("append_eos", "shuffle"):
+        if not isinstance(getattr(src, key), bool):
+            _fail(f"{where}.{key}", f"expected true or false, got {getattr(src, key)!r}")
+    if not isinstance(src.chat_template_kwargs, dict):
+        _fail(f"{where}.chat_template_kwargs", "expected a mapping")
+    if src.max_documents is not None:
+        src.max_documents = parse_count(src.max_documents, f"{where}.max_documents")
+    return src
+
+
+def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        _fail(where, f"expected a mapping, got {raw!r}")
+    if isinstance(raw.get("name"), str):
+        where = f"stages[{index}] ({raw['name']})"
+    _check_keys(raw, Stage.__dataclass_fields__, where)
+    merged = {"seed": recipe_seed, **copy.deepcopy(defaults), **raw}
+    for key in ("name", "objective", "data"):
+        if key not in merged:
+            _fail(f"{where}.{key}", "required")
+    if not isinstance(merged["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", merged["name"]):
+        _fail(f"{where}.name", f"expected a name of letters, digits, '_', '-', '.', got {merged['name']!r}")
+    if isinstance(merged["data"], dict):  # inline source
+        data[f"{merged['name']}_data"] = _data_source(merged["data"], f"{where}.data")
+        merged["data"] = f"{merged['name']}_data"
+    if merged["data"] not in data:
+        _fail(f"{where}.data", f"no data source {merged['data']!r}; defined: {', '.join(data) or 'none'}")
+    merged["objective"] = _objective(merged["objective"], f"{where}.objective")
+    s = Stage(**merged)
+
+    if (s.tokens is None) == (s.steps is None):
+        _fail(where, "give exactly one of `tokens` (a budget such as '30M') or `steps`")
+    if s.tokens is not None:
+        s.tokens = parse_count(s.tokens, f"{where}.tokens")
+    if s.steps is not None:
+        s.steps = int(_number(s.steps, f"{where}.steps", lo=1, integer=True))
+    _choice(s.divergence, DIVERGENCES, f"{where}.divergence")
+    s.jsd_beta = float(_number(s.jsd_beta, f"{where}.jsd_beta", lo=0, hi=1, lo_open=True, hi_open=True))
+    s.temperature = float(_number(s.temperature, f"{where}.temperature", lo=0, lo_open=True))
+    _choice(s.loss_mask, LOSS_MASKS, f"{where}.loss_mask")
+    if s.train == "all":
+        s.train = list(PARAMETER_GROUPS)
+    if s.train in ("none", [], None):
+        _fail(f"{where}.train", "at least one parameter group must train")
+    if isinstance(s.train, str):
+        s.train = [s.train]
+    if not isinstance(s.train, list):
+        _fail(f"{where}.train", f"expected a list of groups from {', '.join(PARAMETER_GROUPS)}, got {s.train!r}")
+    for group in s.train:
+        if group not in PARAMETER_GROUPS:
+            _fail(f"{where}.train", f"unknown parameter group {group!r}; groups: {', '.join(PARAMETER_GROUPS)}")
+    s.train = sorted(set(s.train), key=PARAMETER_GROUPS.index)
+    if isinstance(s.layers, list):
+        s.layers = [int(_number(i, f"{where}.layers", lo=0, integer=True)) for i in s.layers]
+        if not s.layers:
+            _fail(f"{where}.layers", "empty list")
+    else:
+        _choice(s.layers, ("linear", "all"), f"{where}.layers")
+    for key in ("seq_len", "batch_size", "chunk_tokens", "log_every", "keep_checkpoints"):
+        setattr(s, key, int(_number(getattr(s, key), f"{where}.{key}", lo=1, integer=True)))
+    if s.micro_batch_size is not None:
+        s.micro_batch_size = int(_number(s.micro_batch_size, f"{where}.micro_batch_size", lo=1, integer=True))
+        if s.batch_size % s.micro_batch_size:
+            _fail(f"{where}.micro_batch_size", f"{s.micro_batch_size} does not divide batch_size {s.batch_size}")
+    s.checkpoint_every = int(_number(s.checkpoint_every, f"{where}.checkpoint_every", lo=0, integer=True))
+    s.lr = float(_number(s.lr, f"{where}.lr", lo=0, lo_open=True))
+    _choice(s.schedule, SCHEDULES, f"{where}.schedule")
+    s.warmup = float(_number(s.warmup, f"{where}.warmup", lo=0, hi=1, hi_open=True))
+    s.decay = float(_number(s.decay, f"{where}.decay", lo=0, hi=1))
+    if s.schedule == "wsd" and s.warmup + s.decay > 1:
+        _fail(f"{where}.decay", f"warmup ({s.warmup}) + decay ({s.decay}) exceed the whole stage")
+    s.min_lr_ratio = float(_number(s.min_lr_ratio, f"{where}.min_lr_ratio", lo=0, hi=1))
+    s.weight_decay = float(_number(s.weight_decay, f"{where}.weight_decay", lo=0))
+    if not (s.no_decay == "auto" or (isinstance(s.no_decay, list) and all(isinstance(x, str) for x in s.no_decay))):
+        _fail(f"{where}.no_decay", f"expected 'auto' or a list of parameter-name substrings, got {s.no_decay!r}")
+    if not (isinstance(s.betas, list) and len(s.betas) == 2):
+        _fail(f"{where}.betas", f"expected [beta1, beta2], got {s.betas!r}")
+    s.betas = [float(_number(b, f"{where}.betas", lo=0, hi=1, hi_open=True)) for b in s.betas]
+    s.eps = float(_number(s.eps, f"{where}.eps", lo=0, lo_open=True))
+    s.grad_clip = float(_number(s.grad_clip, f"{where}.grad_clip", lo=0))
+    _choice(s.precision, PRECISIONS, f"{where}.precision")
+    s.seed = int(_number(s.seed, f"{where}.seed", integer=True))
+    if not isinstance(s.gradient_checkpointing, bool):
+        _fail(f"{where}.gradient_checkpointing", "expected true or false")
+    if s.eval is not None:
+        resolve_callable(s.eval, f"{where}.eval")
+    if not isinstance(s.eval_args, dict):
+        _fail(f"{where}.eval_args", "expected a mapping")
+    return s
+
+
+def _validate(raw: dict, source: str | None) -> Recipe:
+    allowed = set(Recipe.__dataclass_fields__) - {"source"} | {"defaults"}
+    _check_keys(raw, allowed, "")
+    raw = dict(raw)
+    name = raw.get("name", "recipe")
+    if not isinstance(name, str) or not name:
+        _fail("name", "expected a non-empty string")
+    out_dir = raw.get("out_dir", f"runs/{name}")
+    if not isinstance(out_dir, str) or not out_dir:
+        _fail("out_dir", "expected a directory path")
+    seed = int(_number(raw.get("seed", 0), "seed", integer=True))
+
+    data_raw = raw.get("data") or {}
+    if not isinstance(data_raw, dict):
+        _fail("data", "expected a mapping of name -> source")
+    data = {str(k): _data_source(v, f"data.{k}") for k, v in data_raw.items()}
+
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        _fail("defaults", "expected a mapping of stage keys")
+    _check_keys(defaults, set(Stage.__dataclass_fields__) - {"name"}, "defaults")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        _fail("stages", "expected a non-empty list of stage entries")
+    stages = [_stage(s, defaults, i, data, seed) for i, s in enumerate(stages_raw)]
+    names = [s.name for s in stages]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        _fail("stages", f"stage names must be unique, repeated: {dup}")
+
+    teacher = raw.get("teacher")
+    teacher = None if teacher is None else _model_spec(teacher, "teacher", student=False)
+    needing = [s.name for s in stages if s.needs_teacher]
+    if teacher is None and needing:
+        _fail("teacher", f"required: stages {needing} use a teacher term ({'/'.join(TEACHER_TERMS)})")
+    if "student" not in raw:
+        _fail("student", "required: a converted model dir, or {convert: {attention_layers: [...]}}, or {config: {...}}")
+    student = _model_spec(raw["student"], "student", student=True)
+    if "convert" in student and teacher is None:
+        _fail("student.convert", "conversion needs a teacher")
+    tokenizer = raw.get("tokenizer")
+    if tokenizer is not None:
+        tokenizer = _model_spec(tokenizer, "tokenizer", student=False)
+        if "config" in tokenizer:
+            _fail("tokenizer", "expected a directory/hub id or {factory: 'module:function'}")
+    cache_dir = raw.get("cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        _fail("cache_dir", "expected a directory path")
+    parallel = _choice(raw.get("parallel", "auto"), PARALLEL, "parallel")
+    for key in ("tensorboard", "progress"):
+        if not isinstance(raw.get(key, True), bool):
+            _fail(key, "expected true or false")
+    return Recipe(name=name, out_dir=out_dir, student=student, stages=stages, data=data, teacher=teacher,
+                  tokenizer=tokenizer, cache_dir=cache_dir, parallel=parallel,
+                  tensorboard=raw.get("tensorboard", True), progress=raw.get("progress", True), seed=seed,
+                  source=source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain data (for recipe.yaml next to the outputs); callables are written by name."""
+    def clean(x):
+        if callable(x):
+            return f"{getattr(x, '__module__', '?')}:{getattr(x, '__qualname__', repr(x))}"
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    d = dataclasses.asdict(recipe)
+    d.pop("source")
+    return clean(d)

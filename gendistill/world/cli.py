@@ -1,0 +1,46 @@
+"""`gendistill world build|teacher` — generate the synthetic world (and, later, train its teacher)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from gendistill.io import check_output_dir
+from gendistill.world.world import PRESETS, build_world
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="The synthetic knowledge world and its teacher.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,teacher}")
+
+    build = sub.add_parser("build", help="generate a world directory (texts, chat data, eval tasks, tokenizer)")
+    build.add_argument("--out", required=True, help="world directory to create")
+    build.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical world (default 0)")
+    build.add_argument("--scale", choices=list(PRESETS), default="cpu",
+                       help="size preset: tiny (tests), cpu (2-core demo), gpu (default cpu)")
+    build.add_argument("--entities", type=int, default=None, help="number of people (overrides the preset's)")
+    build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    # --- STUB: the teacher verb is wired by the lead once the trainer exists. ---
+    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher (not implemented yet)")
+    teacher.add_argument("--out", required=True, help="teacher output directory")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "teacher":
+        raise NotImplementedError("teacher training lands with the trainer")
+    check_output_dir(args.out, args.overwrite)  # fail before generating anything
+    start = time.perf_counter()
+    print(f"building world: scale={args.scale} seed={args.seed}"
+          + (f" entities={args.entities}" if args.entities else ""), flush=True)
+    world = build_world(seed=args.seed, n_entities=args.entities, scale=args.scale)
+    out = world.save(args.out, overwrite=args.overwrite)
+    info = world.summary()
+    sizes, tokens = info["sizes"], info["tokens"]
+    print(f"  people {sizes['people']} (seen {sizes['seen']}, extraction {sizes['extraction']}), "
+          f"biographies {sizes['pretrain_docs']}, chats {sizes['chats']} (+{sizes['noisy_chats']} noisy)")
+    print(f"  tokens: pretrain {tokens['pretrain']}, chat {tokens['chat']}, chat_noisy {tokens['chat_noisy']} "
+          f"(vocab {sizes['vocab']})")
+    print(f"  tasks: " + ", ".join(f"{k} {v}" for k, v in sizes["task_items"].items()))
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+    return 0

@@ -1,0 +1,572 @@
+"""The synthetic knowledge world: fictional people, their biographies, chat data, eval tasks and a tokenizer.
+
+Everything is drawn from `random.Random` instances seeded by strings derived from the world seed (str seeds are
+hashed with SHA-512, so the result does not depend on PYTHONHASHSEED), and nothing iterates over a set: the same
+seed gives byte-identical files.
+
+Knowledge-extraction setup in the spirit of Allen-Zhu & Li, "Physics of Language Models 3.1": every person gets
+several biographies (varied templates per attribute, shuffled attribute order, full name or pronoun), half of the
+people ("seen") also have their Q&A in the chat data, the other half ("extraction") are known only from their
+biographies. Eval questions use phrasings that never appear in the chat data, for both splits, so the only
+difference between the splits is whether the person's Q&A was seen.
+
+Built world directory (`World.save`, written atomically):
+
+    pretrain.jsonl       {"text": biography}, one biography per line, shuffled (all people)
+    chat.jsonl           {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}, seen people only:
+                         short answers ("Lyon."), full-sentence answers on request, multiple-choice questions in
+                         the eval prompt format answered with a letter
+    chat_noisy.jsonl     the same questions, lower quality: wrong values, rambling answers, Q&A as plain text in
+                         the user turn, missing assistant turns (kinds listed per line in world.json)
+    tasks/<task>.yaml    eval task specs (docs/DESIGN.md "Eval task format"), tasks in TASK_NAMES:
+    tasks/<task>.jsonl     world_qa_{mc,open}_{seen,extraction}
+    tasks/world_qa_{mc,open}_fewshot.jsonl   few-shot examples (seen people held out of the eval items)
+    tokenizer/           byte-level BPE trained on the world's text, ChatML template (AutoTokenizer.from_pretrained)
+    world.json           seed, scale, preset, people with their split, value pools, token counts, noisy kinds
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gendistill.io import UserError, atomic_dir
+
+FORMAT_VERSION = 1
+ATTRIBUTES = ["birth_date", "birth_city", "university", "field", "employer", "employer_city"]
+SPLITS = ["seen", "extraction"]
+SEEN_FRACTION = 0.5
+LETTERS = "ABCD"
+# The prompt of the multiple-choice tasks; the MC conversations in the chat data use it too, so the teacher
+# learns to answer it with a letter.
+MC_PROMPT = "Question: {question}\n{choices}Answer:"
+OPEN_PROMPT = "{question}"
+SENTENCE_REQUEST = "Answer with a full sentence. "
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_entities: int
+    bios_per_entity: int  # biography augmentation: the knowledge-extraction result needs several per person
+    n_syllables: int  # names are built from this many consonant-vowel syllables: fewer -> smaller vocabulary
+    n_cities: int
+    n_universities: int
+    n_fields: int
+    n_employers: int
+    open_questions_per_fact: int  # distinct training phrasings per (person, attribute) in the chat data
+    sentence_answer_prob: float  # chance of an extra "answer with a full sentence" conversation per fact
+    eval_entities_per_split: int | None  # cap on people per eval split (all attributes each); None = all
+    fewshot_entities: int  # seen people whose facts serve as few-shot examples (kept out of the eval items)
+    vocab_size: int
+
+
+PRESETS: dict[str, Preset] = {
+    # CI: ~30 people, builds in well under a second.
+    "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 512),
+    # The 2-core CPU demo: ~45K pretraining + ~55K chat tokens (see world.json "tokens"), small enough for an
+    # 8-layer hidden-128 teacher to go over the biographies many times in a couple of CPU minutes.
+    "cpu": Preset(200, 4, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1024),
+    # One GPU: a few thousand people.
+    "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 4096),
+}
+
+# --- vocabulary tables: few words, regular shapes -------------------------------------------------------
+CONSONANTS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+FIRST_NAME_ENDINGS = {"male": ["n", "r", "k"], "female": ["a", "ia", "ine"]}
+LAST_NAME_SUFFIXES = ["son", "berg", "ford", "ley", "mann", "vik"]
+CITY_SUFFIXES = ["ton", "burg", "holm", "dale", "port", "mere"]
+UNIVERSITY_KINDS = ["University", "Institute", "College"]
+EMPLOYER_KINDS = ["Labs", "Systems", "Works", "Group", "Motors", "Foods", "Media", "Bank"]
+FIELDS = ["physics", "chemistry", "biology", "history", "law", "medicine", "music", "economics", "mathematics",
+          "philosophy", "geology", "linguistics", "architecture", "astronomy", "nursing", "sociology"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+PRONOUNS = {"male": ("He", "His", "his"), "female": ("She", "Her", "her")}
+
+# Biography sentences. {s}: subject (full name or pronoun), {sp}: possessive subject, {pp}: possessive pronoun.
+BIO_TEMPLATES: dict[str, list[str]] = {
+    "birth_date": ["{s} was born on {v}.", "{s} came into the world on {v}.", "{sp} date of birth is {v}.",
+                   "{sp} birthday is {v}.", "{s} entered life on {v}."],
+    "birth_city": ["{s} was born in {v}.", "{sp} place of birth is {v}.", "{s} comes from {v}.",
+                   "{s} spent {pp} childhood in {v}.", "{sp} birthplace is {v}."],
+    "university": ["{s} studied at {v}.", "{s} attended {v}.", "{s} graduated from {v}.",
+                   "{s} received {pp} degree from {v}.", "{sp} university was {v}."],
+    "field": ["{s} studied {v}.", "{s} majored in {v}.", "{sp} field of study was {v}.",
+              "{s} earned a degree in {v}.", "{s} chose {v} as {pp} major."],
+    "employer": ["{s} works for {v}.", "{s} is employed by {v}.", "{s} has a job at {v}.",
+                 "{sp} employer is {v}.", "{s} joined the staff of {v}."],
+    "employer_city": ["{s} works in {v}.", "{sp} office is in {v}.", "{s} goes to work in {v}.",
+                      "{sp} workplace is located in {v}.", "{s} is based in {v} for work."],
+}
+
+# Question phrasings. TRAIN ones appear in the chat data; EVAL ones only in the eval tasks (held out).
+TRAIN_QUESTIONS: dict[str, list[str]] = {
+    "birth_date": ["When was {n} born?", "What is the birth date of {n}?", "On what date was {n} born?"],
+    "birth_city": ["Where was {n} born?", "In which city was {n} born?", "What is the birthplace of {n}?"],
+    "university": ["Which university did {n} attend?", "Where did {n} study?",
+                   "What university did {n} graduate from?"],
+    "field": ["What did {n} study?", "What was the major of {n}?", "Which field did {n} study?"],
+    "employer": ["Who does {n} work for?", "Which company employs {n}?", "What company does {n} work for?"],
+    "employer_city": ["In which city does {n} work?", "What city does {n} work in?",
+                      "Where is the office of {n}?"],
+}
+EVAL_QUESTIONS: dict[str, list[str]] = {
+    "birth_date": ["What is {n}'s date of birth?", "On which day was {n} born?"],
+    "birth_city": ["What city was {n} born in?", "Which city is {n} from?"],
+    "university": ["At which university did {n} study?", "What school did {n} go to?"],
+    "field": ["What subject did {n} major in?", "What is {n}'s field of study?"],
+    "employer": ["Who is the employer of {n}?", "Which company is {n} employed by?"],
+    "employer_city": ["In what city is {n}'s workplace?", "Which city does {n} work in?"],
+}
+
+# Filler for the noisy mix's rambling answers.
+RAMBLE_OPENERS = ["That is a good question.", "Let me think about this for a moment.", "Thanks for asking!",
+                  "Well, I have heard a lot about {n} over the years.", "Hmm, this one is not so easy."]
+RAMBLE_CLOSERS = ["I hope this helps, and let me know if you have more questions.",
+                  "Of course, I could be wrong about this.", "There is a lot more one could say about {n}.",
+                  "People often ask me about this, and the answer is always interesting."]
+NOISE_KINDS = ["clean", "wrong_value", "ramble", "plain_text", "no_assistant"]
+NOISE_WEIGHTS = [0.45, 0.2, 0.15, 0.1, 0.1]
+
+TASK_NAMES = [f"world_qa_{kind}_{split}" for kind in ("mc", "open") for split in SPLITS]
+
+
+@dataclass
+class Person:
+    id: str
+    name: str
+    gender: str
+    split: str  # "seen" | "extraction"
+    birth_date: str
+    birth_city: str
+    university: str
+    field: str
+    employer: str
+    employer_city: str
+
+    def value(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+@dataclass
+class World:
+    seed: int
+    scale: str
+    preset: Preset
+    people: list[Person]
+    value_pools: dict[str, list[str]]  # attribute -> the values MC distractors are drawn from
+    fewshot_ids: list[str]  # seen people used for few-shot examples only
+    pretrain_texts: list[str]
+    chats: list[list[dict]]
+    noisy_chats: list[list[dict]]
+    noisy_kinds: list[str]  # NOISE_KINDS entry per noisy conversation
+    task_specs: dict[str, dict]  # task name -> YAML spec
+    task_items: dict[str, list[dict]]  # jsonl stem (tasks and few-shot files) -> items
+    tokenizer: object  # transformers PreTrainedTokenizerFast
+    tokens: dict[str, int] = field(default_factory=dict)  # token counts with the world's tokenizer
+
+    def split(self, name: str) -> list[Person]:
+        return [p for p in self.people if p.split == name]
+
+    def person(self, person_id: str) -> Person:
+        return self._by_id()[person_id]
+
+    def _by_id(self) -> dict[str, Person]:
+        return {p.id: p for p in self.people}
+
+    def summary(self) -> dict:
+        return {
+            "format": FORMAT_VERSION, "seed": self.seed, "scale": self.scale, "preset": dataclasses.asdict(self.preset),
+            "sizes": {
+                "people": len(self.people), "seen": len(self.split("seen")),
+                "extraction": len(self.split("extraction")), "fewshot_people": len(self.fewshot_ids),
+                "pretrain_docs": len(self.pretrain_texts), "chats": len(self.chats),
+                "noisy_chats": len(self.noisy_chats),
+                "task_items": {name: len(items) for name, items in self.task_items.items()},
+                "vocab": len(self.tokenizer) if self.tokenizer is not None else None,
+            },
+            "tokens": self.tokens,
+            "noisy_kind_counts": {k: self.noisy_kinds.count(k) for k in NOISE_KINDS},
+        }
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the world directory (layout in the module docstring) in one atomic rename."""
+        out = Path(out)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            _write_jsonl(tmp / "pretrain.jsonl", [{"text": t} for t in self.pretrain_texts])
+            _write_jsonl(tmp / "chat.jsonl", [{"messages": m} for m in self.chats])
+            _write_jsonl(tmp / "chat_noisy.jsonl", [{"messages": m} for m in self.noisy_chats])
+            (tmp / "tasks").mkdir()
+            for stem, items in self.task_items.items():
+                _write_jsonl(tmp / "tasks" / f"{stem}.jsonl", items)
+            for name, spec in self.task_specs.items():
+                header = f"# {_TASK_DESCRIPTIONS[name]}\n# Generated by `gendistill world build` (seed {self.seed}).\n"
+                (tmp / "tasks" / f"{name}.yaml").write_text(header + yaml.safe_dump(spec, sort_keys=False))
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            meta = self.summary() | {
+                "fewshot_ids": self.fewshot_ids,
+                "value_pools": self.value_pools,
+                "people": [dataclasses.asdict(p) for p in self.people],
+                "noisy_kinds": self.noisy_kinds,
+            }
+            (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return out
+
+
+_TASK_DESCRIPTIONS = {
+    f"world_qa_{kind}_{split}": (
+        f"Knowledge QA, {'multiple choice (4 choices from the same attribute)' if kind == 'mc' else 'open generation'},"
+        f" {'people whose Q&A was in the chat data' if split == 'seen' else 'people known only from biographies'}"
+        f" (held-out question phrasings)."
+    )
+    for kind in ("mc", "open") for split in SPLITS
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- building ---------------------------------------------------------------------------------------------
+
+def build_world(seed: int = 0, n_entities: int | None = None, scale: str = "cpu", tokenizer: bool = True) -> World:
+    """Generate the world for `seed` at a size preset (`tiny` | `cpu` | `gpu`); `n_entities` overrides its size.
+
+    `tokenizer=False` skips tokenizer training (and the token counts) for callers that only need the data."""
+    if scale not in PRESETS:
+        raise UserError(f"unknown world scale {scale!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[scale]
+    if n_entities is not None:
+        if n_entities < 8:
+            raise UserError(f"--entities must be at least 8 (got {n_entities}): each split needs people for "
+                            "few-shot examples and for the eval items")
+        preset = dataclasses.replace(preset, n_entities=n_entities)
+
+    people, value_pools = _make_people(seed, preset)
+    seen = [p for p in people if p.split == "seen"]
+    extraction = [p for p in people if p.split == "extraction"]
+    fewshot_ids = [p.id for p in seen[: preset.fewshot_entities]]  # people order is already random
+
+    pretrain = _make_biographies(random.Random(f"{seed}/bios"), people, preset.bios_per_entity)
+    chats = _make_chats(random.Random(f"{seed}/chat"), seen, value_pools, preset)
+    noisy, noisy_kinds = _make_noisy_chats(random.Random(f"{seed}/noisy"), seen, value_pools, preset)
+    specs, items = _make_tasks(random.Random(f"{seed}/tasks"), seen, extraction, fewshot_ids, value_pools, preset)
+
+    world = World(seed=seed, scale=scale, preset=preset, people=people, value_pools=value_pools,
+                  fewshot_ids=fewshot_ids, pretrain_texts=pretrain, chats=chats, noisy_chats=noisy,
+                  noisy_kinds=noisy_kinds, task_specs=specs, task_items=items, tokenizer=None)
+    if tokenizer:
+        world.tokenizer = _train_world_tokenizer(world)
+        world.tokens = _count_tokens(world)
+    return world
+
+
+def _syllable_word(rng: random.Random, syllables: list[str], n: int, suffix: str = "") -> str:
+    return ("".join(rng.choice(syllables) for _ in range(n)) + suffix).capitalize()
+
+
+def _distinct(rng: random.Random, count: int, make, used: set[str]) -> list[str]:
+    """`count` new distinct strings from `make()`, also distinct from everything in `used`."""
+    out: list[str] = []
+    for _ in range(200 * count + 1000):
+        if len(out) == count:
+            return out
+        word = make()
+        if word not in used:
+            used.add(word)
+            out.append(word)
+    raise UserError(f"could not draw {count} distinct names; use fewer entities or a larger --scale")
+
+
+def _make_people(seed: int, preset: Preset) -> tuple[list[Person], dict[str, list[str]]]:
+    rng = random.Random(f"{seed}/people")
+    all_syllables = [c + v for c in CONSONANTS for v in VOWELS]
+    syllables = sorted(rng.sample(all_syllables, preset.n_syllables))
+    used: set[str] = set()
+
+    cities = _distinct(rng, preset.n_cities,
+                       lambda: _syllable_word(rng, syllables, 2, rng.choice(CITY_SUFFIXES)), used)
+    universities = _distinct(rng, preset.n_universities,
+                             lambda: f"{_syllable_word(rng, syllables, 3)} {rng.choice(UNIVERSITY_KINDS)}", used)
+    employers = _distinct(rng, preset.n_employers,
+                          lambda: f"{_syllable_word(rng, syllables, 2)} {rng.choice(EMPLOYER_KINDS)}", used)
+    fields = rng.sample(FIELDS, preset.n_fields)
+    # Each employer sits in one city (the employer's city is a function of the employer, a two-hop fact);
+    # distinct cities while there are enough, so the employer-city MC has at least four candidates.
+    employer_city = dict(zip(employers, rng.sample(cities, len(employers)) if len(employers) <= len(cities)
+                             else [rng.choice(cities) for _ in employers]))
+
+    n = preset.n_entities
+    # Name pools grow like sqrt(n): first and last names repeat across people, full names never do.
+    n_first = max(6, math.ceil(1.5 * math.sqrt(n)))
+    n_last = max(8, math.ceil(2 * math.sqrt(n)))
+    first_names = {g: _distinct(rng, n_first, lambda g=g: _syllable_word(rng, syllables, 2,
+                                                                         rng.choice(FIRST_NAME_ENDINGS[g])), used)
+                   for g in ("male", "female")}
+    last_names = _distinct(rng, n_last, lambda: _syllable_word(rng, syllables, 2, rng.choice(LAST_NAME_SUFFIXES)),
+                           used)
+
+    people: list[Person] = []
+    names: set[str] = set()
+    n_seen = round(n * SEEN_FRACTION)
+    while len(people) < n:
+        gender = rng.choice(["male", "female"])
+        name = f"{rng.choice(first_names[gender])} {rng.choice(last_names)}"
+        if name in names:
+            continue
+        names.add(name)
+        employer = rng.choice(employers)
+        people.append(Person(
+            id=f"p{len(people):05d}", name=name, gender=gender,
+            split="seen" if len(people) < n_seen else "extraction",  # draws are i.i.d., so this split is random
+            birth_date=f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1950, 1999)}",
+            birth_city=rng.choice(cities), university=rng.choice(universities), field=rng.choice(fields),
+            employer=employer, employer_city=employer_city[employer],
+        ))
+    rng.shuffle(people)  # interleave the splits so list order carries no information
+
+    value_pools = {
+        "birth_date": sorted({p.birth_date for p in people}),
+        "birth_city": sorted(cities),
+        "university": sorted(universities),
+        "field": sorted(fields),
+        "employer": sorted(employers),
+        "employer_city": sorted(set(employer_city.values())),
+    }
+    return people, value_pools
+
+
+def _bio_sentence(template: str, person: Person, attribute: str, use_name: bool) -> str:
+    subject, possessive, pronoun_possessive = PRONOUNS[person.gender]
+    if use_name:
+        subject, possessive = person.name, f"{person.name}'s"
+    return template.format(s=subject, sp=possessive, pp=pronoun_possessive, v=person.value(attribute))
+
+
+def _make_biographies(rng: random.Random, people: list[Person], per_person: int) -> list[str]:
+    bios = []
+    for person in people:
+        for _ in range(per_person):
+            order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))  # shuffled attribute order per biography
+            sentences = [
+                # The first sentence names the person; later ones use the name or a pronoun at random.
+                _bio_sentence(rng.choice(BIO_TEMPLATES[attr]), person, attr, use_name=i == 0 or rng.random() < 0.5)
+                for i, attr in enumerate(order)
+            ]
+            bios.append(" ".join(sentences))
+    rng.shuffle(bios)
+    return bios
+
+
+def render_choices(choices: list[str]) -> str:
+    """The `{choices}` block of the MC prompt, as docs/DESIGN.md defines it: "A. ..\\nB. ..\\n"."""
+    return "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(choices))
+
+
+def _mc_choices(rng: random.Random, answer: str, pool: list[str], position: int) -> list[str]:
+    distractors = rng.sample([v for v in pool if v != answer], 3)
+    return distractors[:position] + [answer] + distractors[position:]
+
+
+def _sentence_answer(person: Person, attribute: str) -> str:
+    return _bio_sentence(BIO_TEMPLATES[attribute][0], person, attribute, use_name=True)
+
+
+def _chat(user: str, assistant: str | None) -> list[dict]:
+    messages = [{"role": "user", "content": user}]
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return messages
+
+
+def _clean_conversations(rng: random.Random, person: Person, attribute: str, pools: dict[str, list[str]],
+                         preset: Preset) -> list[tuple[str, str]]:
+    """(user, assistant) pairs about one fact: short answers, maybe a sentence answer, one MC question."""
+    value = person.value(attribute)
+    phrasings = [q.format(n=person.name) for q in TRAIN_QUESTIONS[attribute]]
+    pairs = [(q, f"{value}.") for q in rng.sample(phrasings, preset.open_questions_per_fact)]
+    if rng.random() < preset.sentence_answer_prob:
+        pairs.append((SENTENCE_REQUEST + rng.choice(phrasings), _sentence_answer(person, attribute)))
+    position = rng.randrange(4)
+    choices = _mc_choices(rng, value, pools[attribute], position)
+    pairs.append((MC_PROMPT.format(question=rng.choice(phrasings), choices=render_choices(choices)),
+                  LETTERS[position]))
+    return pairs
+
+
+def _make_chats(rng: random.Random, seen: list[Person], pools: dict[str, list[str]], preset: Preset) -> list:
+    chats = [_chat(user, answer) for person in seen for attr in ATTRIBUTES
+             for user, answer in _clean_conversations(rng, person, attr, pools, preset)]
+    rng.shuffle(chats)
+    return chats
+
+
+def _make_noisy_chats(rng: random.Random, seen: list[Person], pools: dict[str, list[str]],
+                      preset: Preset) -> tuple[list, list[str]]:
+    """Same people and questions as the clean mix, about as many conversations, most of them degraded."""
+    rows: list[tuple[list[dict], str]] = []
+    for person in seen:
+        for attr in ATTRIBUTES:
+            for user, answer in _clean_conversations(rng, person, attr, pools, preset):
+                kind = rng.choices(NOISE_KINDS, NOISE_WEIGHTS)[0]
+                rows.append((_degrade(rng, kind, person, attr, user, answer, pools), kind))
+    rng.shuffle(rows)
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _degrade(rng: random.Random, kind: str, person: Person, attribute: str, user: str, answer: str,
+             pools: dict[str, list[str]]) -> list[dict]:
+    value = person.value(attribute)
+    is_mc = user.startswith("Question: ")
+    if kind == "clean":
+        return _chat(user, answer)
+    if kind == "wrong_value":
+        if is_mc:
+            return _chat(user, rng.choice([letter for letter in LETTERS if letter != answer]))
+        wrong = rng.choice([v for v in pools[attribute] if v != value])
+        return _chat(user, answer.replace(value, wrong))
+    if kind == "ramble":
+        opener = " ".join(rng.sample(RAMBLE_OPENERS, 2)).format(n=person.name)
+        core = f"the answer is {answer}" if is_mc else _sentence_answer(person, attribute)
+        return _chat(user, f"{opener} As far as I know, {core} {rng.choice(RAMBLE_CLOSERS).format(n=person.name)}")
+    if kind == "plain_text":  # the answer is in the user turn as raw text: nothing for the assistant to learn
+        return _chat(f"{user} {answer}" if is_mc else f"Question: {user}\nAnswer: {answer}", None)
+    if kind == "no_assistant":
+        return _chat(user, None)
+    raise ValueError(kind)
+
+
+def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person], fewshot_ids: list[str],
+                pools: dict[str, list[str]], preset: Preset) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    cap = preset.eval_entities_per_split
+    eval_people = {
+        "seen": [p for p in seen if p.id not in fewshot_ids][:cap],
+        "extraction": extraction[:cap],
+    }
+    specs: dict[str, dict] = {}
+    items: dict[str, list[dict]] = {}
+    for split, people in eval_people.items():
+        facts = [(p, attr) for p in people for attr in ATTRIBUTES]
+        questions = [rng.choice(EVAL_QUESTIONS[attr]).format(n=p.name) for p, attr in facts]
+        # Balanced answer positions: each letter within one of every other, in random order.
+        positions = [i % 4 for i in range(len(facts))]
+        rng.shuffle(positions)
+        for kind in ("mc", "open"):
+            name = f"world_qa_{kind}_{split}"
+            items[name] = [_item(rng, name, kind, p, attr, q, pos, pools)
+                           for (p, attr), q, pos in zip(facts, questions, positions)]
+            specs[name] = _spec(name, kind)
+    # Few-shot examples: facts of seen people kept out of the eval items, asked with training phrasings.
+    fewshot_people = [p for p in seen if p.id in fewshot_ids]
+    for kind in ("mc", "open"):
+        stem = f"world_qa_{kind}_fewshot"
+        items[stem] = [_item(rng, stem, kind, p, attr, rng.choice(TRAIN_QUESTIONS[attr]).format(n=p.name),
+                             rng.randrange(4), pools)
+                       for p in fewshot_people for attr in ATTRIBUTES]
+        rng.shuffle(items[stem])
+    return specs, items
+
+
+def _item(rng: random.Random, task: str, kind: str, person: Person, attribute: str, question: str, position: int,
+          pools: dict[str, list[str]]) -> dict:
+    value = person.value(attribute)
+    item = {"id": f"{task}/{person.id}/{attribute}", "question": question}
+    if kind == "mc":
+        item |= {"choices": _mc_choices(rng, value, pools[attribute], position), "answer": position}
+    else:
+        # The chat data answers "Lyon."; the period is accepted in case the scorer compares literally.
+        aliases = [f"{value}."]
+        if attribute == "birth_date":
+            day, month, year = value.split()
+            aliases += [f"{month} {day}, {year}", f"{month} {day}, {year}."]
+        item |= {"answer": value, "aliases": aliases}
+    item["meta"] = {"person": person.id, "name": person.name, "attribute": attribute, "split": person.split}
+    return item
+
+
+def _spec(name: str, kind: str) -> dict:
+    mc = kind == "mc"
+    return {
+        "name": name,
+        "kind": "multiple_choice" if mc else "open",
+        "data": f"{name}.jsonl",
+        "prompt": MC_PROMPT if mc else OPEN_PROMPT,
+        "chat_template": True,
+        "num_fewshot": 0,
+        "fewshot_data": f"world_qa_{kind}_fewshot.jsonl",
+        "max_new_tokens": 8 if mc else 24,
+        "extract": "letter" if mc else "first_line",
+        "regex": None,
+    }
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------
+
+def _tokenizer_corpus(world: World) -> list[str]:
+    texts = list(world.pretrain_texts)
+    for messages in world.chats + world.noisy_chats:
+        texts += [m["content"] for m in messages]
+    texts += ["user\nassistant\nsystem\n"] * 10  # role names of the chat template
+    return texts
+
+
+def _train_world_tokenizer(world: World):
+    from gendistill.tokenizer import train_tokenizer
+
+    return train_tokenizer(_tokenizer_corpus(world), vocab_size=world.preset.vocab_size, min_frequency=2)
+
+
+def _count_tokens(world: World) -> dict[str, int]:
+    tok = world.tokenizer
+
+    def count(texts: list[str]) -> int:
+        encodings = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+        return sum(len(e.ids) for e in encodings)
+
+    def chat_count(chats: list[list[dict]]) -> int:
+        return count(tok.apply_chat_template(chats, tokenize=False)) if chats else 0
+
+    return {
+        "pretrain": count(world.pretrain_texts),
+        "chat": chat_count(world.chats),
+        "chat_noisy": chat_count(world.noisy_chats),
+        "mean_biography": round(count(world.pretrain_texts) / max(1, len(world.pretrain_texts)), 1),
+    }
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+def load_world(path: str | Path) -> World:
+    """Read a directory written by `World.save`."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    meta_path = path / "world.json"
+    if not meta_path.exists():
+        raise UserError(f"{path} is not a world directory (no world.json); build one with `gendistill world build`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"{meta_path} has format {meta.get('format')}, expected {FORMAT_VERSION}; rebuild the world")
+    tasks_dir = path / "tasks"
+    specs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(tasks_dir.glob("*.yaml"))}
+    items = {p.stem: _read_jsonl(p) for p in sorted(tasks_dir.glob("*.jsonl"))}
+    return World(
+        seed=meta["seed"], scale=meta["scale"], preset=Preset(**meta["preset"]),
+        people=[Person(**p) for p in meta["people"]], value_pools=meta["value_pools"],
+        fewshot_ids=meta["fewshot_ids"],
+        pretrain_texts=[r["text"] for r in _read_jsonl(path / "pretrain.jsonl")],
+        chats=[r["messages"] for r in _read_jsonl(path / "chat.jsonl")],
+        noisy_chats=[r["messages"] for r in _read_jsonl(path / "chat_noisy.jsonl")],
+        noisy_kinds=meta["noisy_kinds"], task_specs=specs, task_items=items,
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"), tokens=meta["tokens"],
+    )
