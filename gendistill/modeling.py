@@ -36,6 +36,7 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
+    kda_prefill_chunk: int = 16384  # inference prefill runs KDA layers in segments of this many tokens
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):
@@ -66,12 +67,14 @@ class ShortConvolution(nn.Module):
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_in_doc: torch.Tensor | None):
     """x: [B, D, W-1+T] (W-1 steps of left context, then the T new steps); returns [B, D, T].
     `pos_in_doc` [B, T] (index of each step inside its document) hides taps that reach into a previous document."""
+    if pos_in_doc is None:
+        return F.conv1d(x, weight, bias, groups=weight.shape[0])
     W = weight.shape[-1]
     T = x.shape[-1] - (W - 1)
     out = 0
     for shift in range(W):  # tap W-1-shift looks `shift` steps back
         term = weight[:, 0, W - 1 - shift, None] * x[..., W - 1 - shift : W - 1 - shift + T]
-        if pos_in_doc is not None and shift:
+        if shift:
             term = term * (pos_in_doc >= shift)[:, None, :]
         out = out + term
     return out if bias is None else out + bias[:, None]
@@ -107,6 +110,7 @@ class KDAMixer(nn.Module):
         self.g_b_proj = nn.Linear(rank, H * D, bias=True)
         self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
+        self.prefill_chunk = config.kda_prefill_chunk
 
     def _conv_params(self):
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
@@ -117,28 +121,43 @@ class KDAMixer(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
         """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
-        without a cache (training), `position_ids` that restart mark packed documents: state and conv restart there."""
+        without a cache (training), `position_ids` that restart mark packed documents: state and conv restart there.
+        Long inference prefills run in segments of `prefill_chunk` tokens, carrying conv context and state, so
+        activation memory stays bounded whatever the context length."""
         B, T, _ = hidden_states.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cache = past_key_values
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
         doc_start = None
         if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
             doc_start = _document_starts(position_ids.expand(B, T))
+        conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
+        outputs = []
+        for start in range(0, T, segment):
+            part = slice(start, start + segment)
+            out, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
+                                                 doc_start, conv_context, state,
+                                                 need_state=cache is not None or start + segment < T)
+            outputs.append(out)
+        if cache is not None:
+            cache.update_conv_state(conv_context, self.layer_idx, conv_kernel_size=conv_context.shape[-1])
+            cache.update_recurrent_state(state.float(), self.layer_idx)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+    def _mix(self, x, pad, doc_start, conv_context, state, need_state):
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         qkv = qkv.transpose(1, 2)  # [B, Dqkv, T]
         W = self.q_conv1d.kernel_size
-        prev = cache.get_conv_state(self.layer_idx) if cache is not None else None
-        context = prev if prev is not None else qkv.new_zeros(B, qkv.shape[1], W - 1)
-        conv_in = torch.cat([context.to(qkv.dtype), qkv], dim=-1)
-        if cache is not None:
-            cache.update_conv_state(conv_in[..., -(W - 1):], self.layer_idx, conv_kernel_size=W - 1)
+        if conv_context is None:
+            conv_context = qkv.new_zeros(B, qkv.shape[1], W - 1)
+        conv_in = torch.cat([conv_context.to(qkv.dtype), qkv], dim=-1)
         weight, bias = self._conv_params()
-        pos_in_doc = None if doc_start is None else _position_in_document(doc_start)
-        qkv = causal_conv(conv_in, weight, bias, pos_in_doc)
+        qkv = causal_conv(conv_in, weight, bias, None if doc_start is None else _position_in_document(doc_start))
         if self.conv_activation == "silu":
             qkv = F.silu(qkv)
         q, k, v = qkv.transpose(1, 2).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -146,30 +165,27 @@ class KDAMixer(nn.Module):
         # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
         k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
         v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
-        f = self.f_b_proj(self.f_a_proj(hidden_states)).reshape(B, T, H, D)
-        b = self.b_proj(hidden_states)
+        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
+        b = self.b_proj(x)
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
 
-        initial_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         cu_seqlens = None
         if doc_start is not None:  # packed documents: flatten to one row and give the kernel the boundaries
             starts = doc_start.clone()
             starts[:, 0] = True
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
-            q, k, v, f, b = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, f, b))
-        o, final_state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=initial_state,
-                                   output_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        if cache is not None:
-            cache.update_recurrent_state(final_state.float(), self.layer_idx)
+            q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
+        o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
+                             output_final_state=need_state, cu_seqlens=cu_seqlens)
         o = o.reshape(B, T, H, D)
 
-        gate = self.g_b_proj(self.g_a_proj(hidden_states)).reshape(B, T, H, D)
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
         gate = torch.sigmoid(gate.float()) if self.output_gate == "sigmoid" else F.silu(gate.float())
-        o = (self.o_norm(o).float() * gate).to(hidden_states.dtype)
-        return self.o_proj(o.reshape(B, T, H * D)), None
+        o = (self.o_norm(o).float() * gate).to(x.dtype)
+        return self.o_proj(o.reshape(B, T, H * D)), conv_in[..., -(W - 1):], state
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -216,3 +216,27 @@ def test_convert_rejects_non_qwen3_teacher():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(gendistill.io.UserError, match="not Qwen3-like"):
         convert(gpt2)
+
+
+@torch.no_grad()
+def test_segmented_prefill_equals_one_pass(student):
+    x = ids(2, 45)
+    rows, mask = left_pad([ids(1, n, seed=n)[0] for n in (45, 30)])
+    whole, whole_padded = student(x).logits, student(rows, attention_mask=mask).logits
+    cache_whole = DynamicCache(config=student.config)
+    student(x, past_key_values=cache_whole, use_cache=True)
+    mixers = [layer.self_attn for layer in student.model.layers if isinstance(layer.self_attn, KDAMixer)]
+    try:
+        for m in mixers:
+            m.prefill_chunk = 8  # 45 tokens -> 6 segments, the last one partial
+        torch.testing.assert_close(student(x).logits, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(student(rows, attention_mask=mask).logits, whole_padded, atol=1e-5, rtol=1e-5)
+        cache = DynamicCache(config=student.config)
+        student(x, past_key_values=cache, use_cache=True)
+        for m in mixers:
+            i = m.layer_idx
+            torch.testing.assert_close(cache.get_recurrent_state(i), cache_whole.get_recurrent_state(i))
+            torch.testing.assert_close(cache.get_conv_state(i), cache_whole.get_conv_state(i))
+    finally:
+        for m in mixers:
+            m.prefill_chunk = student.config.kda_prefill_chunk

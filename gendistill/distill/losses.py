@@ -1,0 +1,279 @@
+"""What a stage computes: KD divergences and CE over the vocabulary (chunked), alignment losses, and the glue that
+feeds the teacher's captured per-layer inputs to the student's layers.
+
+Vocabulary-sized terms never hold full [tokens, vocab] logits: `chunked_head_loss` projects the final hidden states
+through each model's lm_head `chunk_tokens` rows at a time, computes the loss and its gradient for that chunk inside
+the forward, and keeps only the gradients w.r.t. the student's hidden states and head weight (the technique of
+Liger's fused linear losses and TRL's chunked divergence), so neither the forward nor the backward keeps logits.
+
+Normalisation: every term returns a *sum* over the local tokens divided by the number of scored tokens in the whole
+global batch (all micro-batches, all processes), times the number of processes (DDP/FSDP average gradients). The
+sum over micro-batches and processes is then exactly the global-batch mean, whatever the world size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FULL, LINEAR = "full_attention", "linear_attention"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token-level math (fp32 logits in, one value per token out)
+
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl", beta: float = 0.5,
+               temperature: float = 1.0) -> torch.Tensor:
+    """Per-token divergence between teacher and student next-token distributions, shapes [N, V] -> [N].
+
+    fkl: KL(teacher || student) (mode covering, the paper's choice); rkl: KL(student || teacher);
+    jsd: generalised JSD with mixture m = beta * teacher + (1 - beta) * student:
+         beta * KL(teacher || m) + (1 - beta) * KL(student || m)  (TRL's convention for beta).
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "fkl":
+        return (t.exp() * (t - s)).sum(-1)
+    if kind == "rkl":
+        return (s.exp() * (s - t)).sum(-1)
+    if kind == "jsd":
+        m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+        return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+    """The vocabulary-sized terms of a stage: weights per term ("kd", "ce") and the KD settings."""
+
+    weights: dict
+    divergence: str = "fkl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    chunk_tokens: int = 1024
+
+    def per_chunk(self, student_logits, teacher_logits, targets) -> list[torch.Tensor]:
+        """Sum over the chunk's tokens of each term, in `weights` order."""
+        out = []
+        for term in self.weights:
+            if term == "kd":
+                out.append(divergence(student_logits, teacher_logits, self.divergence, self.beta,
+                                      self.temperature).sum())
+            elif term == "ce":
+                out.append(F.cross_entropy(student_logits.float(), targets, reduction="sum"))
+            else:
+                raise ValueError(f"{term!r} is not a vocabulary-sized term")
+        return out
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """loss = scale * sum_terms weight * sum_tokens term(hidden @ weight.T, teacher_hidden @ teacher_weight.T).
+
+    Forward walks the tokens chunk by chunk and computes the gradient of each chunk's loss w.r.t. its logits on the
+    spot (autograd on the small chunk graph), then folds it into d/dhidden and d/dweight; backward only rescales.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, spec: HeadLoss, scale: float):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
+            dtype = hidden.dtype
+            w = weight.to(dtype)
+            tw = teacher_weight.to(teacher_hidden.dtype) if teacher_hidden is not None else None
+            grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            sums = torch.zeros(len(spec.weights), dtype=torch.float32, device=hidden.device)
+            weights = torch.tensor(list(spec.weights.values()), dtype=torch.float32, device=hidden.device)
+            for lo in range(0, hidden.shape[0], spec.chunk_tokens):
+                h = hidden[lo:lo + spec.chunk_tokens]
+                logits = (h @ w.T).float().requires_grad_(need_h or need_w)
+                teacher_logits = None
+                if tw is not None:
+                    teacher_logits = (teacher_hidden[lo:lo + spec.chunk_tokens] @ tw.T).float()
+                with torch.enable_grad():
+                    terms = torch.stack(spec.per_chunk(logits, teacher_logits, targets[lo:lo + spec.chunk_tokens]))
+                    if need_h or need_w:
+                        (grad_logits,) = torch.autograd.grad((terms * weights).sum(), logits)
+                sums += terms.detach()
+                if need_h:
+                    grad_h[lo:lo + spec.chunk_tokens] = (grad_logits.to(dtype) @ w).float()
+                if need_w:
+                    grad_w.addmm_(grad_logits.T, h.float())
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.has = hidden.dtype, weight.dtype, (need_h, need_w)
+        ctx.save_for_backward(*(g * scale for g in (grad_h, grad_w) if g is not None))
+        sums = sums * scale
+        ctx.mark_non_differentiable(sums)
+        return (sums * weights).sum(), sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        saved = iter(ctx.saved_tensors)
+        grad_h = (next(saved) * grad_total).to(ctx.hidden_dtype) if ctx.has[0] else None
+        grad_w = (next(saved) * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor | None,
+                      teacher_weight: torch.Tensor | None, targets: torch.Tensor, spec: HeadLoss,
+                      scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """hidden [N, H] (only the scored tokens), weight [V, H]; returns (weighted loss, {term: detached value})."""
+    total, sums = _ChunkedHeadLoss.apply(hidden, weight, teacher_hidden, teacher_weight, targets, spec, scale)
+    return total, dict(zip(spec.weights, sums.unbind()))
+
+
+def naive_head_loss(hidden, weight, teacher_hidden, teacher_weight, targets, spec: HeadLoss, scale: float = 1.0):
+    """The same loss from full logits (the reference the chunked path is tested and benchmarked against)."""
+    logits = (hidden @ weight.to(hidden.dtype).T).float()
+    teacher_logits = None if teacher_hidden is None else (teacher_hidden @ teacher_weight.to(teacher_hidden.dtype).T).float()
+    terms = torch.stack(spec.per_chunk(logits, teacher_logits, targets)) * scale
+    weights = torch.tensor(list(spec.weights.values()), dtype=torch.float32, device=hidden.device)
+    return (terms * weights).sum(), dict(zip(spec.weights, terms.detach().unbind()))
+
+
+def relative_mse_sum(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked tokens of ||s - t||^2 / mean_masked ||t||^2: an MSE normalised by the layer's own output scale
+    (so layers with large activations do not dominate). Divided by the token count it is the relative squared error."""
+    s, t = student_out[mask].float(), teacher_out[mask].float()
+    scale = t.pow(2).sum(-1).mean().clamp_min(1e-12).detach()
+    return (s - t).pow(2).sum() / scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the teacher pass: final hidden states and per-layer inputs/outputs, captured with hooks in one forward
+
+class _StopForward(Exception):
+    pass
+
+
+class TeacherCapture:
+    """Registers forward hooks on the teacher's layers once per stage; `run(batch)` does one no-grad teacher forward
+    and returns what the stage's terms read: `hidden` (final hidden states), and for each aligned layer i
+    `mixer_in/mixer_out[i]` (input to / output of layers[i].self_attn) and `block_in/block_out[i]`."""
+
+    def __init__(self, teacher: nn.Module, mixer_layers=(), block_layers=(), need_hidden: bool = False):
+        self.teacher, self.need_hidden = teacher, need_hidden
+        self.captured: dict = {}
+        self.handles = []
+        layers = teacher.model.layers
+        needed = set(mixer_layers) | set(block_layers)
+        self.last_layer = max(needed) if needed else -1
+        for i in sorted(set(mixer_layers)):
+            self.handles.append(layers[i].self_attn.register_forward_pre_hook(self._store("mixer_in", i, True),
+                                                                                 with_kwargs=True))
+            self.handles.append(layers[i].self_attn.register_forward_hook(self._store("mixer_out", i, False)))
+        for i in sorted(set(block_layers)):
+            self.handles.append(layers[i].register_forward_pre_hook(self._store("block_in", i, True), with_kwargs=True))
+            self.handles.append(layers[i].register_forward_hook(self._store("block_out", i, False)))
+        if needed and not need_hidden:  # nothing after the last aligned layer is needed: stop the forward there
+            self.handles.append(layers[self.last_layer].register_forward_hook(self._stop))
+
+    def _store(self, kind: str, i: int, is_input: bool):
+        def hook(module, args, *rest):
+            if is_input:
+                kwargs = rest[0]
+                value = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            else:
+                out = rest[0]
+                value = out[0] if isinstance(out, tuple) else out
+            self.captured.setdefault(kind, {})[i] = value.detach()
+        return hook
+
+    def _stop(self, *_):
+        raise _StopForward
+
+    @torch.no_grad()
+    def run(self, batch: dict) -> dict:
+        self.captured = {}
+        try:
+            out = self.teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            self.captured["hidden"] = out.last_hidden_state
+        except _StopForward:
+            pass
+        self.captured["head"] = self.teacher.lm_head.weight
+        return self.captured
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the student side: one module computing every term (so FSDP/DDP wrap exactly what runs)
+
+def _layer_context(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
+    """Masks per layer type and rotary embeddings, as the model's own forward computes them for its layers."""
+    base = model.model
+    if hasattr(base, "build_masks"):
+        masks = base.build_masks(x, None, None, position_ids)
+    else:
+        from transformers.masking_utils import create_causal_mask
+        masks = {FULL: create_causal_mask(config=base.config, inputs_embeds=x, attention_mask=None,
+                                          past_key_values=None, position_ids=position_ids), LINEAR: None}
+    return masks, base.rotary_emb(x, position_ids)
+
+
+def run_mixer(model, i: int, x, position_ids, context=None):
+    """Student layer i's token mixer on `x` (KDA: the mixer ignores masks/rotary; attention: needs them)."""
+    masks, rotary = context or _layer_context(model, x, position_ids)
+    layer_type = model.config.layer_types[i]
+    out = model.model.layers[i].self_attn(hidden_states=x, attention_mask=masks[layer_type], position_ids=position_ids,
+                                          position_embeddings=rotary, use_cache=False)
+    return out[0]
+
+
+def run_block(model, i: int, x, position_ids, context=None):
+    """Student decoder block i on `x`."""
+    masks, rotary = context or _layer_context(model, x, position_ids)
+    layer_type = model.config.layer_types[i]
+    out = model.model.layers[i](x, attention_mask=masks[layer_type], position_ids=position_ids,
+                                position_embeddings=rotary, use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class StudentObjective(nn.Module):
+    """The student and a stage's weighted terms. `forward(batch, teacher_out, norms)` -> (loss, {term: value}).
+
+    norms: {"tokens": scored next-token positions in the global batch, "align": scored positions x aligned layers
+    in the global batch, "world": number of processes}.
+    """
+
+    def __init__(self, student: nn.Module, objective: dict[str, float], align_layers: list[int], head: HeadLoss):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.align_layers = align_layers
+        self.head = head
+
+    def forward(self, batch: dict, teacher_out: dict, norms: dict):
+        terms: dict[str, torch.Tensor] = {}
+        loss = 0.0
+        position_ids = batch["position_ids"]
+        align_scale = norms["world"] / max(norms["align"], 1)
+        if "attn_align" in self.objective or "hidden_align" in self.objective:
+            x0 = teacher_out.get("mixer_in", teacher_out.get("block_in", {}))[self.align_layers[0]]
+            context = _layer_context(self.student, x0, position_ids)
+            mask = batch["token_mask"]
+            for term, run, inp, out in (("attn_align", run_mixer, "mixer_in", "mixer_out"),
+                                        ("hidden_align", run_block, "block_in", "block_out")):
+                if term not in self.objective:
+                    continue
+                total = sum(relative_mse_sum(run(self.student, i, teacher_out[inp][i], position_ids, context),
+                                             teacher_out[out][i], mask) for i in self.align_layers)
+                terms[term] = total * align_scale
+                loss = loss + self.objective[term] * terms[term]
+        if self.head.weights:
+            hidden = self.student.model(input_ids=batch["input_ids"], position_ids=position_ids,
+                                        use_cache=False).last_hidden_state
+            mask = batch["loss_mask"]
+            teacher_hidden = teacher_out["hidden"][mask] if "kd" in self.head.weights else None
+            teacher_head = teacher_out["head"] if "kd" in self.head.weights else None
+            total, head_terms = chunked_head_loss(hidden[mask], self.student.lm_head.weight, teacher_hidden,
+                                                  teacher_head, batch["targets"][mask], self.head,
+                                                  scale=norms["world"] / max(norms["tokens"], 1))
+            loss = loss + total
+            terms.update(head_terms)
+        return loss, {k: v.detach() for k, v in terms.items()}
