@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from gendistill.kda import kda_gated
+from gendistill.kda import gated_rms_norm, kda_gated
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -183,8 +183,7 @@ class KDAMixer(nn.Module):
         o = o.reshape(B, T, H, D)
 
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
-        gate = torch.sigmoid(gate.float()) if self.output_gate == "sigmoid" else F.silu(gate.float())
-        o = (self.o_norm(o).float() * gate).to(x.dtype)
+        o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
         return self.o_proj(o.reshape(B, T, H * D)), conv_in[..., -(W - 1):], state
 
 

@@ -181,6 +181,8 @@ def build_corpus(src: DataSource, kind: str, tokenizer, cache_dir: str | Path, m
 
     def flush():
         nonlocal total
+        if not batch:
+            return
         if kind == "text":
             encoded = tokenizer([r[src.text_field] or "" for r in batch], add_special_tokens=False)["input_ids"]
             docs = [(ids + [eos] if src.append_eos else ids, None) for ids in encoded]

@@ -43,7 +43,7 @@ class Stage:
     jsd_beta: float = 0.5  # mixture weight of the teacher in jsd (0 < beta < 1)
     temperature: float = 1.0  # softens both distributions in kd (no T^2 rescaling, as TRL)
     loss_mask: str = "all"  # all | completion_only (assistant tokens of chat data)
-    train: list[str] = dataclasses.field(default_factory=lambda: list(PARAMETER_GROUPS))  # everything else is frozen
+    train: str | list[str] = "all"  # parameter groups that train (all = every parameter); everything else is frozen
     layers: str | list[int] = "linear"  # layers aligned by attn_align/hidden_align: linear (KDA) | all | [i, ...]
     seq_len: int = 2048
     batch_size: int = 8  # global sequences per optimiser step, whatever the number of processes
@@ -114,6 +114,9 @@ class Recipe:
         return next(s for s in self.stages if s.name == name)
 
 
+TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source"}) | {"defaults"}  # `defaults`: keys for every stage
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loading, overrides
 
@@ -160,14 +163,14 @@ def apply_override(raw: dict, item: str) -> None:
     if parts[0] == "*" and len(parts) > 1:
         targets = [s for s in stages if isinstance(s, dict)]
         parts = parts[1:]
-    elif parts[0] in names and parts[0] not in Recipe.__dataclass_fields__ and len(parts) > 1:
+    elif parts[0] in names and parts[0] not in TOP_LEVEL_KEYS and len(parts) > 1:
         targets = [stages[names.index(parts[0])]]
         parts = parts[1:]
-    elif parts[0] in Recipe.__dataclass_fields__ or parts[0] == "defaults":
+    elif parts[0] in TOP_LEVEL_KEYS:
         targets = [raw]
     else:
         raise UserError(f"--set {key}: {parts[0]!r} is neither a stage ({', '.join(map(str, names))}) nor a recipe key "
-                        f"({', '.join(sorted(Recipe.__dataclass_fields__))})")
+                        f"({', '.join(sorted(TOP_LEVEL_KEYS))})")
     for target in targets:
         node = target
         for part in parts[:-1]:
@@ -356,18 +359,18 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     s.jsd_beta = float(_number(s.jsd_beta, f"{where}.jsd_beta", lo=0, hi=1, lo_open=True, hi_open=True))
     s.temperature = float(_number(s.temperature, f"{where}.temperature", lo=0, lo_open=True))
     _choice(s.loss_mask, LOSS_MASKS, f"{where}.loss_mask")
-    if s.train == "all":
-        s.train = list(PARAMETER_GROUPS)
     if s.train in ("none", [], None):
         _fail(f"{where}.train", "at least one parameter group must train")
-    if isinstance(s.train, str):
+    if isinstance(s.train, str) and s.train != "all":
         s.train = [s.train]
-    if not isinstance(s.train, list):
-        _fail(f"{where}.train", f"expected a list of groups from {', '.join(PARAMETER_GROUPS)}, got {s.train!r}")
-    for group in s.train:
-        if group not in PARAMETER_GROUPS:
-            _fail(f"{where}.train", f"unknown parameter group {group!r}; groups: {', '.join(PARAMETER_GROUPS)}")
-    s.train = sorted(set(s.train), key=PARAMETER_GROUPS.index)
+    if s.train != "all":
+        if not isinstance(s.train, list):
+            _fail(f"{where}.train", f"expected 'all' or a list of groups from {', '.join(PARAMETER_GROUPS)}, "
+                                    f"got {s.train!r}")
+        for group in s.train:
+            if group not in PARAMETER_GROUPS:
+                _fail(f"{where}.train", f"unknown parameter group {group!r}; groups: {', '.join(PARAMETER_GROUPS)}")
+        s.train = sorted(set(s.train), key=PARAMETER_GROUPS.index)
     if isinstance(s.layers, list):
         s.layers = [int(_number(i, f"{where}.layers", lo=0, integer=True)) for i in s.layers]
         if not s.layers:
@@ -408,8 +411,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
 
 
 def _validate(raw: dict, source: str | None) -> Recipe:
-    allowed = set(Recipe.__dataclass_fields__) - {"source"} | {"defaults"}
-    _check_keys(raw, allowed, "")
+    _check_keys(raw, TOP_LEVEL_KEYS, "")
     raw = dict(raw)
     name = raw.get("name", "recipe")
     if not isinstance(name, str) or not name:

@@ -26,8 +26,8 @@ _LEADING_LETTER = re.compile(r"^\s*[\(\[*]*[ \t]*([A-Z])[ \t]*(?:[\)\]*.:,\n]|$)
 # A letter marked as one anywhere: "(B)", "option B", "choice B".
 _MARKED_LETTER = re.compile(r"\(([A-Z])\)|\b(?i:option|choice)\s+([A-Z])\b")
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
-_EXPLICIT_NUMBER = re.compile(r"(?i:answer)\s*(?:(?i:is)|:|=)?\s*[:\-]?\s*(" + _NUMBER + ")|####\s*(" + _NUMBER + r")"
-                              r"|\\boxed\{\s*(" + _NUMBER + r")\s*\}")
+_EXPLICIT_NUMBER = re.compile(r"(?i:answer)\s*(?:(?i:is)|:|=)?\s*[:\-]?\s*(" + _NUMBER + r")|####\s*(" + _NUMBER
+                              + r")|\\boxed\{\s*(" + _NUMBER + r")\s*\}")
 _ANY_NUMBER = re.compile(_NUMBER)
 _ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
 

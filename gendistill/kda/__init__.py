@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.naive import recurrent_kda
 
-__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "use_backend", "resolve_backend",
-           "fla_available"]
+__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "use_backend",
+           "resolve_backend", "fla_available"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -44,6 +44,15 @@ def _fla_ops():
     except Exception:  # ImportError, or triton failing to initialise
         return None
     return fla_chunk, fla_recurrent
+
+
+@functools.cache
+def _fla_norm():
+    try:
+        from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    except Exception:
+        return None
+    return rms_norm_gated
 
 
 def fla_available() -> bool:
@@ -90,3 +99,14 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
     op = recurrent_kda if backend == "recurrent" else chunk_kda
     return op(l2norm(q), l2norm(k), v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
+    """KDA's output path: RMSNorm over the last dim (x [..., D], shared weight [D]) times act(gate), in x's dtype.
+    One fused Triton kernel on the fla path; fp32 PyTorch elsewhere (the reference)."""
+    if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm() is not None:
+        return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    act = torch.sigmoid(gate.float()) if activation == "sigmoid" else F.silu(gate.float())
+    return (normed.float() * act).to(x.dtype)

@@ -1,0 +1,744 @@
+"""`gendistill bench`: KV/state memory, time-to-first-token and decode speed of a teacher and its Hybrid-KDA student.
+
+    gendistill bench --teacher DIR --student DIR --contexts 4k,16k,64k,128k [--decode-context 32k] [--out OUT]
+    gendistill bench --shape qwen3-0.6b ...   (random weights, the real shape, no download; --shape tiny for CPU tests)
+
+Order of work, and why:
+1. Correctness first. The student's fast KDA path (`use_backend("auto")`: fla on CUDA) must match the recurrent
+   reference on a short input, and cached decoding must match the uncached forward (teacher and student). If not,
+   nothing is timed: the command exits 1 and writes only `correctness.json`.
+2. Prefill per context, batch 1: TTFT to the first token's logits (`logits_to_keep=1`) without a cache (pure prefill,
+   as the issue's reference numbers) and with a `DynamicCache` being filled; peak device memory of each; the cache's
+   bytes measured from its tensors beside `analytic_cache_bytes`.
+3. Decode at `--decode-context` from a synthetic cache (random K/V and states of the exact shapes a prefill leaves:
+   decode speed does not depend on their values), at batch 1, a few batches, and the largest batch that fits.
+Method: same dtype and SDPA for both models, warm-up excluded, medians over repeats; CUDA events with synchronisation
+on the GPU, perf_counter on CPU (CPU figures only make sense as ratios). Writes bench.json, table.md and three PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
+from gendistill.kda import resolve_backend, use_backend
+from gendistill.modeling import KDAMixer
+
+LINEAR = "linear_attention"
+GiB, MiB = 2**30, 2**20
+
+# Correctness. Why per layer and not on the logits: a random-weight model amplifies rounding ~20x from layer to layer
+# (measured on the Qwen3-0.6B shape: 5e-3 relative noise on the KDA outputs gives 9.5e-2 on the logits, and the bf16
+# model's chunk vs recurrent paths, which differ only in fp32 rounding before the bf16 cast, already differ by 5.2e-2),
+# so a logits bound would either refuse a correct model or be too loose to catch a wrong one. Instead every KDA layer
+# is run by the fast path and by the reference on the *same* input (captured from one forward), and the relative L2
+# error ||fast - ref|| / ||ref|| of its output is bounded: 16-bit 5e-2 (fla computes in bf16 with fp32 accumulation,
+# its own tests allow 5e-3 per op in fp16; bf16 has 3 fewer mantissa bits), fp32 5e-3 (fla's own fp32 bound: Triton
+# uses TF32 for fp32 dots). A real bug (gate, state layout, lost conv or recurrent state, a wrong tail chunk) moves a
+# layer's output by O(0.1-1). Override with --rtol. Whole-model cached decode vs uncached forward is checked on fp32
+# copies with the pure-PyTorch reference path, where nothing amplifies beyond ~1e-5: bound 1e-3 on the logits.
+LAYER_RTOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+DECODE_RTOL = 1e-3
+CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
+CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
+CHECK_DECODE_TOKENS = 4
+# Largest decode batch: size it from the analytic bytes against free memory, then back off on OOM.
+DECODE_MEMORY_FRACTION = 0.90  # of free memory; the rest absorbs allocator rounding and fragmentation
+DECODE_RESERVE_BYTES = 2 * GiB  # cuBLAS/SDPA workspaces, the prefill leftovers the allocator keeps
+BACKOFF = 0.85
+TARGET_LONG, TARGET_SHORT = 131072, 4096  # 128K and 4K, where the issue sets its targets
+
+
+class WrongModelError(RuntimeError):
+    """The student's fast path (or a cached decode) disagrees with the reference: no speed may be reported."""
+
+    def __init__(self, correctness: dict):
+        failed = [c for c in correctness["checks"] if not c["passed"]]
+        lines = [f"{c['name']}: relative error {c['rel_err']:.3g} > tolerance {c['rtol']:.3g}"
+                 + (f" (worst: layer {c['worst_layer']})" if c.get("worst_layer") is not None else "") for c in failed]
+        super().__init__("refusing to report speed for a model that disagrees with its reference:\n  "
+                         + "\n  ".join(lines))
+        self.correctness = correctness
+
+
+# ---- cache bytes: analytic and measured --------------------------------------------------------------------------
+
+def _dims(config) -> tuple[int, int, int]:
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _layer_types(config) -> list[str]:
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    unknown = sorted(set(types) - {"full_attention", LINEAR})
+    if unknown:
+        raise UserError(f"the benchmark handles full and linear attention layers only, the model has {unknown}")
+    return types
+
+
+def analytic_cache_bytes(config, context: int, batch: int, dtype_bytes: int) -> int:
+    """Bytes of the decoding cache after a prefill of `context` tokens. Attention layer: K and V, 2*Hkv*head_dim
+    per token in the activation dtype. KDA layer, independent of context: the fp32 recurrent state H*head_dim^2*4 B
+    and the short-conv state, (H + 2*Hkv)*head_dim channels (q at H heads, k/v at Hkv) * (conv_size - 1) steps."""
+    heads, kv_heads, head_dim = _dims(config)
+    total = 0
+    for layer_type in _layer_types(config):
+        if layer_type == LINEAR:
+            conv_channels = (heads + 2 * kv_heads) * head_dim
+            total += heads * head_dim * head_dim * 4 + conv_channels * (config.kda_conv_size - 1) * dtype_bytes
+        else:
+            total += 2 * kv_heads * head_dim * context * dtype_bytes
+    return batch * total
+
+
+def measured_cache_bytes(cache) -> int:
+    """Bytes held by the cache's tensors: K/V of attention layers, conv and recurrent states of KDA layers."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            tensors = [*layer.conv_states.values(), *layer.recurrent_states.values()]
+        else:
+            tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def synthetic_cache(model, batch: int, context: int) -> DynamicCache:
+    """The cache a prefill of `context` tokens would leave, filled with random values through each layer's own
+    update path (decode speed does not depend on the values; prefilling hundreds of 32K sequences would)."""
+    config = model.config
+    dtype, device = model.dtype, model.device
+    heads, kv_heads, head_dim = _dims(config)
+    cache = DynamicCache(config=config)
+    for layer, layer_type in zip(cache.layers, _layer_types(config)):
+        if layer_type == LINEAR:
+            width = config.kda_conv_size - 1
+            layer.update_conv_state(torch.randn(batch, (heads + 2 * kv_heads) * head_dim, width, dtype=dtype,
+                                                device=device), conv_kernel_size=width)
+            layer.update_recurrent_state(0.1 * torch.randn(batch, heads, head_dim, head_dim, device=device))
+        else:
+            keys = torch.randn(batch, kv_heads, context, head_dim, dtype=dtype, device=device)
+            layer.update(keys, torch.randn_like(keys))
+            del keys
+    return cache
+
+
+def decode_bytes_per_sequence(config, context: int, dtype_bytes: int) -> int:
+    """Cache bytes of one sequence plus what a decode step allocates on top: DynamicLayer's torch.cat copies one
+    layer's K (then V) per step, a KDA layer returns a fresh fp32 state before it is copied into the cache, the
+    logits are a vocabulary-sized row."""
+    heads, kv_heads, head_dim = _dims(config)
+    types = _layer_types(config)
+    step = config.vocab_size * 4 * 2
+    if any(t != LINEAR for t in types):
+        step += 2 * kv_heads * head_dim * context * dtype_bytes
+    if LINEAR in types:
+        step += heads * head_dim * head_dim * 4
+    return analytic_cache_bytes(config, context, 1, dtype_bytes) + step
+
+
+def largest_batch_that_fits(config, context: int, dtype_bytes: int, free_bytes: int) -> int:
+    budget = free_bytes * DECODE_MEMORY_FRACTION - DECODE_RESERVE_BYTES
+    return max(0, int(budget // decode_bytes_per_sequence(config, context, dtype_bytes)))
+
+
+# ---- timing and memory ---------------------------------------------------------------------------------------------
+
+def timed(fn, device: torch.device):
+    """Run fn once; return (its result, seconds). On CUDA: synchronise, events around the work, synchronise."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return result, start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def start_peak(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_since(device: torch.device, baseline: int | None, weight_bytes: int) -> int | None:
+    """Peak bytes as if this model were alone on the card: its weights + what the call allocated at its peak (both
+    models stay resident, so the absolute figure would include the other model's weights)."""
+    if baseline is None:
+        return None
+    return weight_bytes + torch.cuda.max_memory_allocated(device) - baseline
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def random_ids(model, batch: int, tokens: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, tokens), generator=generator).to(model.device)
+
+
+# ---- 1. correctness --------------------------------------------------------------------------------------------------
+
+def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
+    fast, reference = fast.float(), reference.float()
+    return ((fast - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
+    """Each KDA layer on the input it sees in one fast forward: fast path vs reference for an uncached prefill, a
+    prefill in segments, and a cached prefill followed by single-token decode steps. Reports the worst layer."""
+    mixers = [m for m in student.modules() if isinstance(m, KDAMixer)]
+    inputs = {}
+
+    def capture(module, args, kwargs):
+        inputs[module] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in mixers]
+    try:
+        with use_backend("auto"):
+            student(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    split = ids.shape[1] - CHECK_DECODE_TOKENS
+    errors = {f"prefill of {ids.shape[1]} tokens": {}, f"prefill in segments of {CHECK_SEGMENT}": {},
+              f"cached prefill of {split} + {CHECK_DECODE_TOKENS} decode steps": {}}
+    uncached, segmented, cached = errors.values()
+    for mixer in mixers:
+        x = inputs[mixer]
+        with use_backend("recurrent"):
+            reference = mixer(x)[0]
+        with use_backend("auto"):
+            uncached[mixer.layer_idx] = relative_error(mixer(x)[0], reference)
+            whole_segment, mixer.prefill_chunk = mixer.prefill_chunk, CHECK_SEGMENT
+            try:
+                segmented[mixer.layer_idx] = relative_error(mixer(x)[0], reference)
+            finally:
+                mixer.prefill_chunk = whole_segment
+            cache = DynamicCache(config=student.config)
+            pieces = [mixer(x[:, :split], past_key_values=cache)[0]]
+            pieces += [mixer(x[:, t:t + 1], past_key_values=cache)[0] for t in range(split, x.shape[1])]
+            cached[mixer.layer_idx] = relative_error(torch.cat(pieces, dim=1), reference)
+    checks = []
+    for what, per_layer in errors.items():
+        worst = max(per_layer, key=per_layer.get, default=None)
+        checks.append({"name": f"student KDA layers, fast path vs reference: {what}", "rtol": rtol,
+                       "rel_err": per_layer.get(worst, 0.0), "worst_layer": worst,
+                       "per_layer": {str(i): e for i, e in per_layer.items()}})
+    return checks
+
+
+def cached_decode_error(model, ids: torch.Tensor, steps: int) -> float:
+    """Prefill all but `steps` tokens into a cache, feed the rest one at a time; compare those logits (and the
+    prefill's last) with one uncached forward over everything."""
+    full = model(ids, use_cache=False).logits[:, -(steps + 1):]
+    cache = DynamicCache(config=model.config)
+    pieces = [model(ids[:, :-steps], past_key_values=cache, use_cache=True, logits_to_keep=1).logits]
+    for t in range(ids.shape[1] - steps, ids.shape[1]):
+        pieces.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return relative_error(torch.cat(pieces, dim=1), full)
+
+
+def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0) -> dict:
+    """All checks; `passed` is False if any error exceeds its tolerance (NaN included)."""
+    ids = random_ids(student, 2, CHECK_TOKENS, seed)
+    layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
+    checks = kda_layer_checks(student, ids, layer_rtol)
+    for name, model in (("teacher", teacher), ("student", student)):
+        fp32_copy = copy.deepcopy(model).float()  # one at a time: a second copy of each model is alive only here
+        with use_backend("recurrent"):
+            error = cached_decode_error(fp32_copy, ids, CHECK_DECODE_TOKENS)
+        del fp32_copy
+        checks.append({"name": f"{name}: cached decode of {CHECK_DECODE_TOKENS} tokens vs uncached forward, logits "
+                               "(fp32 copy, reference KDA path)", "rtol": DECODE_RTOL, "rel_err": error})
+    for check in checks:
+        check["passed"] = bool(check["rel_err"] <= check["rtol"])  # NaN fails
+    return {"metric": "||fast - reference||_2 / ||reference||_2", "inputs": f"2 x {CHECK_TOKENS} random tokens",
+            "passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+# ---- 2. prefill ------------------------------------------------------------------------------------------------------
+
+def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int) -> dict:
+    device, own_weights = model.device, weight_bytes(model)
+    ids = random_ids(model, 1, context, seed)
+    record = {"cache_bytes_analytic": analytic_cache_bytes(model.config, context, 1, model.dtype.itemsize)}
+    for variant, use_cache in (("no_cache", False), ("cache", True)):
+        def prefill():
+            cache = DynamicCache(config=model.config) if use_cache else None
+            logits = model(ids, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits
+            return logits, cache
+
+        times, peaks, out_of_memory = [], [], False
+        try:
+            for _ in range(warmup):
+                prefill()
+            for _ in range(repeats):
+                baseline = start_peak(device)
+                (logits, cache), seconds = timed(prefill, device)
+                times.append(seconds)
+                peaks.append(peak_since(device, baseline, own_weights))
+                if cache is not None:
+                    record["cache_bytes_measured"] = measured_cache_bytes(cache)
+                del logits, cache
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        release_memory(device)  # outside `except`: the traceback no longer pins the activations
+        if out_of_memory:
+            record[f"error_{variant}"] = "out of memory"
+            continue
+        record[f"ttft_{variant}_ms"] = 1e3 * statistics.median(times)
+        record[f"ttft_{variant}_ms_all"] = [1e3 * t for t in times]
+        record[f"peak_{variant}_bytes"] = None if peaks[0] is None else max(peaks)
+    return record
+
+
+# ---- 3. decode -------------------------------------------------------------------------------------------------------
+
+def measure_decode_point(model, batch: int, context: int, steps: int, repeats: int, warmup: int, seed: int):
+    """Greedy decode `steps` tokens per repeat from a synthetic cache of `context` tokens; None on OOM."""
+    device = model.device
+    result, out_of_memory = None, False
+    baseline = start_peak(device)  # before the cache: the decode peak includes it
+    try:
+        cache = synthetic_cache(model, batch, context)
+        token = random_ids(model, batch, 1, seed)
+
+        def decode():
+            nonlocal token
+            for _ in range(steps):
+                logits = model(token, past_key_values=cache, use_cache=True).logits
+                token = logits[:, -1:].argmax(-1)
+
+        for _ in range(warmup):
+            decode()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # not the transient of building the cache
+        times = [timed(decode, device)[1] for _ in range(repeats)]
+        median = statistics.median(times)
+        result = {"batch": batch, "ms_per_step": 1e3 * median / steps, "tokens_per_s": batch * steps / median,
+                  "ms_per_step_all": [1e3 * t / steps for t in times],
+                  "peak_bytes": peak_since(device, baseline, weight_bytes(model))}
+        del cache
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    release_memory(device)
+    return None if out_of_memory else result
+
+
+def measure_decode(model, context: int, batches: list[int] | None, max_batch: int, steps: int, repeats: int,
+                   warmup: int, seed: int) -> dict:
+    device = model.device
+    # The cache grows by one token per step over warm-up and repeats; size the batch for the longest it gets.
+    final_context = context + (warmup + repeats) * steps
+    if device.type == "cuda":
+        release_memory(device)
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        largest = min(max_batch, largest_batch_that_fits(model.config, final_context, model.dtype.itemsize,
+                                                         free_bytes))
+    else:
+        largest = max_batch  # no device memory to fill on CPU: the cap is the largest batch
+    record = {"context": context, "steps_per_repeat": steps, "analytic_batch": largest}
+    largest_point = None
+    while largest >= 1 and largest_point is None:
+        largest_point = measure_decode_point(model, largest, context, steps, repeats, warmup, seed)
+        if largest_point is None:
+            largest = min(largest - 1, int(largest * BACKOFF))
+    if largest_point is None:
+        record["error"] = "out of memory even at batch 1"
+        return record
+    wanted = batches if batches is not None else [2**i for i in range(largest.bit_length())]
+    points = [largest_point]
+    for batch in sorted({1, *wanted}):
+        if batch < largest:
+            point = measure_decode_point(model, batch, context, steps, repeats, warmup, seed)
+            if point is not None:
+                points.append(point)
+    points.sort(key=lambda p: p["batch"])
+    record.update(largest_batch=largest, points=points, tokens_per_s_at_largest=largest_point["tokens_per_s"],
+                  ms_per_token_batch_1=points[0]["ms_per_step"] if points[0]["batch"] == 1 else None)
+    return record
+
+
+# ---- targets (issue 6) -----------------------------------------------------------------------------------------------
+
+def _target(name: str, measured: float | None, op: str, bound: float, detail: str) -> dict:
+    if measured is None:
+        return {"name": name, "target": f"{op} {bound:g}", "measured": None, "passed": None,
+                "margin": None, "detail": "not measured (context not in --contexts, or it ran out of memory)"}
+    passed = measured >= bound if op == ">=" else measured <= bound
+    # margin > 0: better than the target by that fraction; < 0: missed by that fraction
+    margin = measured / bound - 1 if op == ">=" else 1 - measured / bound
+    return {"name": name, "target": f"{op} {bound:g}", "measured": measured, "passed": bool(passed),
+            "margin": margin, "detail": detail}
+
+
+def compare_with_targets(prefill: list[dict], decode: dict) -> list[dict]:
+    def ratio(context, key, numerator="teacher"):
+        row = next((r for r in prefill if r["context"] == context), None)
+        denominator = "student" if numerator == "teacher" else "teacher"
+        if row is None or row["teacher"].get(key) is None or row["student"].get(key) is None:
+            return None, ""
+        a, b = row[numerator][key], row[denominator][key]
+        return a / b, f"{numerator} {_fmt_value(key, a)} / {denominator} {_fmt_value(key, b)}"
+
+    targets = []
+    for context, bound in ((TARGET_LONG, 3.1), (TARGET_SHORT, 1.0)):
+        value, detail = ratio(context, "ttft_no_cache_ms")
+        targets.append(_target(f"TTFT teacher/student at {_fmt_context(context)} (no cache)", value, ">=", bound,
+                               detail))
+    value, detail = ratio(TARGET_LONG, "peak_no_cache_bytes", numerator="student")
+    targets.append(_target("prefill peak memory student/teacher at 128K (no cache)", value, "<=", 1.0, detail))
+    value, detail = ratio(TARGET_LONG, "cache_bytes_measured", numerator="student")
+    targets.append(_target("KV + state bytes student/teacher at 128K (measured)", value, "<=", 0.26, detail))
+    teacher_tps = decode["teacher"].get("tokens_per_s_at_largest")
+    student_tps = decode["student"].get("tokens_per_s_at_largest")
+    value = student_tps / teacher_tps if teacher_tps and student_tps else None
+    detail = (f"student {student_tps:.4g} tok/s at batch {decode['student']['largest_batch']} / teacher "
+              f"{teacher_tps:.4g} tok/s at batch {decode['teacher']['largest_batch']}") if value else ""
+    targets.append(_target(f"decode throughput student/teacher at {_fmt_context(decode['teacher']['context'])}, "
+                           "largest batch each", value, ">=", 3.0, detail))
+    return targets
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------------------
+
+def describe_model(model) -> dict:
+    types = _layer_types(model.config)
+    return {"class": type(model).__name__, "layers": len(types),
+            "attention_layers": [i for i, t in enumerate(types) if t != LINEAR],
+            "parameters": sum(p.numel() for p in model.parameters()), "weight_bytes": weight_bytes(model),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
+def environment(device: torch.device) -> dict:
+    def version(*names):
+        for name in names:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return importlib.metadata.version(name)
+        return None
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+           "triton": version("triton"), "fla": version("flash-linear-attention", "fla-core"),
+           "gendistill": version("gendistill"), "device": device.type, "cpu": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                   PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    return env
+
+
+def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768, batches: list[int] | None = None,
+              max_batch: int | None = None, repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
+              rtol: float | None = None, seed: int = 0) -> dict:
+    """Check the student, then measure both models. Raises WrongModelError before timing anything if the student's
+    fast path or a cached decode disagrees with its reference. `batches`: decode batch sizes for the throughput
+    curve (default powers of two below the largest that fits); `max_batch`: cap of the largest-batch search."""
+    device, dtype = student.device, student.dtype
+    if teacher.device != device or teacher.dtype != dtype:
+        raise UserError(f"teacher ({teacher.device}, {teacher.dtype}) and student ({device}, {dtype}) must share "
+                        "device and dtype")
+    max_batch = max_batch or (1024 if device.type == "cuda" else 4)
+    models = {"teacher": teacher, "student": student}
+    probe = torch.empty(1, device=device)
+    with use_backend("auto"):
+        kda_paths = {"prefill": resolve_backend(probe, CHECK_TOKENS), "decode": resolve_backend(probe, 1)}
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, torch.no_grad():
+        correctness = check_correctness(teacher, student, rtol, seed)
+        release_memory(device)
+        if not correctness["passed"]:
+            raise WrongModelError(correctness)
+        with use_backend("auto"):
+            prefill = []
+            for context in contexts:
+                prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed)
+                                                       for name, model in models.items()}})
+                print(f"prefill {_fmt_context(context)}: " + ", ".join(
+                    f"{name} {_fmt_value('ttft_no_cache_ms', prefill[-1][name].get('ttft_no_cache_ms'))}"
+                    for name in models), flush=True)
+            decode = {name: measure_decode(model, decode_context, batches, max_batch, decode_steps, repeats, warmup,
+                                           seed) for name, model in models.items()}
+    return {
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "attention": "sdpa", "kda_backend": kda_paths,
+                     "timer": "cuda events + synchronize" if device.type == "cuda" else "time.perf_counter (CPU: "
+                     "only ratios are meaningful)", "repeats": repeats, "warmup": warmup, "statistic": "median",
+                     "prefill_batch": 1, "decode_context": decode_context, "decode_steps_per_repeat": decode_steps,
+                     "decode_cache": "synthetic (random values, exact shapes), grows by one token per step",
+                     "peak_memory": "this model's weights + max_memory_allocated over the call's baseline",
+                     "largest_batch": f"analytic bytes vs {DECODE_MEMORY_FRACTION:.0%} of free memory minus "
+                     f"{DECODE_RESERVE_BYTES / GiB:g} GiB, backing off x{BACKOFF} on OOM, capped at {max_batch}"},
+        "environment": environment(device),
+        "models": {name: describe_model(model) for name, model in models.items()},
+        "correctness": correctness,
+        "prefill": prefill,
+        "decode": decode,
+        "targets": compare_with_targets(prefill, decode),
+    }
+
+
+# ---- output: table, plots ------------------------------------------------------------------------------------------
+
+def _fmt_context(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / 1024:.1f} KiB"
+
+
+def _fmt_value(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("bytes") or key.startswith("cache_bytes"):
+        return _fmt_bytes(value)
+    return f"{value:.4g} ms" if key.endswith("ms") else f"{value:.4g}"
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"## Prefill (batch 1, {s['dtype']}, {s['attention']}, KDA {s['kda_backend']['prefill']}; median of "
+             f"{s['repeats']}; TTFT = prefill to the first token's logits)", "",
+             "| context | model | TTFT no cache | TTFT with cache | teacher/student | peak no cache | peak with cache "
+             "| KV+state measured | KV+state analytic |", "|" + "---|" * 9]
+    for row in result["prefill"]:
+        for name in ("teacher", "student"):
+            r = row[name]
+            speedup = "-"
+            if name == "student" and r.get("ttft_no_cache_ms") and row["teacher"].get("ttft_no_cache_ms"):
+                speedup = f"{row['teacher']['ttft_no_cache_ms'] / r['ttft_no_cache_ms']:.2f}x"
+                if r.get("ttft_cache_ms") and row["teacher"].get("ttft_cache_ms"):
+                    speedup += f" ({row['teacher']['ttft_cache_ms'] / r['ttft_cache_ms']:.2f}x cached)"
+            lines.append(f"| {_fmt_context(row['context'])} | {name} | {_fmt_value('ms', r.get('ttft_no_cache_ms'))} "
+                         f"| {_fmt_value('ms', r.get('ttft_cache_ms'))} | {speedup} "
+                         f"| {_fmt_bytes(r.get('peak_no_cache_bytes'))} | {_fmt_bytes(r.get('peak_cache_bytes'))} "
+                         f"| {_fmt_bytes(r.get('cache_bytes_measured'))} | {_fmt_bytes(r['cache_bytes_analytic'])} |")
+    lines += ["", f"## Decode at {_fmt_context(s['decode_context'])} context (greedy, {s['decode_steps_per_repeat']} "
+              "steps per repeat, synthetic cache)", "",
+              "| model | ms/token at batch 1 | largest batch | ms/step there | tokens/s there | points (batch: tokens/s) |",
+              "|" + "---|" * 6]
+    for name, d in result["decode"].items():
+        if "error" in d:
+            lines.append(f"| {name} | {d['error']} | | | | |")
+            continue
+        largest = next(p for p in d["points"] if p["batch"] == d["largest_batch"])
+        points = ", ".join(f"{p['batch']}: {p['tokens_per_s']:.4g}" for p in d["points"])
+        lines.append(f"| {name} | {_fmt_value('ms', d['ms_per_token_batch_1'])} | {d['largest_batch']} "
+                     f"| {largest['ms_per_step']:.4g} | {largest['tokens_per_s']:.4g} | {points} |")
+    lines += ["", "## Targets (issue 6)", "", "| target | bound | measured | pass | margin | detail |", "|" + "---|" * 6]
+    for t in result["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
+        margin = "-" if t["margin"] is None else f"{t['margin']:+.1%}"
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        lines.append(f"| {t['name']} | {t['target']} | {measured} | {verdict} | {margin} | {t['detail']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(result: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"teacher": "tab:blue", "student": "tab:orange"}
+    contexts = [row["context"] for row in result["prefill"]]
+
+    def series(name, key, scale=1.0):
+        pairs = [(row["context"], row[name].get(key)) for row in result["prefill"]]
+        return [c for c, v in pairs if v is not None], [v / scale for _, v in pairs if v is not None]
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in colors.items():
+        ax.plot(*series(name, "ttft_no_cache_ms"), "o-", color=color, label=f"{name}, no cache")
+        ax.plot(*series(name, "ttft_cache_ms"), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="TTFT (ms)", title="Time to first token")
+    ax.set_xticks(contexts, [_fmt_context(c) for c in contexts])
+    ax.legend(fontsize=8)
+    files.append(_save(fig, out_dir / "ttft_vs_context.png"))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, color in colors.items():
+        left.plot(*series(name, "cache_bytes_measured", GiB), "o-", color=color, label=f"{name}, measured")
+        left.plot(*series(name, "cache_bytes_analytic", GiB), "k:", alpha=0.5)
+        right.plot(*series(name, "peak_no_cache_bytes", GiB), "o-", color=color, label=f"{name}, no cache")
+        right.plot(*series(name, "peak_cache_bytes", GiB), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
+    left.set(title="KV cache + KDA state after prefill (dotted: analytic)", ylabel="GiB")
+    right.set(title="Peak device memory during prefill", ylabel="GiB")
+    for ax in (left, right):
+        ax.set(xscale="log", xlabel="context (tokens)")
+        ax.set_xticks(contexts, [_fmt_context(c) for c in contexts])
+        ax.legend(fontsize=8)
+    files.append(_save(fig, out_dir / "memory_vs_context.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in colors.items():
+        d = result["decode"][name]
+        if "points" in d:
+            ax.plot([p["batch"] for p in d["points"]], [p["tokens_per_s"] for p in d["points"]], "o-", color=color,
+                    label=f"{name} (largest batch {d['largest_batch']})")
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens / s",
+           title=f"Decode throughput at {_fmt_context(result['settings']['decode_context'])} context")
+    ax.legend(fontsize=8)
+    files.append(_save(fig, out_dir / "decode_throughput_vs_batch.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------------
+
+def parse_tokens(text: str) -> int:
+    """'4k' -> 4096, '128K' -> 131072, '300' -> 300."""
+    text = text.strip().lower()
+    try:
+        value = int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a token count (e.g. 4k, 32k, 131072)") from None
+    if value < 1:
+        raise UserError(f"token counts must be positive, got {text!r}")
+    return value
+
+
+def parse_list(text: str | None) -> list[int] | None:
+    return None if text is None else [parse_tokens(t) for t in text.split(",") if t.strip()]
+
+
+def build_shape(shape: str, seed: int):
+    """Teacher with random weights in a known shape, and its student from `convert` (on CPU, fp32)."""
+    from transformers import Qwen3ForCausalLM
+
+    from gendistill.convert import convert
+    from gendistill.testing import qwen3_0_6b_config, tiny_qwen3
+
+    if shape == "tiny":
+        teacher = tiny_qwen3(seed=seed, layers=4)
+    else:
+        torch.manual_seed(seed)
+        config = qwen3_0_6b_config()
+        config._attn_implementation = "sdpa"
+        teacher = Qwen3ForCausalLM(config).eval()
+    return teacher, convert(teacher, seed=seed)
+
+
+def load_model(path: str, dtype: torch.dtype):
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load a model from {path!r}: {err}") from err
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="KV/state memory, time-to-first-token and decode speed of a "
+                                "teacher and its Hybrid-KDA student; refuses to time a student whose fast path is wrong.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shape", choices=["qwen3-0.6b", "tiny"], help="random weights in this shape (no download); "
+                        "the student is `convert` of the teacher")
+    source.add_argument("--teacher", help="teacher checkpoint directory (with --student)")
+    p.add_argument("--student", help="Hybrid-KDA student checkpoint directory (with --teacher)")
+    p.add_argument("--contexts", default="4k,16k,64k,128k", help="prefill context lengths (default %(default)s)")
+    p.add_argument("--decode-context", default="32k", help="context of the decode measurements (default %(default)s)")
+    p.add_argument("--batch", help="decode batch sizes for the throughput curve, e.g. 1,8,32 (default: powers of two "
+                   "below the largest batch that fits; batch 1 and the largest are always measured)")
+    p.add_argument("--max-batch", type=int, help="cap of the largest decode batch (default 1024 on CUDA; on CPU, "
+                   "where nothing is sized from memory, 4)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement, median reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (fla autotunes here)")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps per timed repeat")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--rtol", type=float, help="tolerance on each KDA layer's relative L2 error, fast path vs "
+                   "reference (default 5e-3 for float32, 5e-2 for 16-bit)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output directory (default bench/results/<shape or 'custom'>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def main(args) -> int:
+    if (args.teacher is None) != (args.student is None):
+        raise UserError("--teacher and --student go together (or use --shape)")
+    if min(args.repeats, args.decode_steps) < 1 or args.warmup < 0:
+        raise UserError("--repeats and --decode-steps must be >= 1, --warmup >= 0")
+    contexts, batches = parse_list(args.contexts), parse_list(args.batch)
+    decode_context = parse_tokens(args.decode_context)
+    out = check_output_dir(args.out or Path("bench/results") / (args.shape or "custom"), args.overwrite)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    if args.shape:
+        teacher, student = build_shape(args.shape, args.seed)
+    else:
+        from gendistill.modeling import HybridKDAForCausalLM
+
+        teacher, student = load_model(args.teacher, dtype), load_model(args.student, dtype)
+        if not isinstance(student, HybridKDAForCausalLM):
+            raise UserError(f"--student {args.student} is a {type(student).__name__}, not a HybridKDAForCausalLM")
+    teacher, student = (m.to(device=device, dtype=dtype).eval() for m in (teacher, student))
+    for model in (teacher, student):
+        model.config._attn_implementation = "sdpa"  # same attention backend for both, whatever was saved
+
+    command = shlex.join(["gendistill", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else shlex.join(sys.argv)
+    try:
+        result = run_bench(teacher, student, contexts, decode_context=decode_context, batches=batches,
+                           max_batch=args.max_batch, repeats=args.repeats, warmup=args.warmup,
+                           decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed)
+    except WrongModelError as err:
+        with atomic_dir(out, overwrite=args.overwrite) as tmp:
+            atomic_write_json(Path(tmp) / "correctness.json", {
+                "status": "refused", "command": command, "arguments": vars(args),
+                "environment": environment(device), "correctness": err.correctness})
+        print(f"gendistill bench: {err}\nno speed figures written; see {out / 'correctness.json'}", file=sys.stderr)
+        return 1
+    result = {"status": "ok", "command": command, "arguments": vars(args), **result}
+    table = format_table(result)
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        atomic_write_json(Path(tmp) / "bench.json", result)
+        atomic_write_text(Path(tmp) / "table.md", table)
+        plots = write_plots(result, Path(tmp))
+    print(table)
+    print(f"wrote {out}/: bench.json, table.md, {', '.join(plots)}")
+    return 0

@@ -1,0 +1,58 @@
+"""`gendistill distill RECIPE.yaml [--set stage.key=value ...] [--resume | --overwrite] [--check]`
+
+Several processes: `torchrun --nproc-per-node N -m gendistill distill RECIPE.yaml` (FSDP2, or `--set parallel=ddp`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Run a GenDistill recipe: its stages in order, each leaving a Hugging Face model dir.",
+        epilog="examples:\n"
+               "  %(prog)s recipes/paper.yaml\n"
+               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
+               "  %(prog)s recipes/paper.yaml --resume\n"
+               "  torchrun --nproc-per-node 8 -m gendistill distill recipes/paper.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML (teacher, student, data, stages)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value: STAGE.key (one stage), *.key (every stage) or key[.sub] (top level); "
+                        "VALUE is read as YAML. Repeatable.")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    p.add_argument("--check", action="store_true", help="validate the recipe and print the plan; write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    return p
+
+
+def main(args) -> int:
+    from gendistill.distill.recipe import load_recipe
+
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    recipe = load_recipe(args.recipe, overrides)
+    if args.check:
+        from gendistill.distill.trainer import total_steps
+
+        print(f"recipe {recipe.name}: teacher {recipe.teacher}, student {recipe.student}, out_dir {recipe.out_dir}")
+        for i, s in enumerate(recipe.stages, 1):
+            steps = total_steps(s)
+            print(f"  {i}. {s.name}: {s.objective} on {s.data} ({s.loss_mask}); train {s.train}; "
+                  f"{steps} steps x {s.batch_size} x {s.seq_len} = {steps * s.batch_size * s.seq_len:,} tokens; "
+                  f"lr {s.lr} {s.schedule}")
+        return 0
+    from gendistill.distill.trainer import run_recipe
+
+    summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({"out_dir": summary["out_dir"], "final_model": summary["final_model"],
+                          "stages": [{"name": s["stage"], "final_loss": (s.get("final") or {}).get("loss")}
+                                     for s in summary["stages"]]}, indent=2))
+    from gendistill.distill.parallel import shutdown
+
+    shutdown()
+    return 0

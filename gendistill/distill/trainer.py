@@ -1,0 +1,522 @@
+"""The GenDistill loop: `run_recipe` runs a recipe's stages in order; `train_stage` trains one stage.
+
+One step of a stage, for every micro-batch this process owns:
+    teacher pass (no grad; hooks capture what the terms need) -> StudentObjective(batch, teacher_out) -> backward
+then clip, optimiser and scheduler step, one metrics line, maybe a checkpoint. The global batch (`batch_size`
+sequences) is fixed; micro-batch j of step s is always the same sequences and process r owns micro-batches
+r, r + world, ..., so the loss curve does not depend on the number of processes.
+
+Outputs of a run (`out_dir`):
+    recipe.yaml                       the resolved recipe
+    NN-<stage>/model/                 the finished stage's student (HF format, safetensors) + tokenizer
+    NN-<stage>/metrics.jsonl          one line per logged step
+    NN-<stage>/checkpoints/step-N/    resumable state (latest `keep_checkpoints`)
+    NN-<stage>/stage.json             summary; its presence marks the stage as done
+    run.json                          summary of the whole run
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from gendistill.distill import checkpoint, parallel
+from gendistill.distill.data import DataSource, PackedStream, TokenCorpus, build_corpus, cached_corpus_dir, detect_kind
+from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, TeacherCapture
+from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
+                                       resolve_callable)
+from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
+
+
+class TrainingDiverged(UserError):
+    """A loss term or the gradient norm became NaN/Inf; the run stops, the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models and tokenizer from recipe specs
+
+def load_model(spec: dict, *, teacher=None, role: str = "model"):
+    """Build a model from a recipe spec: {path, dtype} | {config, seed} | {factory, kwargs} | {convert} (student)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import gendistill  # noqa: F401  (registers HybridKDA with the Auto classes)
+
+    try:
+        if "path" in spec:
+            return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=spec.get("dtype", "auto"))
+        if "config" in spec:
+            config = dict(spec["config"] or {})
+            if "model_type" not in config:
+                raise UserError(f"{role}.config needs a model_type (e.g. qwen3)")
+            torch.manual_seed(int(spec.get("seed", 0)))
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+        if "factory" in spec:
+            return resolve_callable(spec["factory"], f"{role}.factory")(**(spec.get("kwargs") or {}))
+        if "convert" in spec:
+            from gendistill.convert import convert
+
+            return convert(teacher, **(spec["convert"] or {}))
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"could not build the {role} from {spec}: {type(err).__name__}: {err}") from err
+    raise UserError(f"{role}: unsupported spec {spec}")
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    spec = recipe.tokenizer
+    if spec is None:
+        spec = next((s for s in (recipe.teacher, recipe.student) if s and "path" in s), None)
+        if spec is None:
+            raise UserError("tokenizer: required when neither the teacher nor the student is a directory/hub id")
+    if "factory" in spec:
+        return resolve_callable(spec["factory"], "tokenizer.factory")(**(spec.get("kwargs") or {}))
+    try:
+        return AutoTokenizer.from_pretrained(spec["path"])
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load the tokenizer from {spec['path']!r}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage setup helpers
+
+def trainable_groups(student, groups: str | list[str]) -> dict[str, int]:
+    """Freeze everything outside `groups` ("all" or a list); return parameter counts per trained group.
+    A listed group the student does not have (e.g. kda in a plain Qwen3) is a UserError."""
+    from gendistill.modeling import PARAMETER_GROUPS, parameter_group
+
+    counts = {g: 0 for g in PARAMETER_GROUPS}
+    for name, param in student.named_parameters():
+        group = parameter_group(student, name)
+        param.requires_grad_(groups == "all" or group in groups)
+        counts[group] += param.numel()
+    if groups == "all":
+        return {g: n for g, n in counts.items() if n}
+    empty = [g for g in groups if counts.get(g, 0) == 0]
+    if empty:
+        raise UserError(f"parameter group(s) {empty} match no parameter of the student ({type(student).__name__}); "
+                        f"non-empty groups: {[g for g, n in counts.items() if n]}")
+    return {g: counts[g] for g in groups}
+
+
+def align_layers(stage: Stage, student) -> list[int]:
+    if not any(t in stage.objective for t in ("attn_align", "hidden_align")):
+        return []
+    types = list(getattr(student.config, "layer_types", None) or [])
+    n = student.config.num_hidden_layers
+    if stage.layers == "linear":
+        layers = [i for i, t in enumerate(types) if t == LINEAR]
+        if not layers:
+            raise UserError(f"stage {stage.name}: `layers: linear` but the student ({type(student).__name__}) has no "
+                            "KDA layers; convert it first or list the layers to align")
+    elif stage.layers == "all":
+        layers = list(range(n))
+    else:
+        bad = [i for i in stage.layers if i >= n]
+        if bad:
+            raise UserError(f"stage {stage.name}.layers: {bad} out of range (the student has {n} layers)")
+        layers = sorted(set(stage.layers))
+    return layers
+
+
+def lr_factor(step: int, total: int, stage: Stage) -> float:
+    """Multiplier of `lr` for update `step` (0-based) of `total`: linear warmup, then constant / cosine / wsd."""
+    warm = int(round(stage.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    low = stage.min_lr_ratio
+    if stage.schedule == "constant":
+        return 1.0
+    if stage.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = int(round(stage.decay * total))  # wsd: stable, then linear decay to `low` over the last steps
+    start = total - decay_steps
+    if step < start:
+        return 1.0
+    return 1.0 - (1 - low) * (step - start + 1) / decay_steps
+
+
+def total_steps(stage: Stage) -> int:
+    return stage.steps or max(1, math.ceil(stage.tokens / (stage.batch_size * stage.seq_len)))
+
+
+def micro_batch(stage: Stage, world: int) -> int:
+    if stage.batch_size % world:
+        raise UserError(f"stage {stage.name}.batch_size: {stage.batch_size} sequences cannot be split over {world} "
+                        "processes")
+    m = stage.micro_batch_size or max(k for k in range(1, 9) if (stage.batch_size // world) % k == 0)
+    if stage.batch_size % (m * world):
+        raise UserError(f"stage {stage.name}.micro_batch_size: {m} x {world} processes does not divide batch_size "
+                        f"{stage.batch_size}")
+    return m
+
+
+def build_objective(stage: Stage, student, teacher, layers: list[int]):
+    """(StudentObjective, TeacherCapture or None) for a stage: what the loop calls for every micro-batch."""
+    capture = None
+    if stage.needs_teacher:
+        capture = TeacherCapture(teacher, mixer_layers=layers if "attn_align" in stage.objective else (),
+                                 block_layers=layers if "hidden_align" in stage.objective else (),
+                                 need_hidden="kd" in stage.objective)
+    head = HeadLoss(weights={t: w for t, w in stage.objective.items() if t in ("kd", "ce")},
+                    divergence=stage.divergence, beta=stage.jsd_beta, temperature=stage.temperature,
+                    chunk_tokens=stage.chunk_tokens)
+    return StudentObjective(student, stage.objective, layers, head), capture
+
+
+@torch.no_grad()
+def stage_loss(stage: Stage, student, teacher, batch: dict) -> dict[str, float]:
+    """A stage's objective on one batch, without an update (held-out checks): {"loss": total, term: value}."""
+    objective, capture = build_objective(stage, student, teacher, align_layers(stage, student))
+    try:
+        norms = {"tokens": float(batch["loss_mask"].sum()), "world": 1,
+                 "align": float(batch["token_mask"].sum()) * max(1, len(objective.align_layers))}
+        loss, terms = objective(batch, capture.run(batch) if capture else {}, norms)
+    finally:
+        if capture is not None:
+            capture.close()
+    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+
+
+def _decay_split(named_params, no_decay):
+    from gendistill.modeling import no_weight_decay
+
+    decay, skip = [], []
+    for name, param in named_params:
+        excluded = no_weight_decay(name) if no_decay == "auto" else any(s in name for s in no_decay)
+        (skip if excluded else decay).append(param)
+    return decay, skip
+
+
+def _stream_seed(stage: Stage) -> int:
+    return zlib.crc32(f"{stage.seed}:{stage.name}".encode())
+
+
+class _Logger:
+    """metrics.jsonl (+ TensorBoard if installed, + tqdm) on the main process only."""
+
+    def __init__(self, stage_dir: Path, stage: Stage, start: int, total: int, enabled: bool, progress: bool,
+                 tensorboard: bool):
+        self.enabled, self.path = enabled, stage_dir / "metrics.jsonl"
+        self.bar = self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(stage_dir / "tb"), purge_step=start + 1)
+            except Exception:  # tensorboard not installed
+                self.tb = None
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step",):
+                    self.tb.add_scalar(f"{record['stage']}/{key}", value, record["step"])
+
+    def progress(self, record: dict):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one stage
+
+def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, data=None, out_dir: str | Path,
+                resume: bool = False, cache_dir: str | Path | None = None, parallel_strategy: str = "auto",
+                progress: bool = True, tensorboard: bool = True, on_step: Callable | None = None,
+                env: parallel.Env | None = None) -> dict:
+    """Train `student` (in place) for one stage and write `out_dir` (model/, metrics.jsonl, checkpoints/, stage.json).
+
+    stage: a Stage or a stage mapping as in a recipe (its `data` key is ignored: `data` says what to train on).
+    data: a DataSource / path / source mapping (tokenised and cached under `cache_dir`) or a TokenCorpus.
+    on_step(stage_name, step, record): called after each step (after its checkpoint, if any); may raise to stop.
+    Returns the stage summary (also written to stage.json).
+    """
+    env = env or parallel.setup()
+    out_dir = Path(out_dir)
+    if isinstance(stage, dict):
+        stage = _stage({**stage, "data": "data"}, {}, 0, {"data": None}, 0)
+    if data is None:
+        raise UserError(f"stage {stage.name}: no data given")
+    if stage.needs_teacher and teacher is None:
+        raise UserError(f"stage {stage.name}: objective {sorted(stage.objective)} needs a teacher")
+    if isinstance(data, TokenCorpus):
+        corpus = data
+    else:
+        if tokenizer is None:
+            raise UserError(f"stage {stage.name}: a tokenizer is needed to tokenise the data")
+        source = data if isinstance(data, DataSource) else _data_source(data, f"stage {stage.name}.data")
+        corpus = prepare_corpus(source, tokenizer, cache_dir or out_dir / "token_cache",
+                                total_steps(stage) * stage.batch_size * stage.seq_len + 1, env)
+    if stage.loss_mask == "completion_only" and corpus.kind != "chat":
+        raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with `messages`); "
+                        f"the data source {corpus.meta['source']['path']!r} holds plain text")
+    stage_groups = trainable_groups(student, stage.train)
+    layers = align_layers(stage, student)
+    steps, micro = total_steps(stage), micro_batch(stage, env.world)
+    if teacher is not None and stage.needs_teacher and teacher.config.vocab_size != student.config.vocab_size:
+        raise UserError(f"stage {stage.name}: teacher vocabulary ({teacher.config.vocab_size}) differs from the "
+                        f"student's ({student.config.vocab_size})")
+    return _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, parallel_strategy, progress,
+                  tensorboard, on_step, env, stage_groups, layers, steps, micro)
+
+
+def prepare_corpus(source: DataSource, tokenizer, cache_dir, min_tokens: int, env: parallel.Env) -> TokenCorpus:
+    """Tokenise on the main process (others wait), then everyone memory-maps the cache."""
+    kind = detect_kind(source) if source.kind == "auto" else source.kind
+    if env.is_main:
+        build_corpus(source, kind, tokenizer, cache_dir, min_tokens)
+    parallel.barrier(env)
+    return TokenCorpus(cached_corpus_dir(source, kind, tokenizer, cache_dir))
+
+
+def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy, progress, tensorboard, on_step,
+           env, groups, layers, steps, micro) -> dict:
+    device = env.device
+    use_bf16 = stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
+    torch.manual_seed(stage.seed)
+
+    student.to(device=device, dtype=torch.float32).train()
+    if stage.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage.needs_teacher:
+        teacher.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval().requires_grad_(False)
+    objective, capture = build_objective(stage, student, teacher, layers)
+    model = parallel.wrap(objective, env, strategy, find_unused=bool(layers))
+
+    named = [(n.removeprefix("student."), p) for n, p in parallel.unwrap(model).named_parameters() if p.requires_grad]
+    decay, no_decay = _decay_split(named, stage.no_decay)
+    params = decay + no_decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, stage))
+
+    start = 0
+    last = checkpoint.latest(out_dir) if resume else None
+    if last is not None:
+        state = checkpoint.load(last)
+        changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != _plain(v))
+        if changed:
+            raise UserError(f"stage {stage.name}: cannot resume from {last}: the recipe changed {changed} since the "
+                            "checkpoint was written (restore them, or start over with --overwrite)")
+        parallel.load_full_state(model, optimizer, state["model"], state["optimizer"], env)
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start = state["step"]
+    elif env.is_main:  # a fresh start: no stale metrics or checkpoints from an older attempt
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    parallel.barrier(env)
+
+    stream = PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
+                          shuffle=corpus.meta["source"].get("shuffle", True))
+    logger = _Logger(out_dir, stage, start, steps, env.is_main, progress, tensorboard)
+    n_micro = stage.batch_size // micro
+    mine = list(range(env.rank, n_micro, env.world))
+    tokens_per_step = stage.batch_size * stage.seq_len
+    term_names = list(stage.objective)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    record, first_loss, t_stage = None, None, time.perf_counter()
+    last_good = last
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            batches = [{k: v.to(device, non_blocking=True) for k, v in
+                        stream.batch(step * stage.batch_size + j * micro, micro).items()} for j in mine]
+            counts = parallel.all_sum(env, torch.tensor([sum(int(b["loss_mask"].sum()) for b in batches),
+                                                         sum(int(b["token_mask"].sum()) for b in batches)],
+                                                        dtype=torch.float64, device=device))
+            norms = {"tokens": float(counts[0]), "align": float(counts[1]) * max(1, len(layers)), "world": env.world}
+            local = torch.zeros(1 + len(term_names), dtype=torch.float64, device=device)
+            for k, batch in enumerate(batches):
+                with parallel.no_sync(model, k < len(batches) - 1), autocast:
+                    teacher_out = capture.run(batch) if capture is not None else {}
+                    loss, terms = model(batch, teacher_out, norms)
+                loss.backward()
+                local += torch.stack([loss.detach().double()] + [terms[t].double() for t in term_names])
+            values = (parallel.all_sum(env, local) / env.world).tolist()  # terms carry x world for the grad mean
+            bad = [name for name, v in zip(term_names + ["loss"], values[1:] + values[:1]) if not math.isfinite(v)]
+            if bad:  # name the term that broke (the total is only non-finite because of it)
+                raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: loss term {bad[0]!r} is not finite "
+                                       f"({dict(zip(['loss'] + term_names, values))}); nothing from this step was "
+                                       f"saved, last good checkpoint: {last_good}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf"))
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: gradient norm is {grad_norm} (loss "
+                                       f"{values[0]}); last good checkpoint: {last_good}")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            elapsed = time.perf_counter() - t0
+            record = {"stage": stage.name, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                      "loss": values[0], **{f"loss/{t}": v for t, v in zip(term_names, values[1:])},
+                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
+                      "step_time_s": elapsed}
+            first_loss = values[0] if first_loss is None else first_loss
+            if (step + 1) % stage.log_every == 0 or step + 1 == steps:
+                logger.log(record)
+            logger.progress(record)
+            if (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0) or step + 1 == steps:
+                last_good = _save_checkpoint(out_dir, step + 1, stage, model, optimizer, scheduler, record, env)
+            if on_step is not None:
+                on_step(stage.name, step + 1, record)
+    finally:
+        logger.close()
+        if capture is not None:
+            capture.close()
+
+    model_dir = out_dir / "model"
+    model_state, _ = parallel.full_state(model, None, env)
+    summary = {"stage": stage.name, "steps": steps, "tokens": steps * tokens_per_step, "model_dir": str(model_dir),
+               "trainable": groups, "aligned_layers": layers, "first_loss": first_loss, "final": record,
+               "train_time_s": time.perf_counter() - t_stage, "resumed_from_step": start or None}
+    if env.is_main:
+        state = {k.removeprefix("student."): v for k, v in model_state.items()}
+        if getattr(student.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to the embedding (FSDP's full state dict holds a copy)
+        with atomic_dir(model_dir, overwrite=True) as tmp:
+            student.save_pretrained(tmp, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        if stage.eval is not None:
+            result = resolve_callable(stage.eval, f"stage {stage.name}.eval")(str(model_dir), **stage.eval_args)
+            summary["eval"] = result
+            if result is not None:
+                atomic_write_json(out_dir / "eval.json", result)
+        atomic_write_json(out_dir / "stage.json", summary)
+    parallel.barrier(env)
+    return summary
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _save_checkpoint(out_dir, step, stage, model, optimizer, scheduler, record, env) -> Path | None:
+    model_state, optim_state = parallel.full_state(model, optimizer, env)  # collective
+    path = None
+    if env.is_main:
+        state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "rng": checkpoint.rng_state(), "step": step, "stage": _plain(stage.math_keys())}
+        path = checkpoint.save(out_dir, step, state, record, keep=stage.keep_checkpoints)
+    parallel.barrier(env)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a whole recipe
+
+def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite: bool = False, teacher=None,
+               student=None, tokenizer=None, on_step: Callable | None = None) -> dict:
+    """Run every stage of a recipe (YAML path, dict or Recipe) and return the run summary (also run.json).
+
+    resume: continue an interrupted run (finished stages are skipped, the current one restarts from its latest
+    checkpoint). overwrite: delete an existing out_dir first. teacher/student/tokenizer: objects that replace the
+    recipe's specs (the Python API for callers that already hold the models).
+    Everything is validated (recipe, data, parameter groups) before anything is written.
+    """
+    recipe = load_recipe(recipe_or_path, list(overrides))
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    env = parallel.setup()
+    out = Path(recipe.out_dir)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise UserError(f"output directory {out} already exists; pass --resume to continue it or --overwrite to "
+                        "start over")
+
+    # ---- checks (nothing written yet) ----
+    kinds = {}
+    for stage in recipe.stages:
+        src = recipe.data[stage.data]
+        if stage.data not in kinds:
+            kinds[stage.data] = detect_kind(src) if src.kind == "auto" else src.kind
+        if stage.loss_mask == "completion_only" and kinds[stage.data] != "chat":
+            raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with "
+                            f"`{src.messages_field}`), but data source {stage.data!r} ({src.path}) holds plain text")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
+    if teacher is None and recipe.teacher is not None:
+        teacher = load_model(recipe.teacher, role="teacher")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    initial = student if student is not None else load_model(recipe.student, teacher=teacher, role="student")
+    for stage in recipe.stages:  # every stage's groups and layers exist in this architecture
+        trainable_groups(initial, stage.train)
+        align_layers(stage, initial)
+        micro_batch(stage, env.world)
+        if stage.needs_teacher and teacher.config.vocab_size != initial.config.vocab_size:
+            raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
+                            f"({initial.config.vocab_size})")
+    if len(tokenizer) > initial.config.vocab_size:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary is "
+                        f"{initial.config.vocab_size}")
+    parallel.barrier(env)
+
+    # ---- run ----
+    if env.is_main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    parallel.barrier(env)
+    cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else out / "token_cache"
+    results, previous = [], None
+    for index, stage in enumerate(recipe.stages):
+        stage_dir = out / f"{index + 1:02d}-{stage.name}"
+        if resume and (stage_dir / "stage.json").exists():
+            results.append(json.loads((stage_dir / "stage.json").read_text()))
+            previous = Path(results[-1]["model_dir"])
+            continue
+        if previous is None:
+            current = initial
+        else:
+            current = load_model({"path": str(previous), "dtype": "float32"}, role="student")
+        source = recipe.data[stage.data]
+        need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in recipe.stages if s.data == stage.data)
+        corpus = prepare_corpus(dataclasses.replace(source, kind=kinds[stage.data]), tokenizer, cache_dir, need, env)
+        results.append(train_stage(stage, current, teacher=teacher, tokenizer=tokenizer, data=corpus,
+                                   out_dir=stage_dir, resume=resume, parallel_strategy=recipe.parallel,
+                                   progress=recipe.progress, tensorboard=recipe.tensorboard, on_step=on_step,
+                                   env=env))
+        previous = Path(results[-1]["model_dir"])
+        del current
+    summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results}
+    if env.is_main:
+        atomic_write_json(out / "run.json", summary)
+    return summary

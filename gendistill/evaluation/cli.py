@@ -1,0 +1,65 @@
+"""`gendistill eval`: score models by log-likelihood and by generation, write an eval directory and its report."""
+from __future__ import annotations
+
+import argparse
+
+from gendistill.evaluation.engine import Sampling
+from gendistill.io import UserError
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="model directory to evaluate (repeat for several students)")
+    p.add_argument("--teacher", metavar="DIR", help="teacher directory: retention is student / teacher")
+    p.add_argument("--tasks", required=True, metavar="TASKS",
+                   help="comma-separated task YAML files or directories, and recall tasks with lengths, "
+                        "e.g. tasks/,niah_single@1k,4k,niah_multikey@4k,assoc_recall@2k")
+    p.add_argument("--out", default="runs/eval", metavar="OUT", help="eval directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--lm-eval", default="", metavar="TASKS",
+                   help="also run lm-evaluation-harness on these comma-separated tasks (names or YAML files)")
+    p.add_argument("--lm-eval-limit", type=int, help="items per lm-eval task")
+    p.add_argument("--lm-eval-no-chat", action="store_true",
+                   help="do not apply the chat template to standard lm-eval tasks (default: apply when present)")
+    p.add_argument("--decode", choices=("greedy", "sample", "both"), default="greedy",
+                   help="generation: greedy, sampling averaged over --seeds, or both")
+    p.add_argument("--seeds", type=_seeds, default=[1, 2, 3], help="sampling seeds (averaged)")
+    p.add_argument("--temperature", type=float, default=Sampling.temperature)
+    p.add_argument("--top-p", type=float, default=Sampling.top_p)
+    p.add_argument("--top-k", type=int, default=Sampling.top_k)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=1 << 16, help="padded tokens per batch (long prompts)")
+    p.add_argument("--limit", type=int, help="items per task (quick looks)")
+    p.add_argument("--recall-samples", type=int, default=20, help="items per recall task and length")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32 (the paper's default), bfloat16 or float16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from gendistill.evaluation.runner import evaluate
+
+    if args.batch_size < 1 or args.recall_samples < 1:
+        raise UserError("--batch-size and --recall-samples must be at least 1")
+    if args.decode != "greedy" and not args.seeds:
+        raise UserError("--decode sample needs at least one seed")
+    report = evaluate(
+        args.model, teacher=args.teacher, tasks=args.tasks, out=args.out, decode=args.decode, seeds=args.seeds,
+        sampling=Sampling(args.temperature, args.top_p, args.top_k), batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
+        lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,
+        lm_eval_chat_template=False if args.lm_eval_no_chat else None, device=args.device, dtype=args.dtype,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {args.out}/report.json, report.md, report.html")
+    for finding in report["findings"]:
+        print(f"  - {finding}")
+    return 0

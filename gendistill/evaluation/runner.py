@@ -1,0 +1,170 @@
+"""`evaluate()`: score teacher and students on every task both ways and write an eval directory.
+
+Layout of an eval directory (what `build_report` reads; several can be merged into one report):
+  manifest.json                  models (name, role, source, tokenizer fingerprint), tasks, settings
+  records/<model>/<task>.jsonl   one record per item (see scoring.score_task)
+  lm_eval/<model>.json           lm-eval results, when lm-eval tasks were asked for
+  report.json / .md / .html      the report of this directory alone
+The directory appears in one rename when everything is written (gendistill.io.atomic_dir).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from gendistill.evaluation.engine import Sampling
+from gendistill.evaluation.recall import recall_task
+from gendistill.evaluation.scoring import decode_modes, score_task
+from gendistill.evaluation.tasks import Task, load_task_files, parse_task_list
+from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
+
+ModelRef = "str | os.PathLike | tuple"  # a checkpoint directory, or a loaded (model, tokenizer) pair
+
+
+def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
+    """AutoModelForCausalLM + AutoTokenizer from a local directory (`import gendistill` registers the student)."""
+    import gendistill.modeling  # noqa: F401  (registers HybridKDAForCausalLM with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model directory (no config.json)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Equal fingerprints: token ids mean the same text, so greedy outputs can be compared token by token."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def resolve_tasks(refs: str | Sequence[str | Task]) -> list[Task | tuple[str, int]]:
+    """Task files are loaded now (errors before any model is loaded); recall tasks stay (family, length) until a
+    tokenizer is known, since their lengths are counted in its tokens."""
+    out: list = []
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    for ref in refs:
+        if isinstance(ref, Task):
+            out.append(ref)
+            continue
+        for parsed in parse_task_list(ref):
+            if isinstance(parsed, tuple):
+                out += [(parsed[0], length) for length in parsed[1]]
+            else:
+                out += load_task_files(parsed)
+    names = [t.name if isinstance(t, Task) else f"{t[0]}@{t[1]}" for t in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"task names must be unique; repeated: {duplicates}")
+    if not out:
+        raise UserError("no tasks given")
+    return out
+
+
+def _named_models(models, teacher) -> list[tuple[str, str, object]]:
+    """[(name, role, ref)] with the teacher first; names from dict keys or directory names, made unique."""
+    entries = []
+    if teacher is not None:
+        if isinstance(teacher, Mapping):
+            (name, ref), = teacher.items()
+        else:
+            name, ref = (Path(teacher).name if isinstance(teacher, (str, os.PathLike)) else "teacher"), teacher
+        entries.append((name, "teacher", ref))
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    elif isinstance(models, (str, os.PathLike, tuple)):
+        items = [(None, models)]
+    else:
+        items = [(None, m) for m in models]
+    for index, (name, ref) in enumerate(items):
+        if name is None:
+            name = Path(ref).name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
+        entries.append((str(name), "student", ref))
+    seen: dict[str, int] = {}
+    unique = []
+    for name, role, ref in entries:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append((name if seen[name] == 1 else f"{name}-{seen[name]}", role, ref))
+    if not any(role == "student" for _, role, _ in unique):
+        raise UserError("no model to evaluate")
+    return unique
+
+
+def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: str | os.PathLike = "runs/eval", *,
+             decode: str = "greedy", seeds: Sequence[int] = (1, 2, 3), sampling: Sampling = Sampling(),
+             batch_size: int = 16, max_batch_tokens: int = 1 << 16, limit: int | None = None,
+             recall_samples: int = 20, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
+             lm_eval_chat_template: bool | None = None, device: str | None = None, dtype: str = "float32",
+             report: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+    """Score `teacher` and `models` on `tasks` by log-likelihood and by generation; write the eval directory `out`
+    and (with `report`) its report. `models`: {name: dir or (model, tokenizer)}, a list of dirs, or one.
+    `teacher`: a dir, a (model, tokenizer) pair, {name: either}, or None (no retention numbers; a teacher evaluated
+    in another eval directory can be merged in by `build_report`). `tasks`: task YAMLs / dirs / recall tasks
+    ("a.yaml,tasks/,niah_single@1k,4k") or Task objects. `decode`: greedy | sample | both (sampling averages
+    `seeds`). Returns the report dict (or the manifest when `report` is False)."""
+    resolved = resolve_tasks(tasks)
+    entries = _named_models(models, teacher)
+    modes = decode_modes(decode, seeds, sampling)
+    settings = {"decode": decode, "seeds": list(seeds) if decode != "greedy" else [],
+                "sampling": vars(sampling) if decode != "greedy" else None, "batch_size": batch_size,
+                "max_batch_tokens": max_batch_tokens, "limit": limit, "recall_samples": recall_samples,
+                "dtype": dtype, "lm_eval_tasks": list(lm_eval_tasks)}
+    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings, "models": {}, "tasks": {}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name, role, ref in entries:
+            loaded_here = isinstance(ref, (str, os.PathLike))
+            model, tokenizer = load_model(ref, device, dtype) if loaded_here else ref
+            max_positions = getattr(model.config, "max_position_embeddings", None)
+            manifest["models"][name] = {"role": role, "source": str(ref) if loaded_here else type(model).__name__,
+                                        "class": type(model).__name__,
+                                        "tokenizer": tokenizer_fingerprint(tokenizer),
+                                        "max_position_embeddings": max_positions}
+            for spec in resolved:
+                task = spec if isinstance(spec, Task) else recall_task(spec[0], spec[1], tokenizer, recall_samples)
+                if limit is not None:
+                    task = dataclasses.replace(task, items=task.items[:limit])
+                if progress:
+                    print(f"[eval] {name}: {task.name} ({len(task.items)} items)", flush=True)
+                records = score_task(model, tokenizer, task, modes, batch_size=batch_size,
+                                     max_batch_tokens=max_batch_tokens, progress=progress)
+                atomic_write_text(tmp / "records" / name / f"{task.name}.jsonl",
+                                  "".join(json.dumps(r) + "\n" for r in records))
+                manifest["tasks"].setdefault(task.name, {
+                    "kind": task.kind, "n_items": len(task.items), "source": task.source, "extract": task.extract,
+                    "chat_template": task.chat_template, "num_fewshot": task.num_fewshot,
+                    "max_new_tokens": task.max_new_tokens, "recall": task.recall})
+                if task.recall and max_positions and task.recall["length"] > max_positions:
+                    manifest["models"][name].setdefault("beyond_max_positions", []).append(task.name)
+            if lm_eval_tasks:
+                from gendistill.evaluation.lmeval import run_lm_eval
+
+                results = run_lm_eval(model, tokenizer, lm_eval_tasks, export_dir=tmp / "lm_eval" / "tasks",
+                                      batch_size=batch_size, limit=lm_eval_limit, chat_template=lm_eval_chat_template)
+                atomic_write_json(tmp / "lm_eval" / f"{name}.json", results)
+            if loaded_here:  # free the weights before the next model
+                del model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        atomic_write_json(tmp / "manifest.json", manifest)
+    if not report:
+        return manifest
+    # The report is derived data, built once the eval directory is complete (`gendistill report OUT` rebuilds it).
+    from gendistill.evaluation.report import build_report
+
+    paths = build_report([out], out=out)
+    return json.loads(paths["json"].read_text())

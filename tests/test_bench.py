@@ -1,0 +1,168 @@
+"""`gendistill bench`: analytic cache bytes equal the cache objects, the command runs end to end on CPU and writes its
+table, json and plots, and a wrong KDA fast path makes it refuse without writing any speed figure."""
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import gendistill.kda
+from gendistill import bench, cli, convert
+from gendistill.testing import qwen3_0_6b_config, tiny_qwen3
+
+convert_module = importlib.import_module("gendistill.convert")  # `gendistill.convert` itself is the function
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_qwen3(layers=4)
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return convert(teacher, attention_layers=[1])  # layer 0 is KDA: the cache must find its length elsewhere
+
+
+def cache_tensors(cache):
+    """(kind, shape, dtype) of every tensor a cache holds, layer by layer."""
+    out = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            out.append(("conv", tuple(layer.conv_states[0].shape), layer.conv_states[0].dtype))
+            out.append(("state", tuple(layer.recurrent_states[0].shape), layer.recurrent_states[0].dtype))
+        else:
+            out.append(("kv", tuple(layer.keys.shape), layer.keys.dtype))
+            out.append(("kv", tuple(layer.values.shape), layer.values.dtype))
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_analytic_cache_bytes_match_the_cache_objects(teacher, student, dtype):
+    for model in (copy.deepcopy(teacher).to(dtype), copy.deepcopy(student).to(dtype)):
+        for batch, context in ((1, 1), (1, 2), (3, 17), (2, 64)):  # 1 and 2 tokens: fewer than the conv's 3 steps
+            ids = torch.randint(3, 384, (batch, context))
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            expected = bench.analytic_cache_bytes(model.config, context, batch, dtype.itemsize)
+            assert bench.measured_cache_bytes(cache) == expected > 0
+            # the decode benchmark's synthetic cache has exactly the tensors a prefill leaves
+            synthetic = bench.synthetic_cache(model, batch, context)
+            assert cache_tensors(synthetic) == cache_tensors(cache)
+            assert bench.measured_cache_bytes(synthetic) == expected
+    # the KDA part does not grow with the context; attention grows by 2 * Hkv * head_dim * bytes per token and layer
+    per_token = 2 * 2 * 16 * 4
+    grow = bench.analytic_cache_bytes(student.config, 1001, 1, 4) - bench.analytic_cache_bytes(student.config, 1, 1, 4)
+    assert grow == 1000 * per_token * 1
+    assert bench.analytic_cache_bytes(teacher.config, 1000, 3, 4) == 3 * 4 * 1000 * per_token
+
+
+def test_analytic_bytes_for_the_qwen3_0_6b_shape_match_the_reference_table():
+    teacher_config = qwen3_0_6b_config()
+    student_config = convert_module.student_config(teacher_config, convert_module.PAPER_ATTENTION_LAYERS)
+    context = 131072
+    assert bench.analytic_cache_bytes(teacher_config, context, 1, 2) == 112 * 1024 * context  # 14.0 GiB (kda.md §6.2)
+    kda_layer = 16 * 128 * 128 * 4 + (16 + 2 * 8) * 128 * 3 * 2  # 1 MiB state + 24 KiB conv
+    assert bench.analytic_cache_bytes(student_config, context, 1, 2) == 7 * 4096 * context + 21 * kda_layer
+    share = bench.analytic_cache_bytes(student_config, context, 1, 2) / bench.analytic_cache_bytes(teacher_config,
+                                                                                                   context, 1, 2)
+    assert 0.25 < share < 0.26
+
+
+def test_largest_batch_fills_the_budget_and_no_more(student):
+    per_sequence = bench.decode_bytes_per_sequence(student.config, 4096, 2)
+    assert per_sequence > bench.analytic_cache_bytes(student.config, 4096, 1, 2)  # the step's transients count
+    for batch in (0, 1, 7, 300):
+        budget = (batch + 0.5) * per_sequence
+        free = (budget + bench.DECODE_RESERVE_BYTES) / bench.DECODE_MEMORY_FRACTION
+        assert bench.largest_batch_that_fits(student.config, 4096, 2, free) == batch
+    assert bench.largest_batch_that_fits(student.config, 4096, 2, free_bytes=GiB) == 0  # below the reserve
+
+
+def test_targets_say_pass_or_fail_and_by_how_much():
+    def model(ttft, peak, kv):
+        return {"ttft_no_cache_ms": ttft, "peak_no_cache_bytes": peak, "cache_bytes_measured": kv}
+
+    prefill = [{"context": 4096, "teacher": model(10.0, 2 * GiB, 1.0), "student": model(12.5, 2 * GiB, 1.0)},
+               {"context": 131072, "teacher": model(3300.0, 4.5 * GiB, 100.0),
+                "student": model(1000.0, 4.0 * GiB, 25.0)}]
+    decode = {"teacher": {"context": 32768, "largest_batch": 30, "tokens_per_s_at_largest": 300.0},
+              "student": {"context": 32768, "largest_batch": 120, "tokens_per_s_at_largest": 600.0}}
+    results = [(t["target"], round(t["measured"], 4), t["passed"], round(t["margin"], 4))
+               for t in bench.compare_with_targets(prefill, decode)]
+    assert results == [(">= 3.1", 3.3, True, round(3.3 / 3.1 - 1, 4)),      # TTFT at 128K
+                       (">= 1", 0.8, False, -0.2),                           # TTFT at 4K: missed by 20 %
+                       ("<= 1", round(4.0 / 4.5, 4), True, round(1 - 4.0 / 4.5, 4)),  # prefill peak at 128K
+                       ("<= 0.26", 0.25, True, round(1 - 0.25 / 0.26, 4)),   # KV + state at 128K
+                       (">= 3", 2.0, False, round(2 / 3 - 1, 4))]            # decode throughput
+    missing = bench.compare_with_targets(prefill[:1], decode)[0]
+    assert missing["measured"] is None and missing["passed"] is None
+
+
+def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--shape", "tiny", "--contexts", "48,96", "--decode-context", "64", "--repeats", "2",
+                     "--warmup", "1", "--decode-steps", "2", "--batch", "1,2", "--max-batch", "3", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| 96 | student |" in printed and "## Targets" in printed
+    assert (out / "table.md").read_text() in printed
+    for png in ("ttft_vs_context.png", "memory_vs_context.png", "decode_throughput_vs_batch.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["status"] == "ok" and result["correctness"]["passed"]
+    assert {c["rtol"] for c in result["correctness"]["checks"]} == {5e-3, 1e-3}  # fp32 on CPU
+    assert all(c["rel_err"] < 1e-4 for c in result["correctness"]["checks"])  # PyTorch paths agree to ~1e-6
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] and env["date"] and env["device"] == "cpu"
+    assert "command" in result and result["arguments"]["contexts"] == "48,96"
+    assert result["settings"]["dtype"] == "float32" and result["settings"]["kda_backend"]["prefill"] == "chunk"
+    assert [row["context"] for row in result["prefill"]] == [48, 96]
+    for row in result["prefill"]:
+        for name in ("teacher", "student"):
+            r = row[name]
+            assert r["cache_bytes_measured"] == r["cache_bytes_analytic"] > 0
+            assert len(r["ttft_no_cache_ms_all"]) == len(r["ttft_cache_ms_all"]) == 2
+            assert r["ttft_no_cache_ms"] > 0 and r["ttft_cache_ms"] > 0
+            assert r["peak_no_cache_bytes"] is None  # no device memory on CPU
+        assert row["student"]["cache_bytes_measured"] < row["teacher"]["cache_bytes_measured"]
+    for name in ("teacher", "student"):
+        d = result["decode"][name]
+        assert d["largest_batch"] == 3 and [p["batch"] for p in d["points"]] == [1, 2, 3]
+        assert all(p["tokens_per_s"] > 0 for p in d["points"]) and d["ms_per_token_batch_1"] > 0
+    assert len(result["targets"]) == 5
+    decode_target = result["targets"][-1]
+    assert decode_target["measured"] == pytest.approx(result["decode"]["student"]["tokens_per_s_at_largest"]
+                                                      / result["decode"]["teacher"]["tokens_per_s_at_largest"])
+    assert decode_target["passed"] is (decode_target["measured"] >= 3.0)
+    assert all(t["measured"] is None for t in result["targets"][:-1])  # no 4K / 128K context in this run
+
+
+def test_wrong_fast_path_refuses_and_writes_no_speed(tmp_path, monkeypatch, capsys, teacher, student):
+    teacher.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    right_chunk_kda = gendistill.kda.chunk_kda
+
+    def off_by_one_chunk_kda(*args, **kwargs):  # each token's output one position late: a plausible kernel bug
+        o, state = right_chunk_kda(*args, **kwargs)
+        return torch.cat([torch.zeros_like(o[:, :1]), o[:, :-1]], dim=1), state
+
+    monkeypatch.setattr(gendistill.kda, "chunk_kda", off_by_one_chunk_kda)
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                     "--contexts", "32", "--decode-context", "32", "--repeats", "1", "--out", str(out)])
+    assert code == 1
+    assert "refusing to report speed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["correctness.json"]
+    record = json.loads((out / "correctness.json").read_text())
+    assert record["status"] == "refused" and not record["correctness"]["passed"]
+    failed = [c["name"] for c in record["correctness"]["checks"] if not c["passed"]]
+    assert failed and all("fast path vs reference" in name for name in failed)
+    text = json.dumps(record)
+    assert not any(key in text for key in ("ttft", "tokens_per_s", "ms_per_step", "prefill\": ["))

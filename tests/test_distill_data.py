@@ -1,0 +1,165 @@
+"""Data: chat rendering and the exact completion-only mask, packing with per-document positions, the token cache,
+and the model contract that makes packing safe (a document gives the same outputs packed or alone)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gendistill.distill import data as data_mod
+from gendistill.distill.data import PackedStream, TokenCorpus, build_corpus, detect_kind, render_chat
+from gendistill.distill.recipe import DataSource
+from gendistill.io import UserError
+from gendistill.testing import tiny_qwen3, tiny_tokenizer
+
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Where was Alice Moreau born?"},
+    {"role": "assistant", "content": "Alice Moreau was born in Lyon."},
+    {"role": "user", "content": "And Bruno?"},
+    {"role": "assistant", "content": "Basel. He studied chemistry."},
+]
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_completion_mask_is_exactly_the_assistant_spans():
+    tok = tiny_tokenizer()
+    ids, flags = render_chat(CHAT, tok)
+    # Independent construction: the ChatML pieces tokenised one by one; the assistant writes its content and <|im_end|>.
+    expected_ids, expected_flags = [], []
+    for m in CHAT:
+        pieces = [(f"<|im_start|>{m['role']}\n", 0), (m["content"], 1), ("<|im_end|>", 1), ("\n", 0)]
+        for text, is_answer in pieces:
+            piece = _ids(tok, text)
+            expected_ids += piece
+            expected_flags += [int(is_answer and m["role"] == "assistant")] * len(piece)
+    assert ids == expected_ids
+    assert flags == expected_flags
+    spans, current = [], []
+    for i, f in zip(ids, flags + [0]):
+        if f:
+            current.append(i)
+        elif current:
+            spans.append(tok.decode(current)), current.clear()
+    if current:
+        spans.append(tok.decode(current))
+    assert spans == [m["content"] + "<|im_end|>" for m in CHAT if m["role"] == "assistant"]
+
+
+def test_completion_mask_skips_text_the_template_inserts():
+    """Qwen3-style templates insert an (empty) think block before the last answer: not assistant output."""
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{%- for m in messages -%}<|im_start|>{{ m.role }}\n"
+        "{%- if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif -%}"
+        "{{ m.content }}<|im_end|>\n{%- endfor -%}")
+    ids, flags = render_chat(CHAT, tok)
+    marked = tok.decode([i for i, f in zip(ids, flags) if f])
+    assert marked == "Alice Moreau was born in Lyon.<|im_end|>Basel. He studied chemistry.<|im_end|>"
+    assert "think" in tok.decode(ids)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataSource(path=str(path))
+
+
+def test_packing_positions_masks_and_continuity(tmp_path):
+    tok = tiny_tokenizer()
+    rows = [{"text": " ".join(["word"] * n)} for n in (3, 11, 1, 7, 25, 4, 9)]
+    src = _write_jsonl(tmp_path / "t.jsonl", rows)
+    corpus = build_corpus(src, "text", tok, tmp_path / "cache", min_tokens=10**9)
+    docs = [list(corpus.tokens[a:b]) for a, b in zip(corpus.offsets[:-1], corpus.offsets[1:])]
+    assert [d[-1] for d in docs] == [tok.eos_token_id] * len(rows)
+    stream = PackedStream(corpus, seq_len=16, seed=3, loss_mask="all")
+    seqs = [stream.sequence(k) for k in range(12)]  # > 2 epochs of 7 documents
+    for a, b in zip(seqs, seqs[1:]):
+        assert a["targets"][-1] == b["input_ids"][0]  # one continuous stream, shifted by one for targets
+        np.testing.assert_array_equal(a["targets"][:-1], a["input_ids"][1:])
+    stream_tokens = np.concatenate([s["input_ids"] for s in seqs])
+    order, _ = stream._epoch(0)
+    np.testing.assert_array_equal(stream_tokens[:corpus.num_tokens], np.concatenate([docs[d] for d in order]))
+    assert sorted(order) == list(range(7)) and list(order) != list(stream._epoch(1)[0])  # reshuffled per epoch
+    for s in seqs:
+        assert s["token_mask"].all()  # `all`: every real token
+        starts = np.flatnonzero(s["position_ids"] == 0)
+        for lo, hi in zip(starts, list(starts[1:]) + [16]):  # positions count up inside each document piece
+            np.testing.assert_array_equal(s["position_ids"][lo:hi], np.arange(hi - lo))
+        # a target is scored unless it opens a new document (then nothing before it predicts it)
+        next_is_start = np.append(s["position_ids"][1:] == 0, False)
+        assert not s["loss_mask"][next_is_start[:-1].nonzero()[0]].any()
+    total = sum(int(s["loss_mask"].sum()) for s in seqs)
+    assert total == 12 * 16 - sum(1 for k in range(12) for t in range(1, 17)
+                                  if stream._read(k * 16 + t, 1)[2][0])
+    again = PackedStream(corpus, seq_len=16, seed=3, loss_mask="all").batch(5, 3)
+    for key, value in stream.batch(5, 3).items():
+        torch.testing.assert_close(value, again[key])  # pure function of the index: resumable
+
+
+def test_completion_only_packing_scores_only_assistant_targets(tmp_path):
+    tok = tiny_tokenizer()
+    src = _write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": CHAT[1:3]}] * 3)
+    assert detect_kind(src) == "chat"
+    corpus = build_corpus(src, "chat", tok, tmp_path / "cache", min_tokens=10**9)
+    assert corpus.meta["assistant_tokens"] > 0
+    stream = PackedStream(corpus, seq_len=40, seed=0, loss_mask="completion_only")
+    for k in range(6):
+        s = stream.sequence(k)
+        _, assistant, starts = stream._read(k * 40, 41)
+        np.testing.assert_array_equal(s["loss_mask"], assistant[1:] & ~starts[1:])
+        np.testing.assert_array_equal(s["token_mask"], assistant[:40])
+    everything = PackedStream(corpus, seq_len=40, seed=0, loss_mask="all").sequence(0)
+    assert everything["token_mask"].all() and everything["loss_mask"].sum() > stream.sequence(0)["loss_mask"].sum()
+
+
+def test_text_data_is_not_chat_data(tmp_path):
+    src = _write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    assert detect_kind(src) == "text"
+    with pytest.raises(UserError, match="no 'messages' list"):
+        detect_kind(DataSource(path=src.path, kind="chat"))
+    with pytest.raises(UserError, match="neither a 'text' string nor a 'messages' list"):
+        detect_kind(_write_jsonl(tmp_path / "o.jsonl", [{"body": "hello"}]))
+
+
+def test_tokenisation_is_cached_on_disk(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    src = _write_jsonl(tmp_path / "t.jsonl", [{"text": f"doc {i} " * 5} for i in range(50)])
+    first = build_corpus(src, "text", tok, tmp_path / "cache", min_tokens=10**9)
+    assert first.meta["exhausted"] and first.num_documents == 50
+
+    def no_reading(_):
+        raise AssertionError("the source was read again")
+    monkeypatch.setattr(data_mod, "iter_records", no_reading)
+    second = build_corpus(src, "text", tok, tmp_path / "cache", min_tokens=10**9)
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    monkeypatch.undo()
+    # a budget smaller than the source tokenises only what it needs; a larger one later tokenises more
+    partial = build_corpus(src, "text", tok, tmp_path / "cache2", min_tokens=20, batch_records=8)
+    assert not partial.meta["exhausted"] and partial.num_documents == 8
+    more = build_corpus(src, "text", tok, tmp_path / "cache2", min_tokens=10**9, batch_records=8)
+    assert more.meta["exhausted"] and more.num_documents == 50
+    _write_jsonl(tmp_path / "t.jsonl", [{"text": "changed"}])  # editing the file invalidates its cache
+    third = build_corpus(src, "text", tok, tmp_path / "cache", min_tokens=10**9)
+    assert third.num_documents == 1 and isinstance(third, TokenCorpus)
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_a_document_gives_the_same_outputs_packed_or_alone(kind):
+    from gendistill.convert import convert
+
+    teacher = tiny_qwen3()
+    model = convert(teacher, attention_layers=[0, 2]) if kind == "student" else teacher
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 384, (n,), generator=g) for n in (5, 9, 7)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits[0]
+        lo = 0
+        for d in docs:
+            alone = model(input_ids=d[None], use_cache=False).logits[0]
+            torch.testing.assert_close(together[lo:lo + len(d)], alone, rtol=1e-5, atol=1e-5)
+            lo += len(d)

@@ -1,0 +1,138 @@
+"""Recipes: the shipped ones validate; overrides land where they say; every bad key/value is a UserError naming it,
+raised before anything is written (no output directory, no token cache)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gendistill.distill import load_recipe, run_recipe
+from gendistill.distill.recipe import parse_count
+from gendistill.distill.trainer import lr_factor, total_steps
+from gendistill.io import UserError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY = RECIPES / "tiny.yaml"
+
+
+def test_paper_recipe_is_the_papers_four_stages():
+    r = load_recipe(RECIPES / "paper.yaml")
+    assert [s.name for s in r.stages] == ["attn_align", "hidden_align", "kd", "kd_instruct"]
+    a, h, kd, inst = r.stages
+    assert a.objective == {"attn_align": 1.0} and a.tokens == 30_000_000 and a.train == ["kda"]
+    assert h.objective == {"hidden_align": 1.0} and h.tokens == 30_000_000
+    assert kd.objective == {"kd": 1.0} and kd.divergence == "fkl" and kd.tokens == 500_000_000
+    assert (kd.lr, kd.schedule, kd.warmup, kd.decay, kd.min_lr_ratio, kd.weight_decay, kd.batch_size) == \
+        (2.5e-5, "wsd", 0.1, 0.1, 0.02, 0.1, 64)
+    assert kd.train == ["kda", "mlp", "norms"]
+    assert inst.loss_mask == "completion_only" and inst.tokens == 250_000_000 and inst.seq_len == 4096
+    assert "attention" not in inst.train and r.data[inst.data].path == "HuggingFaceTB/smoltalk"
+    assert r.student == {"convert": {"attention_layers": [0, 2, 6, 11, 13, 18, 21]}}
+
+
+def test_wsd_and_cosine_schedules():
+    r = load_recipe(RECIPES / "paper.yaml")
+    kd = r.stages[2]
+    n = total_steps(kd)
+    f = [lr_factor(s, n, kd) for s in range(n)]
+    warm = round(0.1 * n)
+    assert f[0] == pytest.approx(1 / warm) and f[warm - 1] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in f[warm:n - round(0.1 * n)])  # stable
+    assert f[-1] == pytest.approx(0.02) and all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))
+    a = r.stages[0]
+    g = [lr_factor(s, 100, a) for s in range(100)]
+    assert g[5] == pytest.approx(1.0) and 0.1 < g[-1] < 0.11  # cosine from 1 to min_lr_ratio 0.1
+
+
+def test_overrides_target_one_stage_every_stage_or_top_level():
+    r = load_recipe(TINY, ["kd.lr=5e-4", "*.seq_len=16", "out_dir=/x/y", "data.text.shuffle=false",
+                           "kd.objective={kd: 1.0, ce: 0.1}", "hidden_align.tokens=2k", "hidden_align.steps=null"])
+    kd = r.stage("kd")
+    assert kd.lr == 5e-4 and kd.objective == {"kd": 1.0, "ce": 0.1}
+    assert r.stage("attn_align").lr == 3e-3  # untouched
+    assert all(s.seq_len == 16 for s in r.stages) and r.out_dir == "/x/y" and r.data["text"].shuffle is False
+    assert r.stage("hidden_align").tokens == 2000 and total_steps(r.stage("hidden_align")) == 2000 // (4 * 16) + 1
+    assert parse_count("1.5B", "x") == 1_500_000_000 and parse_count(30e6, "x") == 30_000_000
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("kd.lrr=1", "stages[2] (kd).lrr: unknown key (did you mean 'lr'?)"),
+    ("kd.lr=-1", "stages[2] (kd).lr: must be > 0"),
+    ("kd.lr=fast", "stages[2] (kd).lr: expected a number"),
+    ("kd.divergence=kl", "stages[2] (kd).divergence: expected one of fkl, rkl, jsd"),
+    ("kd.jsd_beta=1", "stages[2] (kd).jsd_beta: must be < 1"),
+    ("kd.objective=distill", "stages[2] (kd).objective: expected one of attn_align, hidden_align, kd, ce"),
+    ("kd.objective={kd: 0}", "stages[2] (kd).objective: at least one term needs a positive weight"),
+    ("kd.train=[kda, attn]", "stages[2] (kd).train: unknown parameter group 'attn'"),
+    ("kd.schedule=linear", "stages[2] (kd).schedule: expected one of constant, cosine, wsd"),
+    ("kd.loss_mask=assistant", "stages[2] (kd).loss_mask: expected one of all, completion_only"),
+    ("kd.micro_batch_size=3", "stages[2] (kd).micro_batch_size: 3 does not divide batch_size 4"),
+    ("kd.tokens=lots", "stages[2] (kd): give exactly one of `tokens`"),
+    ("kd.data=web", "stages[2] (kd).data: no data source 'web'"),
+    ("kd.eval=nowhere.module:fn", "stages[2] (kd).eval: cannot import 'nowhere.module:fn'"),
+    ("defaults.sequence_length=8", "defaults.sequence_length: unknown key"),
+    ("data.text.fromat=json", "data.text.fromat: unknown key (did you mean 'format'?)"),
+    ("teacher=null", "teacher: required: stages ['attn_align', 'hidden_align', 'kd', 'kd_instruct']"),
+    ("student={convert: {}, config: {}}", "student: expected one of"),
+    ("parallel=zero3", "parallel: expected one of auto, fsdp, ddp"),
+    ("bogus=1", "--set bogus: 'bogus' is neither a stage (attn_align, hidden_align, kd, kd_instruct) nor a recipe"),
+])
+def test_bad_recipe_values_fail_naming_the_key_and_write_nothing(tmp_path, override, needle):
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        run_recipe(TINY, [f"out_dir={out}", override])
+    assert needle in str(err.value)
+    assert not out.exists()
+
+
+def test_bad_recipe_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({"student": "x", "stages": [{"name": "a", "objective": "ce", "data": "d",
+                                                               "steps": 1}, {"name": "a", "objective": "ce",
+                                                                             "data": "d", "steps": 1}],
+                                   "data": {"d": "x.jsonl"}}))
+    with pytest.raises(UserError, match=r"stage names must be unique, repeated: \['a'\]"):
+        load_recipe(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_recipe(TINY, ["kd.lr"])
+    raw = yaml.safe_load(TINY.read_text().replace("${recipe_dir}", str(RECIPES)))
+    raw["techer"] = raw.pop("teacher")
+    with pytest.raises(UserError, match=r"^techer: unknown key \(did you mean 'teacher'\?\)"):
+        run_recipe(raw, [f"out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_stage_on_text_data_fails_before_writing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        run_recipe(TINY, [f"out_dir={out}", "kd_instruct.data=text"])
+    msg = str(err.value)
+    assert "kd_instruct" in msg and "completion_only" in msg and "messages" in msg and "plain text" in msg
+    assert not out.exists()
+
+
+def test_group_or_layers_missing_from_the_student_fail_before_writing(tmp_path):
+    out = tmp_path / "run"
+    plain = "student={factory: 'gendistill.testing:tiny_qwen3', kwargs: {seed: 1}}"  # a Qwen3: no KDA layers
+    with pytest.raises(UserError, match=r"parameter group\(s\) \['kda'\] match no parameter of the student"):
+        run_recipe(TINY, [f"out_dir={out}", plain])
+    with pytest.raises(UserError, match="has no KDA layers"):
+        run_recipe(TINY, [f"out_dir={out}", plain, "*.train=all"])
+    with pytest.raises(UserError, match=r"layers: \[9\] out of range"):
+        run_recipe(TINY, [f"out_dir={out}", "attn_align.layers=[1, 9]"])
+    with pytest.raises(UserError, match="could not read data source"):
+        run_recipe(TINY, [f"out_dir={out}", f"data.text.path={tmp_path / 'nope.jsonl'}"])
+    assert not out.exists()
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="--resume to continue it or --overwrite"):
+        run_recipe(TINY, [f"out_dir={out}"])
+    assert (out / "keep.txt").read_text() == "x"
