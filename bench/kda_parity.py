@@ -65,6 +65,8 @@ def main() -> int:
                 es, rs = errors(s, ref_s)
                 rows.append({"dtype": str(dtype).split(".")[-1], "T": T, "case": mode, "path": backend,
                              "out_abs": eo, "out_rel": ro, "state_abs": es, "state_rel": rs})
+        if dtype == torch.float32:
+            continue  # gradients are compared in bf16, the training precision (fp32 Triton autotuning costs minutes)
         x = inputs(1, 512, 16, 128, dtype, "cuda", seed=1)
         _, _, g_ref = run("chunk", x, grad=True)
         _, _, g_fla = run("fla", x, grad=True)
