@@ -2,20 +2,21 @@
 # Runs gendistill's GPU benchmarks on an H200 machine, one step after another, each under its own time limit, and
 # keeps Triton's compile/autotune cache (fla kernels take minutes to autotune on a fresh machine) in OUT.
 #   bash bench/h200.sh OUT step [step ...]      steps: parity prefill bench kd demo fsdp
-# A cache tarball from an earlier run, if present at .cache/triton_cache.tgz, is unpacked first.
 set -u
 OUT=${1:?usage: bench/h200.sh OUT step...}; shift
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 mkdir -p "$TRITON_CACHE_DIR"
-[ -f .cache/triton_cache.tgz ] && tar xzf .cache/triton_cache.tgz -C "$TRITON_CACHE_DIR"
+# The cache comes back in parts of < 16 MB (the device tool's file limit); carry them in .cache/.
+ls .cache/triton_cache.tgz.part-* >/dev/null 2>&1 && cat .cache/triton_cache.tgz.part-* | tar xzf - -C "$TRITON_CACHE_DIR"
 LOG="$OUT/h200.log"
 step() {  # step NAME SECONDS command...
   local name=$1 limit=$2; shift 2
   echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1
-  echo "== $(date -u +%T) $name rc=$?" | tee -a "$LOG"
+  local rc=$?
+  echo "== $(date -u +%T) $name rc=$rc" | tee -a "$LOG"
 }
 for s in "$@"; do
   case $s in
@@ -28,6 +29,7 @@ for s in "$@"; do
     demo)    step demo 560 python3 -m gendistill demo --scale gpu --out "$OUT/demo" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
-  tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+  rm -f "$OUT"/triton_cache.tgz.part-*
+  tar czf - -C "$TRITON_CACHE_DIR" . 2>/dev/null | split -b 15m - "$OUT/triton_cache.tgz.part-"
 done
 grep -v "Warning\|warn(" "$LOG" | tail -n 150

@@ -20,6 +20,15 @@ CHAT = [
     {"role": "assistant", "content": "Basel. He studied chemistry."},
 ]
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU two spinning OpenMP threads per op are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]

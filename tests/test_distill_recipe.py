@@ -3,6 +3,7 @@ raised before anything is written (no output directory, no token cache)."""
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gendistill.distill import load_recipe, run_recipe
@@ -12,6 +13,15 @@ from gendistill.io import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny.yaml"
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU two spinning OpenMP threads per op are ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def test_paper_recipe_is_the_papers_four_stages():
@@ -35,7 +45,7 @@ def test_wsd_and_cosine_schedules():
     n = total_steps(kd)
     f = [lr_factor(s, n, kd) for s in range(n)]
     warm = round(0.1 * n)
-    assert f[0] == pytest.approx(1 / warm) and f[warm - 1] == pytest.approx(1.0)
+    assert f[0] == pytest.approx(1 / (warm + 1)) and f[warm - 1] == pytest.approx(warm / (warm + 1))
     assert all(x == 1.0 for x in f[warm:n - round(0.1 * n)])  # stable
     assert f[-1] == pytest.approx(0.02) and all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))
     a = r.stages[0]

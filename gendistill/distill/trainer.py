@@ -132,8 +132,8 @@ def align_layers(stage: Stage, student) -> list[int]:
 def lr_factor(step: int, total: int, stage: Stage) -> float:
     """Multiplier of `lr` for update `step` (0-based) of `total`: linear warmup, then constant / cosine / wsd."""
     warm = int(round(stage.warmup * total))
-    if step < warm:
-        return (step + 1) / warm
+    if step < warm:  # 1/(w+1), ..., w/(w+1), then 1: no wasted zero-lr step
+        return (step + 1) / (warm + 1)
     low = stage.min_lr_ratio
     if stage.schedule == "constant":
         return 1.0

@@ -475,14 +475,14 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def plots(report: dict) -> dict[str, str]:
-    """Section -> base64 PNG."""
+def plots(report: dict) -> dict[str, list[str]]:
+    """Section -> base64 PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = {}
+    out: dict[str, list[str]] = {}
     ordered = ([report["teacher"]] if report["teacher"] else []) + report["students"]
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(ordered)}
     gen_mode = "gen_acc" if "gen_acc" in report["modes"] else "gen_acc_sampled"
@@ -500,7 +500,7 @@ def plots(report: dict) -> dict[str, str]:
         ax.set_ylabel("accuracy (%)")
         ax.set_title("Same items: log-likelihood ranking (solid) vs generation (hatched)")
         ax.legend(fontsize=7, ncol=2)
-        out["scores"] = _png(fig)
+        out.setdefault("scores", []).append(_png(fig))
     if report["retention"]:
         retention_columns = [c for c in columns + report["task_groups"]["recall"]
                              if any(c in r for r in report["retention"].values())]
@@ -518,7 +518,7 @@ def plots(report: dict) -> dict[str, str]:
         ax.set_ylabel("retention: student / teacher (%)")
         ax.set_title("Retention of the teacher's accuracy under each mode")
         ax.legend(fontsize=7, ncol=2)
-        out["retention"] = _png(fig)
+        out.setdefault("scores", []).append(_png(fig))
     families = sorted({f for per_model in report["recall"].values() for f in per_model})
     if families:
         fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.6), squeeze=False)
@@ -534,29 +534,38 @@ def plots(report: dict) -> dict[str, str]:
             ax.set_ylim(-5, 105)
             ax.set_title(family)
             ax.legend(fontsize=7)
-        out["recall"] = _png(fig)
-    letters = sorted({k for p in report["pathologies"].values() for k in p["letters"]["chosen"]})
-    if letters:
+        out["recall"] = [_png(fig)]
+    gold = next((p["letters"]["gold"] for p in report["pathologies"].values() if p["letters"]["gold"]), {})
+    if gold:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
         names = ordered + ["gold"]
         bottoms = [0.0] * len(names)
-        gold = next((p["letters"]["gold"] for p in report["pathologies"].values() if p["letters"]["gold"]), {})
-        for k_index, k in enumerate(letters):
-            values = [100 * report["pathologies"][m]["letters"]["chosen"].get(k, 0.0) for m in ordered]
-            values.append(100 * gold.get(k, 0.0))
-            axes[0].bar(names, values, bottom=bottoms, label=k, color=plt.cm.Set2(k_index % 8))
+        letters = sorted({k for p in report["pathologies"].values() for k in p["letters"]["chosen"]} | set(gold))
+        for k_index, k in enumerate(letters + ["none"]):
+            values = []
+            for m in ordered:  # shares of all multiple-choice outputs, unanswered ones as "none"
+                letters_m = report["pathologies"][m]["letters"]
+                total = letters_m["answered"] + letters_m["unanswered"]
+                count = letters_m["unanswered"] if k == "none" else letters_m["chosen"].get(k, 0.0) * letters_m["answered"]
+                values.append(100 * count / total if total else 0.0)
+            values.append(0.0 if k == "none" else 100 * gold.get(k, 0.0))
+            axes[0].bar(names, values, bottom=bottoms, label=k,
+                        color="lightgrey" if k == "none" else plt.cm.Set2(k_index % 8))
             bottoms = [b + v for b, v in zip(bottoms, values)]
-        axes[0].set_ylabel("share of answers (%)")
+        axes[0].set_ylabel("share of outputs (%)")
         axes[0].set_title("Chosen answer letters (greedy)")
         axes[0].legend(fontsize=7)
+        drawn = False
         for m in report["students"]:
             positions = (report["pathologies"][m].get("first_departure") or {}).get("positions") or []
             if positions:
                 axes[1].hist(positions, bins=20, alpha=0.6, color=colors[m], label=m)
+                drawn = True
         axes[1].set_xlabel("first position where the student's greedy output departs from the teacher's")
         axes[1].set_ylabel("outputs")
-        axes[1].legend(fontsize=7)
-        out["pathologies"] = _png(fig)
+        if drawn:
+            axes[1].legend(fontsize=7)
+        out["pathologies"] = [_png(fig)]
     return out
 
 
@@ -566,7 +575,7 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 font-weight:600;padding:4px 0}img{max-width:100%;margin:0.5em 0}.findings li{margin:0.3em 0}code{font-size:0.85em}"""
 
 
-def render_html(report: dict, sections: dict, images: dict[str, str]) -> str:
+def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report['title'])}</title>"
              f"<style>{_CSS}</style></head><body><h1>{esc(report['title'])}</h1>",
@@ -577,8 +586,7 @@ def render_html(report: dict, sections: dict, images: dict[str, str]) -> str:
     parts.append("</ul>")
     for key, title in SECTION_TITLES.items():
         parts.append(f"<h2 id='{key}'>{esc(title)}</h2>")
-        if key in images:
-            parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{images[key]}'>")
+        parts += [f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>" for png in images.get(key, [])]
         if not sections[key]:
             parts.append(f"<p>{esc(EMPTY[key])}</p>")
         for caption, header, rows in sections[key]:

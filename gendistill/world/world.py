@@ -10,6 +10,9 @@ people ("seen") also have their Q&A in the chat data, the other half ("extractio
 biographies. Eval questions use phrasings that never appear in the chat data, for both splits, so the only
 difference between the splits is whether the person's Q&A was seen.
 
+Python: `build_world(seed, n_entities, scale) -> World` (presets in PRESETS: tiny, cpu, gpu), `World.save(dir)`,
+`load_world(dir) -> World`. CLI: `gendistill world build --out DIR [--seed N] [--entities N] [--scale ...]`.
+
 Built world directory (`World.save`, written atomically):
 
     pretrain.jsonl       {"text": biography}, one biography per line, shuffled (all people)
@@ -30,7 +33,7 @@ import dataclasses
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -66,12 +69,14 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # CI: ~30 people, builds in well under a second.
+    # Token counts below are with the world's own tokenizer, seed 0 (world.json "tokens" has them per build).
+    # CI: 30 people, ~0.1 s to build; 2.7K pretraining tokens, 8K chat tokens, vocabulary ~900.
     "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024),
-    # The 2-core CPU demo: ~45K pretraining + ~55K chat tokens (see world.json "tokens"), small enough for an
-    # 8-layer hidden-128 teacher to go over the biographies many times in a couple of CPU minutes.
+    # The 2-core CPU demo: 200 people, 800 biographies = 37K pretraining tokens (47 per biography), 1,959 chats =
+    # 65K tokens (72K noisy). An 8-layer hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 cores,
+    # so two minutes are ~10 passes over the biographies plus ~2 over the chats.
     "cpu": Preset(200, 4, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1024),
-    # One GPU: a few thousand people.
+    # One GPU: 3,000 people, 18,000 biographies = 0.8M pretraining tokens, 38K chats = 1.0M tokens; ~20 s to build.
     "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 2048),
 }
 
@@ -169,7 +174,7 @@ class World:
     task_specs: dict[str, dict]  # task name -> YAML spec
     task_items: dict[str, list[dict]]  # jsonl stem (tasks and few-shot files) -> items
     tokenizer: object  # transformers PreTrainedTokenizerFast
-    tokens: dict[str, int] = field(default_factory=dict)  # token counts with the world's tokenizer
+    tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # token counts with the world's tokenizer
 
     def split(self, name: str) -> list[Person]:
         return [p for p in self.people if p.split == name]
