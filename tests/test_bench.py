@@ -105,11 +105,11 @@ def test_targets_say_pass_or_fail_and_by_how_much():
 
 def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = cli.main(["bench", "--shape", "tiny", "--contexts", "48,96", "--decode-context", "64", "--repeats", "2",
-                     "--warmup", "1", "--decode-steps", "2", "--batch", "1,2", "--max-batch", "3", "--out", str(out)])
+    code = cli.main(["bench", "--shape", "tiny", "--contexts", "40,80", "--decode-context", "64", "--repeats", "2",
+                     "--warmup", "1", "--decode-steps", "2", "--batch", "1", "--max-batch", "2", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| 96 | student |" in printed and "## Targets" in printed
+    assert "| 80 | student |" in printed and "## Targets" in printed
     assert (out / "table.md").read_text() in printed
     for png in ("ttft_vs_context.png", "memory_vs_context.png", "decode_throughput_vs_batch.png"):
         data = (out / png).read_bytes()
@@ -121,9 +121,9 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert all(c["rel_err"] < 1e-4 for c in result["correctness"]["checks"])  # PyTorch paths agree to ~1e-6
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["date"] and env["device"] == "cpu"
-    assert "command" in result and result["arguments"]["contexts"] == "48,96"
+    assert "command" in result and result["arguments"]["contexts"] == "40,80"
     assert result["settings"]["dtype"] == "float32" and result["settings"]["kda_backend"]["prefill"] == "chunk"
-    assert [row["context"] for row in result["prefill"]] == [48, 96]
+    assert [row["context"] for row in result["prefill"]] == [40, 80]
     for row in result["prefill"]:
         for name in ("teacher", "student"):
             r = row[name]
@@ -134,7 +134,7 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
         assert row["student"]["cache_bytes_measured"] < row["teacher"]["cache_bytes_measured"]
     for name in ("teacher", "student"):
         d = result["decode"][name]
-        assert d["largest_batch"] == 3 and [p["batch"] for p in d["points"]] == [1, 2, 3]
+        assert d["largest_batch"] == 2 and [p["batch"] for p in d["points"]] == [1, 2]
         assert all(p["tokens_per_s"] > 0 for p in d["points"]) and d["ms_per_token_batch_1"] > 0
     assert len(result["targets"]) == 5
     decode_target = result["targets"][-1]

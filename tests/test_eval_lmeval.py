@@ -55,3 +55,24 @@ def test_lm_eval_matches_our_scores(tmp_path, kind, chat):
     # the comparisons can fail: outputs differ between items, and length normalisation changes some choices
     assert len(set(generated.values())) >= 3
     assert any(r["ll_pred"] != r["ll_pred_norm"] for r in records)
+
+
+def test_eval_with_lm_eval_tasks_in_report(tmp_path):
+    """`evaluate(..., lm_eval_tasks=[our task YAML])`: lm-eval's numbers land in the report beside ours."""
+    import json
+
+    from gendistill.evaluation import evaluate
+
+    task = make_task(chat=True)
+    (tmp_path / "geo.jsonl").write_text("".join(json.dumps(i) + "\n" for i in task.items[:8]))
+    (tmp_path / "geo.yaml").write_text(yaml.safe_dump({
+        "name": "geo", "kind": "multiple_choice", "data": "geo.jsonl", "prompt": task.prompt, "ll_target": "text",
+        "extract": "choice_text", "max_new_tokens": 4}))
+    student = convert(tiny_qwen3(seed=4)).eval()
+    report = evaluate({"student": (student, tiny_tokenizer())}, tasks=str(tmp_path / "geo.yaml"), out=tmp_path / "out",
+                      lm_eval_tasks=[str(tmp_path / "geo.yaml")], progress=False)
+    lm = report["lm_eval"]["student"]
+    assert lm["gd_geo"]["acc,none"] == pytest.approx(report["scores"]["student"]["geo"]["ll_acc"])
+    assert lm["gd_geo_gen"]["sample_len"] == 8 and "exact_match,none" in lm["gd_geo_gen"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| gd_geo | acc,none | {lm['gd_geo']['acc,none']:.4f} |" in md

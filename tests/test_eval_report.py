@@ -131,7 +131,7 @@ def workspace(tmp_path_factory):
     (root / "open.yaml").write_text('name: arith\nkind: open\ndata: open.jsonl\nprompt: "{question}"\n'
                                     'extract: number\nmax_new_tokens: 6\nchat_template: false\nstop: ["\\n"]\n')
     rc = cli(["eval", "--teacher", str(root / "teacher"), "--model", str(root / "s1"), "--model", str(root / "s2"),
-              "--tasks", f"{root / 'mc.yaml'},{root / 'open.yaml'},niah_single@1k", "--recall-samples", "2",
+              "--tasks", f"{root / 'mc.yaml'},{root / 'open.yaml'},niah_single@512", "--recall-samples", "2",
               "--decode", "both", "--seeds", "1,2", "--out", str(root / "A"), "--no-progress"])
     assert rc == 0
     return root
@@ -151,9 +151,9 @@ def test_end_to_end_report(workspace):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert report["teacher"] == "teacher" and report["students"] == ["s1", "s2"]
     assert report["models"]["s1"]["class"] == "HybridKDAForCausalLM"
-    assert report["task_groups"] == {"multiple_choice": ["mc"], "open": ["arith"], "recall": ["niah_single@1k"]}
+    assert report["task_groups"] == {"multiple_choice": ["mc"], "open": ["arith"], "recall": ["niah_single@512"]}
     assert sorted(p.name for p in (out / "records" / "s2").iterdir()) == ["arith.jsonl", "mc.jsonl",
-                                                                          "niah_single@1k.jsonl"]
+                                                                          "niah_single@512.jsonl"]
     for title in ["Summary", *SECTION_TITLES.values(), "Settings"]:
         assert f"## {title}" in md and f">{title}</h2>" in page
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
@@ -181,7 +181,7 @@ def test_end_to_end_report(workspace):
         assert report["retention"]["s1"]["mc"]["ll_acc"] == pytest.approx(mc["ll_acc"] / teacher_ll)
 
     recall_rows = {r["model"]: r for r in _md_table(md, "niah_single")}
-    assert {m: recall_rows[m]["1K"] for m in rows} == {m: _pct(report["recall"][m]["niah_single"]["1024"])
+    assert {m: recall_rows[m]["512"] for m in rows} == {m: _pct(report["recall"][m]["niah_single"]["512"])
                                                         for m in rows}
     ranking = _md_table(md, "average")
     assert len(ranking) == len(report["ranking"]["average"]) == 4  # 2 LL modes x 2 generation modes
@@ -200,11 +200,12 @@ def test_end_to_end_report(workspace):
 
 def test_merge_eval_dirs_and_cli_errors(workspace, capsys):
     tok = tiny_tokenizer()
-    student = convert(tiny_qwen3(seed=5), attention_layers=[1, 3])
+    student = convert(tiny_qwen3(seed=5), attention_layers=[1, 3]).train()  # as the distill pipeline hands it over
     # the distill pipeline's use: evaluate a new student alone, then report it against the earlier teacher
     alone = evaluate({"s3": (student, tok)}, teacher=None, tasks=str(workspace / "mc.yaml"), out=workspace / "B",
                      progress=False)
     assert alone["teacher"] is None and alone["retention"] == {} and alone["students"] == ["s3"]
+    assert student.training  # evaluated in eval mode, handed back in train mode
     assert cli(["report", str(workspace / "A"), str(workspace / "B"), "--out", str(workspace / "C")]) == 0
     merged = json.loads((workspace / "C" / "report.json").read_text())
     assert merged["teacher"] == "teacher" and merged["students"] == ["s1", "s2", "s3"]

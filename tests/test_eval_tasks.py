@@ -36,7 +36,7 @@ def test_load_and_render(tmp_path):
     assert target_delimiter(task, tok) == ""
     # without {choices} in the prompt LL ranks the option texts (as lm-eval's ARC), generation extracts them
     text_task = load_task(write_task(tmp_path, MC.replace("\\n{choices}", ""), [ITEM]))
-    assert text_task.ll_target == "text"
+    assert (text_task.ll_target, text_task.extract) == ("text", "choice_text")
 
 
 @pytest.mark.parametrize("spec, items, message", [
@@ -50,6 +50,7 @@ def test_load_and_render(tmp_path):
     (MC + "num_fewshot: 2\n", [ITEM], "num_fewshot=2"),
     (MC + "colour: red\n", [ITEM], "unknown keys ['colour']"),
     (MC.replace("kind: multiple_choice", "kind: essay"), [ITEM], "kind must be one of"),
+    (MC.replace("name: geo", "name: geo/world"), [ITEM], "becomes a file name"),
 ])
 def test_validation_errors(tmp_path, spec, items, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):

@@ -213,15 +213,20 @@ def build_corpus(src: DataSource, kind: str, tokenizer, cache_dir: str | Path, m
     flush()
     if total == 0:
         raise UserError(f"data source {src.path!r} produced no tokens")
+    meta = {"source": asdict(src), "kind": kind, "tokenizer": tokenizer_fingerprint(tokenizer), "exhausted": exhausted}
+    return write_corpus(directory, np.concatenate(token_parts), np.concatenate(flag_parts), lengths, meta)
+
+
+def write_corpus(directory: str | Path, tokens: np.ndarray, assistant: np.ndarray, lengths, meta: dict) -> TokenCorpus:
+    """Store documents (flat tokens, 0/1 assistant flags, per-document lengths) as a TokenCorpus, atomically."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    meta = {"kind": "text", "exhausted": True, "source": {}, **meta, "documents": len(lengths),
+            "tokens": int(lengths.sum()), "assistant_tokens": int(np.asarray(assistant).sum())}
     with atomic_dir(directory, overwrite=True) as tmp:
-        np.save(tmp / "tokens.npy", np.concatenate(token_parts))
-        np.save(tmp / "assistant.npy", np.concatenate(flag_parts))
+        np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.uint32))
+        np.save(tmp / "assistant.npy", np.asarray(assistant, dtype=np.uint8))
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        (tmp / "meta.json").write_text(json.dumps({
-            "source": asdict(src), "kind": kind, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "documents": len(lengths), "tokens": total, "exhausted": exhausted,
-            "assistant_tokens": int(sum(int(f.sum()) for f in flag_parts)),
-        }, indent=2, default=str))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     return TokenCorpus(directory)
 
 

@@ -140,11 +140,11 @@ def lr_factor(step: int, total: int, stage: Stage) -> float:
     if stage.schedule == "cosine":
         progress = (step - warm) / max(1, total - warm)
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = int(round(stage.decay * total))  # wsd: stable, then linear decay to `low` over the last steps
-    start = total - decay_steps
-    if step < start:
+    decay_steps = max(1, int(round(stage.decay * total))) if stage.decay > 0 else 0  # wsd: stable, then linear
+    start = total - decay_steps                                                      # decay to `low` at the end
+    if step < start or decay_steps == 0:
         return 1.0
-    return 1.0 - (1 - low) * (step - start + 1) / decay_steps
+    return 1.0 - (1 - low) * min(1.0, (step - start + 1) / decay_steps)
 
 
 def total_steps(stage: Stage) -> int:
@@ -254,12 +254,13 @@ class _Logger:
 def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, data=None, out_dir: str | Path,
                 resume: bool = False, cache_dir: str | Path | None = None, parallel_strategy: str = "auto",
                 progress: bool = True, tensorboard: bool = True, on_step: Callable | None = None,
-                env: parallel.Env | None = None) -> dict:
+                env: parallel.Env | None = None, save: bool = True) -> dict:
     """Train `student` (in place) for one stage and write `out_dir` (model/, metrics.jsonl, checkpoints/, stage.json).
 
     stage: a Stage or a stage mapping as in a recipe (its `data` key is ignored: `data` says what to train on).
     data: a DataSource / path / source mapping (tokenised and cached under `cache_dir`) or a TokenCorpus.
     on_step(stage_name, step, record): called after each step (after its checkpoint, if any); may raise to stop.
+    save=False writes no checkpoint and no model dir (benchmarks): only metrics.jsonl and stage.json.
     Returns the stage summary (also written to stage.json).
     """
     env = env or parallel.setup()
@@ -288,7 +289,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
         raise UserError(f"stage {stage.name}: teacher vocabulary ({teacher.config.vocab_size}) differs from the "
                         f"student's ({student.config.vocab_size})")
     return _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, parallel_strategy, progress,
-                  tensorboard, on_step, env, stage_groups, layers, steps, micro)
+                  tensorboard, on_step, env, stage_groups, layers, steps, micro, save)
 
 
 def prepare_corpus(source: DataSource, tokenizer, cache_dir, min_tokens: int, env: parallel.Env) -> TokenCorpus:
@@ -301,7 +302,7 @@ def prepare_corpus(source: DataSource, tokenizer, cache_dir, min_tokens: int, en
 
 
 def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy, progress, tensorboard, on_step,
-           env, groups, layers, steps, micro) -> dict:
+           env, groups, layers, steps, micro, save) -> dict:
     device = env.device
     use_bf16 = stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
     torch.manual_seed(stage.seed)
@@ -393,7 +394,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             if (step + 1) % stage.log_every == 0 or step + 1 == steps:
                 logger.log(record)
             logger.progress(record)
-            if (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0) or step + 1 == steps:
+            if save and ((stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0) or step + 1 == steps):
                 last_good = _save_checkpoint(out_dir, step + 1, stage, model, optimizer, scheduler, record, env)
             if on_step is not None:
                 on_step(stage.name, step + 1, record)
@@ -403,11 +404,13 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             capture.close()
 
     model_dir = out_dir / "model"
-    model_state, _ = parallel.full_state(model, None, env)
-    summary = {"stage": stage.name, "steps": steps, "tokens": steps * tokens_per_step, "model_dir": str(model_dir),
-               "trainable": groups, "aligned_layers": layers, "first_loss": first_loss, "final": record,
-               "train_time_s": time.perf_counter() - t_stage, "resumed_from_step": start or None}
-    if env.is_main:
+    summary = {"stage": stage.name, "steps": steps, "tokens": steps * tokens_per_step,
+               "model_dir": str(model_dir) if save else None, "trainable": groups, "aligned_layers": layers,
+               "first_loss": first_loss, "final": record, "train_time_s": time.perf_counter() - t_stage,
+               "resumed_from_step": start or None, "world_size": env.world,
+               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    model_state = parallel.full_state(model, None, env)[0] if save else None
+    if env.is_main and save:
         state = {k.removeprefix("student."): v for k, v in model_state.items()}
         if getattr(student.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the embedding (FSDP's full state dict holds a copy)
@@ -420,6 +423,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             summary["eval"] = result
             if result is not None:
                 atomic_write_json(out_dir / "eval.json", result)
+    if env.is_main:
         atomic_write_json(out_dir / "stage.json", summary)
     parallel.barrier(env)
     return summary

@@ -15,14 +15,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", action="append", required=True, metavar="DIR",
                    help="model directory to evaluate (repeat for several students)")
     p.add_argument("--teacher", metavar="DIR", help="teacher directory: retention is student / teacher")
     p.add_argument("--tasks", required=True, metavar="TASKS",
                    help="comma-separated task YAML files or directories, and recall tasks with lengths, "
                         "e.g. tasks/,niah_single@1k,4k,niah_multikey@4k,assoc_recall@2k")
-    p.add_argument("--out", default="runs/eval", metavar="OUT", help="eval directory to write")
+    p.add_argument("--out", default="runs/eval", metavar="OUT", help="eval directory to write (default: runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="also run lm-evaluation-harness on these comma-separated tasks (names or YAML files)")
@@ -30,15 +30,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-no-chat", action="store_true",
                    help="do not apply the chat template to standard lm-eval tasks (default: apply when present)")
     p.add_argument("--decode", choices=("greedy", "sample", "both"), default="greedy",
-                   help="generation: greedy, sampling averaged over --seeds, or both")
-    p.add_argument("--seeds", type=_seeds, default=[1, 2, 3], help="sampling seeds (averaged)")
-    p.add_argument("--temperature", type=float, default=Sampling.temperature)
-    p.add_argument("--top-p", type=float, default=Sampling.top_p)
-    p.add_argument("--top-k", type=int, default=Sampling.top_k)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=1 << 16, help="padded tokens per batch (long prompts)")
+                   help="generation: greedy (default), sampling averaged over --seeds, or both")
+    p.add_argument("--seeds", type=_seeds, default=[1, 2, 3], help="sampling seeds, averaged (default: 1,2,3)")
+    p.add_argument("--temperature", type=float, default=Sampling.temperature,
+                   help=f"sampling temperature (default: {Sampling.temperature}, Qwen3 non-thinking, as the paper)")
+    p.add_argument("--top-p", type=float, default=Sampling.top_p, help=f"(default: {Sampling.top_p})")
+    p.add_argument("--top-k", type=int, default=Sampling.top_k, help=f"(default: {Sampling.top_k})")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per batch (default: 16)")
+    p.add_argument("--max-batch-tokens", type=int, default=1 << 16,
+                   help="padded tokens per batch, so long prompts get smaller batches (default: 65536)")
     p.add_argument("--limit", type=int, help="items per task (quick looks)")
-    p.add_argument("--recall-samples", type=int, default=20, help="items per recall task and length")
+    p.add_argument("--recall-samples", type=int, default=20, help="items per recall task and length (default: 20)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="float32 (the paper's default), bfloat16 or float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

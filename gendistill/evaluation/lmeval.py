@@ -61,6 +61,17 @@ def export_task(task: Task, directory: str | Path, generative: bool = False) -> 
     return path
 
 
+def import_lm_eval():
+    """lm-eval's entry points, or a UserError saying what is missing (checked before any model is scored)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:  # HFLM needs `accelerate` (lm-eval's [hf] extra)
+        raise UserError(f"--lm-eval needs lm-eval with its HF backend installed: {err}") from None
+    return lm_eval, HFLM, TaskManager
+
+
 def run_lm_eval(model, tokenizer, tasks: Sequence[str | Path | Task], *, export_dir: str | Path,
                 batch_size: int = 16, limit: int | None = None, chat_template: bool | None = None,
                 log_samples: bool = False) -> dict:
@@ -69,12 +80,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str | Path | Task], *, export_
     the tokenizer's chat template to lm-eval's standard tasks (default: when it has one, as the paper does);
     exported tasks follow their own `chat_template` setting. Returns {"results": {task: {metric: value}},
     "configs": ..., "samples"?}."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as err:  # HFLM needs `accelerate` (lm-eval's [hf] extra)
-        raise UserError(f"--lm-eval needs lm-eval with its HF backend installed: {err}") from None
+    lm_eval, HFLM, TaskManager = import_lm_eval()
     from gendistill.evaluation.tasks import load_task
 
     export_dir = Path(export_dir)

@@ -327,7 +327,7 @@ def findings(report: dict) -> list[str]:
                 if kept.get(mode) is not None:
                     behind = report["behind_teacher"][s]["average"]
                     out.append(f"{s} keeps {_pct(kept['ll_acc'])} of the teacher's accuracy under LL "
-                               f"({_pp(-behind['ll_acc'])} vs teacher) but {_pct(kept[mode])} under generation "
+                               f"({_pp(-behind['ll_acc'])} vs teacher) and {_pct(kept[mode])} under generation "
                                f"({MODE_LABELS[mode]}, {_pp(-behind[mode])} vs teacher).")
     for comparison in (report["ranking"] or {}).get("average", []):
         a, b = comparison["modes"]
@@ -468,7 +468,7 @@ def render_markdown(report: dict, sections: dict) -> str:
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -498,8 +498,9 @@ def plots(report: dict) -> dict[str, list[str]]:
                        edgecolor="black", linewidth=0.4, label=f"{m} · {'LL' if j == 0 else 'generation'}")
         ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
         ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
         ax.set_title("Same items: log-likelihood ranking (solid) vs generation (hatched)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         out.setdefault("scores", []).append(_png(fig))
     if report["retention"]:
         retention_columns = [c for c in columns + report["task_groups"]["recall"]
@@ -517,7 +518,7 @@ def plots(report: dict) -> dict[str, list[str]]:
         ax.set_xticks(range(len(retention_columns)), retention_columns, rotation=20, ha="right")
         ax.set_ylabel("retention: student / teacher (%)")
         ax.set_title("Retention of the teacher's accuracy under each mode")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         out.setdefault("scores", []).append(_png(fig))
     families = sorted({f for per_model in report["recall"].values() for f in per_model})
     if families:
@@ -529,6 +530,9 @@ def plots(report: dict) -> dict[str, list[str]]:
                 if points:
                     ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", color=colors[m], label=m)
             ax.set_xscale("log", base=2)
+            lengths = sorted({int(n) for m in ordered for n in report["recall"].get(m, {}).get(family, {})})
+            ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+            ax.minorticks_off()
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel("accuracy (%)")
             ax.set_ylim(-5, 105)
@@ -537,7 +541,7 @@ def plots(report: dict) -> dict[str, list[str]]:
         out["recall"] = [_png(fig)]
     gold = next((p["letters"]["gold"] for p in report["pathologies"].values() if p["letters"]["gold"]), {})
     if gold:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"wspace": 0.35})
         names = ordered + ["gold"]
         bottoms = [0.0] * len(names)
         letters = sorted({k for p in report["pathologies"].values() for k in p["letters"]["chosen"]} | set(gold))
@@ -554,14 +558,15 @@ def plots(report: dict) -> dict[str, list[str]]:
             bottoms = [b + v for b, v in zip(bottoms, values)]
         axes[0].set_ylabel("share of outputs (%)")
         axes[0].set_title("Chosen answer letters (greedy)")
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         drawn = False
         for m in report["students"]:
             positions = (report["pathologies"][m].get("first_departure") or {}).get("positions") or []
             if positions:
-                axes[1].hist(positions, bins=20, alpha=0.6, color=colors[m], label=m)
+                axes[1].hist(positions, bins=range(0, max(positions) + 2), alpha=0.6, color=colors[m], label=m)
                 drawn = True
-        axes[1].set_xlabel("first position where the student's greedy output departs from the teacher's")
+        axes[1].set_title("Where greedy outputs depart from the teacher's")
+        axes[1].set_xlabel("first differing position")
         axes[1].set_ylabel("outputs")
         if drawn:
             axes[1].legend(fontsize=7)

@@ -14,6 +14,8 @@ import gc
 import hashlib
 import json
 import os
+import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +28,7 @@ from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import Task, load_task_files, parse_task_list
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
 
-ModelRef = "str | os.PathLike | tuple"  # a checkpoint directory, or a loaded (model, tokenizer) pair
+_SAFE_NAME = re.compile(r"^[\w.@-]+$")
 
 
 def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
@@ -94,6 +96,9 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
         if name is None:
             name = Path(ref).name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
         entries.append((str(name), "student", ref))
+    bad = [name for name, _, _ in entries if not _SAFE_NAME.match(name)]
+    if bad:
+        raise UserError(f"model names become directory names: use letters, digits and ._@- only, not {bad}")
     seen: dict[str, int] = {}
     unique = []
     for name, role, ref in entries:
@@ -118,23 +123,35 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     `seeds`). Returns the report dict (or the manifest when `report` is False)."""
     resolved = resolve_tasks(tasks)
     entries = _named_models(models, teacher)
+    if lm_eval_tasks:
+        from gendistill.evaluation.lmeval import import_lm_eval, run_lm_eval
+
+        import_lm_eval()
     modes = decode_modes(decode, seeds, sampling)
     settings = {"decode": decode, "seeds": list(seeds) if decode != "greedy" else [],
                 "sampling": vars(sampling) if decode != "greedy" else None, "batch_size": batch_size,
                 "max_batch_tokens": max_batch_tokens, "limit": limit, "recall_samples": recall_samples,
                 "dtype": dtype, "lm_eval_tasks": list(lm_eval_tasks)}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings, "models": {}, "tasks": {}}
+    recall_cache: dict[tuple, Task] = {}  # recall items depend on the tokenizer only: build once per tokenizer
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, role, ref in entries:
             loaded_here = isinstance(ref, (str, os.PathLike))
             model, tokenizer = load_model(ref, device, dtype) if loaded_here else ref
+            was_training = model.training  # a model handed over mid-training goes back to train mode afterwards
+            model.eval()
             max_positions = getattr(model.config, "max_position_embeddings", None)
+            fingerprint = tokenizer_fingerprint(tokenizer)
             manifest["models"][name] = {"role": role, "source": str(ref) if loaded_here else type(model).__name__,
-                                        "class": type(model).__name__,
-                                        "tokenizer": tokenizer_fingerprint(tokenizer),
+                                        "class": type(model).__name__, "tokenizer": fingerprint,
                                         "max_position_embeddings": max_positions}
             for spec in resolved:
-                task = spec if isinstance(spec, Task) else recall_task(spec[0], spec[1], tokenizer, recall_samples)
+                if isinstance(spec, Task):
+                    task = spec
+                else:
+                    if (fingerprint, *spec) not in recall_cache:
+                        recall_cache[(fingerprint, *spec)] = recall_task(spec[0], spec[1], tokenizer, recall_samples)
+                    task = recall_cache[(fingerprint, *spec)]
                 if limit is not None:
                     task = dataclasses.replace(task, items=task.items[:limit])
                 if progress:
@@ -150,11 +167,11 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
                 if task.recall and max_positions and task.recall["length"] > max_positions:
                     manifest["models"][name].setdefault("beyond_max_positions", []).append(task.name)
             if lm_eval_tasks:
-                from gendistill.evaluation.lmeval import run_lm_eval
-
-                results = run_lm_eval(model, tokenizer, lm_eval_tasks, export_dir=tmp / "lm_eval" / "tasks",
-                                      batch_size=batch_size, limit=lm_eval_limit, chat_template=lm_eval_chat_template)
+                with tempfile.TemporaryDirectory() as export_dir:  # exported task files are only needed while it runs
+                    results = run_lm_eval(model, tokenizer, lm_eval_tasks, export_dir=export_dir, batch_size=batch_size,
+                                          limit=lm_eval_limit, chat_template=lm_eval_chat_template)
                 atomic_write_json(tmp / "lm_eval" / f"{name}.json", results)
+            model.train(was_training)
             if loaded_here:  # free the weights before the next model
                 del model
                 gc.collect()

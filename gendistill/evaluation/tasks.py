@@ -64,10 +64,16 @@ def load_task(path: str | Path) -> Task:
     for key in ("name", "kind", "data", "prompt"):
         if not spec.get(key):
             raise UserError(f"task spec {path}: missing required key {key!r}")
+    if str(spec["name"]) in ("average", "average_open"):
+        raise UserError(f"task spec {path}: the name {spec['name']!r} is reserved for the report's averages")
+    if not re.match(r"^[\w.@-]+$", str(spec["name"])):
+        raise UserError(f"task spec {path}: name {spec['name']!r} becomes a file name: use letters, digits and ._@- only")
     kind = spec["kind"]
     if kind not in KINDS:
         raise UserError(f"task spec {path}: kind must be one of {KINDS}, got {kind!r}")
-    extract = spec.get("extract") or ("letter" if kind == "multiple_choice" else "first_line")
+    lists_choices = "{choices}" in spec["prompt"]
+    # Defaults follow what the model is shown: lettered options -> a letter; bare options -> the option's text.
+    extract = spec.get("extract") or ("first_line" if kind == "open" else "letter" if lists_choices else "choice_text")
     if extract not in EXTRACTS:
         raise UserError(f"task spec {path}: extract must be one of {EXTRACTS}, got {extract!r}")
     if extract == "regex":
@@ -76,7 +82,7 @@ def load_task(path: str | Path) -> Task:
                 raise UserError(f"task spec {path}: extract: regex needs `regex` with a capture group (group 1 = answer)")
         except re.error as err:
             raise UserError(f"task spec {path}: bad regex {spec.get('regex')!r}: {err}") from None
-    ll_target = spec.get("ll_target") or ("letter" if "{choices}" in spec["prompt"] else "text")
+    ll_target = spec.get("ll_target") or ("letter" if lists_choices else "text")
     if ll_target not in ("letter", "text"):
         raise UserError(f"task spec {path}: ll_target must be 'letter' or 'text', got {ll_target!r}")
     stop = spec.get("stop") or []
