@@ -572,58 +572,69 @@ def write_plots(result: dict, out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter, NullFormatter
 
     colors = {"teacher": "tab:blue", "student": "tab:orange"}
     contexts = [row["context"] for row in result["prefill"]]
+    largest = max([r[n].get(k) or 0 for r in result["prefill"] for n in colors
+                   for k in ("cache_bytes_analytic", "peak_cache_bytes", "peak_no_cache_bytes")] + [1])
+    unit, unit_name = next((u, n) for u, n in ((GiB, "GiB"), (MiB, "MiB"), (1024, "KiB"), (1, "bytes")) if largest >= u)
 
     def series(name, key, scale=1.0):
-        pairs = [(row["context"], row[name].get(key)) for row in result["prefill"]]
-        return [c for c, v in pairs if v is not None], [v / scale for _, v in pairs if v is not None]
+        pairs = [(row["context"], row[name].get(key)) for row in result["prefill"] if row[name].get(key) is not None]
+        return [c for c, _ in pairs], [v / scale for _, v in pairs]
 
-    files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    def plot(ax, xy, *style, **kw):
+        if xy[0]:  # nothing measured (e.g. device memory on CPU): no line, no legend entry
+            ax.plot(*xy, *style, **kw)
+
+    def finish(ax, title, ylabel, ylog, xlabel="context (tokens)", xticks=None):
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xscale="log", yscale="log" if ylog else "linear")
+        # LogFormatter: plain numbers, minor ticks labelled when the range is narrow, no mathtext (slow to typeset)
+        for axis in (ax.xaxis, ax.yaxis) if ylog else (ax.xaxis,):
+            axis.set_major_formatter(LogFormatter())
+            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ticks = contexts if xticks is None else xticks
+        ax.set_xticks(ticks, [_fmt_context(t) if xticks is None else str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+
+    def save(fig, name):
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        return name
+
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for name, color in colors.items():
-        ax.plot(*series(name, "ttft_no_cache_ms"), "o-", color=color, label=f"{name}, no cache")
-        ax.plot(*series(name, "ttft_cache_ms"), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="TTFT (ms)", title="Time to first token")
-    ax.set_xticks(contexts, [_fmt_context(c) for c in contexts])
-    ax.legend(fontsize=8)
-    files.append(_save(fig, out_dir / "ttft_vs_context.png"))
+        plot(ax, series(name, "ttft_no_cache_ms"), "o-", color=color, label=f"{name}, no cache")
+        plot(ax, series(name, "ttft_cache_ms"), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
+    finish(ax, "Time to first token (batch 1)", "TTFT (ms)", ylog=True)
+    files = [save(fig, "ttft_vs_context.png")]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for name, color in colors.items():
-        left.plot(*series(name, "cache_bytes_measured", GiB), "o-", color=color, label=f"{name}, measured")
-        left.plot(*series(name, "cache_bytes_analytic", GiB), "k:", alpha=0.5)
-        right.plot(*series(name, "peak_no_cache_bytes", GiB), "o-", color=color, label=f"{name}, no cache")
-        right.plot(*series(name, "peak_cache_bytes", GiB), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
-    left.set(title="KV cache + KDA state after prefill (dotted: analytic)", ylabel="GiB")
-    right.set(title="Peak device memory during prefill", ylabel="GiB")
-    for ax in (left, right):
-        ax.set(xscale="log", xlabel="context (tokens)")
-        ax.set_xticks(contexts, [_fmt_context(c) for c in contexts])
-        ax.legend(fontsize=8)
-    files.append(_save(fig, out_dir / "memory_vs_context.png"))
+        plot(left, series(name, "cache_bytes_measured", unit), "o-", color=color, label=f"{name}, measured")
+        plot(left, series(name, "cache_bytes_analytic", unit), "k:", alpha=0.5)
+        plot(right, series(name, "peak_no_cache_bytes", unit), "o-", color=color, label=f"{name}, no cache")
+        plot(right, series(name, "peak_cache_bytes", unit), "s--", color=color, alpha=0.6, label=f"{name}, with cache")
+    finish(left, "KV cache + KDA state after prefill (dotted: analytic)", unit_name, ylog=False)
+    finish(right, "Peak device memory during prefill" + ("" if right.lines else " (CUDA only)"), unit_name,
+           ylog=False)
+    files.append(save(fig, "memory_vs_context.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    batches = set()
     for name, color in colors.items():
         d = result["decode"][name]
         if "points" in d:
+            batches.update(p["batch"] for p in d["points"])
             ax.plot([p["batch"] for p in d["points"]], [p["tokens_per_s"] for p in d["points"]], "o-", color=color,
                     label=f"{name} (largest batch {d['largest_batch']})")
-    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens / s",
-           title=f"Decode throughput at {_fmt_context(result['settings']['decode_context'])} context")
-    ax.legend(fontsize=8)
-    files.append(_save(fig, out_dir / "decode_throughput_vs_batch.png"))
+    finish(ax, f"Decode throughput at {_fmt_context(result['settings']['decode_context'])} context", "tokens / s",
+           ylog=True, xlabel="batch", xticks=sorted(b for b in batches if b & (b - 1) == 0))  # powers of two
+    files.append(save(fig, "decode_throughput_vs_batch.png"))
     return files
-
-
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------------

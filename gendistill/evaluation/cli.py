@@ -54,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--batch-size and --recall-samples must be at least 1")
     if args.decode != "greedy" and not args.seeds:
         raise UserError("--decode sample needs at least one seed")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (greedy: --decode greedy)")
     report = evaluate(
         args.model, teacher=args.teacher, tasks=args.tasks, out=args.out, decode=args.decode, seeds=args.seeds,
         sampling=Sampling(args.temperature, args.top_p, args.top_k), batch_size=args.batch_size,
