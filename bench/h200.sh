@@ -23,8 +23,8 @@ for s in "$@"; do
     parity)  step parity 150 python3 bench/kda_parity.py --out "$OUT/kda_parity_h200.json" ;;
     prefill) step prefill 200 python3 bench/prefill.py --contexts 4k,16k,64k,128k --repeats 3 --profile 4k \
                --out "$OUT/prefill_h200.json" ;;
-    bench)   step bench 300 python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k \
-               --decode-context 32k --out "$OUT/bench" ;;
+    bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step bench 480 python3 -m gendistill bench \
+               --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --repeats 3 --out "$OUT/bench" ;;
     kd)      step kd 150 python3 bench/kd_step.py --shape qwen3-0.6b --out "$OUT/kd_step_h200.json" ;;
     demo)    step demo 560 python3 -m gendistill demo --scale gpu --out "$OUT/demo" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;

@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     # vocab large enough that the head dominates memory, as it does at 151k
     "small": dict(config=dict(vocab_size=32768, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32,
-                              intermediate=384), attention_layers=[0, 2], seq_len=512, micro_batch=4),
+                              intermediate=384), attention_layers=[0, 2], seq_len=512, micro_batch=2),
     "qwen3-0.6b": dict(config=None, attention_layers=None, seq_len=2048, micro_batch=8),
 }
 
@@ -109,7 +109,7 @@ def hf_ce_step_speed(student, corpus, args, env) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss)  # synchronise
+        float(loss.detach())  # synchronise
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[args.warmup:])
     return {"tokens_per_s_per_device": args.micro_batch * args.seq_len / step_s, "step_time_s": step_s,
@@ -131,7 +131,7 @@ def _run_loss(variant, inputs, chunk_tokens):
     fn = chunked_head_loss if variant == "chunked" else naive_head_loss
     loss, _ = fn(*inputs, HeadLoss({"kd": 1.0}, chunk_tokens=chunk_tokens), scale=1 / inputs[0].shape[0])
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _rss_mib() -> float:
@@ -155,7 +155,9 @@ def loss_memory(variant, tokens, hidden, vocab, chunk_tokens, device) -> dict:
     # CPU: a fresh process per variant; the loss's peak resident memory above what the process held before it
     out = subprocess.run([sys.executable, __file__, "--_loss-probe", variant, str(tokens), str(hidden), str(vocab),
                           str(chunk_tokens)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+                         # large blocks always mmapped (and unmapped on free): resident memory tracks live tensors
+                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                              "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="measured steps (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk-tokens", type=int, default=1024)
-    p.add_argument("--loss-tokens", type=int, help="tokens in the loss-memory comparison (default: one micro-batch)")
+    p.add_argument("--loss-tokens", type=int,
+                   help="tokens in the loss-memory comparison (default: one micro-batch, at least 4 chunks)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face full-logits CE row")
     p.add_argument("--out", type=Path)
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
     if "hf_ce" in results:
         results["kd_over_hf_ce"] = results["kd"]["tokens_per_s_per_device"] / results["hf_ce"]["tokens_per_s_per_device"]
     if env.is_main:
-        n = args.loss_tokens or args.micro_batch * args.seq_len
+        n = args.loss_tokens or max(args.micro_batch * args.seq_len, 4 * args.chunk_tokens)
         results["loss_memory"] = {"tokens": n, "vocab": vocab, "chunk_tokens": args.chunk_tokens,
                                   "chunked": loss_memory("chunked", n, hidden, vocab, args.chunk_tokens, env.device),
                                   "full_logits": loss_memory("naive", n, hidden, vocab, args.chunk_tokens, env.device)}

@@ -13,7 +13,7 @@ from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausa
 
 PAPER_ATTENTION_LAYERS = (0, 2, 6, 11, 13, 18, 21)  # beam-searched set of arXiv 2603.26556 for 28-layer Qwen3
 KDA_FROM_TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")
-KDA_OPTION_KEYS = ("kda_conv_size", "kda_conv_bias", "kda_conv_activation", "kda_gate_rank", "kda_output_gate")
+FP32_PARAMETERS = ("A_log", "dt_bias")  # the decay gate is computed in fp32 (paper; fla keeps them fp32)
 
 
 def default_attention_layers(num_layers: int, ratio: float = 0.25) -> list[int]:
@@ -78,7 +78,10 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
     config._attn_implementation = getattr(teacher.config, "_attn_implementation", None) or "sdpa"
     torch.manual_seed(seed)
     dtype = next(teacher.parameters()).dtype
-    student = HybridKDAForCausalLM(config).to(dtype)
+    student = HybridKDAForCausalLM(config)
+    for name, param in student.named_parameters():  # buffers (RoPE frequencies) and the KDA gate stay fp32
+        if not name.endswith(FP32_PARAMETERS):
+            param.data = param.data.to(dtype)
 
     teacher_state = teacher.state_dict()
     student_state = student.state_dict()

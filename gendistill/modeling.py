@@ -239,6 +239,7 @@ class HybridKDAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _is_stateful = True
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]  # the decay gate is computed in fp32 whatever the dtype
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -56,7 +56,7 @@ class HeadLoss:
     chunk_tokens: int = 1024
 
     def per_chunk(self, student_logits, teacher_logits, targets) -> list[torch.Tensor]:
-        """Sum over the chunk's tokens of each term, in `weights` order."""
+        """Sum over the chunk's tokens of each term, in `weights` order (differentiable; the reference path)."""
         out = []
         for term in self.weights:
             if term == "kd":
@@ -68,12 +68,51 @@ class HeadLoss:
                 raise ValueError(f"{term!r} is not a vocabulary-sized term")
         return out
 
+    def loss_and_grad(self, hidden, weight, teacher_hidden, teacher_weight, targets, need_grad: bool):
+        """One chunk: (per-term sums [K], d(weighted sum)/d logits or None), logits computed here in fp32.
+
+        Forward KL and CE (the paper's terms) use their closed-form gradients computed in place, so about three
+        [chunk, vocab] fp32 buffers are alive at once; rkl/jsd (and no-grad evaluation) go through autograd."""
+        logits = (hidden @ weight.T).float()
+        teacher_logits = None if teacher_hidden is None else (teacher_hidden @ teacher_weight.T).float()
+        if not need_grad:
+            with torch.no_grad():
+                return torch.stack(self.per_chunk(logits, teacher_logits, targets)), None
+        if "kd" in self.weights and self.divergence != "fkl":
+            logits.requires_grad_()
+            with torch.enable_grad():
+                terms = torch.stack(self.per_chunk(logits, teacher_logits, targets))
+                weights = torch.tensor(list(self.weights.values()), device=terms.device)
+                (grad,) = torch.autograd.grad((terms * weights).sum(), logits)
+            return terms.detach(), grad
+        values, grad = {}, None
+        if "ce" in self.weights:  # -log softmax(z)[target]; gradient softmax(z) - onehot(target)
+            rows = torch.arange(len(targets), device=logits.device)
+            log_p = torch.log_softmax(logits, dim=-1)
+            values["ce"] = -log_p[rows, targets].sum()
+            grad = log_p.exp_()
+            grad[rows, targets] -= 1
+            grad.mul_(self.weights["ce"])
+            del log_p
+        if "kd" in self.weights:  # KL(p_t || p_s), p = softmax(z / T); gradient (p_s - p_t) / T
+            T = self.temperature
+            log_s = torch.log_softmax(logits if T == 1 else logits / T, dim=-1)
+            del logits
+            log_t = torch.log_softmax(teacher_logits if T == 1 else teacher_logits / T, dim=-1)
+            del teacher_logits
+            p_t = log_t.exp()
+            values["kd"] = log_t.sub_(log_s).mul_(p_t).sum()
+            del log_t
+            g = log_s.exp_().sub_(p_t)
+            grad = g.mul_(self.weights["kd"] / T) if grad is None else grad.add_(g, alpha=self.weights["kd"] / T)
+        return torch.stack([values[t] for t in self.weights]), grad
+
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """loss = scale * sum_terms weight * sum_tokens term(hidden @ weight.T, teacher_hidden @ teacher_weight.T).
 
     Forward walks the tokens chunk by chunk and computes the gradient of each chunk's loss w.r.t. its logits on the
-    spot (autograd on the small chunk graph), then folds it into d/dhidden and d/dweight; backward only rescales.
+    spot (`HeadLoss.loss_and_grad`), then folds it into d/dhidden and d/dweight; backward only rescales them.
     """
 
     @staticmethod
@@ -89,19 +128,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             weights = torch.tensor(list(spec.weights.values()), dtype=torch.float32, device=hidden.device)
             for lo in range(0, hidden.shape[0], spec.chunk_tokens):
                 h = hidden[lo:lo + spec.chunk_tokens]
-                logits = (h @ w.T).float().requires_grad_(need_h or need_w)
-                teacher_logits = None
-                if tw is not None:
-                    teacher_logits = (teacher_hidden[lo:lo + spec.chunk_tokens] @ tw.T).float()
-                with torch.enable_grad():
-                    terms = torch.stack(spec.per_chunk(logits, teacher_logits, targets[lo:lo + spec.chunk_tokens]))
-                    if need_h or need_w:
-                        (grad_logits,) = torch.autograd.grad((terms * weights).sum(), logits)
-                sums += terms.detach()
+                th = None if teacher_hidden is None else teacher_hidden[lo:lo + spec.chunk_tokens]
+                terms, grad_logits = spec.loss_and_grad(h, w, th, tw, targets[lo:lo + spec.chunk_tokens],
+                                                        need_h or need_w)
+                sums += terms
                 if need_h:
                     grad_h[lo:lo + spec.chunk_tokens] = (grad_logits.to(dtype) @ w).float()
                 if need_w:
                     grad_w.addmm_(grad_logits.T, h.float())
+                del grad_logits  # before the next chunk allocates its logits
         ctx.hidden_dtype, ctx.weight_dtype, ctx.has = hidden.dtype, weight.dtype, (need_h, need_w)
         ctx.save_for_backward(*(g * scale for g in (grad_h, grad_w) if g is not None))
         sums = sums * scale
