@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +36,8 @@ SHAPES = {
 }
 
 
-def build_models(shape: str):
+def build_models(shape: str, device: torch.device):
+    """Random teacher of the shape and its converted student, built directly on `device` (no CPU init of 0.6B)."""
     from transformers import Qwen3ForCausalLM
 
     from gendistill.convert import convert
@@ -49,8 +47,9 @@ def build_models(shape: str):
     config = qwen3_0_6b_config() if spec["config"] is None else tiny_qwen3_config(**spec["config"])
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    teacher = Qwen3ForCausalLM(config).eval()  # random weights: speed and memory do not depend on their values
-    student = convert(teacher, attention_layers=spec["attention_layers"])
+    with device:  # random weights: speed and memory do not depend on their values
+        teacher = Qwen3ForCausalLM(config).eval()
+        student = convert(teacher, attention_layers=spec["attention_layers"])
     return teacher, student
 
 
@@ -134,43 +133,30 @@ def _run_loss(variant, inputs, chunk_tokens):
     return float(loss.detach())
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def loss_memory(variant, tokens, hidden, vocab, chunk_tokens, device) -> dict:
-    """Peak extra memory (MiB) of one KD loss forward+backward over `tokens` x `vocab`, beyond its inputs."""
+    """Peak memory (MiB) of one KD loss forward+backward over `tokens` x `vocab`, beyond its inputs. CUDA: the caching
+    allocator's peak; CPU: the peak of live tensor storage, tracked op by op (torch's MemTracker)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inputs = _loss_inputs(tokens, hidden, vocab, device, dtype)
+    input_bytes = sum(x.numel() * x.element_size() for x in inputs)
+    t0 = time.perf_counter()
     if device.type == "cuda":
-        inputs = _loss_inputs(tokens, hidden, vocab, device, torch.bfloat16)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
         _run_loss(variant, inputs, chunk_tokens)
         torch.cuda.synchronize()
-        return {"peak_extra_mib": (torch.cuda.max_memory_allocated(device) - base) / 2**20,
-                "time_s": time.perf_counter() - t0}
-    # CPU: a fresh process per variant; the loss's peak resident memory above what the process held before it
-    out = subprocess.run([sys.executable, __file__, "--_loss-probe", variant, str(tokens), str(hidden), str(vocab),
-                          str(chunk_tokens)], capture_output=True, text=True, check=True,
-                         # large blocks always mmapped (and unmapped on free): resident memory tracks live tensors
-                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-                              "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        from torch.distributed._tools.mem_tracker import MemTracker
 
-
-def _loss_probe(variant, tokens, hidden, vocab, chunk_tokens):
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    inputs = _loss_inputs(tokens, hidden, vocab, torch.device("cpu"), torch.float32)
-    _run_loss(variant, _loss_inputs(64, hidden, 64, torch.device("cpu"), torch.float32), 32)  # warm the allocator
-    before = _rss_mib()
-    t0 = time.perf_counter()
-    _run_loss(variant, inputs, chunk_tokens)
-    elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_extra_mib": max(0.0, peak - before), "time_s": elapsed}))
+        tracker = MemTracker()
+        tracker.track_external(*inputs)
+        with tracker:
+            _run_loss(variant, inputs, chunk_tokens)
+        peak = tracker.get_tracker_snapshot("peak")[device]["Total"] - input_bytes
+    return {"peak_extra_mib": peak / 2**20, "time_s": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,13 +182,19 @@ def main(argv=None) -> int:
     from gendistill.kda import fla_available
 
     env = parallel.setup()
-    teacher, student = build_models(args.shape)
+    teacher, student = build_models(args.shape, env.device)
     vocab, hidden = teacher.config.vocab_size, teacher.config.hidden_size
-    results = {"shape": args.shape, "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+    try:  # bench/common.py: the environment record shared by the benchmark scripts
+        from common import environment
+        results = {"environment": environment()}
+    except ImportError:
+        results = {}
+    results |= {"shape": args.shape, "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                "world_size": env.world, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                "vocab": vocab, "hidden": hidden, "layers": teacher.config.num_hidden_layers,
-               "attention_layers": student.config.attention_layers, "kda_backend": "fla" if fla_available() else "torch",
+               "attention_layers": student.config.attention_layers,
+               "kda_backend": "fla" if fla_available() else "torch",
                "precision": "bf16 autocast" if env.device.type == "cuda" else "fp32", "torch": torch.__version__}
     # one scratch directory for all processes (the corpus is written once, by rank 0)
     tmp = Path(parallel.broadcast_object(env, tempfile.mkdtemp(prefix="kd_step.") if env.is_main else None))
@@ -224,7 +216,8 @@ def main(argv=None) -> int:
     del teacher, student
     results["kd_over_ce"] = results["kd"]["tokens_per_s_per_device"] / results["ce"]["tokens_per_s_per_device"]
     if "hf_ce" in results:
-        results["kd_over_hf_ce"] = results["kd"]["tokens_per_s_per_device"] / results["hf_ce"]["tokens_per_s_per_device"]
+        results["kd_over_hf_ce"] = (results["kd"]["tokens_per_s_per_device"]
+                                    / results["hf_ce"]["tokens_per_s_per_device"])
     if env.is_main:
         n = args.loss_tokens or max(args.micro_batch * args.seq_len, 4 * args.chunk_tokens)
         results["loss_memory"] = {"tokens": n, "vocab": vocab, "chunk_tokens": args.chunk_tokens,
@@ -242,26 +235,24 @@ def main(argv=None) -> int:
 
 def report(r: dict) -> None:
     gib = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-    print(f"\nKD step vs CE fine-tuning -- {r['shape']} ({r['layers']} layers, vocab {r['vocab']}, seq {r['seq_len']} x "
-          f"{r['micro_batch']} per device, {r['world_size']} device(s): {r['device']}; KDA {r['kda_backend']}, "
-          f"{r['precision']})")
-    print(f"{'step':<34}{'tokens/s/device':>16}{'step s':>10}{'peak GiB':>10}")
-    rows = [("KD (teacher fwd + student, chunked)", r["kd"]), ("CE student alone (same trainer)", r["ce"])]
+    print(f"\nKD step vs CE fine-tuning: {r['shape']} ({r['layers']} layers, vocab {r['vocab']}), "
+          f"{r['micro_batch']} x {r['seq_len']} tokens per device, {r['world_size']} device(s) {r['device']}, "
+          f"KDA {r['kda_backend']}, {r['precision']}")
+    print(f"{'step':<38}{'tokens/s/device':>16}{'step s':>10}{'peak GiB':>10}")
+    rows = [("KD (teacher fwd + student, chunked)", r["kd"]), ("CE, student alone (same trainer)", r["ce"])]
     if "hf_ce" in r:
-        rows.append(("CE student alone (HF full logits)", r["hf_ce"]))
+        rows.append(("CE, student alone (HF, full logits)", r["hf_ce"]))
     for label, x in rows:
-        print(f"{label:<34}{x['tokens_per_s_per_device']:>16.0f}{x['step_time_s']:>10.3f}{gib(x['peak_memory_gib']):>10}")
-    print(f"ratio KD / CE (same trainer): {r['kd_over_ce']:.3f}" +
-          (f"   KD / HF CE: {r['kd_over_hf_ce']:.3f}" if "kd_over_hf_ce" in r else ""))
+        print(f"{label:<38}{x['tokens_per_s_per_device']:>16.0f}{x['step_time_s']:>10.3f}"
+              f"{gib(x['peak_memory_gib']):>10}")
+    print(f"tokens/s ratio KD / CE (same trainer): {r['kd_over_ce']:.3f}"
+          + (f";  KD / HF CE: {r['kd_over_hf_ce']:.3f}" if "kd_over_hf_ce" in r else ""))
     m = r["loss_memory"]
-    print(f"\nKD loss alone, forward+backward over {m['tokens']} tokens x {m['vocab']} vocab (extra memory beyond inputs):")
+    print(f"\nKD loss alone, forward+backward, {m['tokens']} tokens x vocab {m['vocab']} "
+          f"(chunks of {m['chunk_tokens']}): peak memory beyond its inputs")
     for label in ("chunked", "full_logits"):
         print(f"  {label:<12} {m[label]['peak_extra_mib']:>10.1f} MiB  {m[label]['time_s']:.3f} s")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--_loss-probe":
-        variant, tokens, hidden, vocab, chunk = sys.argv[2], *map(int, sys.argv[3:7])
-        _loss_probe(variant, tokens, hidden, vocab, chunk)
-        sys.exit(0)
     sys.exit(main())

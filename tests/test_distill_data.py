@@ -172,3 +172,28 @@ def test_a_document_gives_the_same_outputs_packed_or_alone(kind):
             alone = model(input_ids=d[None], use_cache=False).logits[0]
             torch.testing.assert_close(together[lo:lo + len(d)], alone, rtol=1e-5, atol=1e-5)
             lo += len(d)
+
+
+def test_parquet_text_files_directories_and_unreachable_hub_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gendistill.distill.data import iter_records
+
+    pq.write_table(pa.table({"text": ["first doc", "second doc"]}), tmp_path / "a.parquet")
+    records = iter_records(DataSource(path=str(tmp_path / "a.parquet")))
+    assert [r["text"] for r in records] == ["first doc", "second doc"]
+    (tmp_path / "b.txt").write_text("para one\nstill one\n\npara two\n")
+    assert [r["text"].strip() for r in iter_records(DataSource(path=str(tmp_path / "b.txt")))] == \
+        ["para one\nstill one", "para two"]
+    by_line = DataSource(path=str(tmp_path / "b.txt"), text_sample_by="line")
+    assert len(list(iter_records(by_line))) == 4  # the blank line is a record ...
+    corpus = build_corpus(by_line, "text", tiny_tokenizer(), tmp_path / "cache", 10**9)
+    assert corpus.num_documents == 3  # ... not a document
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+    assert [r["text"] for r in iter_records(DataSource(path=str(folder)))] == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(UserError, match="could not read data source 'nobody/no-such-dataset'"):
+        detect_kind(DataSource(path="nobody/no-such-dataset"))  # offline in tests: fails cleanly, naming it

@@ -106,3 +106,20 @@ def test_divergences_match_their_definitions():
     torch.testing.assert_close(divergence(s, t, "jsd", beta=0.3), manual, rtol=1e-5, atol=1e-6)
     # temperature softens both sides before comparing
     torch.testing.assert_close(divergence(s, t, "fkl", temperature=2.0), divergence(s / 2, t / 2, "fkl"))
+
+
+def test_under_bf16_autocast_the_projections_run_in_bf16_and_match_full_logits():
+    hidden, weight, t_hidden, t_weight, targets = _inputs()
+    spec = HeadLoss({"kd": 1.0, "ce": 0.5}, chunk_tokens=8)
+    results = []
+    for fn in (chunked_head_loss, naive_head_loss):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = fn(h, weight, t_hidden.bfloat16(), t_weight.bfloat16(), targets, spec, scale=1 / 37)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    assert results[0][1].dtype == torch.float32  # gradient in the dtype of the (fp32) hidden states
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=5e-2, atol=5e-3)
+    fp32, _ = chunked_head_loss(hidden, weight, t_hidden, t_weight, targets, spec, scale=1 / 37)
+    assert results[0][0].item() != fp32.item()  # the bf16 path really ran

@@ -1,5 +1,6 @@
 """Recipes: the shipped ones validate; overrides land where they say; every bad key/value is a UserError naming it,
 raised before anything is written (no output directory, no token cache)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,21 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path):
     with pytest.raises(UserError, match="--resume to continue it or --overwrite"):
         run_recipe(TINY, [f"out_dir={out}"])
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_cli_check_errors_and_a_run(tmp_path, capsys):
+    from gendistill.cli import main
+
+    assert main(["distill", str(RECIPES / "paper.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "3. kd: {'kd': 1.0} on pretrain (all); train ['kda', 'mlp', 'norms']; 3815 steps x 64 x 2048" in out
+    assert main(["distill", str(TINY), "--set", "kd.lrr=1"]) == 2
+    assert "gendistill distill: error: stages[2] (kd).lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
+    out_dir = tmp_path / "run"
+    args = ["distill", str(TINY), "--set", f"out_dir={out_dir}", "--set", "*.steps=1", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["final_model"] == str(out_dir / "04-kd_instruct" / "model") and len(summary["stages"]) == 4
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err  # exists: resume or overwrite
+    assert main(args + ["--resume"]) == 0  # every stage done: nothing to redo
+    assert main(args + ["--overwrite"]) == 0

@@ -50,7 +50,8 @@ def _snapshot(model):
     ("kd", {}, 0.25),
     ("kd_instruct", {}, 0.3),
     ("kd", {"divergence": "jsd", "jsd_beta": 0.5, "temperature": 2.0, "train": ["kda"]}, 0.2),
-    ("kd", {"objective": {"kd": 1.0, "ce": 0.2}, "divergence": "rkl", "train": ["mlp", "embeddings"], "lr": 3e-3}, 0.08),
+    ("kd", {"objective": {"kd": 1.0, "ce": 0.2}, "divergence": "rkl", "train": ["mlp", "embeddings"], "lr": 3e-3},
+     0.08),
 ])
 def test_each_objective_falls_and_only_trainable_groups_move(tmp_path, corpora, stage_name, changes, min_drop):
     recipe = load_recipe(TINY, ["*.steps=12"])
@@ -242,3 +243,31 @@ def test_student_from_a_converted_dir_and_an_eval_hook(tmp_path, reference):
     assert calls == [(model_dir, {"tasks": "x"})]
     assert summary["stages"][0]["eval"] == {"score": 1.0}
     assert json.loads((tmp_path / "run" / "01-kd" / "eval.json").read_text()) == {"score": 1.0}
+
+
+def test_progress_bar_banner_and_optional_tensorboard(tmp_path, corpora, capsys, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard (tensorboard is not a dependency)
+        def __init__(self, logdir, purge_step=None):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    stage = {"name": "kd", "objective": "kd", "train": ["kda"], "steps": 2, "seq_len": 32, "batch_size": 2,
+             "checkpoint_every": 0}
+    teacher = tiny_qwen3()
+    train_stage(stage, convert(teacher, attention_layers=[0, 2]), teacher=teacher, data=corpora["text"],
+                out_dir=tmp_path / "kd", progress=True, tensorboard=True)
+    err = capsys.readouterr().err
+    assert "stage kd: 1*kd, all tokens, 2 steps x 2 x 32; trains kda (0.03M); frozen: attention, embeddings, mlp, " \
+           "norms" in err
+    assert "loss=" in err and "lr=" in err and "tok_s=" in err and "2/2" in err
+    assert ("kd/loss", 1) in scalars and ("kd/tokens_per_s", 2) in scalars

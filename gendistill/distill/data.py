@@ -84,7 +84,8 @@ def detect_kind(src: DataSource) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # chat rendering
 
-def render_chat(messages: list[dict], tokenizer, chat_template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
+def render_chat(messages: list[dict], tokenizer,
+                chat_template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
     """Render a chat with the tokenizer's template; return token ids and a 0/1 flag per token that is 1 exactly on
     what the assistant writes: each assistant message's content plus the end-of-turn (eos) token right after it.
 
@@ -184,7 +185,8 @@ def build_corpus(src: DataSource, kind: str, tokenizer, cache_dir: str | Path, m
         if not batch:
             return
         if kind == "text":
-            encoded = tokenizer([r[src.text_field] or "" for r in batch], add_special_tokens=False)["input_ids"]
+            texts = [r[src.text_field] for r in batch if r[src.text_field].strip()]  # no empty documents
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
             docs = [(ids + [eos] if src.append_eos else ids, None) for ids in encoded]
         else:
             docs = [render_chat(r[src.messages_field], tokenizer, src.chat_template_kwargs) for r in batch]

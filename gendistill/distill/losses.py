@@ -116,10 +116,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, spec: HeadLoss, scale: float):
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, spec: HeadLoss, scale: float, dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
-            dtype = hidden.dtype
             w = weight.to(dtype)
             tw = teacher_weight.to(teacher_hidden.dtype) if teacher_hidden is not None else None
             grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -127,7 +126,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             sums = torch.zeros(len(spec.weights), dtype=torch.float32, device=hidden.device)
             weights = torch.tensor(list(spec.weights.values()), dtype=torch.float32, device=hidden.device)
             for lo in range(0, hidden.shape[0], spec.chunk_tokens):
-                h = hidden[lo:lo + spec.chunk_tokens]
+                h = hidden[lo:lo + spec.chunk_tokens].to(dtype)
                 th = None if teacher_hidden is None else teacher_hidden[lo:lo + spec.chunk_tokens]
                 terms, grad_logits = spec.loss_and_grad(h, w, th, tw, targets[lo:lo + spec.chunk_tokens],
                                                         need_h or need_w)
@@ -148,21 +147,27 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grad_h = (next(saved) * grad_total).to(ctx.hidden_dtype) if ctx.has[0] else None
         grad_w = (next(saved) * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor | None,
                       teacher_weight: torch.Tensor | None, targets: torch.Tensor, spec: HeadLoss,
                       scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """hidden [N, H] (only the scored tokens), weight [V, H]; returns (weighted loss, {term: detached value})."""
-    total, sums = _ChunkedHeadLoss.apply(hidden, weight, teacher_hidden, teacher_weight, targets, spec, scale)
+    """hidden [N, H] (only the scored tokens), weight [V, H]; returns (weighted loss, {term: detached value}).
+    The projections run in the autocast dtype when autocast is on (as lm_head would), else in hidden's dtype; the
+    softmax math is always fp32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    total, sums = _ChunkedHeadLoss.apply(hidden, weight, teacher_hidden, teacher_weight, targets, spec, scale, dtype)
     return total, dict(zip(spec.weights, sums.unbind()))
 
 
 def naive_head_loss(hidden, weight, teacher_hidden, teacher_weight, targets, spec: HeadLoss, scale: float = 1.0):
     """The same loss from full logits (the reference the chunked path is tested and benchmarked against)."""
     logits = (hidden @ weight.to(hidden.dtype).T).float()
-    teacher_logits = None if teacher_hidden is None else (teacher_hidden @ teacher_weight.to(teacher_hidden.dtype).T).float()
+    teacher_logits = None
+    if teacher_hidden is not None:
+        teacher_logits = (teacher_hidden @ teacher_weight.to(teacher_hidden.dtype).T).float()
     terms = torch.stack(spec.per_chunk(logits, teacher_logits, targets)) * scale
     weights = torch.tensor(list(spec.weights.values()), dtype=torch.float32, device=hidden.device)
     return (terms * weights).sum(), dict(zip(spec.weights, terms.detach().unbind()))

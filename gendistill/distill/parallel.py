@@ -69,7 +69,13 @@ def wrap(objective: nn.Module, env: Env, strategy: str, find_unused: bool) -> nn
     """FSDP2 or DDP around the StudentObjective (in place for FSDP2); unchanged for one process."""
     if env.world == 1:
         return objective
-    if strategy in ("auto", "fsdp"):
+    if strategy == "auto":
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+            strategy = "fsdp"
+        except ImportError:  # torch without FSDP2
+            strategy = "ddp"
+    if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for layer in objective.student.model.layers:
@@ -77,8 +83,8 @@ def wrap(objective: nn.Module, env: Env, strategy: str, find_unused: bool) -> nn
             fully_shard(layer)
         fully_shard(objective)
         return objective
-    return nn.parallel.DistributedDataParallel(objective, device_ids=[env.device] if env.device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused)
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

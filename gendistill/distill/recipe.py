@@ -32,7 +32,7 @@ EVAL_HOOKS = {"evaluate": "gendistill.evaluation:evaluate"}  # short names for `
 
 @dataclasses.dataclass
 class Stage:
-    """One declarative training stage. Field defaults are the schema's defaults (see docs in the README table)."""
+    """One declarative training stage. The fields, their defaults and comments are the stage schema."""
 
     name: str
     objective: dict[str, float]  # term -> weight, e.g. {"kd": 1.0} or {"kd": 1.0, "ce": 0.1}
@@ -47,7 +47,7 @@ class Stage:
     layers: str | list[int] = "linear"  # layers aligned by attn_align/hidden_align: linear (KDA) | all | [i, ...]
     seq_len: int = 2048
     batch_size: int = 8  # global sequences per optimiser step, whatever the number of processes
-    micro_batch_size: int | None = None  # sequences per forward; None = largest of 1..8 that divides the batch
+    micro_batch_size: int | None = None  # sequences per forward; None = largest of 1..8 dividing batch_size/world
     lr: float = 1e-4
     schedule: str = "cosine"
     warmup: float = 0.0  # fraction of the steps
@@ -262,7 +262,9 @@ def _objective(value, where: str) -> dict[str, float]:
 
 def _model_spec(value, where: str, student: bool):
     forms = ["a directory or hub id", "{path: ..., dtype: ...}", "{config: {...}, seed: 0}",
-             "{factory: 'module:function', kwargs: {...}}"] + (["{convert: {attention_layers: [...]}}"] if student else [])
+             "{factory: 'module:function', kwargs: {...}}"]
+    if student:
+        forms.append("{convert: {attention_layers: [...]}}")
     if isinstance(value, str) and value:
         return {"path": value}
     if isinstance(value, dict) and len({"path", "config", "factory", "convert"} & set(value)) == 1:

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -107,6 +108,12 @@ def trainable_groups(student, groups: str | list[str]) -> dict[str, int]:
         raise UserError(f"parameter group(s) {empty} match no parameter of the student ({type(student).__name__}); "
                         f"non-empty groups: {[g for g, n in counts.items() if n]}")
     return {g: counts[g] for g in groups}
+
+
+def _all_groups(student) -> list[str]:
+    from gendistill.modeling import parameter_group
+
+    return sorted({parameter_group(student, n) for n, _ in student.named_parameters()})
 
 
 def align_layers(stage: Stage, student) -> list[int]:
@@ -207,11 +214,13 @@ class _Logger:
     """metrics.jsonl (+ TensorBoard if installed, + tqdm) on the main process only."""
 
     def __init__(self, stage_dir: Path, stage: Stage, start: int, total: int, enabled: bool, progress: bool,
-                 tensorboard: bool):
+                 tensorboard: bool, banner: str):
         self.enabled, self.path = enabled, stage_dir / "metrics.jsonl"
         self.bar = self.tb = None
         if not enabled:
             return
+        if progress:
+            print(banner, file=sys.stderr, flush=True)
         if self.path.exists():  # drop lines logged after the checkpoint we resume from
             kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
             atomic_write_text(self.path, "".join(l + "\n" for l in kept))
@@ -293,12 +302,26 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
 
 
 def prepare_corpus(source: DataSource, tokenizer, cache_dir, min_tokens: int, env: parallel.Env) -> TokenCorpus:
-    """Tokenise on the main process (others wait), then everyone memory-maps the cache."""
+    """Tokenise on the main process, then everyone memory-maps the cache. The others wait by watching the cache
+    rather than in a collective, so a long tokenisation cannot hit the process group's timeout (if the main process
+    fails, torchrun stops them)."""
     kind = detect_kind(source) if source.kind == "auto" else source.kind
+    directory = cached_corpus_dir(source, kind, tokenizer, cache_dir)
     if env.is_main:
         build_corpus(source, kind, tokenizer, cache_dir, min_tokens)
+    else:
+        while not _cache_ready(directory, min_tokens):
+            time.sleep(1.0)
     parallel.barrier(env)
-    return TokenCorpus(cached_corpus_dir(source, kind, tokenizer, cache_dir))
+    return TokenCorpus(directory)
+
+
+def _cache_ready(directory: Path, min_tokens: int) -> bool:
+    try:
+        corpus = TokenCorpus(directory)
+    except (OSError, ValueError):  # not there yet, or being replaced
+        return False
+    return corpus.meta["exhausted"] or corpus.num_tokens >= min_tokens
 
 
 def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy, progress, tensorboard, on_step,
@@ -345,7 +368,12 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
 
     stream = PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
                           shuffle=corpus.meta["source"].get("shuffle", True))
-    logger = _Logger(out_dir, stage, start, steps, env.is_main, progress, tensorboard)
+    frozen = sorted(set(_all_groups(student)) - set(groups))
+    banner = (f"stage {stage.name}: {'+'.join(f'{w:g}*{t}' for t, w in stage.objective.items())}, "
+              f"{stage.loss_mask} tokens, {steps} steps x {stage.batch_size} x {stage.seq_len}; trains "
+              + ", ".join(f"{g} ({n / 1e6:.2f}M)" for g, n in groups.items()) + f"; frozen: {', '.join(frozen) or '-'}"
+              + (f"; resuming at step {start}" if start else ""))
+    logger = _Logger(out_dir, stage, start, steps, env.is_main, progress, tensorboard, banner)
     n_micro = stage.batch_size // micro
     mine = list(range(env.rank, n_micro, env.world))
     tokens_per_step = stage.batch_size * stage.seq_len
@@ -353,6 +381,10 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     record, first_loss, t_stage = None, None, time.perf_counter()
     last_good = last
+    if last is not None:  # a resumed stage reports its whole history
+        record = json.loads((last / "trainer_state.json").read_text())
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
+        first_loss = json.loads(lines[0])["loss"] if lines else None
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -389,7 +421,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             record = {"stage": stage.name, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
                       "loss": values[0], **{f"loss/{t}": v for t, v in zip(term_names, values[1:])},
                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
-                      "step_time_s": elapsed}
+                      "step_time_s": elapsed, "scored_tokens": int(counts[0])}
             first_loss = values[0] if first_loss is None else first_loss
             if (step + 1) % stage.log_every == 0 or step + 1 == steps:
                 logger.log(record)

@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
     # The 2-core CPU demo: 200 people, 800 biographies = 37K pretraining tokens (47 per biography), 1,959 chats =
     # 65K tokens (72K noisy). An 8-layer hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 cores,
     # so two minutes are ~10 passes over the biographies plus ~2 over the chats.
-    "cpu": Preset(200, 4, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1024),
+    "cpu": Preset(200, 4, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1536),
     # One GPU: 3,000 people, 18,000 biographies = 0.8M pretraining tokens, 38K chats = 1.0M tokens; ~20 s to build.
     "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 2048),
 }
@@ -316,28 +316,21 @@ def _make_people(seed: int, preset: Preset) -> tuple[list[Person], dict[str, lis
                              else [rng.choice(cities) for _ in employers]))
 
     n = preset.n_entities
-    # Name pools grow like sqrt(n): first and last names repeat across people, full names never do.
+    # Every person has their own surname (one key a tiny model can bind six facts to); first names repeat.
     n_first = max(6, math.ceil(1.5 * math.sqrt(n)))
-    n_last = max(8, math.ceil(2 * math.sqrt(n)))
     first_names = {g: _distinct(rng, n_first, lambda g=g: _syllable_word(rng, syllables, 2,
                                                                          rng.choice(FIRST_NAME_ENDINGS[g])), used)
                    for g in ("male", "female")}
-    last_names = _distinct(rng, n_last, lambda: _syllable_word(rng, syllables, 2, rng.choice(LAST_NAME_SUFFIXES)),
-                           used)
+    surnames = _distinct(rng, n, lambda: _syllable_word(rng, syllables, 2, rng.choice(LAST_NAME_SUFFIXES)), used)
 
     people: list[Person] = []
-    names: set[str] = set()
     n_seen = round(n * SEEN_FRACTION)
-    while len(people) < n:
+    for i, surname in enumerate(surnames):
         gender = rng.choice(["male", "female"])
-        name = f"{rng.choice(first_names[gender])} {rng.choice(last_names)}"
-        if name in names:
-            continue
-        names.add(name)
         employer = rng.choice(employers)
         people.append(Person(
-            id=f"p{len(people):05d}", name=name, gender=gender,
-            split="seen" if len(people) < n_seen else "extraction",  # draws are i.i.d., so this split is random
+            id=f"p{i:05d}", name=f"{rng.choice(first_names[gender])} {surname}", gender=gender,
+            split="seen" if i < n_seen else "extraction",  # draws are i.i.d., so this split is random
             birth_date=_random_date(rng),
             birth_city=rng.choice(cities), university=rng.choice(universities), field=rng.choice(fields),
             employer=employer, employer_city=employer_city[employer],
