@@ -1,0 +1,190 @@
+"""`gendistill demo`: the whole system on a world it generates itself, end to end.
+
+world -> teacher (trained from scratch, or reused from the cache) -> convert -> the four GenDistill stages ->
+evaluate teacher and student both ways (log-likelihood and generation) -> report.html/.md -> a summary table.
+Each step is an existing piece: `world.build_world`, `distill.run_recipe` (twice: the teacher's recipe and the
+distillation recipe, both in recipes/demo/), `convert.convert`, `evaluation.evaluate`, `bench.analytic_cache_bytes`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from gendistill.io import UserError, atomic_write_json
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+SCALES = ("mini", "cpu", "gpu")  # mini: the CI-sized miniature of the cpu demo
+EVAL_TASKS = ("world_qa_mc_seen", "world_qa_open_seen", "world_qa_mc_extraction", "world_qa_open_extraction")
+# scale -> world preset, eval item cap per task, long-context recall tasks, recall items per length
+EVAL_SETTINGS = {
+    "mini": dict(world="tiny", limit=16, recall="niah_single@256", recall_samples=4),
+    "cpu": dict(world="cpu", limit=60, recall="niah_single@512,1k", recall_samples=10),
+    "gpu": dict(world="gpu", limit=200, recall="niah_single@1k,4k,16k,niah_multikey@4k", recall_samples=20),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GENDISTILL_CACHE", Path.home() / ".cache" / "gendistill"))
+
+
+def _recipe(kind: str, scale: str) -> Path:
+    return RECIPES / f"{kind}-{'cpu' if scale == 'mini' else scale}.yaml"
+
+
+def _world_overrides(world_dir: Path) -> list[str]:
+    return [f"data.bios.path={world_dir / 'pretrain.jsonl'}", f"data.chat.path={world_dir / 'chat.jsonl'}"]
+
+
+def _mini_overrides() -> list[str]:
+    """Shrink any demo recipe to a few steps of short sequences (the CI miniature)."""
+    return ["*.tokens=null", "*.steps=3", "*.seq_len=64", "*.batch_size=4"]
+
+
+def _step(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def build_or_reuse_world(out: Path, seed: int, preset: str) -> Path:
+    from gendistill.world import build_world
+
+    world_dir = out / "world"
+    if not (world_dir / "world.json").exists():
+        build_world(seed=seed, scale=preset).save(world_dir)
+    return world_dir
+
+
+def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
+    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
+    from gendistill.distill import run_recipe
+
+    recipe = _recipe("teacher", scale)
+    key = hashlib.sha256((world_dir / "world.json").read_bytes() + recipe.read_bytes() + scale.encode()).hexdigest()
+    teacher_dir = cache / "teachers" / f"{scale}-seed{seed}-{key[:12]}"
+    if (teacher_dir / "config.json").exists() and not fresh:
+        print(f"reusing the cached teacher {teacher_dir}")
+        return teacher_dir
+    run_dir = teacher_dir.with_name(teacher_dir.name + ".run")
+    overrides = _world_overrides(world_dir) + [f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}",
+                                               f"student.seed={seed}"]
+    if scale == "mini":
+        overrides += _mini_overrides()
+    summary = run_recipe(recipe, overrides, overwrite=True)
+    tmp = teacher_dir.with_name(teacher_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(summary["final_model"], tmp)
+    shutil.rmtree(teacher_dir, ignore_errors=True)
+    os.replace(tmp, teacher_dir)  # the cache entry appears whole or not at all
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return teacher_dir
+
+
+def distill_student(teacher_dir: Path, world_dir: Path, out: Path, scale: str) -> dict:
+    from gendistill.distill import run_recipe
+
+    overrides = _world_overrides(world_dir) + [f"teacher.path={teacher_dir}", f"tokenizer.path={teacher_dir}",
+                                               f"out_dir={out / 'distill'}"]
+    if scale == "mini":
+        overrides += _mini_overrides()
+    return run_recipe(_recipe("distill", scale), overrides, overwrite=True)
+
+
+def summary_rows(report: dict, student_config, teacher_config) -> list[dict]:
+    """Teacher vs student on every world task: LL and generation accuracy, retention, LL-vs-generation gap."""
+    from gendistill.bench import analytic_cache_bytes
+
+    teacher, student = report["teacher"], report["students"][0]
+    rows = []
+    for column in ("average", *[t for t in EVAL_TASKS if t in report["scores"][teacher]]):
+        t, s = report["scores"][teacher].get(column, {}), report["scores"][student].get(column, {})
+        kept = report["retention"].get(student, {}).get(column, {})
+        rows.append({"task": column, "teacher_ll": t.get("ll_acc"), "student_ll": s.get("ll_acc"),
+                     "teacher_gen": t.get("gen_acc"), "student_gen": s.get("gen_acc"),
+                     "retention_ll": kept.get("ll_acc"), "retention_gen": kept.get("gen_acc")})
+    # Growth per token (attention KV) and the fixed part (KDA state), bf16, from the configs.
+    per_token = {}
+    for name, cfg in (("teacher", teacher_config), ("student", student_config)):
+        at_1k, at_2k = (analytic_cache_bytes(cfg, n, 1, 2) for n in (1024, 2048))
+        per_token[name] = {"per_token": (at_2k - at_1k) / 1024, "fixed": at_1k - (at_2k - at_1k)}
+    return rows, per_token
+
+
+def print_summary(rows: list[dict], per_token: dict, seconds: float, paths: dict) -> None:
+    pct = lambda x: "   -  " if x is None else f"{100 * x:5.1f}%"
+    print("\n" + "=" * 96)
+    print(f"{'task':26s} {'LL acc (teacher → student)':>28s} {'Gen acc (teacher → student)':>28s} "
+          f"{'retention LL / Gen':>18s}")
+    for r in rows:
+        print(f"{r['task']:26s} {pct(r['teacher_ll']):>13s} → {pct(r['student_ll']):<12s} "
+              f"{pct(r['teacher_gen']):>13s} → {pct(r['student_gen']):<12s} "
+              f"{pct(r['retention_ll'])} / {pct(r['retention_gen'])}")
+    t, st = per_token["teacher"], per_token["student"]
+    print(f"KV cache per token (bf16): teacher {t['per_token'] / 1024:.1f} KiB, student {st['per_token'] / 1024:.1f} "
+          f"KiB ({st['per_token'] / t['per_token']:.0%}); student's fixed KDA state {st['fixed'] / 2**20:.2f} MiB")
+    print(f"report: {paths['html']}  (also {paths['md'].name}, {paths['json'].name})   total {seconds / 60:.1f} min")
+    print("=" * 96)
+
+
+def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, cache: str | Path | None = None,
+             fresh_teacher: bool = False) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from gendistill.evaluation import evaluate
+
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {SCALES}, got {scale!r}")
+    if scale == "gpu" and not torch.cuda.is_available():
+        raise UserError("--scale gpu needs a CUDA GPU; use --scale cpu on this machine")
+    settings = EVAL_SETTINGS[scale]
+    out, cache = Path(out), Path(cache) if cache else default_cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    _step(f"1/5 world ({settings['world']} preset, seed {seed})")
+    world_dir = build_or_reuse_world(out, seed, settings["world"])
+    _step("2/5 teacher: Qwen3 trained from scratch on the world (pretraining, then chat SFT)")
+    teacher_dir = train_or_reuse_teacher(world_dir, scale, seed, cache, fresh_teacher)
+    _step("3/5 convert + the four GenDistill stages (attn_align, hidden_align, kd, kd_instruct)")
+    run = distill_student(teacher_dir, world_dir, out, scale)
+    student_dir = Path(run["final_model"])
+    _step("4/5 evaluate teacher and student both ways (log-likelihood and generation)")
+    tasks = ",".join(str(world_dir / "tasks" / f"{t}.yaml") for t in EVAL_TASKS) + "," + settings["recall"]
+    device = "cuda" if scale == "gpu" else "cpu"
+    report = evaluate({"student": str(student_dir)}, teacher={"teacher": str(teacher_dir)}, tasks=tasks,
+                      out=out / "eval", limit=settings["limit"], recall_samples=settings["recall_samples"],
+                      device=device, dtype="bfloat16" if scale == "gpu" else "float32", overwrite=True)
+    _step("5/5 report")
+    paths = {k: out / "eval" / f"report.{k}" for k in ("json", "md", "html")}
+    rows, per_token = summary_rows(report, AutoConfig.from_pretrained(student_dir),
+                                   AutoConfig.from_pretrained(teacher_dir))
+    seconds = time.perf_counter() - start
+    summary = {"scale": scale, "seed": seed, "world": str(world_dir), "teacher": str(teacher_dir),
+               "student": str(student_dir), "report": {k: str(v) for k, v in paths.items()}, "rows": rows,
+               "kv_bytes_per_token": per_token, "seconds": seconds,
+               "stages": [{k: s.get(k) for k in ("name", "final_loss", "tokens", "seconds")} for s in run["stages"]]}
+    atomic_write_json(out / "summary.json", summary)
+    print_summary(rows, per_token, seconds, paths)
+    return summary
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--scale", default="cpu", choices=SCALES,
+                   help="cpu: 2-core laptop, minutes (default); gpu: larger world and 28-layer teacher on one GPU; "
+                        "mini: the CI-sized miniature")
+    p.add_argument("--out", default="runs/demo", help="output directory (world, distillation run, eval, report)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="where trained teachers are kept (default ~/.cache/gendistill, "
+                                                 "or $GENDISTILL_CACHE)")
+    p.add_argument("--fresh-teacher", action="store_true", help="train the teacher even if a cached one exists")
+    return p
+
+
+def main(args) -> int:
+    run_demo(args.scale, args.out, args.seed, args.cache, args.fresh_teacher)
+    return 0
