@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs gendistill's GPU benchmarks on an H200 machine, one step after another, each under its own time limit, and
 # keeps Triton's compile/autotune cache (fla kernels take minutes to autotune on a fresh machine) in OUT.
-#   bash bench/h200.sh OUT step [step ...]      steps: parity prefill bench kd demo fsdp
+#   bash bench/h200.sh OUT step [step ...]      steps: bench parity kd demo
 set -u
 OUT=${1:?usage: bench/h200.sh OUT step...}; shift
 mkdir -p "$OUT"
@@ -21,8 +21,6 @@ step() {  # step NAME SECONDS command...
 for s in "$@"; do
   case $s in
     parity)  step parity 150 python3 bench/kda_parity.py --out "$OUT/kda_parity_h200.json" ;;
-    prefill) step prefill 200 python3 bench/prefill.py --contexts 4k,16k,64k,128k --repeats 3 --profile 4k \
-               --out "$OUT/prefill_h200.json" ;;
     bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step bench 480 python3 -m gendistill bench \
                --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --repeats 3 --out "$OUT/bench" ;;
     kd)      step kd 150 python3 bench/kd_step.py --shape qwen3-0.6b --out "$OUT/kd_step_h200.json" ;;

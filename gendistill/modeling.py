@@ -371,34 +371,3 @@ def no_weight_decay(name: str) -> bool:
     parts = name.split(".")
     return name.endswith(_NO_DECAY_SUFFIXES) or any(p.endswith("norm") or p.endswith("layernorm") for p in parts[:-1])
 
-
-@torch.no_grad()
-def kda_path_errors(model: nn.Module, input_ids: torch.Tensor, fast: str = "auto",
-                    reference: str = "recurrent") -> dict[int, float]:
-    """Relative error (max |fast - ref| / max |ref|) of every KDA mixer's output on the `fast` kernel path against
-    the `reference` path. Both are fed the same inputs (those seen in a reference forward), so per-layer rounding
-    does not compound through the network as it would in a logit comparison."""
-    from gendistill.kda import use_backend
-
-    mixers = [m for m in model.modules() if isinstance(m, KDAMixer)]
-    inputs = {}
-
-    def capture(module, args, kwargs):
-        inputs[module.layer_idx] = kwargs["hidden_states"]
-
-    hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in mixers]
-    try:
-        with use_backend(reference):
-            model(input_ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    errors = {}
-    for m in mixers:
-        x = inputs[m.layer_idx]
-        with use_backend(reference):
-            ref = m(hidden_states=x)[0].float()
-        with use_backend(fast):
-            out = m(hidden_states=x)[0].float()
-        errors[m.layer_idx] = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    return errors
