@@ -166,7 +166,8 @@ def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, c
     summary = {"scale": scale, "seed": seed, "world": str(world_dir), "teacher": str(teacher_dir),
                "student": str(student_dir), "report": {k: str(v) for k, v in paths.items()}, "rows": rows,
                "kv_bytes_per_token": per_token, "seconds": seconds,
-               "stages": [{k: s.get(k) for k in ("name", "final_loss", "tokens", "seconds")} for s in run["stages"]]}
+               "stages": [{"name": s["stage"], "tokens": s["tokens"], "first_loss": s["first_loss"],
+                           "final_loss": s["final"]["loss"], "seconds": s["train_time_s"]} for s in run["stages"]]}
     atomic_write_json(out / "summary.json", summary)
     print_summary(rows, per_token, seconds, paths)
     return summary

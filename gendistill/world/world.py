@@ -5,7 +5,7 @@ hashed with SHA-512, so the result does not depend on PYTHONHASHSEED), and nothi
 seed gives byte-identical files.
 
 Knowledge-extraction setup in the spirit of Allen-Zhu & Li, "Physics of Language Models 3.1": every person gets
-several biographies (varied templates per attribute, shuffled attribute order, full name or pronoun), half of the
+several biographies (varied templates per attribute, shuffled attribute order, full name in every sentence), half of the
 people ("seen") also have their Q&A in the chat data, the other half ("extraction") are known only from their
 biographies. Eval questions use phrasings that never appear in the chat data, for both splits, so the only
 difference between the splits is whether the person's Q&A was seen.
@@ -112,14 +112,19 @@ BIO_TEMPLATES: dict[str, list[str]] = {
 
 # Question phrasings. TRAIN ones appear in the chat data; EVAL ones only in the eval tasks (held out).
 TRAIN_QUESTIONS: dict[str, list[str]] = {
-    "birth_date": ["When was {n} born?", "What is the birth date of {n}?", "On what date was {n} born?"],
-    "birth_city": ["Where was {n} born?", "In which city was {n} born?", "What is the birthplace of {n}?"],
-    "university": ["Which university did {n} attend?", "Where did {n} study?",
-                   "What university did {n} graduate from?"],
-    "field": ["What did {n} study?", "What was the major of {n}?", "Which field did {n} study?"],
-    "employer": ["Who does {n} work for?", "Which company employs {n}?", "What company does {n} work for?"],
-    "employer_city": ["In which city does {n} work?", "What city does {n} work in?",
-                      "Where is the office of {n}?"],
+    "birth_date": ["When was {n} born?", "What is the birth date of {n}?", "On what date was {n} born?",
+                   "When is the birthday of {n}?", "Tell me the birth date of {n}.", "Which date was {n} born on?"],
+    "birth_city": ["Where was {n} born?", "In which city was {n} born?", "What is the birthplace of {n}?",
+                   "Which city was {n} born in?", "Where does {n} come from?", "Tell me the birth city of {n}."],
+    "university": ["Which university did {n} attend?", "Where did {n} study?", "What university did {n} graduate from?",
+                   "Where did {n} get a degree?", "Which school did {n} attend?", "Tell me the university of {n}."],
+    "field": ["What did {n} study?", "What was the major of {n}?", "Which field did {n} study?",
+              "What did {n} major in?", "What is the field of study of {n}?", "Tell me the major of {n}."],
+    "employer": ["Who does {n} work for?", "Which company employs {n}?", "What company does {n} work for?",
+                 "Who employs {n}?", "Where does {n} have a job?", "Tell me the employer of {n}."],
+    "employer_city": ["In which city does {n} work?", "What city does {n} work in?", "Where is the office of {n}?",
+                      "Where does {n} go to work?", "In what city is the office of {n}?",
+                      "Tell me the work city of {n}."],
 }
 EVAL_QUESTIONS: dict[str, list[str]] = {
     "birth_date": ["What is {n}'s date of birth?", "On which day was {n} born?"],
@@ -363,11 +368,9 @@ def _make_biographies(rng: random.Random, people: list[Person], per_person: int)
     for person in people:
         for _ in range(per_person):
             order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))  # shuffled attribute order per biography
-            sentences = [
-                # The first sentence names the person; later ones use the name or a pronoun at random.
-                _bio_sentence(rng.choice(BIO_TEMPLATES[attr]), person, attr, use_name=i == 0 or rng.random() < 0.5)
-                for i, attr in enumerate(order)
-            ]
+            # Every sentence names the person (no pronoun subjects): "full name" augmentation is what lets a model
+            # answer questions about people it only read biographies of (Physics of LMs 3.1).
+            sentences = [_bio_sentence(rng.choice(BIO_TEMPLATES[attr]), person, attr, use_name=True) for attr in order]
             bios.append(" ".join(sentences))
     rng.shuffle(bios)
     return bios
