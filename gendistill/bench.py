@@ -378,7 +378,9 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     if largest_point is None:
         record["error"] = "out of memory even at batch 1"
         return record
-    wanted = batches if batches is not None else [2**i for i in range(largest.bit_length())]
+    # Default curve: every power of two below the largest batch, but at most 4 of them (each point costs a cache
+    # build and the steps at up to ~100 GB of KV on a big card).
+    wanted = batches if batches is not None else [2**i for i in range(largest.bit_length())][::2][:4]
     points = [largest_point]
     for batch in sorted({1, *wanted}):
         if batch < largest:
@@ -463,10 +465,11 @@ def environment(device: torch.device) -> dict:
 
 def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768, batches: list[int] | None = None,
               max_batch: int | None = None, repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
-              rtol: float | None = None, seed: int = 0) -> dict:
+              rtol: float | None = None, seed: int = 0, on_progress=None) -> dict:
     """Check the student, then measure both models. Raises WrongModelError before timing anything if the student's
     fast path or a cached decode disagrees with its reference. `batches`: decode batch sizes for the throughput
-    curve (default powers of two below the largest that fits); `max_batch`: cap of the largest-batch search."""
+    curve (default powers of two below the largest that fits); `max_batch`: cap of the largest-batch search.
+    `on_progress(partial_result)` is called after every measurement, so a run cut short keeps what it measured."""
     device, dtype = student.device, student.dtype
     if teacher.device != device or teacher.dtype != dtype:
         raise UserError(f"teacher ({teacher.device}, {teacher.dtype}) and student ({device}, {dtype}) must share "
@@ -491,6 +494,8 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
             for context in contexts:
                 prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed)
                                                        for name, model in models.items()}})
+                if on_progress:
+                    on_progress({"correctness": correctness, "prefill": prefill})
                 print(f"prefill {_fmt_context(context)}: " + ", ".join(
                     f"{name} {_fmt_value('ttft_no_cache_ms', prefill[-1][name].get('ttft_no_cache_ms'))}"
                     for name in models), flush=True)
@@ -498,6 +503,8 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
             for name, model in models.items():
                 decode[name] = measure_decode(model, decode_context, batches, max_batch, decode_steps, repeats,
                                               warmup, seed)
+                if on_progress:
+                    on_progress({"correctness": correctness, "prefill": prefill, "decode": decode})
                 print(f"decode {name} at {_fmt_context(decode_context)}: " + (decode[name].get("error") or ", ".join(
                     f"batch {p['batch']} {p['tokens_per_s']:.4g} tok/s" for p in decode[name]["points"])), flush=True)
     return {
@@ -744,10 +751,16 @@ def main(args) -> int:
         model.config._attn_implementation = "sdpa"  # same attention backend for both, whatever was saved
 
     command = shlex.join(["gendistill", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else shlex.join(sys.argv)
+    partial = out.with_name(out.name + ".partial.json")  # what a run cut short (time limit, crash) had measured
+
+    def save_partial(measured: dict) -> None:
+        atomic_write_json(partial, {"status": "partial", "command": command, "environment": environment(device),
+                                    **measured})
+
     try:
         result = run_bench(teacher, student, contexts, decode_context=decode_context, batches=batches,
                            max_batch=args.max_batch, repeats=args.repeats, warmup=args.warmup,
-                           decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed)
+                           decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed, on_progress=save_partial)
     except WrongModelError as err:
         with atomic_dir(out, overwrite=args.overwrite) as tmp:
             atomic_write_json(Path(tmp) / "correctness.json", {
@@ -761,6 +774,7 @@ def main(args) -> int:
         atomic_write_json(Path(tmp) / "bench.json", result)
         atomic_write_text(Path(tmp) / "table.md", table)
         plots = write_plots(result, Path(tmp))
+    partial.unlink(missing_ok=True)
     print(table)
     print(f"wrote {out}/: bench.json, table.md, {', '.join(plots)}")
     return 0
