@@ -111,7 +111,9 @@ def test_gated_entry_point_and_masked_steps():
 
 def test_backend_selection():
     x = torch.zeros(1)
-    assert resolve_backend(x, 1) == "recurrent" and resolve_backend(x, 100) == "chunk"
+    assert resolve_backend(x, 1) == "recurrent" and resolve_backend(x, 100) == "chunk"  # training
+    with torch.no_grad():
+        assert resolve_backend(x, 100) == "recurrent"  # CPU inference
     with use_backend("recurrent"):
         assert resolve_backend(x, 100) == "recurrent"
     with pytest.raises(RuntimeError, match="CUDA"), use_backend("fla"):

@@ -58,29 +58,32 @@ def test_kda_layers_start_from_teacher_projections(teacher, student):
 @torch.no_grad()
 def test_chunk_and_recurrent_paths_agree_in_the_model(student):
     x = ids(2, 50)
-    fast = student(x).logits
+    with use_backend("chunk"):
+        fast = student(x).logits
     with use_backend("recurrent"):
         ref = student(x).logits
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["chunk", "recurrent"])
 @torch.no_grad()
-def test_prefill_then_decode_equals_one_forward(student):
-    x = ids(2, 40)
-    full = student(x).logits
-    cache = DynamicCache(config=student.config)
-    pieces = [student(x[:, :25], past_key_values=cache, use_cache=True).logits]
-    pieces.append(student(x[:, 25:30], past_key_values=cache, use_cache=True).logits)  # multi-token continuation
-    for t in range(30, 40):
-        pieces.append(student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
-    # cached states equal those of a single cached forward over all tokens
-    cache_full = DynamicCache(config=student.config)
-    student(x, past_key_values=cache_full, use_cache=True)
-    for i in (1, 3):
-        torch.testing.assert_close(cache.get_recurrent_state(i), cache_full.get_recurrent_state(i), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(cache.get_conv_state(i), cache_full.get_conv_state(i))
-    assert cache.get_seq_length() == 40
+def test_prefill_then_decode_equals_one_forward(backend, student):
+    with use_backend(backend):
+        x = ids(2, 40)
+        full = student(x).logits
+        cache = DynamicCache(config=student.config)
+        pieces = [student(x[:, :25], past_key_values=cache, use_cache=True).logits]
+        pieces.append(student(x[:, 25:30], past_key_values=cache, use_cache=True).logits)  # multi-token continuation
+        for t in range(30, 40):
+            pieces.append(student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
+        # cached states equal those of a single cached forward over all tokens
+        cache_full = DynamicCache(config=student.config)
+        student(x, past_key_values=cache_full, use_cache=True)
+        for i in (1, 3):
+            torch.testing.assert_close(cache.get_recurrent_state(i), cache_full.get_recurrent_state(i), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.get_conv_state(i), cache_full.get_conv_state(i))
+        assert cache.get_seq_length() == 40
 
 
 def left_pad(rows, pad_id=0):
@@ -91,14 +94,16 @@ def left_pad(rows, pad_id=0):
     return input_ids, mask
 
 
+@pytest.mark.parametrize("backend", ["chunk", "recurrent"])
 @torch.no_grad()
-def test_left_padded_batch_equals_each_row_alone(student):
-    rows = [ids(1, n, seed=n)[0] for n in (4, 17, 9)]
-    x, mask = left_pad(rows)
-    batched = student(x, attention_mask=mask).logits
-    for i, r in enumerate(rows):
-        alone = student(r[None]).logits[0]
-        torch.testing.assert_close(batched[i, -len(r):], alone, atol=1e-5, rtol=1e-5)
+def test_left_padded_batch_equals_each_row_alone(backend, student):
+    with use_backend(backend):
+        rows = [ids(1, n, seed=n)[0] for n in (4, 17, 9)]
+        x, mask = left_pad(rows)
+        batched = student(x, attention_mask=mask).logits
+        for i, r in enumerate(rows):
+            alone = student(r[None]).logits[0]
+            torch.testing.assert_close(batched[i, -len(r):], alone, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -127,16 +132,18 @@ def test_sampling_generate_runs_and_is_seeded(student):
     assert torch.equal(outs[0], outs[1]) and outs[0].shape == (2, 14)
 
 
+@pytest.mark.parametrize("backend", ["chunk", "recurrent"])
 @torch.no_grad()
-def test_packed_documents_equal_documents_alone(student):
-    docs = [ids(1, n, seed=n)[0] for n in (9, 21, 5)]
-    packed = torch.cat(docs)[None]
-    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    out = student(packed, position_ids=position_ids, use_cache=False).logits[0]
-    start = 0
-    for d in docs:
-        torch.testing.assert_close(out[start:start + len(d)], student(d[None]).logits[0], atol=1e-5, rtol=1e-5)
-        start += len(d)
+def test_packed_documents_equal_documents_alone(backend, student):
+    with use_backend(backend):
+        docs = [ids(1, n, seed=n)[0] for n in (9, 21, 5)]
+        packed = torch.cat(docs)[None]
+        position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+        out = student(packed, position_ids=position_ids, use_cache=False).logits[0]
+        start = 0
+        for d in docs:
+            torch.testing.assert_close(out[start:start + len(d)], student(d[None]).logits[0], atol=1e-5, rtol=1e-5)
+            start += len(d)
 
 
 def test_save_and_auto_load_round_trip(student, tmp_path):
@@ -218,25 +225,27 @@ def test_convert_rejects_non_qwen3_teacher():
         convert(gpt2)
 
 
+@pytest.mark.parametrize("backend", ["chunk", "recurrent"])
 @torch.no_grad()
-def test_segmented_prefill_equals_one_pass(student):
-    x = ids(2, 45)
-    rows, mask = left_pad([ids(1, n, seed=n)[0] for n in (45, 30)])
-    whole, whole_padded = student(x).logits, student(rows, attention_mask=mask).logits
-    cache_whole = DynamicCache(config=student.config)
-    student(x, past_key_values=cache_whole, use_cache=True)
-    mixers = [layer.self_attn for layer in student.model.layers if isinstance(layer.self_attn, KDAMixer)]
-    try:
-        for m in mixers:
-            m.prefill_chunk = 8  # 45 tokens -> 6 segments, the last one partial
-        torch.testing.assert_close(student(x).logits, whole, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(student(rows, attention_mask=mask).logits, whole_padded, atol=1e-5, rtol=1e-5)
-        cache = DynamicCache(config=student.config)
-        student(x, past_key_values=cache, use_cache=True)
-        for m in mixers:
-            i = m.layer_idx
-            torch.testing.assert_close(cache.get_recurrent_state(i), cache_whole.get_recurrent_state(i))
-            torch.testing.assert_close(cache.get_conv_state(i), cache_whole.get_conv_state(i))
-    finally:
-        for m in mixers:
-            m.prefill_chunk = student.config.kda_prefill_chunk
+def test_segmented_prefill_equals_one_pass(backend, student):
+    with use_backend(backend):
+        x = ids(2, 45)
+        rows, mask = left_pad([ids(1, n, seed=n)[0] for n in (45, 30)])
+        whole, whole_padded = student(x).logits, student(rows, attention_mask=mask).logits
+        cache_whole = DynamicCache(config=student.config)
+        student(x, past_key_values=cache_whole, use_cache=True)
+        mixers = [layer.self_attn for layer in student.model.layers if isinstance(layer.self_attn, KDAMixer)]
+        try:
+            for m in mixers:
+                m.prefill_chunk = 8  # 45 tokens -> 6 segments, the last one partial
+            torch.testing.assert_close(student(x).logits, whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(student(rows, attention_mask=mask).logits, whole_padded, atol=1e-5, rtol=1e-5)
+            cache = DynamicCache(config=student.config)
+            student(x, past_key_values=cache, use_cache=True)
+            for m in mixers:
+                i = m.layer_idx
+                torch.testing.assert_close(cache.get_recurrent_state(i), cache_whole.get_recurrent_state(i))
+                torch.testing.assert_close(cache.get_conv_state(i), cache_whole.get_conv_state(i))
+        finally:
+            for m in mixers:
+                m.prefill_chunk = student.config.kda_prefill_chunk

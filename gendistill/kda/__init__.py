@@ -64,7 +64,9 @@ def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
     if name == "auto":
         if x.is_cuda and _fla_ops() is not None:
             return "fla"
-        return "recurrent" if seq_len <= 4 else "chunk"  # decoding steps: no chunk padding
+        # PyTorch: the recurrent loop for inference (on CPU it beats the chunked form ~4x at small head dims) and
+        # for decoding steps; the chunked form for training (autograd through T recurrent steps costs far more).
+        return "chunk" if torch.is_grad_enabled() and seq_len > 4 else "recurrent"
     if name == "fla" and not (x.is_cuda and _fla_ops() is not None):
         raise RuntimeError("KDA backend 'fla' needs CUDA tensors and flash-linear-attention (pip install gendistill[gpu])")
     return name
