@@ -183,9 +183,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="where trained teachers are kept (default ~/.cache/gendistill, "
                                                  "or $GENDISTILL_CACHE)")
     p.add_argument("--fresh-teacher", action="store_true", help="train the teacher even if a cached one exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is "
+                                                              "faster when other work shares the cores)")
     return p
 
 
 def main(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_demo(args.scale, args.out, args.seed, args.cache, args.fresh_teacher)
     return 0
