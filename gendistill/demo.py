@@ -68,9 +68,12 @@ def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, 
     if (teacher_dir / "config.json").exists() and not fresh:
         print(f"reusing the cached teacher {teacher_dir}")
         return teacher_dir
+    from transformers import AutoTokenizer
+
     run_dir = teacher_dir.with_name(teacher_dir.name + ".run")
+    vocab = -(-len(AutoTokenizer.from_pretrained(world_dir / "tokenizer")) // 64) * 64  # the world's, padded to 64
     overrides = _world_overrides(world_dir) + [f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}",
-                                               f"student.seed={seed}"]
+                                               f"student.seed={seed}", f"student.config.vocab_size={vocab}"]
     if scale == "mini":
         overrides += _mini_overrides()
     summary = run_recipe(recipe, overrides, overwrite=True)

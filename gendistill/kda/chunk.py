@@ -16,7 +16,7 @@ from gendistill.kda.naive import _per_sequence, check_shapes, expand_qk_heads
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-              chunk_size: int = 32):
+              chunk_size: int = 16):
     """Same contract as `recurrent_kda` (and fla's `chunk_kda`); any T, differentiable."""
     check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
     if cu_seqlens is not None:
