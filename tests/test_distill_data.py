@@ -20,13 +20,6 @@ CHAT = [
     {"role": "assistant", "content": "Basel. He studied chemistry."},
 ]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning OpenMP threads per op are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

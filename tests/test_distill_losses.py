@@ -8,13 +8,6 @@ import torch.nn.functional as F
 
 from gendistill.distill.losses import HeadLoss, chunked_head_loss, divergence, naive_head_loss
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning OpenMP threads per op are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 

@@ -1,7 +1,6 @@
 """lm-eval bridge, offline, on a local YAML task (`dataset_path: json`): lm-eval's LL accuracy equals ours on the
 same items, and its left-padded `generate_until` path runs on the Hybrid-KDA student and matches our engine."""
 import pytest
-import torch
 import yaml
 
 from gendistill.convert import convert
@@ -11,14 +10,6 @@ from gendistill.evaluation.report import task_scores
 from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import Task
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CITIES = ["Lyon", "Basel on the Rhine", "Zürich", "Genève, a city by the lake", "Bern"]

@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from gendistill.cli import main as cli
 from gendistill.convert import convert
@@ -13,14 +12,6 @@ from gendistill.evaluation import build_report, evaluate
 from gendistill.evaluation.report import (
     SECTION_TITLES, _pct, _pp, compare_rankings, compute_report, gap, kendall_tau, render_markdown, retention, tables)
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- constructed tables

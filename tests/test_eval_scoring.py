@@ -9,14 +9,6 @@ from gendistill.evaluation.tasks import Task
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PAIRS = [("Question: where was Alice born? Answer:", " Lyon"), ("Alice Moreau was born on", " 3 May 1971"),
          ("Numbers 0 1 2 3 4", " 5"), ("The quick brown fox jumps over the lazy dog while the key is ", "7351."),
          ("A", " B C D")]
