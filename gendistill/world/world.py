@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
     # The 2-core CPU demo: 200 people, 800 biographies = 37K pretraining tokens (47 per biography), 1,959 chats =
     # 65K tokens (72K noisy). An 8-layer hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 cores,
     # so two minutes are ~10 passes over the biographies plus ~2 over the chats.
-    "cpu": Preset(200, 4, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1536),
+    "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1536),
     # One GPU: 3,000 people, 18,000 biographies = 0.8M pretraining tokens, 38K chats = 1.0M tokens; ~20 s to build.
     "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 2048),
 }
