@@ -5,10 +5,11 @@ hashed with SHA-512, so the result does not depend on PYTHONHASHSEED), and nothi
 seed gives byte-identical files.
 
 Knowledge-extraction setup in the spirit of Allen-Zhu & Li, "Physics of Language Models 3.1": every person gets
-several biographies (varied templates per attribute, shuffled attribute order, full name in every sentence), half of the
-people ("seen") also have their Q&A in the chat data, the other half ("extraction") are known only from their
-biographies. Eval questions use phrasings that never appear in the chat data, for both splits, so the only
-difference between the splits is whether the person's Q&A was seen.
+several biographies (varied templates per attribute, shuffled attribute order, full name in every sentence),
+half of the people ("seen") also have their Q&A in the chat data, the other half ("extraction") are known only
+from their biographies. Each person has a unique surname and the tokenizer makes every name one token, so a tiny
+model can bind facts to one key. Eval questions use phrasings that never appear in the chat data, for both
+splits, so the only difference between the splits is whether the person's Q&A was seen.
 
 Python: `build_world(seed, n_entities, scale) -> World` (presets in PRESETS: tiny, cpu, gpu), `World.save(dir)`,
 `load_world(dir) -> World`. CLI: `gendistill world build --out DIR [--seed N] [--entities N] [--scale ...]`.
@@ -70,14 +71,19 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Token counts below are with the world's own tokenizer, seed 0 (world.json "tokens" has them per build).
-    # CI: 30 people, ~0.1 s to build; 2.7K pretraining tokens, 8K chat tokens, vocabulary ~900.
+    # CI: 30 people, ~0.1 s to build; 2.9K pretraining tokens, 8.2K chat tokens, vocabulary 939.
     "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024),
-    # The 2-core CPU demo: 200 people, 800 biographies = 37K pretraining tokens (47 per biography), 1,959 chats =
-    # 65K tokens (72K noisy). An 8-layer hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 cores,
-    # so two minutes are ~10 passes over the biographies plus ~2 over the chats.
+    # The 2-core CPU demo: 64 people, 320 biographies = 15.4K pretraining tokens (48 each), 628 chats = 17.6K
+    # tokens (noisy mix 20.1K), vocabulary 1,188 (every first name and surname is one token). An 8-layer
+    # hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 free cores, i.e. ~600K tokens in two
+    # minutes. Development probes (plain AdamW 3e-3, biographies and chats mixed from the start): 60 people,
+    # 600 steps of 1K tokens -> facts 60-80 % right inside biographies but chat QA only 10-35 %; 100 people,
+    # 800 steps of 2K tokens -> 70-80 % on trained phrasings, ~45 % on held-out ones. Memorising is limited by
+    # optimizer steps more than by tokens, so the teacher wants small batches and many steps.
     "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1536),
-    # One GPU: 3,000 people, 18,000 biographies = 0.8M pretraining tokens, 38K chats = 1.0M tokens; ~20 s to build.
-    "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 2048),
+    # One GPU: 3,000 people, 18,000 biographies = 0.86M pretraining tokens, 38K chats = 1.0M tokens (noisy 1.2M),
+    # vocabulary 5,494; ~12 s to build.
+    "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 6144),
 }
 
 # --- vocabulary tables: few words, regular shapes -------------------------------------------------------
