@@ -59,32 +59,41 @@ def build_or_reuse_world(out: Path, seed: int, preset: str) -> Path:
     return world_dir
 
 
-def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
-    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
+def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int = 0) -> Path:
+    """Train the world's Qwen3 teacher from scratch with recipes/demo/teacher-<scale>.yaml; `out_dir` appears whole
+    (HF format + tokenizer) or not at all."""
+    from transformers import AutoTokenizer
+
     from gendistill.distill import run_recipe
 
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    if not (world_dir / "world.json").exists():
+        raise UserError(f"{world_dir} is not a world directory (no world.json); build one with `gendistill world build`")
+    run_dir = out_dir.with_name(out_dir.name + ".run")
+    vocab = -(-len(AutoTokenizer.from_pretrained(world_dir / "tokenizer")) // 64) * 64  # the world's, padded to 64
+    overrides = _world_overrides(world_dir) + [f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}",
+                                               f"student.seed={seed}", f"student.config.vocab_size={vocab}"]
+    if scale == "mini":
+        overrides += _mini_overrides()
+    summary = run_recipe(_recipe("teacher", scale), overrides, overwrite=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(summary["final_model"], tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out_dir
+
+
+def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
+    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
     recipe = _recipe("teacher", scale)
     key = hashlib.sha256((world_dir / "world.json").read_bytes() + recipe.read_bytes() + scale.encode()).hexdigest()
     teacher_dir = cache / "teachers" / f"{scale}-seed{seed}-{key[:12]}"
     if (teacher_dir / "config.json").exists() and not fresh:
         print(f"reusing the cached teacher {teacher_dir}")
         return teacher_dir
-    from transformers import AutoTokenizer
-
-    run_dir = teacher_dir.with_name(teacher_dir.name + ".run")
-    vocab = -(-len(AutoTokenizer.from_pretrained(world_dir / "tokenizer")) // 64) * 64  # the world's, padded to 64
-    overrides = _world_overrides(world_dir) + [f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}",
-                                               f"student.seed={seed}", f"student.config.vocab_size={vocab}"]
-    if scale == "mini":
-        overrides += _mini_overrides()
-    summary = run_recipe(recipe, overrides, overwrite=True)
-    tmp = teacher_dir.with_name(teacher_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(summary["final_model"], tmp)
-    shutil.rmtree(teacher_dir, ignore_errors=True)
-    os.replace(tmp, teacher_dir)  # the cache entry appears whole or not at all
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return teacher_dir
+    return train_teacher(world_dir, teacher_dir, scale, seed)
 
 
 def distill_student(teacher_dir: Path, world_dir: Path, out: Path, scale: str) -> dict:

@@ -238,6 +238,8 @@ def test_cli_builds_a_world_and_refuses_to_overwrite(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temporary directories left behind
 
 
-def test_cli_teacher_is_a_stub_for_now(tmp_path):
-    with pytest.raises(NotImplementedError, match="trainer"):
-        cli_main(["world", "teacher", "--out", str(tmp_path / "t")])
+def test_cli_teacher_refuses_a_directory_that_is_no_world(tmp_path, capsys):
+    # Training itself is covered by the demo test (tests/test_demo.py trains the mini teacher through train_teacher).
+    assert cli_main(["world", "teacher", "--world", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert "not a world directory" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

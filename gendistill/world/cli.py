@@ -1,4 +1,4 @@
-"""`gendistill world build|teacher` — generate the synthetic world (and, later, train its teacher)."""
+"""`gendistill world build|teacher` — generate the synthetic world, train its teacher."""
 from __future__ import annotations
 
 import argparse
@@ -20,15 +20,22 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     build.add_argument("--entities", type=int, default=None, help="number of people (overrides the preset's)")
     build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    # --- STUB: the teacher verb is wired by the lead once the trainer exists. ---
-    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher (not implemented yet)")
-    teacher.add_argument("--out", required=True, help="teacher output directory")
+    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher from scratch (recipes/demo/teacher-*.yaml)")
+    teacher.add_argument("--world", required=True, help="a world directory made by `gendistill world build`")
+    teacher.add_argument("--out", required=True, help="teacher output directory (HF format + tokenizer)")
+    teacher.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="which teacher recipe (default cpu)")
+    teacher.add_argument("--seed", type=int, default=0)
+    teacher.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "teacher":
-        raise NotImplementedError("teacher training lands with the trainer")
+        from gendistill.demo import train_teacher
+
+        check_output_dir(args.out, args.overwrite)
+        print(f"teacher written to {train_teacher(args.world, args.out, args.scale, args.seed)}")
+        return 0
     check_output_dir(args.out, args.overwrite)  # fail before generating anything
     start = time.perf_counter()
     print(f"building world: scale={args.scale} seed={args.seed}"
