@@ -5,7 +5,7 @@
 
 Order of work, and why:
 1. Correctness first. On a short input, every KDA layer of the student must give the same output by the fast path
-   (`use_backend("auto")`: fla on CUDA) as by the recurrent reference (uncached, in segments, cached + decode), and
+   (`fast_path`: fla on CUDA, the chunked PyTorch form elsewhere) as by the recurrent reference (uncached, in segments, cached + decode), and
    cached decoding must match the uncached forward on the logits (teacher and student). If not, nothing is timed:
    the command exits 1 and writes only `correctness.json`. Tolerances and why they are per layer: see LAYER_RTOL.
 2. Prefill per context, batch 1: TTFT to the first token's logits (`logits_to_keep=1`) without a cache (pure prefill,
@@ -38,7 +38,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 import gendistill
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
-from gendistill.kda import resolve_backend, use_backend
+from gendistill.kda import fla_available, resolve_backend, use_backend
 from gendistill.modeling import KDAMixer
 
 LINEAR = "linear_attention"
@@ -215,6 +215,12 @@ def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     return ((fast - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
+def fast_path(device: torch.device) -> str:
+    """The KDA path the benchmark times and checks: fla on CUDA; elsewhere the chunked PyTorch form (CPU inference
+    would otherwise run the recurrent reference itself, and the check would compare the reference with itself)."""
+    return "fla" if device.type == "cuda" and fla_available() else "chunk"
+
+
 def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """Each KDA layer on the input it sees in one fast forward: fast path vs reference for an uncached prefill, a
     prefill in segments, and a cached prefill followed by single-token decode steps. Reports the worst layer."""
@@ -226,7 +232,7 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
 
     hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in mixers]
     try:
-        with use_backend("auto"):
+        with use_backend(fast_path(ids.device)):
             student(ids, use_cache=False, logits_to_keep=1)
     finally:
         for hook in hooks:
@@ -239,7 +245,7 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
         x = inputs[mixer]
         with use_backend("recurrent"):
             reference = mixer(x)[0]
-        with use_backend("auto"):
+        with use_backend(fast_path(ids.device)):
             uncached[mixer.layer_idx] = relative_error(mixer(x)[0], reference)
             whole_segment, mixer.prefill_chunk = mixer.prefill_chunk, CHECK_SEGMENT
             try:
@@ -477,7 +483,7 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
     max_batch = max_batch or (1024 if device.type == "cuda" else 4)
     models = {"teacher": teacher, "student": student}
     probe = torch.empty(1, device=device)
-    with use_backend("auto"):
+    with use_backend(fast_path(device)):
         kda_paths = {"prefill": resolve_backend(probe, CHECK_TOKENS), "decode": resolve_backend(probe, 1)}
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device, torch.no_grad():
@@ -489,7 +495,7 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
             f"{c['rel_err']:.2g} <= {c['rtol']:g}" for c in correctness["checks"]), flush=True)
         if device.type == "cuda" and kda_paths["prefill"] != "fla":
             print("warning: flash-linear-attention is not in use, the student runs the PyTorch chunk path", flush=True)
-        with use_backend("auto"):
+        with use_backend(fast_path(device)):
             prefill = []
             for context in contexts:
                 prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed)
