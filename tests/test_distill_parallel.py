@@ -53,6 +53,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             wa = load_file(str(tmp_path / "single" / stage / "model" / "model.safetensors"))
             wb = load_file(str(tmp_path / strategy / stage / "model" / "model.safetensors"))
             assert wa.keys() == wb.keys()
-            # Weights: 1e-4 absolute. Losses and gradient norms agree to 1e-5 (above); Adam divides by sqrt(v), so
-            # summation-order noise in near-zero gradients is magnified into the update (measured up to ~5e-5).
-            assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4, (strategy, stage)
+            # Weights: 1e-3 absolute after 4 chained stages. Losses and gradient norms agree to 1e-5 (above); Adam
+            # divides by sqrt(v), so summation-order noise in near-zero gradients is magnified into the update
+            # (measured 5e-5 after one stage, 5e-4 after four).
+            assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-3, (strategy, stage)
