@@ -1,9 +1,7 @@
 """Shared helpers for the benchmark scripts: environment record, device timing, result files."""
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -14,18 +12,11 @@ import torch
 
 
 def environment() -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(shlex.quote(a) for a in sys.argv), "python": platform.python_version(),
-           "torch": torch.__version__, "device": "cpu", "host_cpu": platform.processor() or platform.machine()}
-    for name in ("transformers", "triton", "fla"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:
-            env[name] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
+    """gendistill bench's environment record (versions, device, date) plus the command line."""
+    from gendistill.bench import environment as bench_environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"command": " ".join(shlex.quote(a) for a in sys.argv), **bench_environment(device)}
 
 
 def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
