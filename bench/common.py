@@ -1,11 +1,9 @@
-"""Shared helpers for the benchmark scripts: environment record, device timing, result files."""
+"""Shared helpers for the benchmark scripts: environment record, result files, a printed table."""
 from __future__ import annotations
 
 import json
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,27 +15,6 @@ def environment() -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"command": " ".join(shlex.quote(a) for a in sys.argv), **bench_environment(device)}
-
-
-def timed(fn, repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds of fn() over `repeats` after `warmup` calls; CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def write_result(path: str | Path, result: dict) -> None:

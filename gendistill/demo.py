@@ -45,9 +45,8 @@ def _mini_overrides() -> list[str]:
     return ["*.tokens=null", "*.steps=3", "*.seq_len=64", "*.batch_size=4"]
 
 
-def _step(title: str) -> float:
+def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
-    return time.perf_counter()
 
 
 def build_or_reuse_world(out: Path, seed: int, preset: str) -> Path:
