@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from gendistill.kda import gated_rms_norm, kda_gated
+from gendistill.kda import gated_rms_norm, kda_gated, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -62,22 +62,6 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_in_doc: torch.Tensor | None):
-    """x: [B, D, W-1+T] (W-1 steps of left context, then the T new steps); returns [B, D, T].
-    `pos_in_doc` [B, T] (index of each step inside its document) hides taps that reach into a previous document."""
-    if pos_in_doc is None:
-        return F.conv1d(x, weight, bias, groups=weight.shape[0])
-    W = weight.shape[-1]
-    T = x.shape[-1] - (W - 1)
-    out = 0
-    for shift in range(W):  # tap W-1-shift looks `shift` steps back
-        term = weight[:, 0, W - 1 - shift, None] * x[..., W - 1 - shift : W - 1 - shift + T]
-        if shift:
-            term = term * (pos_in_doc >= shift)[:, None, :]
-        out = out + term
-    return out if bias is None else out + bias[:, None]
 
 
 class KDAMixer(nn.Module):
@@ -151,16 +135,16 @@ class KDAMixer(nn.Module):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        qkv = qkv.transpose(1, 2)  # [B, Dqkv, T]
-        W = self.q_conv1d.kernel_size
-        if conv_context is None:
-            conv_context = qkv.new_zeros(B, qkv.shape[1], W - 1)
-        conv_in = torch.cat([conv_context.to(qkv.dtype), qkv], dim=-1)
+        cu_seqlens = None
+        if doc_start is not None:  # packed documents: the kernels take the boundaries over the flattened batch
+            starts = doc_start.clone()
+            starts[:, 0] = True
+            cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
+                                    torch.tensor([B * T], device=starts.device)])
         weight, bias = self._conv_params()
-        qkv = causal_conv(conv_in, weight, bias, None if doc_start is None else _position_in_document(doc_start))
-        if self.conv_activation == "silu":
-            qkv = F.silu(qkv)
-        q, k, v = qkv.transpose(1, 2).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens,
+                                       None if doc_start is None else _position_in_document(doc_start))
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.reshape(B, T, H, D)
         # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
         k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
@@ -171,12 +155,7 @@ class KDAMixer(nn.Module):
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
 
-        cu_seqlens = None
-        if doc_start is not None:  # packed documents: flatten to one row and give the kernel the boundaries
-            starts = doc_start.clone()
-            starts[:, 0] = True
-            cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
-                                    torch.tensor([B * T], device=starts.device)])
+        if cu_seqlens is not None:  # packed documents: one flattened row
             q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
         o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
                              output_final_state=need_state, cu_seqlens=cu_seqlens)
@@ -184,7 +163,7 @@ class KDAMixer(nn.Module):
 
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
         o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
-        return self.o_proj(o.reshape(B, T, H * D)), conv_in[..., -(W - 1):], state
+        return self.o_proj(o.reshape(B, T, H * D)), conv_context, state
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -126,3 +126,58 @@ def test_shape_errors_are_clear():
     q, k, v, g, beta = make_inputs(1, 8, 2, 3, 8, 8)
     with pytest.raises(ValueError, match="multiple of H"):
         chunk_kda(q, k, v, g, beta)
+
+
+def fake_fla_causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, cu_seqlens=None, **_):
+    """fla's documented causal_conv1d semantics, step by step: x [B,T,D], weight [D,W], state [N,D,W] whose last W-1
+    columns are the inputs before step 0; `cu_seqlens` (B = 1) restarts at each boundary."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else None
+    y = torch.empty_like(x)
+    for n in range(B):
+        starts = [0] if bounds is None else bounds[:-1]
+        for t in range(T):
+            start = max(s for s in starts if s <= t)
+            acc = torch.zeros(D) if bias is None else bias.clone()
+            for j in range(W):  # tap j looks W-1-j steps back
+                src = t - (W - 1 - j)
+                if src >= start:
+                    acc = acc + weight[:, j] * x[n, src]
+                elif initial_state is not None and bounds is None:
+                    acc = acc + weight[:, j] * initial_state[n, :, W + src]
+            y[n, t] = acc * torch.sigmoid(acc) if activation == "silu" else acc
+    return y, None
+
+
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_short_conv_fla_adapter_matches_the_pytorch_conv(monkeypatch, activation):
+    """The CUDA path's glue (context [B,D,W-1] -> fla's [N,D,W] state, weight layout, new context, packed rows) checked
+    on CPU against the F.conv1d path, with fla's kernel replaced by its definition."""
+    import gendistill.kda as kda
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, D, W = 2, 7, 6, 4
+    x, weight, bias = torch.randn(B, T, D, generator=gen), torch.randn(D, 1, W, generator=gen), torch.randn(D, generator=gen)
+    context = torch.randn(B, D, W - 1, generator=gen)
+    doc_start = torch.zeros(B, T, dtype=torch.bool)
+    doc_start[0, 3] = doc_start[1, 5] = True
+    starts = doc_start.clone()
+    starts[:, 0] = True
+    cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1), torch.tensor([B * T])])
+    idx = torch.arange(T).expand(B, T)
+    pos_in_doc = idx - torch.where(doc_start, idx, 0).cummax(-1).values
+
+    cases = [dict(context=None), dict(context=context), dict(context=context, T=2),
+             dict(context=None, cu_seqlens=cu_seqlens, pos_in_doc=pos_in_doc)]
+    for case in cases:
+        xs = x[:, : case.pop("T", T)]
+        with use_backend("chunk"):
+            ref_y, ref_ctx = kda.short_conv(xs, weight, bias, activation=activation, **case)
+        monkeypatch.setattr(kda, "_fla_conv", lambda: fake_fla_causal_conv1d)
+        monkeypatch.setattr(kda, "resolve_backend", lambda *a: "fla")
+        y, ctx = kda.short_conv(xs, weight, bias, activation=activation, **case)
+        monkeypatch.undo()
+        assert y.shape == xs.shape and ctx.shape == (B, D, W - 1)
+        torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ctx, ref_ctx)

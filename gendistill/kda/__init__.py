@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.naive import recurrent_kda
 
-__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "use_backend",
-           "resolve_backend", "fla_available"]
+__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
+           "causal_conv", "use_backend", "resolve_backend", "fla_available"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -53,6 +53,15 @@ def _fla_norm():
     except Exception:
         return None
     return rms_norm_gated
+
+
+@functools.cache
+def _fla_conv():
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+    except Exception:
+        return None
+    return causal_conv1d
 
 
 def fla_available() -> bool:
@@ -112,3 +121,49 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     act = torch.sigmoid(gate.float()) if activation == "sigmoid" else F.silu(gate.float())
     return (normed.float() * act).to(x.dtype)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_in_doc: torch.Tensor | None):
+    """Depthwise causal conv, the reference. x: [B, D, W-1+T] (W-1 steps of left context, then the T new steps),
+    weight [D, 1, W]; returns [B, D, T]. `pos_in_doc` [B, T] (index of each step inside its document) hides taps that
+    reach into a previous document."""
+    if pos_in_doc is None:
+        return F.conv1d(x, weight, bias, groups=weight.shape[0])
+    W = weight.shape[-1]
+    T = x.shape[-1] - (W - 1)
+    out = 0
+    for shift in range(W):  # tap W-1-shift looks `shift` steps back
+        term = weight[:, 0, W - 1 - shift, None] * x[..., W - 1 - shift : W - 1 - shift + T]
+        if shift:
+            term = term * (pos_in_doc >= shift)[:, None, :]
+        out = out + term
+    return out if bias is None else out + bias[:, None]
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
+               activation: str = "identity", cu_seqlens: torch.Tensor | None = None,
+               pos_in_doc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA's depthwise causal short convolution, time-major. x [B, T, D]; weight [D, 1, W]; `context` [B, D, W-1]: the
+    previous W-1 inputs (None: zeros). Packed documents restart the conv: `cu_seqlens` (over B*T flattened) on the
+    fla path, `pos_in_doc` [B, T] on the PyTorch path (give both). Returns (y [B, T, D], the new context [B, D, W-1]).
+    On the fla path one Triton kernel reads x in place (no transposes, no padded copy); elsewhere F.conv1d."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    ctx = x.new_zeros(B, D, W - 1) if context is None else context.to(x.dtype)
+    fla_conv = _fla_conv() if resolve_backend(x, T) == "fla" else None
+    if fla_conv is not None:
+        act = "silu" if activation == "silu" else None
+        if cu_seqlens is not None:
+            y, _ = fla_conv(x=x.reshape(1, B * T, D), weight=weight[:, 0], bias=bias, activation=act,
+                            cu_seqlens=cu_seqlens)
+            y = y.reshape(B, T, D)
+        else:  # fla's state holds the last W inputs; the kernel reads its last W-1
+            y, _ = fla_conv(x=x, weight=weight[:, 0], bias=bias, activation=act,
+                            initial_state=None if context is None else F.pad(ctx, (1, 0)).contiguous())
+        new_context = torch.cat([ctx, x[:, -(W - 1):].transpose(1, 2)], dim=-1)[..., -(W - 1):]
+        return y, new_context
+    conv_in = torch.cat([ctx, x.transpose(1, 2)], dim=-1)
+    y = causal_conv(conv_in, weight, bias, pos_in_doc)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.transpose(1, 2), conv_in[..., -(W - 1):]
