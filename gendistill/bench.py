@@ -56,6 +56,7 @@ GiB, MiB = 2**30, 2**20
 # copies with the pure-PyTorch reference path, where nothing amplifies beyond ~1e-5: bound 1e-3 on the logits.
 LAYER_RTOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 DECODE_RTOL = 1e-3
+CHECK_PAD_TOKENS = 37  # left padding of one row in the padded-batch check
 CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
 CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
 CHECK_DECODE_TOKENS = 4
@@ -223,7 +224,8 @@ def fast_path(device: torch.device) -> str:
 
 def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """Each KDA layer on the input it sees in one fast forward: fast path vs reference for an uncached prefill, a
-    prefill in segments, and a cached prefill followed by single-token decode steps. Reports the worst layer."""
+    prefill in segments, a cached prefill followed by single-token decode steps, and a batch whose second row is
+    left-padded (its real tokens against that row alone, unpadded). Reports the worst layer."""
     mixers = [m for m in student.modules() if isinstance(m, KDAMixer)]
     inputs = {}
 
@@ -240,7 +242,9 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     split = ids.shape[1] - CHECK_DECODE_TOKENS
     errors = {f"prefill of {ids.shape[1]} tokens": {}, f"prefill in segments of {CHECK_SEGMENT}": {},
               f"cached prefill of {split} + {CHECK_DECODE_TOKENS} decode steps": {}}
-    uncached, segmented, cached = errors.values()
+    pad = CHECK_PAD_TOKENS
+    errors[f"batch with {pad} left-padding steps in one row vs each row alone"] = {}
+    uncached, segmented, cached, padded = errors.values()
     for mixer in mixers:
         x = inputs[mixer]
         with use_backend("recurrent"):
@@ -256,6 +260,15 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
             pieces = [mixer(x[:, :split], past_key_values=cache)[0]]
             pieces += [mixer(x[:, t:t + 1], past_key_values=cache)[0] for t in range(split, x.shape[1])]
             cached[mixer.layer_idx] = relative_error(torch.cat(pieces, dim=1), reference)
+            junk = torch.randn_like(x[1:2, :pad])  # whatever sits under padding must not matter
+            batch = torch.cat([x[:1], torch.cat([junk, x[1:2, :-pad]], dim=1)])
+            mask = torch.ones(batch.shape[:2], dtype=torch.long, device=x.device)
+            mask[1, :pad] = 0
+            out = mixer(batch, attention_mask=mask)[0]
+        with use_backend("recurrent"):
+            alone = mixer(x[1:2, :-pad])[0]
+        padded[mixer.layer_idx] = relative_error(torch.cat([out[0], out[1, pad:]]),
+                                                 torch.cat([reference[0], alone[0]]))
     checks = []
     for what, per_layer in errors.items():
         worst = max(per_layer, key=per_layer.get, default=None)

@@ -180,3 +180,21 @@ def test_wrong_fast_path_refuses_and_writes_no_speed(tmp_path, monkeypatch, caps
     assert failed and all("fast path vs reference" in name for name in failed)
     text = json.dumps(record)
     assert not any(key in text for key in ("ttft", "tokens_per_s", "ms_per_step", "prefill\": ["))
+
+
+def test_a_fast_path_that_ignores_padding_fails_only_the_padded_check(student, monkeypatch):
+    from gendistill.modeling import KDAMixer
+
+    right_forward = KDAMixer.forward
+
+    def padding_blind_forward(self, hidden_states, attention_mask=None, **kwargs):
+        if gendistill.kda.resolve_backend(hidden_states, hidden_states.shape[1]) == "chunk":
+            attention_mask = None  # the fast path treats padded steps as tokens
+        return right_forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(KDAMixer, "forward", padding_blind_forward)
+    ids = bench.random_ids(student, 2, bench.CHECK_TOKENS, seed=0)
+    with torch.no_grad():
+        checks = bench.kda_layer_checks(student, ids, rtol=5e-3)
+    failed = [c["name"] for c in checks if not c["rel_err"] <= c["rtol"]]
+    assert len(checks) == 4 and len(failed) == 1 and "left-padding" in failed[0]
