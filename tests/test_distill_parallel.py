@@ -1,6 +1,8 @@
 """Two processes (torchrun, gloo on CPU) give the same loss curve and weights as one process with the same global
-batch, with FSDP2 and with DDP. Tolerance: 1e-5 relative on every logged loss and gradient norm, 1e-5 absolute on
-every weight (fp32; only the order of floating-point reductions differs, measured differences are ~1e-7)."""
+batch, with FSDP2 and with DDP. Tolerances (fp32): every logged loss and gradient norm within 1e-5 relative. Weights:
+DDP bit-identical (a two-rank all-reduce adds the same two micro-batch gradients the single process accumulates);
+FSDP2 within 1e-3 absolute after the four chained stages -- its sharded reduce and sharded gradient norm round
+differently (3e-8 after the first stage), and eight Adam steps through four stages compound that (5e-4 measured)."""
 import json
 import os
 import subprocess
@@ -53,7 +55,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             wa = load_file(str(tmp_path / "single" / stage / "model" / "model.safetensors"))
             wb = load_file(str(tmp_path / strategy / stage / "model" / "model.safetensors"))
             assert wa.keys() == wb.keys()
-            # Weights: 1e-3 absolute after 4 chained stages. Losses and gradient norms agree to 1e-5 (above); Adam
-            # divides by sqrt(v), so summation-order noise in near-zero gradients is magnified into the update
-            # (measured 5e-5 after one stage, 5e-4 after four).
-            assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-3, (strategy, stage)
+            weight_tolerance = 0.0 if strategy == "ddp" else 1e-3  # see the module docstring
+            assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= weight_tolerance, (strategy, stage)
