@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs gendistill's GPU benchmarks on an H200 machine, one step after another, each under its own time limit, and
 # keeps Triton's compile/autotune cache (fla kernels take minutes to autotune on a fresh machine) in OUT.
-#   bash bench/h200.sh OUT step[:seconds] ...      steps: profile parity kd kd2 bench decode engine demo
+#   bash bench/h200.sh OUT step[:seconds] ...      steps: profile parity kd kd2 bench decode static engine demo
 set -u
 OUT=${1:?usage: bench/h200.sh OUT step...}; shift
 mkdir -p "$OUT"
@@ -31,8 +31,10 @@ for arg in "$@"; do
                --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 --out "$R/bench" ;;
     decode)  step decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k --decode-context 32k \
                --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator (no expandable segments)
+    static)  step static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k --decode-context 32k \
+               --batch 1 --repeats 3 --decode-cache static --out "$R/bench_decode_static" ;;
     engine)  step engine ${t:-150} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-               --max-new-tokens 16 --out "$R/eval_engine_h200.json" ;;
+               --max-new-tokens 16 --check-dtype float32 --out "$R/eval_engine_h200.json" ;;
     demo)    step demo ${t:-560} python3 -m gendistill demo --scale gpu --out "$R/demo" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac

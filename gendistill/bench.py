@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.cache_utils import Cache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 import gendistill
@@ -121,13 +122,15 @@ def measured_cache_bytes(cache) -> int:
     return total
 
 
-def synthetic_cache(model, batch: int, context: int) -> DynamicCache:
+def synthetic_cache(model, batch: int, context: int, max_len: int | None = None) -> Cache:
     """The cache a prefill of `context` tokens would leave, filled with random values through each layer's own
-    update path (decode speed does not depend on the values; prefilling hundreds of 32K sequences would)."""
+    update path (decode speed does not depend on the values; prefilling hundreds of 32K sequences would).
+    `max_len`: a StaticCache preallocated to that many tokens (K/V written in place) instead of a DynamicCache
+    (K/V concatenated, so copied, at every step)."""
     config = model.config
     dtype, device = model.dtype, model.device
     heads, kv_heads, head_dim = _dims(config)
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=config) if max_len is None else StaticCache(config=config, max_cache_len=max_len)
     for layer, layer_type in zip(cache.layers, _layer_types(config)):
         if layer_type == LINEAR:
             width = config.kda_conv_size - 1
@@ -345,13 +348,15 @@ def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int) -
 
 # ---- 3. decode -------------------------------------------------------------------------------------------------------
 
-def measure_decode_point(model, batch: int, context: int, steps: int, repeats: int, warmup: int, seed: int):
+def measure_decode_point(model, batch: int, context: int, steps: int, repeats: int, warmup: int, seed: int,
+                         static: bool = False):
     """Greedy decode `steps` tokens per repeat from a synthetic cache of `context` tokens; None on OOM."""
     device = model.device
     result, out_of_memory, cache = None, False, None
     baseline = start_peak(device)  # before the cache: the decode peak includes it
     try:
-        cache = synthetic_cache(model, batch, context)
+        cache = synthetic_cache(model, batch, context,
+                                max_len=context + (warmup + repeats) * steps if static else None)
         token = random_ids(model, batch, 1, seed)
 
         def decode():
@@ -377,7 +382,7 @@ def measure_decode_point(model, batch: int, context: int, steps: int, repeats: i
 
 
 def measure_decode(model, context: int, batches: list[int] | None, max_batch: int, steps: int, repeats: int,
-                   warmup: int, seed: int) -> dict:
+                   warmup: int, seed: int, static: bool = False) -> dict:
     device = model.device
     # The cache grows by one token per step over warm-up and repeats; size the batch for the longest it gets.
     final_context = context + (warmup + repeats) * steps
@@ -391,7 +396,7 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     record = {"context": context, "steps_per_repeat": steps, "analytic_batch": largest}
     largest_point = None
     while largest >= 1 and largest_point is None:
-        largest_point = measure_decode_point(model, largest, context, steps, repeats, warmup, seed)
+        largest_point = measure_decode_point(model, largest, context, steps, repeats, warmup, seed, static)
         if largest_point is None:
             largest = min(largest - 1, int(largest * BACKOFF))
     if largest_point is None:
@@ -403,7 +408,7 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     points = [largest_point]
     for batch in sorted({1, *wanted}):
         if batch < largest:
-            point = measure_decode_point(model, batch, context, steps, repeats, warmup, seed)
+            point = measure_decode_point(model, batch, context, steps, repeats, warmup, seed, static)
             if point is not None:
                 points.append(point)
     points.sort(key=lambda p: p["batch"])
@@ -484,7 +489,7 @@ def environment(device: torch.device) -> dict:
 
 def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768, batches: list[int] | None = None,
               max_batch: int | None = None, repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
-              rtol: float | None = None, seed: int = 0, on_progress=None) -> dict:
+              rtol: float | None = None, seed: int = 0, on_progress=None, decode_cache: str = "dynamic") -> dict:
     """Check the student, then measure both models. Raises WrongModelError before timing anything if the student's
     fast path or a cached decode disagrees with its reference. `batches`: decode batch sizes for the throughput
     curve (default powers of two below the largest that fits); `max_batch`: cap of the largest-batch search.
@@ -521,7 +526,7 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
             decode = {}
             for name, model in models.items():
                 decode[name] = measure_decode(model, decode_context, batches, max_batch, decode_steps, repeats,
-                                              warmup, seed)
+                                              warmup, seed, static=decode_cache == "static")
                 if on_progress:
                     on_progress({"correctness": correctness, "prefill": prefill, "decode": decode})
                 print(f"decode {name} at {_fmt_context(decode_context)}: " + (decode[name].get("error") or ", ".join(
@@ -531,7 +536,9 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
                      "timer": "cuda events + synchronize" if device.type == "cuda" else "time.perf_counter (CPU: "
                      "only ratios are meaningful)", "repeats": repeats, "warmup": warmup, "statistic": "median",
                      "prefill_batch": 1, "decode_context": decode_context, "decode_steps_per_repeat": decode_steps,
-                     "decode_cache": "synthetic (random values, exact shapes), grows by one token per step",
+                     "decode_cache": f"{decode_cache}: synthetic (random values, exact shapes), " + (
+                         "StaticCache preallocated, K/V written in place" if decode_cache == "static" else
+                         "DynamicCache, K/V concatenated (copied) at every step"),
                      "peak_memory": "this model's weights + max_memory_allocated over the call's baseline",
                      "largest_batch": f"analytic bytes vs {DECODE_MEMORY_FRACTION:.0%} of free memory minus "
                      f"{DECODE_RESERVE_BYTES / GiB:g} GiB, backing off x{BACKOFF} on OOM, capped at {max_batch}"},
@@ -732,6 +739,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement, median reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement (fla autotunes here)")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per timed repeat")
+    p.add_argument("--decode-cache", choices=["dynamic", "static"], default="dynamic",
+                   help="cache class for decode: DynamicCache (generate's default; copies K/V every step) or a "
+                   "preallocated StaticCache (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
@@ -779,7 +789,8 @@ def main(args) -> int:
     try:
         result = run_bench(teacher, student, contexts, decode_context=decode_context, batches=batches,
                            max_batch=args.max_batch, repeats=args.repeats, warmup=args.warmup,
-                           decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed, on_progress=save_partial)
+                           decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed, on_progress=save_partial,
+                           decode_cache=args.decode_cache)
     except WrongModelError as err:
         with atomic_dir(out, overwrite=args.overwrite) as tmp:
             atomic_write_json(Path(tmp) / "correctness.json", {

@@ -85,16 +85,32 @@ def test_largest_batch_fills_the_budget_and_no_more(student):
 def test_decode_backs_off_on_out_of_memory(student, monkeypatch):
     real_synthetic_cache = bench.synthetic_cache
 
-    def card_fits_five(model, batch, context):
+    def card_fits_five(model, batch, context, max_len=None):
         if batch > 5:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_synthetic_cache(model, batch, context)
+        return real_synthetic_cache(model, batch, context, max_len)
 
     monkeypatch.setattr(bench, "synthetic_cache", card_fits_five)
     record = bench.measure_decode(student, context=16, batches=None, max_batch=8, steps=1, repeats=1, warmup=0, seed=0)
     # 8 -> 6 -> 5 (x0.85 each try), then the powers of two below it
     assert record["largest_batch"] == 5 and [p["batch"] for p in record["points"]] == [1, 4, 5]
     assert record["tokens_per_s_at_largest"] == record["points"][-1]["tokens_per_s"] > 0
+
+
+@torch.no_grad()
+def test_static_decode_cache_gives_the_same_logits_as_the_dynamic_one(teacher, student):
+    for model in (teacher, student):
+        logits = []
+        for max_len in (None, 40):
+            torch.manual_seed(0)
+            cache = bench.synthetic_cache(model, batch=2, context=31, max_len=max_len)
+            token = torch.tensor([[5], [7]])
+            steps = []
+            for _ in range(3):
+                steps.append(model(token, past_key_values=cache, use_cache=True).logits)
+                token = steps[-1][:, -1:].argmax(-1)
+            logits.append(torch.cat(steps, dim=1))
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_targets_say_pass_or_fail_and_by_how_much():
