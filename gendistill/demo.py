@@ -49,12 +49,13 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def build_or_reuse_world(out: Path, seed: int, preset: str) -> Path:
+def build_world_dir(out: Path, seed: int, preset: str) -> Path:
+    """(Re)build the world under `out`: a second or so, and an earlier demo's world may be of another seed, scale or
+    world version (the teacher cache key hashes world.json, so the same world finds the same teacher)."""
     from gendistill.world import build_world
 
     world_dir = out / "world"
-    if not (world_dir / "world.json").exists():
-        build_world(seed=seed, scale=preset).save(world_dir)
+    build_world(seed=seed, scale=preset).save(world_dir, overwrite=True)
     return world_dir
 
 
@@ -85,9 +86,15 @@ def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int 
 
 
 def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
-    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
+    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once. The key hashes
+    what the teacher is trained on (texts, chats, tokenizer), not only world.json, so any change to the world's
+    generator that reaches the training data trains a new teacher."""
     recipe = _recipe("teacher", scale)
-    key = hashlib.sha256((world_dir / "world.json").read_bytes() + recipe.read_bytes() + scale.encode()).hexdigest()
+    digest = hashlib.sha256()
+    for part in ("world.json", "pretrain.jsonl", "chat.jsonl", "tokenizer/tokenizer.json"):
+        digest.update((world_dir / part).read_bytes())
+    digest.update(recipe.read_bytes() + scale.encode())
+    key = digest.hexdigest()
     teacher_dir = cache / "teachers" / f"{scale}-seed{seed}-{key[:12]}"
     if (teacher_dir / "config.json").exists() and not fresh:
         print(f"reusing the cached teacher {teacher_dir}")
@@ -162,7 +169,7 @@ def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, c
     start = time.perf_counter()
 
     _step(f"1/5 world ({settings['world']} preset, seed {seed})")
-    world_dir = build_or_reuse_world(out, seed, settings["world"])
+    world_dir = build_world_dir(out, seed, settings["world"])
     _step("2/5 teacher: Qwen3 trained from scratch on the world (pretraining, then chat SFT)")
     teacher_dir = train_or_reuse_teacher(world_dir, scale, seed, cache, fresh_teacher)
     _step("3/5 convert + the four GenDistill stages (attn_align, hidden_align, kd, kd_instruct)")

@@ -8,8 +8,11 @@ Knowledge-extraction setup in the spirit of Allen-Zhu & Li, "Physics of Language
 several biographies (varied templates per attribute, shuffled attribute order, full name in every sentence),
 half of the people ("seen") also have their Q&A in the chat data, the other half ("extraction") are known only
 from their biographies. Each person has a unique surname and the tokenizer makes every name one token, so a tiny
-model can bind facts to one key. Eval questions use phrasings that never appear in the chat data, for both
-splits, so the only difference between the splits is whether the person's Q&A was seen.
+model can bind facts to one key; a value is the same tokens in a biography and at the start of an answer
+(`_train_world_tokenizer`). Eval questions use phrasings that never appear in the chat data, for both splits, so
+the only difference between the splits is whether the person's Q&A was seen. The training questions are a small
+grammar (TRAIN_QUESTIONS) and the eval phrasings are held-out cells of it: the test is whether the teacher answers
+a new combination of known question words, not whether it understands words it never saw.
 
 Python: `build_world(seed, n_entities, scale) -> World` (presets in PRESETS: tiny, cpu, gpu), `World.save(dir)`,
 `load_world(dir) -> World`. CLI: `gendistill world build --out DIR [--seed N] [--entities N] [--scale ...]`.
@@ -19,13 +22,14 @@ Built world directory (`World.save`, written atomically):
     pretrain.jsonl       {"text": biography}, one biography per line, shuffled (all people)
     chat.jsonl           {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}, seen people only:
                          short answers ("Lyon."), full-sentence answers on request, multiple-choice questions in
-                         the eval prompt format answered with a letter
+                         the eval prompt format answered with the option's text
     chat_noisy.jsonl     the same questions, lower quality: wrong values, rambling answers, Q&A as plain text in
                          the user turn, missing assistant turns (kinds listed per line in world.json)
     tasks/<task>.yaml    eval task specs (docs/DESIGN.md "Eval task format"), tasks in TASK_NAMES:
     tasks/<task>.jsonl     world_qa_{mc,open}_{seen,extraction}
     tasks/world_qa_{mc,open}_fewshot.jsonl   few-shot examples (seen people held out of the eval items)
-    tokenizer/           byte-level BPE trained on the world's text, ChatML template (AutoTokenizer.from_pretrained)
+    tokenizer/           byte-level BPE trained on the world's text, ChatML template (AutoTokenizer.from_pretrained);
+                         a value's first word is the same token after a space and at the start of an answer
     world.json           seed, scale, preset, people with their split, value pools, token counts, noisy kinds
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +46,18 @@ import yaml
 
 from gendistill.io import UserError, atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MC answered with the option text, value-word tokenizer, question grammar
 ATTRIBUTES = ["birth_date", "birth_city", "university", "field", "employer", "employer_city"]
 SPLITS = ["seen", "extraction"]
 SEEN_FRACTION = 0.5
 LETTERS = "ABCD"
-# The prompt of the multiple-choice tasks; the MC conversations in the chat data use it too, so the teacher
-# learns to answer it with a letter.
+# The prompt of the multiple-choice tasks; the MC conversations in the chat data use it too. The teacher answers with
+# the chosen option's text ("Nago Works."), not its letter, and the task specs say so (extract: choice_text,
+# ll_target: text: the cloze formulation of lm-eval's ARC/HellaSwag, which OLMES uses for small models). Pointing at an
+# option by letter is a skill of its own that the cpu teacher never learned (development probes: 8-layer hidden-128
+# teacher, one or three lettered MC questions per seen fact in the chat data, all parameters or attention only: MC at
+# chance, 15-28 %, under both log-likelihood and generation, with one favourite letter; the same teacher picks the
+# right option text 95 % of the time on seen people).
 MC_PROMPT = "Question: {question}\n{choices}Answer:"
 OPEN_PROMPT = "{question}"
 SENTENCE_REQUEST = "Answer with a full sentence. "
@@ -71,16 +81,18 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Token counts below are with the world's own tokenizer, seed 0 (world.json "tokens" has them per build).
-    # CI: 30 people, ~0.1 s to build; 2.9K pretraining tokens, 8.2K chat tokens, vocabulary 939.
+    # CI: 30 people, ~0.1 s to build; 3.4K pretraining tokens, 8.9K chat tokens, vocabulary 933.
     "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024),
-    # The 2-core CPU demo: 64 people, 320 biographies = 15.4K pretraining tokens (48 each), 628 chats = 17.6K
-    # tokens (noisy mix 20.1K), vocabulary 1,188 (every first name and surname is one token). An 8-layer
+    # The 2-core CPU demo: 64 people, 320 biographies = 18.0K pretraining tokens (56 each), 1,395 chats = 35.0K
+    # tokens (noisy mix 42.8K), vocabulary 1,146 (every first name and surname is one token). An 8-layer
     # hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 free cores, i.e. ~600K tokens in two
     # minutes. Development probes (plain AdamW 3e-3, biographies and chats mixed from the start): 60 people,
     # 600 steps of 1K tokens -> facts 60-80 % right inside biographies but chat QA only 10-35 %; 100 people,
     # 800 steps of 2K tokens -> 70-80 % on trained phrasings, ~45 % on held-out ones. Memorising is limited by
-    # optimizer steps more than by tokens, so the teacher wants small batches and many steps.
-    "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 2, 0.25, 40, 4, 1536),
+    # optimizer steps more than by tokens, so the teacher wants small batches and many steps. Six open questions
+    # per fact (of ~30-50 phrasings per attribute) rather than two or three: held-out phrasings 85-90 % -> 93-96 %
+    # on the seen people with the same teacher recipe.
+    "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 6, 0.25, 40, 4, 1536),
     # One GPU: 3,000 people, 18,000 biographies = 0.86M pretraining tokens, 38K chats = 1.0M tokens (noisy 1.2M),
     # vocabulary 5,494; ~12 s to build.
     "gpu": Preset(3000, 6, 40, 48, 30, 16, 40, 3, 0.25, 100, 8, 6144),
@@ -101,36 +113,67 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 PRONOUNS = {"male": ("He", "His", "his"), "female": ("She", "Her", "her")}
 
 # Biography sentences. {s}: subject (full name or pronoun), {sp}: possessive subject, {pp}: possessive pronoun.
+# Every sentence starts with the subject. The templates also use the words questions ask with ("day", "town",
+# "school", "subject", "company", "city"): words the biographies never use keep untrained embeddings through
+# pretraining, and the chat SFT (which leaves the embeddings alone, recipes/demo/teacher-*.yaml) then has a hard time
+# telling "On which day was X born?" from "In which town was X born?".
 BIO_TEMPLATES: dict[str, list[str]] = {
     "birth_date": ["{s} was born on {v}.", "{s} came into the world on {v}.", "{sp} date of birth is {v}.",
-                   "{sp} birthday is {v}.", "{s} entered life on {v}."],
+                   "{sp} birthday is {v}.", "{s} entered life on {v}.", "{sp} day of birth was {v}.",
+                   "{s} was born on the day of {v}."],
     "birth_city": ["{s} was born in {v}.", "{sp} place of birth is {v}.", "{s} comes from {v}.",
-                   "{s} spent {pp} childhood in {v}.", "{sp} birthplace is {v}."],
+                   "{s} spent {pp} childhood in {v}.", "{sp} birthplace is {v}.", "{s} was born in the city of {v}.",
+                   "{s} grew up in the town of {v}."],
     "university": ["{s} studied at {v}.", "{s} attended {v}.", "{s} graduated from {v}.",
-                   "{s} received {pp} degree from {v}.", "{sp} university was {v}."],
+                   "{s} received {pp} degree from {v}.", "{sp} university was {v}.", "{s} went to school at {v}.",
+                   "{sp} college was {v}."],
     "field": ["{s} studied {v}.", "{s} majored in {v}.", "{sp} field of study was {v}.",
-              "{s} earned a degree in {v}.", "{s} chose {v} as {pp} major."],
+              "{s} earned a degree in {v}.", "{s} chose {v} as {pp} major.", "{sp} subject was {v}.",
+              "{s} took {v} as {pp} subject."],
     "employer": ["{s} works for {v}.", "{s} is employed by {v}.", "{s} has a job at {v}.",
-                 "{sp} employer is {v}.", "{s} joined the staff of {v}."],
+                 "{sp} employer is {v}.", "{s} joined the staff of {v}.", "{sp} company is {v}.",
+                 "{s} works at the company {v}."],
     "employer_city": ["{s} works in {v}.", "{sp} office is in {v}.", "{s} goes to work in {v}.",
-                      "{sp} workplace is located in {v}.", "{s} is based in {v} for work."],
+                      "{sp} workplace is located in {v}.", "{s} is based in {v} for work.",
+                      "{s} works in the city of {v}.", "{sp} office is in the town of {v}."],
 }
 
-# Question phrasings. TRAIN ones appear in the chat data; EVAL ones only in the eval tasks (held out).
-TRAIN_QUESTIONS: dict[str, list[str]] = {
-    "birth_date": ["When was {n} born?", "What is the birth date of {n}?", "On what date was {n} born?",
-                   "When is the birthday of {n}?", "Tell me the birth date of {n}.", "Which date was {n} born on?"],
-    "birth_city": ["Where was {n} born?", "In which city was {n} born?", "What is the birthplace of {n}?",
-                   "Which city was {n} born in?", "Where does {n} come from?", "Tell me the birth city of {n}."],
-    "university": ["Which university did {n} attend?", "Where did {n} study?", "What university did {n} graduate from?",
-                   "Where did {n} get a degree?", "Which school did {n} attend?", "Tell me the university of {n}."],
-    "field": ["What did {n} study?", "What was the major of {n}?", "Which field did {n} study?",
-              "What did {n} major in?", "What is the field of study of {n}?", "Tell me the major of {n}."],
-    "employer": ["Who does {n} work for?", "Which company employs {n}?", "What company does {n} work for?",
-                 "Who employs {n}?", "Where does {n} have a job?", "Tell me the employer of {n}."],
-    "employer_city": ["In which city does {n} work?", "What city does {n} work in?", "Where is the office of {n}?",
-                      "Where does {n} go to work?", "In what city is the office of {n}?",
-                      "Tell me the work city of {n}."],
+# Question phrasings. TRAIN ones appear in the chat data; EVAL ones only in the eval tasks (held out, never trained).
+# A tiny model only answers a paraphrase it never saw if the training questions vary enough for it to key on the
+# words that name the attribute ("day", "school", "company", "work ... city") rather than on whole sentences: with
+# six fixed phrasings per attribute the cpu teacher answered some held-out ones with the wrong attribute (mostly the
+# birth city). So the training questions are a small grammar -- noun questions ("What is {n}'s {noun}?") over every
+# noun of an attribute, and wh-questions whose {w}/{W} (which/what) and {x} (the noun after it) slots are filled in
+# every way -- and the cells of it that are eval phrasings are dropped: those stay held out.
+ATTRIBUTE_NOUNS: dict[str, list[str]] = {
+    "birth_date": ["birth date", "date of birth", "birthday", "day of birth"],
+    "birth_city": ["birthplace", "birth city", "city of birth", "place of birth", "home town"],
+    "university": ["university", "school", "college", "alma mater"],
+    "field": ["field of study", "major", "subject", "field"],
+    "employer": ["employer", "company", "firm"],
+    "employer_city": ["work city", "city of work", "office city", "workplace city"],
+}
+NOUN_FRAMES = ["What is the {a} of {n}?", "What is {n}'s {a}?", "Tell me the {a} of {n}.", "Tell me {n}'s {a}.",
+               "Name the {a} of {n}.", "Do you know the {a} of {n}?"]
+WH_NOUNS: dict[str, list[str]] = {"birth_date": ["date", "day"], "birth_city": ["city", "town"],
+                                  "university": ["university", "school", "college"], "field": ["field", "subject"],
+                                  "employer": ["company", "firm"], "employer_city": ["city", "town"]}
+WH_QUESTIONS: dict[str, list[str]] = {
+    "birth_date": ["When was {n} born?", "When is {n}'s birthday?", "When did {n} come into the world?",
+                   "{W} {x} was {n} born on?", "On {w} {x} was {n} born?"],
+    "birth_city": ["Where was {n} born?", "Where is {n} from?", "Where does {n} come from?",
+                   "{W} {x} was {n} born in?", "In {w} {x} was {n} born?", "{W} {x} is {n} from?",
+                   "{W} {x} does {n} come from?"],
+    "university": ["Where did {n} study?", "Where did {n} get a degree?", "Where did {n} go to university?",
+                   "{W} {x} did {n} attend?", "{W} {x} did {n} go to?", "{W} {x} did {n} graduate from?",
+                   "At {w} {x} did {n} study?"],
+    "field": ["What did {n} study?", "What did {n} major in?", "What was {n}'s major?", "{W} {x} did {n} study?",
+              "{W} {x} did {n} major in?", "In {w} {x} did {n} earn a degree?"],
+    "employer": ["Who does {n} work for?", "Who employs {n}?", "{W} {x} employs {n}?", "{W} {x} does {n} work for?",
+                 "{W} {x} is {n} employed by?", "For {w} {x} does {n} work?"],
+    "employer_city": ["Where does {n} go to work?", "Where is the office of {n}?", "Where is {n}'s office?",
+                      "{W} {x} does {n} work in?", "In {w} {x} does {n} work?", "In {w} {x} is the office of {n}?",
+                      "In {w} {x} is {n}'s office?"],
 }
 EVAL_QUESTIONS: dict[str, list[str]] = {
     "birth_date": ["What is {n}'s date of birth?", "On which day was {n} born?"],
@@ -140,6 +183,18 @@ EVAL_QUESTIONS: dict[str, list[str]] = {
     "employer": ["Who is the employer of {n}?", "Which company is {n} employed by?"],
     "employer_city": ["In what city is {n}'s workplace?", "Which city does {n} work in?"],
 }
+
+
+
+def _train_questions(attribute: str) -> list[str]:
+    phrasings = [q.format(n="{n}", w=w.lower(), W=w, x=x) for q in WH_QUESTIONS[attribute] for w in ("Which", "What")
+                 for x in WH_NOUNS[attribute]]
+    phrasings += [frame.format(a=noun, n="{n}") for noun in ATTRIBUTE_NOUNS[attribute] for frame in NOUN_FRAMES]
+    held_out = set(EVAL_QUESTIONS[attribute])
+    return [q for q in dict.fromkeys(phrasings) if q not in held_out]
+
+
+TRAIN_QUESTIONS: dict[str, list[str]] = {attr: _train_questions(attr) for attr in ATTRIBUTES}
 
 # Filler for the noisy mix's rambling answers.
 RAMBLE_OPENERS = ["That is a good question.", "Let me think about this for a moment.", "Thanks for asking!",
@@ -405,7 +460,8 @@ def _chat(user: str, assistant: str | None) -> list[dict]:
 
 def _clean_conversations(rng: random.Random, person: Person, attribute: str, pools: dict[str, list[str]],
                          preset: Preset) -> list[tuple[str, str]]:
-    """(user, assistant) pairs about one fact: short answers, maybe a sentence answer, one MC question."""
+    """(user, assistant) pairs about one fact: short answers, maybe a sentence answer, one MC question (answered with
+    the option's text)."""
     value = person.value(attribute)
     phrasings = [q.format(n=person.name) for q in TRAIN_QUESTIONS[attribute]]
     pairs = [(q, f"{value}.") for q in rng.sample(phrasings, preset.open_questions_per_fact)]
@@ -414,7 +470,7 @@ def _clean_conversations(rng: random.Random, person: Person, attribute: str, poo
     position = rng.randrange(4)
     choices = _mc_choices(rng, value, pools[attribute], position)
     pairs.append((MC_PROMPT.format(question=rng.choice(phrasings), choices=render_choices(choices)),
-                  LETTERS[position]))
+                  f"{value}."))
     return pairs
 
 
@@ -445,8 +501,9 @@ def _degrade(rng: random.Random, kind: str, person: Person, attribute: str, user
     if kind == "clean":
         return _chat(user, answer)
     if kind == "wrong_value":
-        if is_mc:
-            return _chat(user, rng.choice([letter for letter in LETTERS if letter != answer]))
+        if is_mc:  # another of the listed options
+            options = [line.split(". ", 1)[1] for line in user.splitlines()[1:-1]]
+            return _chat(user, f"{rng.choice([o for o in options if o != value])}.")
         wrong = rng.choice([v for v in pools[attribute] if v != value])
         return _chat(user, answer.replace(value, wrong))
     if kind == "ramble":
@@ -518,10 +575,10 @@ def _spec(name: str, kind: str) -> dict:
         "chat_template": True,
         "num_fewshot": 0,
         "fewshot_data": f"world_qa_{kind}_fewshot.jsonl",
-        "max_new_tokens": 8 if mc else 24,
-        "extract": "letter" if mc else "first_line",
+        "max_new_tokens": 12 if mc else 24,
+        "extract": "choice_text" if mc else "first_line",
         "regex": None,
-    }
+    } | ({"ll_target": "text"} if mc else {})  # LL ranks the options' texts, what the teacher answers (MC_PROMPT)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------
@@ -534,10 +591,38 @@ def _tokenizer_corpus(world: World) -> list[str]:
     return texts
 
 
-def _train_world_tokenizer(world: World):
-    from gendistill.tokenizer import train_tokenizer
+def value_words(value_pools: dict[str, list[str]]) -> list[str]:
+    """The first word of every attribute value ("Lyon", "Nago" of "Nago Works", "physics", the day "24")."""
+    return sorted({value.split()[0] for values in value_pools.values() for value in values})
 
-    return train_tokenizer(_tokenizer_corpus(world), vocab_size=world.preset.vocab_size, min_frequency=2)
+
+def _train_world_tokenizer(world: World):
+    """Byte-level BPE with the ChatML template, like `gendistill.tokenizer.train_tokenizer`, with one difference: the
+    space before a value's first word is a token of its own, so the value is the same token in a biography
+    ("... works for| |Nago| Works.") as at the start of an answer ("<|im_start|>assistant\n|Nago| Works."). With
+    plain byte-level BPE these are two unrelated tokens ("ĠNago" and "Nago"), and a tiny model then cannot answer
+    questions about people it only read biographies of (cpu world, development probe: 10 % of the extraction
+    questions answered while 83 % of the same facts were still completed right inside biographies). It costs one
+    token per value mention. Names keep their leading space: questions and biographies both write them after one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gendistill.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    words = "|".join(re.escape(w) for w in sorted(value_words(world.value_pools), key=lambda w: (-len(w), w)))
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf" (?=(?:{words})\b)"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=world.preset.vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(world), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None, padding_side="left")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
 
 
 def _count_tokens(world: World) -> dict[str, int]:
