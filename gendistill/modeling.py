@@ -272,6 +272,13 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        # KDA layers restart at packed-document boundaries in the caller's position_ids. Finding them syncs with the
+        # device, so it is done once here (not in every KDA layer) and only where a layer would use them.
+        kda_position_ids = None
+        if (position_ids is not None and past_key_values is None and attention_mask is None
+                and inputs_embeds.shape[1] > 1
+                and _document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
+            kda_position_ids = position_ids
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
@@ -283,7 +290,8 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
-                                  position_embeddings=position_embeddings, position_ids=position_ids,
+                                  position_embeddings=position_embeddings,
+                                  position_ids=kda_position_ids if layer.layer_type == LINEAR else position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:

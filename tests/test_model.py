@@ -146,6 +146,26 @@ def test_packed_documents_equal_documents_alone(backend, student):
             start += len(d)
 
 
+@torch.no_grad()
+def test_document_boundaries_are_looked_for_once_per_forward_at_most(student, monkeypatch):
+    """Finding packed-document starts syncs with the device: never for positions the model makes itself, once per
+    forward (not once per KDA layer) for the caller's."""
+    import gendistill.modeling as modeling
+
+    calls = []
+    real = modeling._document_starts
+    monkeypatch.setattr(modeling, "_document_starts", lambda p: calls.append(1) or real(p))
+    x = ids(1, 12)
+    student(x, use_cache=False)
+    assert calls == []
+    student(x, position_ids=torch.arange(12)[None], use_cache=False)  # one document: no reset for the KDA layers
+    assert calls == [1]
+    calls.clear()
+    student(x, position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None], use_cache=False)
+    n_kda = sum(isinstance(m, KDAMixer) for m in student.modules())
+    assert len(calls) == 1 + n_kda  # the model's check, then each KDA layer builds its boundaries
+
+
 def test_save_and_auto_load_round_trip(student, tmp_path):
     student.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
