@@ -85,16 +85,19 @@ def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int 
     return out_dir
 
 
-def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
-    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once. The key hashes
-    what the teacher is trained on (texts, chats, tokenizer), not only world.json, so any change to the world's
-    generator that reaches the training data trains a new teacher."""
-    recipe = _recipe("teacher", scale)
+def teacher_cache_key(world_dir: Path, scale: str) -> str:
+    """Hash of what the teacher is made from: the world's training data and tokenizer (not only world.json, so any
+    change to the world's generator that reaches the training data trains a new teacher), the recipe and the scale."""
     digest = hashlib.sha256()
     for part in ("world.json", "pretrain.jsonl", "chat.jsonl", "tokenizer/tokenizer.json"):
-        digest.update((world_dir / part).read_bytes())
-    digest.update(recipe.read_bytes() + scale.encode())
-    key = digest.hexdigest()
+        digest.update((Path(world_dir) / part).read_bytes())
+    digest.update(_recipe("teacher", scale).read_bytes() + scale.encode())
+    return digest.hexdigest()
+
+
+def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
+    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
+    key = teacher_cache_key(world_dir, scale)
     teacher_dir = cache / "teachers" / f"{scale}-seed{seed}-{key[:12]}"
     if (teacher_dir / "config.json").exists() and not fresh:
         print(f"reusing the cached teacher {teacher_dir}")

@@ -1,7 +1,7 @@
 """The miniature demo (tiny world, tiny teacher, a few steps per stage) runs end to end and writes every file."""
 import json
 
-from gendistill.demo import run_demo
+from gendistill.demo import build_world_dir, run_demo, teacher_cache_key
 
 
 def test_mini_demo_end_to_end(tmp_path, capsys):
@@ -22,3 +22,14 @@ def test_mini_demo_end_to_end(tmp_path, capsys):
     # the teacher is cached: a second run reuses it instead of training again
     run_demo("mini", out=tmp_path / "demo2", cache=tmp_path / "cache")
     assert "reusing the cached teacher" in capsys.readouterr().out
+
+
+def test_teacher_cache_key_follows_the_training_data(tmp_path):
+    world = build_world_dir(tmp_path, seed=0, preset="tiny")
+    key = teacher_cache_key(world, "mini")
+    assert teacher_cache_key(build_world_dir(tmp_path, seed=0, preset="tiny"), "mini") == key  # rebuilt: same world
+    assert teacher_cache_key(world, "cpu") != key
+    chat = world / "chat.jsonl"
+    chat.write_text(chat.read_text().replace("?", " ?", 1))  # a generator change that leaves world.json alone
+    assert teacher_cache_key(world, "mini") != key
+    assert teacher_cache_key(build_world_dir(tmp_path, seed=1, preset="tiny"), "mini") != key
