@@ -90,7 +90,8 @@ def main() -> int:
     models = {"teacher (Qwen3)": teacher, "student (Hybrid-KDA)": convert(teacher)}
     results, checks = [], []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    largest = max(map(int, args.batch_sizes.split(",")))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    largest = max(batch_sizes)
     for name, model in models.items():
         with torch.no_grad():
             if args.check_dtype:
@@ -106,7 +107,7 @@ def main() -> int:
             start = time.perf_counter()
             reference = one_by_one(model, rows, args.max_new_tokens, pad, eos)
             sequential_s = time.perf_counter() - start
-            for batch_size in map(int, args.batch_sizes.split(",")):
+            for batch_size in batch_sizes:
                 # warm-up at this batch shape (fla autotunes, the allocator grows), untimed
                 generate(model, tokenizer, rows[:batch_size], max_new_tokens=2, batch_size=batch_size, progress=False)
                 start = time.perf_counter()

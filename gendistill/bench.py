@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
-from transformers.cache_utils import Cache
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 import gendistill
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
@@ -349,14 +348,14 @@ def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int) -
 # ---- 3. decode -------------------------------------------------------------------------------------------------------
 
 def measure_decode_point(model, batch: int, context: int, steps: int, repeats: int, warmup: int, seed: int,
-                         static: bool = False):
-    """Greedy decode `steps` tokens per repeat from a synthetic cache of `context` tokens; None on OOM."""
+                         static_len: int | None = None):
+    """Greedy decode `steps` tokens per repeat from a synthetic cache of `context` tokens (a StaticCache of
+    `static_len` tokens if given); None on OOM."""
     device = model.device
     result, out_of_memory, cache = None, False, None
     baseline = start_peak(device)  # before the cache: the decode peak includes it
     try:
-        cache = synthetic_cache(model, batch, context,
-                                max_len=context + (warmup + repeats) * steps if static else None)
+        cache = synthetic_cache(model, batch, context, max_len=static_len)
         token = random_ids(model, batch, 1, seed)
 
         def decode():
@@ -386,6 +385,7 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     device = model.device
     # The cache grows by one token per step over warm-up and repeats; size the batch for the longest it gets.
     final_context = context + (warmup + repeats) * steps
+    static_len = final_context if static else None
     if device.type == "cuda":
         release_memory(device)
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -396,7 +396,7 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     record = {"context": context, "steps_per_repeat": steps, "analytic_batch": largest}
     largest_point = None
     while largest >= 1 and largest_point is None:
-        largest_point = measure_decode_point(model, largest, context, steps, repeats, warmup, seed, static)
+        largest_point = measure_decode_point(model, largest, context, steps, repeats, warmup, seed, static_len)
         if largest_point is None:
             largest = min(largest - 1, int(largest * BACKOFF))
     if largest_point is None:
@@ -408,7 +408,7 @@ def measure_decode(model, context: int, batches: list[int] | None, max_batch: in
     points = [largest_point]
     for batch in sorted({1, *wanted}):
         if batch < largest:
-            point = measure_decode_point(model, batch, context, steps, repeats, warmup, seed, static)
+            point = measure_decode_point(model, batch, context, steps, repeats, warmup, seed, static_len)
             if point is not None:
                 points.append(point)
     points.sort(key=lambda p: p["batch"])
