@@ -1,50 +1,63 @@
 #!/usr/bin/env bash
-# Runs gendistill's GPU benchmarks on an H200 machine, one step after another, each under its own time limit, and
-# keeps Triton's compile/autotune cache (fla kernels take minutes to autotune on a fresh machine) in OUT.
-#   bash bench/h200.sh OUT step[:seconds] ...      steps: profile parity kd kd2 bench decode static engine demo
+# Runs gendistill's GPU benchmarks on an H200 machine and keeps Triton's compile/autotune cache (fla kernels take
+# minutes to autotune on a fresh machine) in OUT.
+#   bash bench/h200.sh OUT LANE [LANE ...]
+# A lane is a comma-separated list of steps (step or step:seconds) run one after another on its own GPU; lanes run
+# in parallel, lane i on GPU i. Steps: profile parity kd kd2 bench decode static engine demo.
+#   bash bench/h200.sh OUT demo engine,profile    # GPU 0: the GPU demo; GPU 1: the engine, then the profile
 set -u
-OUT=${1:?usage: bench/h200.sh OUT step...}; shift
+OUT=${1:?usage: bench/h200.sh OUT LANE...}; shift
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 mkdir -p "$TRITON_CACHE_DIR"
-# The cache comes back in parts of < 16 MB (the device tool's file limit); carry them in .cache/.
-ls .cache/triton_cache.tgz.part-* >/dev/null 2>&1 && cat .cache/triton_cache.tgz.part-* | tar xzf - -C "$TRITON_CACHE_DIR"
-# Results go to R and come back packed as OUT/results.tgz (the device tool returns at most 8 files).
-R=/tmp/h200_results; mkdir -p "$R"
-LOG="$R/h200.log"  # also inside results.tgz
-step() {  # step NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  echo "== $(date -u +%T) $name rc=$rc" | tee -a "$LOG"
+# The cache travels as .cache/triton_cache.tar.xz (carried in) and comes back in parts of < 16 MB (the device
+# tool's file limit), which are carried back in as they are.
+[ -f .cache/triton_cache.tar.xz ] && tar xJf .cache/triton_cache.tar.xz -C "$TRITON_CACHE_DIR"
+ls .cache/triton_cache.tar.xz.part-* >/dev/null 2>&1 && cat .cache/triton_cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"
+R=/tmp/h200_results; mkdir -p "$R"  # comes back packed as OUT/results.tgz (the device tool returns at most 8 files)
+
+step() {  # step LOG NAME SECONDS command...
+  local log=$1 name=$2 limit=$3; shift 3
+  echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
 }
-for arg in "$@"; do
-  s=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=""
-  case $s in
-    profile) step profile ${t:-200} python3 bench/profile_prefill.py --contexts 4k,128k --out "$R/profile_prefill_h200.json" ;;
-    parity)  step parity ${t:-150} python3 bench/kda_parity.py --out "$R/kda_parity_h200.json" ;;
-    kd)      step kd ${t:-150} python3 bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step_h200.json" ;;
-    kd2)     step kd2 ${t:-150} torchrun --nproc-per-node 2 bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step_h200x2.json" ;;
-    bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step bench ${t:-480} python3 -m gendistill bench \
-               --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 --out "$R/bench" ;;
-    decode)  step decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k --decode-context 32k \
-               --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator (no expandable segments)
-    static)  step static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k --decode-context 32k \
-               --batch 1 --repeats 3 --decode-cache static --out "$R/bench_decode_static" ;;
-    engine)  step engine ${t:-150} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-               --max-new-tokens 16 --check-dtype float32 --out "$R/eval_engine_h200.json" ;;
-    demo)    step demo ${t:-560} python3 -m gendistill demo --scale gpu --out "$R/demo" ;;
-    *) echo "unknown step $s" | tee -a "$LOG" ;;
-  esac
-  tar czf "$OUT/results.tgz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.arrow" -C "$R" .
-  # Triton's cache: whole if it fits the transfer limits (64 MiB in all), else only the autotuning decisions.
-  rm -f "$OUT"/triton_cache.tgz.part-*
-  tar czf /tmp/triton_cache.tgz -C "$TRITON_CACHE_DIR" . 2>/dev/null
-  if [ "$(stat -c %s /tmp/triton_cache.tgz)" -gt 55000000 ]; then
-    (cd "$TRITON_CACHE_DIR" && find . -name '*autotune*' | tar czf /tmp/triton_cache.tgz -T -)
-  fi
-  split -b 15m /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part-"
-done
-grep -v "Warning\|warn(" "$LOG" | tail -n 150
+
+lane() {  # lane GPU STEPS
+  local gpu=$1 log="$R/lane$1.log"
+  export CUDA_VISIBLE_DEVICES=$gpu
+  for arg in ${2//,/ }; do
+    s=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=""
+    case $s in
+      profile) step "$log" profile ${t:-240} python3 bench/profile.py --contexts 4k,128k --decode 32k@16 \
+                 --out "$R/profile_h200.json" ;;
+      parity)  step "$log" parity ${t:-150} python3 bench/kda_parity.py --out "$R/kda_parity_h200.json" ;;
+      kd)      step "$log" kd ${t:-150} python3 bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step_h200.json" ;;
+      kd2)     CUDA_VISIBLE_DEVICES=0,1 step "$log" kd2 ${t:-150} torchrun --nproc-per-node 2 bench/kd_step.py \
+                 --shape qwen3-0.6b --out "$R/kd_step_h200x2.json" ;;
+      bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench ${t:-480} python3 -m gendistill \
+                 bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
+                 --out "$R/bench" ;;
+      decode)  step "$log" decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
+                 --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator
+      static)  step "$log" static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
+                 --decode-context 32k --batch 1 --repeats 3 --decode-cache static --out "$R/bench_decode_static" ;;
+      engine)  step "$log" engine ${t:-240} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda \
+                 --dtype bfloat16 --max-new-tokens 16 --check-dtype float32 --out "$R/eval_engine_h200.json" ;;
+      demo)    step "$log" demo ${t:-540} python3 -m gendistill demo --scale gpu --out "$R/demo" ;;
+      *) echo "unknown step $s" | tee -a "$log" ;;
+    esac
+    tar czf "$OUT/results-lane$gpu.tgz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.arrow" -C "$R" .
+  done
+}
+
+gpu=0
+for steps in "$@"; do lane $gpu "$steps" & gpu=$((gpu + 1)); done
+wait
+tar czf "$OUT/results.tgz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.arrow" -C "$R" .
+rm -f "$OUT"/results-lane*.tgz
+# Triton's cache, xz-compressed (a third of gzip's size), in parts the device tool can return.
+tar cf - -C "$TRITON_CACHE_DIR" . | xz -6 -T0 > /tmp/triton_cache.tar.xz
+split -b 15m /tmp/triton_cache.tar.xz "$OUT/triton_cache.tar.xz.part-"
+for f in "$R"/lane*.log; do echo "#### $f"; grep -v "Warning\|warn(" "$f" | tail -n 60; done

@@ -1,0 +1,118 @@
+"""Where prefill and decode time goes: CUDA kernel time per category, launches, and the top kernels, teacher vs
+student.
+
+    python bench/profile.py --shape qwen3-0.6b --contexts 4k,128k --decode 32k@32 --out bench/results/profile_h200.json
+
+Prefill: one profiled forward per (model, context) after a warm-up (fla autotunes there), no cache, last-token
+logits, as `gendistill bench` times it. Decode (`--decode CONTEXT@BATCH`): one profiled greedy step from the
+synthetic cache `gendistill bench` decodes from, per model and cache class (DynamicCache, StaticCache).
+`wall_ms` is the CUDA-event time of the profiled call; `kernel_ms` the summed kernel time: a wall time well above
+the kernel time means the GPU waits on the host (launch overhead, syncs).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import environment, print_table, write_result  # noqa: E402
+from gendistill.bench import build_shape, fast_path, parse_list, parse_tokens, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.kda import use_backend  # noqa: E402
+
+# First match wins; names are lower-cased kernel names.
+CATEGORIES = [
+    ("kda_kernels", r"kda|gated_delta|delta_rule|wy_|solve_tril|chunk_local_cumsum|l2norm"),
+    ("short_conv", r"conv"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul"),
+    ("norm_gate", r"norm|softplus|sigmoid|silu"),
+    ("copies", r"copy|cat_|catarray|index|gather|fill|transpose|repeat"),
+    ("elementwise", r"elementwise|vectorized|reduce"),
+]
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    return next((cat for cat, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
+
+
+def profile_call(forward, device) -> dict:
+    forward()  # warm-up: autotuning, allocator
+    _, seconds = timed(forward, device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name, by_category = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        for table, key in ((by_name, e.name), (by_category, category(e.name))):
+            table[key][0] += 1
+            table[key][1] += us / 1e3
+    total = sum(ms for _, ms in by_category.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
+    # Host side: where the CPU time of the call goes (a host-bound call is fixed there, not in the kernels).
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "wall_ms": 1e3 * seconds, "kernel_ms": total, "launches": len(kernels),
+        "categories": {k: {"launches": n, "ms": ms, "share": ms / total} for k, (n, ms) in
+                       sorted(by_category.items(), key=lambda kv: -kv[1][1])},
+        "top_kernels": [{"name": k[:120], "launches": n, "ms": ms} for k, (n, ms) in top],
+        "top_host_ops": [{"name": e.key[:120], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                         for e in host[:25]],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "tiny"])
+    p.add_argument("--contexts", default="4k,128k")
+    p.add_argument("--decode", help="CONTEXT@BATCH, e.g. 32k@32: also profile one decode step there")
+    p.add_argument("--out", default="bench/results/profile.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in build_shape(args.shape, 0))
+    rows, results = [], []
+
+    def add(name, what, r):
+        results.append({"model": name, "what": what, **r})
+        rows.append({"model": name, "what": what, "wall_ms": r["wall_ms"], "kernel_ms": r["kernel_ms"],
+                     "launches": r["launches"], **{k: v["ms"] for k, v in r["categories"].items()}})
+        print(f"{name} {what}: wall {r['wall_ms']:.4g} ms, kernels {r['kernel_ms']:.4g} ms; top kernels", flush=True)
+        print_table(r["top_kernels"][:10], ["name", "launches", "ms"])
+
+    with torch.no_grad(), use_backend(fast_path(device)):
+        for context in parse_list(args.contexts):
+            ids = random_ids(teacher, 1, context, seed=0)
+            for name, model in (("teacher", teacher), ("student", student)):
+                forward = lambda: model(ids, use_cache=False, logits_to_keep=1).logits
+                add(name, f"prefill {context}", profile_call(forward, device))
+        if args.decode:
+            context, batch = args.decode.split("@")
+            context, batch = parse_tokens(context), int(batch)
+            for cache_class, static in (("dynamic", False), ("static", True)):
+                for name, model in (("teacher", teacher), ("student", student)):
+                    cache = synthetic_cache(model, batch, context, max_len=context + 8 if static else None)
+                    token = random_ids(model, batch, 1, seed=0)
+                    step = lambda: model(token, past_key_values=cache, use_cache=True).logits
+                    add(name, f"decode {context}@{batch} {cache_class}", profile_call(step, device))
+                    del cache
+                    torch.cuda.empty_cache()
+    columns = ["model", "what", "wall_ms", "kernel_ms", "launches", *[c for c, _ in CATEGORIES], "other"]
+    print_table(rows, columns)
+    write_result(args.out, {"benchmark": "bench/profile.py", **environment(), "profiles": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
