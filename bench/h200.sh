@@ -30,15 +30,15 @@ lane() {  # lane GPU STEPS
   for arg in ${2//,/ }; do
     s=${arg%%:*}; t=${arg#*:}; [ "$t" = "$arg" ] && t=""
     case $s in
-      profile) step "$log" profile ${t:-240} python3 bench/profile.py --contexts 4k,128k --decode 32k@16 \
-                 --out "$R/profile_h200.json" ;;
+      profile) step "$log" profile ${t:-240} python3 bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 \
+                 --out "$R/kernel_profile_h200.json" ;;
       parity)  step "$log" parity ${t:-150} python3 bench/kda_parity.py --out "$R/kda_parity_h200.json" ;;
       kd)      step "$log" kd ${t:-150} python3 bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step_h200.json" ;;
       kd2)     CUDA_VISIBLE_DEVICES=0,1 step "$log" kd2 ${t:-150} torchrun --nproc-per-node 2 bench/kd_step.py \
                  --shape qwen3-0.6b --out "$R/kd_step_h200x2.json" ;;
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench ${t:-480} python3 -m gendistill \
                  bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
-                 --out "$R/bench" ;;
+                 --cuda-graphs --out "$R/bench" ;;
       decode)  step "$log" decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
                  --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator
       static)  step "$log" static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \

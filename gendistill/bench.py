@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 import gendistill
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
 from gendistill.kda import fla_available, resolve_backend, use_backend
+from gendistill.fused import FusedMLP, FusedRMSNorm
 from gendistill.modeling import KDAMixer
 
 LINEAR = "linear_attention"
@@ -280,6 +281,43 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     return checks
 
 
+def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
+    """The fused norms and MLPs (gendistill.fused) on the inputs they see in one fast forward: fused path vs the
+    transformers modules (the reference), also the norm's residual-add form and the MLP sliced into short chunks."""
+    modules = [m for m in student.modules() if isinstance(m, (FusedRMSNorm, FusedMLP))]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args[0])) for m in modules]
+    try:
+        with use_backend(fast_path(ids.device)):
+            student(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP": [], "MLP in slices of 64 tokens": []}
+
+    def compare(what, fast_fn):
+        with use_backend(fast_path(ids.device)):
+            fast = fast_fn()
+        with use_backend("recurrent"):  # every fused module falls back to transformers' own forward
+            reference = fast_fn()
+        fast, reference = (t if isinstance(t, tuple) else (t,) for t in (fast, reference))
+        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference)))
+
+    for module, x in inputs.items():
+        if isinstance(module, FusedRMSNorm):
+            compare("RMSNorm", lambda: module(x))
+            compare("RMSNorm with the residual add", lambda: module.add_and_norm(x, x.flip(-2)))
+        else:
+            compare("MLP", lambda: module(x))
+            chunk, module.config.kda_prefill_chunk = module.config.kda_prefill_chunk, 64
+            try:
+                compare("MLP in slices of 64 tokens", lambda: module(x))
+            finally:
+                module.config.kda_prefill_chunk = chunk
+    return [{"name": f"student {what}, fused path vs transformers", "rtol": rtol, "rel_err": max(e, default=0.0)}
+            for what, e in errors.items()]
+
+
 def cached_decode_error(model, ids: torch.Tensor, steps: int) -> float:
     """Prefill all but `steps` tokens into a cache, feed the rest one at a time; compare those logits (and the
     prefill's last) with one uncached forward over everything."""
@@ -295,7 +333,7 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
     """All checks; `passed` is False if any error exceeds its tolerance (NaN included)."""
     ids = random_ids(student, 2, CHECK_TOKENS, seed)
     layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
-    checks = kda_layer_checks(student, ids, layer_rtol)
+    checks = kda_layer_checks(student, ids, layer_rtol) + fused_module_checks(student, ids, layer_rtol)
     for name, model in (("teacher", teacher), ("student", student)):
         fp32_copy = copy.deepcopy(model).float()  # one at a time: a second copy of each model is alive only here
         with use_backend("recurrent"):
@@ -311,7 +349,39 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
 
 # ---- 2. prefill ------------------------------------------------------------------------------------------------------
 
-def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int) -> dict:
+def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
+    """`fn` captured as one CUDA graph, after two runs on a side stream (fla autotunes there, allocators settle)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def measure_prefill_graph(model, ids: torch.Tensor, repeats: int) -> dict:
+    """TTFT of the uncached prefill replayed as a CUDA graph: the same kernels without the host's launch overhead
+    (what a server capturing its prefill shapes would see; a 4K prefill of 28 layers is launch-bound)."""
+    device, graph, record = model.device, None, {}
+    try:
+        graph = capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1).logits, device)
+        graph.replay()
+        times = [timed(graph.replay, device)[1] for _ in range(repeats)]
+        record = {"ttft_graph_ms": 1e3 * statistics.median(times), "ttft_graph_ms_all": [1e3 * t for t in times]}
+    except torch.OutOfMemoryError:
+        record = {"error_graph": "out of memory"}
+    except RuntimeError as err:  # something in the forward cannot be captured (a host sync)
+        record = {"error_graph": f"CUDA graph capture failed: {str(err).splitlines()[0]}"}
+    graph = None
+    release_memory(device)
+    return record
+
+
+def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int, graphs: bool = False) -> dict:
     device, own_weights = model.device, weight_bytes(model)
     ids = random_ids(model, 1, context, seed)
     record = {"cache_bytes_analytic": analytic_cache_bytes(model.config, context, 1, model.dtype.itemsize)}
@@ -342,6 +412,8 @@ def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int) -
         record[f"ttft_{variant}_ms"] = 1e3 * statistics.median(times)
         record[f"ttft_{variant}_ms_all"] = [1e3 * t for t in times]
         record[f"peak_{variant}_bytes"] = None if peaks[0] is None else max(peaks)
+    if graphs:
+        record.update(measure_prefill_graph(model, ids, repeats))
     return record
 
 
@@ -444,6 +516,10 @@ def compare_with_targets(prefill: list[dict], decode: dict) -> list[dict]:
         value, detail = ratio(context, "ttft_no_cache_ms")
         targets.append(_target(f"TTFT teacher/student at {_fmt_context(context)} (no cache)", value, ">=", bound,
                                detail))
+        if any("ttft_graph_ms" in row["student"] for row in prefill):  # --cuda-graphs: both models replayed
+            value, detail = ratio(context, "ttft_graph_ms")
+            targets.append(_target(f"TTFT teacher/student at {_fmt_context(context)} (no cache, both as CUDA "
+                                   "graphs)", value, ">=", bound, detail))
     value, detail = ratio(TARGET_LONG, "peak_no_cache_bytes", numerator="student")
     targets.append(_target("prefill peak memory student/teacher at 128K (no cache)", value, "<=", 1.0, detail))
     value, detail = ratio(TARGET_LONG, "cache_bytes_measured", numerator="student")
@@ -489,7 +565,8 @@ def environment(device: torch.device) -> dict:
 
 def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768, batches: list[int] | None = None,
               max_batch: int | None = None, repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
-              rtol: float | None = None, seed: int = 0, on_progress=None, decode_cache: str = "dynamic") -> dict:
+              rtol: float | None = None, seed: int = 0, on_progress=None, decode_cache: str = "dynamic",
+              graphs: bool = False) -> dict:
     """Check the student, then measure both models. Raises WrongModelError before timing anything if the student's
     fast path or a cached decode disagrees with its reference. `batches`: decode batch sizes for the throughput
     curve (default powers of two below the largest that fits); `max_batch`: cap of the largest-batch search.
@@ -516,7 +593,8 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
         with use_backend(fast_path(device)):
             prefill = []
             for context in contexts:
-                prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed)
+                prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed,
+                                                                             graphs)
                                                        for name, model in models.items()}})
                 if on_progress:
                     on_progress({"correctness": correctness, "prefill": prefill})
@@ -535,7 +613,8 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
         "settings": {"dtype": str(dtype).removeprefix("torch."), "attention": "sdpa", "kda_backend": kda_paths,
                      "timer": "cuda events + synchronize" if device.type == "cuda" else "time.perf_counter (CPU: "
                      "only ratios are meaningful)", "repeats": repeats, "warmup": warmup, "statistic": "median",
-                     "prefill_batch": 1, "decode_context": decode_context, "decode_steps_per_repeat": decode_steps,
+                     "prefill_batch": 1, "prefill_cuda_graphs": graphs, "decode_context": decode_context,
+                     "decode_steps_per_repeat": decode_steps,
                      "decode_cache": f"{decode_cache}: synthetic (random values, exact shapes), " + (
                          "StaticCache preallocated, K/V written in place" if decode_cache == "static" else
                          "DynamicCache, K/V concatenated (copied) at every step"),
@@ -575,8 +654,8 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"## Prefill (batch 1, {s['dtype']}, {s['attention']}, KDA {s['kda_backend']['prefill']}; median of "
              f"{s['repeats']}; TTFT = prefill to the first token's logits)", "",
-             "| context | model | TTFT no cache | TTFT with cache | teacher/student | peak no cache | peak with cache "
-             "| KV+state measured | KV+state analytic |", "|" + "---|" * 9]
+             "| context | model | TTFT no cache | TTFT with cache | TTFT CUDA graph | teacher/student | peak no cache "
+             "| peak with cache | KV+state measured | KV+state analytic |", "|" + "---|" * 10]
     for row in result["prefill"]:
         for name in ("teacher", "student"):
             r = row[name]
@@ -585,8 +664,11 @@ def format_table(result: dict) -> str:
                 speedup = f"{row['teacher']['ttft_no_cache_ms'] / r['ttft_no_cache_ms']:.2f}x"
                 if r.get("ttft_cache_ms") and row["teacher"].get("ttft_cache_ms"):
                     speedup += f" ({row['teacher']['ttft_cache_ms'] / r['ttft_cache_ms']:.2f}x cached)"
+                if r.get("ttft_graph_ms") and row["teacher"].get("ttft_graph_ms"):
+                    speedup += f" ({row['teacher']['ttft_graph_ms'] / r['ttft_graph_ms']:.2f}x graph)"
+            graph = r.get("error_graph") or _fmt_value("ms", r.get("ttft_graph_ms"))
             lines.append(f"| {_fmt_context(row['context'])} | {name} | {_fmt_value('ms', r.get('ttft_no_cache_ms'))} "
-                         f"| {_fmt_value('ms', r.get('ttft_cache_ms'))} | {speedup} "
+                         f"| {_fmt_value('ms', r.get('ttft_cache_ms'))} | {graph} | {speedup} "
                          f"| {_fmt_bytes(r.get('peak_no_cache_bytes'))} | {_fmt_bytes(r.get('peak_cache_bytes'))} "
                          f"| {_fmt_bytes(r.get('cache_bytes_measured'))} | {_fmt_bytes(r['cache_bytes_analytic'])} |")
     lines += ["", f"## Decode at {_fmt_context(s['decode_context'])} context (greedy, {s['decode_steps_per_repeat']} "
@@ -742,6 +824,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--decode-cache", choices=["dynamic", "static"], default="dynamic",
                    help="cache class for decode: DynamicCache (generate's default; copies K/V every step) or a "
                    "preallocated StaticCache (default %(default)s)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also time each uncached prefill replayed as a CUDA "
+                   "graph, both models (the kernels without the host's launch overhead; CUDA only)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
@@ -764,6 +848,8 @@ def main(args) -> int:
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device (the device is {device}); drop the flag on this machine")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -790,7 +876,7 @@ def main(args) -> int:
         result = run_bench(teacher, student, contexts, decode_context=decode_context, batches=batches,
                            max_batch=args.max_batch, repeats=args.repeats, warmup=args.warmup,
                            decode_steps=args.decode_steps, rtol=args.rtol, seed=args.seed, on_progress=save_partial,
-                           decode_cache=args.decode_cache)
+                           decode_cache=args.decode_cache, graphs=args.cuda_graphs)
     except WrongModelError as err:
         with atomic_dir(out, overwrite=args.overwrite) as tmp:
             atomic_write_json(Path(tmp) / "correctness.json", {

@@ -18,8 +18,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
+from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.kda import gated_rms_norm, kda_gated, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -36,7 +37,7 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    kda_prefill_chunk: int = 16384  # inference prefill runs KDA layers in segments of this many tokens
+    kda_prefill_chunk: int = 16384  # inference prefill runs KDA layers (fused: MLPs too) in segments of this many tokens
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):
@@ -96,12 +97,6 @@ class KDAMixer(nn.Module):
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
         self.prefill_chunk = config.kda_prefill_chunk
 
-    def _conv_params(self):
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        weight = torch.cat([c.weight for c in convs])
-        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-        return weight, bias
-
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
         """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
@@ -132,23 +127,31 @@ class KDAMixer(nn.Module):
     def _mix(self, x, pad, doc_start, conv_context, state, need_state):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
-        if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
-            qkv = qkv * pad[..., None].to(qkv.dtype)
-        cu_seqlens = None
+        cu_seqlens = pos_in_doc = None
         if doc_start is not None:  # packed documents: the kernels take the boundaries over the flattened batch
             starts = doc_start.clone()
             starts[:, 0] = True
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
-        weight, bias = self._conv_params()
-        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens,
-                                       None if doc_start is None else _position_in_document(doc_start))
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.reshape(B, T, H, D)
+            pos_in_doc = _position_in_document(doc_start)
+        # q, k and v each through their own projection and conv, so every tensor the kernels read is contiguous as
+        # made (no concatenation, no strided split to copy). The cached conv context holds the three side by side.
+        widths = [H * D, Hkv * D, Hkv * D]
+        contexts = [None] * 3 if conv_context is None else conv_context.split(widths, dim=1)
+        qkv, new_contexts = [], []
+        for proj, conv, context in zip((self.q_proj, self.k_proj, self.v_proj),
+                                       (self.q_conv1d, self.k_conv1d, self.v_conv1d), contexts):
+            y = proj(x)
+            if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
+                y = y * pad[..., None].to(y.dtype)
+            y, context = short_conv(y, conv.weight, conv.bias, context, self.conv_activation, cu_seqlens, pos_in_doc)
+            qkv.append(y)
+            new_contexts.append(context)
+        conv_context = torch.cat(new_contexts, dim=1)
+        q = qkv[0].reshape(B, T, H, D)
         # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
-        k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
-        v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        k = qkv[1].reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        v = qkv[2].reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
         b = self.b_proj(x)
         if pad is not None:
@@ -187,9 +190,10 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
-        self.mlp = Qwen3MLP(config)
-        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        fuse_modules(self.self_attn)  # the attention's q/k norms
+        self.mlp = FusedMLP(config)
+        self.input_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -203,8 +207,8 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states, normed = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
+        return hidden_states + self.mlp(normed)
 
 
 class HybridKDAPreTrainedModel(PreTrainedModel):
@@ -246,7 +250,7 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([HybridKDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()

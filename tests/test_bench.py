@@ -214,3 +214,25 @@ def test_a_fast_path_that_ignores_padding_fails_only_the_padded_check(student, m
         checks = bench.kda_layer_checks(student, ids, rtol=5e-3)
     failed = [c["name"] for c in checks if not c["rel_err"] <= c["rtol"]]
     assert len(checks) == 4 and len(failed) == 1 and "left-padding" in failed[0]
+
+
+def test_cuda_graph_ttft_gets_its_own_targets_beside_the_eager_ones():
+    def model(eager, graph):
+        return {"ttft_no_cache_ms": eager, "ttft_graph_ms": graph}
+
+    prefill = [{"context": 4096, "teacher": model(26.0, 24.0), "student": model(56.0, 20.0)},
+               {"context": 131072, "teacher": model(4100.0, 4090.0), "student": model(1300.0, 1290.0)}]
+    decode = {"teacher": {"context": 32768}, "student": {"context": 32768}}
+    targets = {t["name"]: t for t in bench.compare_with_targets(prefill, decode)}
+    eager, graph = (targets[f"TTFT teacher/student at 4K (no cache{suffix})"] for suffix in ("", ", both as CUDA graphs"))
+    assert eager["measured"] == pytest.approx(26 / 56) and eager["passed"] is False
+    assert graph["measured"] == pytest.approx(24 / 20) and graph["passed"] is True
+    assert targets["TTFT teacher/student at 128K (no cache, both as CUDA graphs)"]["measured"] == pytest.approx(
+        4090 / 1290)
+
+
+def test_cuda_graphs_on_cpu_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["bench", "--shape", "tiny", "--contexts", "40", "--cuda-graphs", "--out", str(tmp_path / "b")])
+    assert code == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -19,7 +19,7 @@ from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
-           "causal_conv", "use_backend", "resolve_backend", "fla_available"]
+           "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fla_module_ops"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -62,6 +62,24 @@ def _fla_conv():
     except Exception:
         return None
     return causal_conv1d
+
+
+@functools.cache
+def fla_module_ops():
+    """fla's fused RMSNorm (optionally adding a residual in the same pass) and SiLU(x)*y, or None."""
+    try:
+        from fla.modules.activations import swiglu
+        from fla.modules.norm.layernorm import rms_norm
+    except Exception:
+        return None
+    return rms_norm, swiglu
+
+
+def fused_inference(x: torch.Tensor) -> bool:
+    """Whether inference on `x` takes fla's fused kernels for the non-KDA parts too (gendistill.fused): CUDA, fla
+    installed, gradients off (training keeps transformers' numerics), no PyTorch KDA path forced (the reference)."""
+    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+            and _fla_ops() is not None and fla_module_ops() is not None)
 
 
 def fla_available() -> bool:

@@ -1,9 +1,10 @@
 """Where prefill and decode time goes: CUDA kernel time per category, launches, and the top kernels, teacher vs
 student.
 
-    python bench/profile.py --shape qwen3-0.6b --contexts 4k,128k --decode 32k@32 --out bench/results/profile_h200.json
+    python bench/kernel_profile.py --shape qwen3-0.6b --contexts 4k,128k --decode 32k@32 --out bench/results/kernel_profile_h200.json
 
-Prefill: one profiled forward per (model, context) after a warm-up (fla autotunes there), no cache, last-token
+Prefill: one profiled forward per (model, context) -- the teacher, the same teacher with the student's fused
+RMSNorm/SwiGLU kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a warm-up (fla autotunes there), no cache, last-token
 logits, as `gendistill bench` times it. Decode (`--decode CONTEXT@BATCH`): one profiled greedy step from the
 synthetic cache `gendistill bench` decodes from, per model and cache class (DynamicCache, StaticCache).
 `wall_ms` is the CUDA-event time of the profiled call; `kernel_ms` the summed kernel time: a wall time well above
@@ -12,6 +13,7 @@ the kernel time means the GPU waits on the host (launch overhead, syncs).
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 from collections import defaultdict
@@ -23,6 +25,7 @@ from torch.autograd import DeviceType
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import build_shape, fast_path, parse_list, parse_tokens, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.fused import fuse_modules  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
 
 # First match wins; names are lower-cased kernel names.
@@ -75,13 +78,15 @@ def main() -> int:
     p.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "tiny"])
     p.add_argument("--contexts", default="4k,128k")
     p.add_argument("--decode", help="CONTEXT@BATCH, e.g. 32k@32: also profile one decode step there")
-    p.add_argument("--out", default="bench/results/profile.json")
+    p.add_argument("--out", default="bench/results/kernel_profile.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in build_shape(args.shape, 0))
+    # The stock teacher with the student's fused norm and SwiGLU kernels: what the kernels alone are worth.
+    fused_teacher = fuse_modules(copy.deepcopy(teacher))
     rows, results = [], []
 
     def add(name, what, r):
@@ -94,7 +99,7 @@ def main() -> int:
     with torch.no_grad(), use_backend(fast_path(device)):
         for context in parse_list(args.contexts):
             ids = random_ids(teacher, 1, context, seed=0)
-            for name, model in (("teacher", teacher), ("student", student)):
+            for name, model in (("teacher", teacher), ("teacher+fused", fused_teacher), ("student", student)):
                 forward = lambda: model(ids, use_cache=False, logits_to_keep=1).logits
                 add(name, f"prefill {context}", profile_call(forward, device))
         if args.decode:
@@ -110,7 +115,7 @@ def main() -> int:
                     torch.cuda.empty_cache()
     columns = ["model", "what", "wall_ms", "kernel_ms", "launches", *[c for c, _ in CATEGORIES], "other"]
     print_table(rows, columns)
-    write_result(args.out, {"benchmark": "bench/profile.py", **environment(), "profiles": results})
+    write_result(args.out, {"benchmark": "bench/kernel_profile.py", **environment(), "profiles": results})
     return 0
 
 

@@ -1,0 +1,131 @@
+"""gendistill.fused: the fused inference path (fla's Triton RMSNorm and SwiGLU on CUDA) against the transformers
+modules. CI has no GPU, so fla's kernels are replaced by their written definitions (fla's semantics: fp32 inside, the
+residual added in the same pass and returned with `prenorm=True`) and the fused path is switched on; what is tested is
+everything around the kernels: which module calls what, the residual wiring, the MLP's slicing beyond the chunk."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+
+import gendistill.fused as fused
+from gendistill import convert
+from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
+from gendistill.modeling import KDAMixer
+from gendistill.testing import tiny_qwen3
+
+CALLS = {"rms_norm": 0, "swiglu": 0}
+
+
+def fla_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    CALLS["rms_norm"] += 1
+    r = x.float() if residual is None else x.float() + residual.float()
+    y = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return (y, r.to(x.dtype if residual is None else residual.dtype)) if prenorm else y
+
+
+def fla_swiglu(x, y):
+    CALLS["swiglu"] += 1
+    return (F.silu(x.float()) * y.float()).to(x.dtype)
+
+
+@pytest.fixture
+def fused_path(monkeypatch):
+    """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
+    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
+    CALLS.update(rms_norm=0, swiglu=0)
+    return CALLS
+
+
+def ids(B, T, seed=0):
+    return torch.randint(3, 384, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_qwen3(layers=4)
+
+
+def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
+    """Without CUDA (or with gradients on) nothing changes: bit-identical outputs."""
+    x = torch.randn(2, 7, 64)
+    norm, mlp = teacher.model.layers[0].post_attention_layernorm, teacher.model.layers[0].mlp
+    fused_norm, fused_mlp = fuse_modules(copy.deepcopy(norm)), fuse_modules(copy.deepcopy(mlp))
+    assert type(fused_norm) is FusedRMSNorm and type(fused_mlp) is FusedMLP
+    with torch.no_grad():
+        assert torch.equal(fused_norm(x), norm(x)) and torch.equal(fused_mlp(x), mlp(x))
+        h, normed = fused_norm.add_and_norm(x, 2 * x)
+        assert torch.equal(h, 3 * x) and torch.equal(normed, norm(3 * x))
+
+
+@torch.no_grad()
+def test_student_fused_path_matches_reference(teacher, fused_path):
+    """The whole student: fused norms (with the residual add folded into the post-attention norm), fused SwiGLU,
+    and MLPs sliced beyond kda_prefill_chunk, against the transformers modules."""
+    student = convert(teacher, attention_layers=[0, 2])
+    x = ids(2, 40)
+    with torch.enable_grad():  # gradients on: the reference path
+        reference = student(x).logits.detach()
+    assert fused_path["rms_norm"] == 0
+    student.config.kda_prefill_chunk = 16  # 40 tokens: three MLP slices; KDA layers in three segments too
+    for mixer in student.modules():
+        if isinstance(mixer, KDAMixer):
+            mixer.prefill_chunk = 16
+    out = student(x).logits
+    # 4 layers x 2 norms + final + 2 attention layers x (q, k) norms; 4 MLPs x 3 slices
+    assert fused_path["rms_norm"] == 4 * 2 + 1 + 2 * 2
+    assert fused_path["swiglu"] == 4 * 3
+    torch.testing.assert_close(out, reference, atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_fuse_modules_on_a_stock_qwen3(teacher, fused_path):
+    """The swap keeps parameter names and values (checkpoints load either way) and the outputs."""
+    fast = fuse_modules(copy.deepcopy(teacher))
+    assert fast.state_dict().keys() == teacher.state_dict().keys()
+    assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP) for m in fast.modules())
+    x = ids(2, 19)
+    torch.testing.assert_close(fast(x).logits, teacher(x).logits, atol=2e-5, rtol=0)
+    assert fused_path["rms_norm"] > 0 and fused_path["swiglu"] == 4
+
+
+@torch.no_grad()
+def test_sliced_mlp_equals_whole(teacher, fused_path):
+    mlp = fuse_modules(copy.deepcopy(teacher.model.layers[1].mlp))
+    x = torch.randn(3, 50, 64)
+    whole = mlp(x)
+    mlp.config = copy.copy(mlp.config)
+    mlp.config.kda_prefill_chunk = 7
+    torch.testing.assert_close(mlp(x), whole, atol=1e-6, rtol=0)
+
+
+def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monkeypatch):
+    """gendistill bench compares every fused module with transformers' on the inputs of one forward; a kernel that
+    forgets the norm's weight must fail exactly those checks."""
+    from gendistill import bench
+    from gendistill.kda import _backend
+
+    student = convert(teacher, attention_layers=[0, 2])
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, Qwen3RMSNorm):
+                m.weight.normal_(1.0, 0.3)
+    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
+    with torch.no_grad():
+        good = bench.check_correctness(teacher, student)
+    assert good["passed"]
+    assert {c["name"] for c in good["checks"]} >= {"student RMSNorm, fused path vs transformers",
+                                                   "student MLP in slices of 64 tokens, fused path vs transformers"}
+
+    def no_weight(x, weight, bias, **kw):
+        return fla_rms_norm(x, torch.ones_like(weight), bias, **kw)
+
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: (no_weight, fla_swiglu))
+    with torch.no_grad():
+        bad = bench.check_correctness(teacher, student)
+    failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
+    assert failed == ["student RMSNorm with the residual add, fused path vs transformers",
+                      "student RMSNorm, fused path vs transformers"]
