@@ -95,6 +95,7 @@ def main() -> int:
     for name, model in models.items():
         with torch.no_grad():
             if args.check_dtype:
+                print(f"{name}: exactness check in {args.check_dtype}, {args.check_items} items", flush=True)
                 model.to(args.device, getattr(torch, args.check_dtype)).eval()
                 subset = rows[: args.check_items]
                 reference = one_by_one(model, subset, args.max_new_tokens, pad, eos)
@@ -102,11 +103,13 @@ def main() -> int:
                                 progress=False)
                 checks.append({"model": name, "dtype": args.check_dtype, "items": len(subset), "batch_size": largest,
                                "mismatches": sum(o.token_ids != r for o, r in zip(outs, reference))})
+                print(f"  {checks[-1]['mismatches']} of {len(subset)} differ", flush=True)
             model.to(args.device, dtype).eval()
             one_by_one(model, rows[:2], 4, pad, eos)  # warm-up
             start = time.perf_counter()
             reference = one_by_one(model, rows, args.max_new_tokens, pad, eos)
             sequential_s = time.perf_counter() - start
+            print(f"{name}: one by one {sequential_s:.1f} s", flush=True)
             for batch_size in batch_sizes:
                 # warm-up at this batch shape (fla autotunes, the allocator grows), untimed
                 generate(model, tokenizer, rows[:batch_size], max_new_tokens=2, batch_size=batch_size, progress=False)
@@ -120,7 +123,10 @@ def main() -> int:
                                 "one_by_one_s": round(sequential_s, 3), "engine_s": round(batched_s, 3),
                                 "speedup": round(sequential_s / batched_s, 2),
                                 "engine_items_per_s": round(len(rows) / batched_s, 2), "mismatches": mismatches})
+                print(f"  batch {batch_size}: {batched_s:.2f} s ({sequential_s / batched_s:.1f}x)", flush=True)
         model.to("cpu")
+        write_result(args.out, {"benchmark": "eval_engine", "status": "partial", "results": results,
+                                "exactness_check": checks})
     print_table(results, ["model", "batch_size", "items", "new_tokens", "one_by_one_s", "engine_s", "speedup",
                           "engine_items_per_s", "mismatches"])
     env = environment()

@@ -3,7 +3,7 @@
 # minutes to autotune on a fresh machine) in OUT.
 #   bash bench/h200.sh OUT LANE [LANE ...]
 # A lane is a comma-separated list of steps (step or step:seconds) run one after another on its own GPU; lanes run
-# in parallel, lane i on GPU i. Steps: profile parity kd kd2 bench decode static engine demo.
+# in parallel, lane i on GPU i. Steps: profile parity kd kd2 bench graphs decode static engine demo.
 #   bash bench/h200.sh OUT demo engine,profile    # GPU 0: the GPU demo; GPU 1: the engine, then the profile
 set -u
 OUT=${1:?usage: bench/h200.sh OUT LANE...}; shift
@@ -21,7 +21,8 @@ step() {  # step LOG NAME SECONDS command...
   local log=$1 name=$2 limit=$3; shift 3
   echo "== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
-  echo "== $(date -u +%T) $name rc=$?" | tee -a "$log"
+  local rc=$?  # before any other command (a $(date) in the echo would reset $?)
+  echo "== $(date -u +%T) $name rc=$rc" | tee -a "$log"
 }
 
 lane() {  # lane GPU STEPS
@@ -38,13 +39,17 @@ lane() {  # lane GPU STEPS
                  --shape qwen3-0.6b --out "$R/kd_step_h200x2.json" ;;
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench ${t:-480} python3 -m gendistill \
                  bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
-                 --cuda-graphs --out "$R/bench" ;;
+                 --out "$R/bench" ;;
+      graphs)  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" graphs ${t:-480} python3 -m gendistill \
+                 bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
+                 --cuda-graphs --decode-cache static --out "$R/bench_graphs" ;;
       decode)  step "$log" decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
                  --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator
       static)  step "$log" static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
                  --decode-context 32k --batch 1 --repeats 3 --decode-cache static --out "$R/bench_decode_static" ;;
       engine)  step "$log" engine ${t:-240} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda \
-                 --dtype bfloat16 --max-new-tokens 16 --check-dtype float32 --out "$R/eval_engine_h200.json" ;;
+                 --dtype bfloat16 --items 32 --batch-sizes 8,32 --max-new-tokens 16 --check-dtype float32 \
+                 --check-items 16 --out "$R/eval_engine_h200.json" ;;
       demo)    step "$log" demo ${t:-540} python3 -m gendistill demo --scale gpu --out "$R/demo" ;;
       *) echo "unknown step $s" | tee -a "$log" ;;
     esac

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
 import gendistill.fused as fused
+import gendistill.modeling as modeling
 from gendistill import convert
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.modeling import KDAMixer
@@ -33,7 +35,8 @@ def fla_swiglu(x, y):
 @pytest.fixture
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
-    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    for module in (fused, modeling):  # the KDA layer's per-projection convs too
+        monkeypatch.setattr(module, "fused_inference", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
     CALLS.update(rms_norm=0, swiglu=0)
     return CALLS
@@ -63,7 +66,8 @@ def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
 @torch.no_grad()
 def test_student_fused_path_matches_reference(teacher, fused_path):
     """The whole student: fused norms (with the residual add folded into the post-attention norm), fused SwiGLU,
-    and MLPs sliced beyond kda_prefill_chunk, against the transformers modules."""
+    MLPs sliced beyond kda_prefill_chunk, q/k/v through separate convs (with cached conv context), against the
+    reference path; uncached and cached + decode."""
     student = convert(teacher, attention_layers=[0, 2])
     x = ids(2, 40)
     with torch.enable_grad():  # gradients on: the reference path
@@ -78,6 +82,20 @@ def test_student_fused_path_matches_reference(teacher, fused_path):
     assert fused_path["rms_norm"] == 4 * 2 + 1 + 2 * 2
     assert fused_path["swiglu"] == 4 * 3
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=0)
+    cache = DynamicCache(config=student.config)
+    pieces = [student(x[:, :30], past_key_values=cache, use_cache=True).logits]
+    pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=0)
+
+
+def test_fused_inference_needs_long_inputs_or_a_graph_capture():
+    """Decoding and short prefills stay on the few-calls path (eagerly the GPU waits on the host)."""
+    from gendistill import kda
+
+    n = kda.FUSED_MIN_TOKENS
+    assert kda.bytes_bound(torch.zeros(1, n, 8)) and kda.bytes_bound(torch.zeros(4, n // 4, 8))  # batch x tokens
+    assert not kda.bytes_bound(torch.zeros(1, n // 2, 8)) and not kda.bytes_bound(torch.zeros(128, 1, 8))  # decode
+    assert not kda.fused_inference(torch.zeros(1, n, 8))  # never off the GPU
 
 
 @torch.no_grad()
@@ -112,7 +130,9 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         for m in student.modules():
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
-    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
+    for module in (fused, modeling):
+        monkeypatch.setattr(module, "fused_inference",
+                            lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
     monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
     with torch.no_grad():
         good = bench.check_correctness(teacher, student)
