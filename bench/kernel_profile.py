@@ -1,11 +1,11 @@
 """Where prefill and decode time goes: CUDA kernel time per category, launches, and the top kernels, teacher vs
 student.
 
-    python bench/kernel_profile.py --shape qwen3-0.6b --contexts 4k,128k --decode 32k@32 --out bench/results/kernel_profile_h200.json
+    python bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 --out bench/results/kernel_profile_h200.json
 
 Prefill: one profiled forward per (model, context) -- the teacher, the same teacher with the student's fused
-RMSNorm/SwiGLU kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a warm-up (fla autotunes there), no cache, last-token
-logits, as `gendistill bench` times it. Decode (`--decode CONTEXT@BATCH`): one profiled greedy step from the
+kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a
+warm-up (fla autotunes there), no cache, last-token logits, as `gendistill bench` times it. Decode (`--decode CONTEXT@BATCH`): one profiled greedy step from the
 synthetic cache `gendistill bench` decodes from, per model and cache class (DynamicCache, StaticCache).
 `wall_ms` is the CUDA-event time of the profiled call; `kernel_ms` the summed kernel time: a wall time well above
 the kernel time means the GPU waits on the host (launch overhead, syncs).

@@ -37,9 +37,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 import gendistill
+from gendistill.fused import FusedMLP, FusedQwen3Attention, FusedRMSNorm
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
-from gendistill.kda import fla_available, resolve_backend, use_backend
-from gendistill.fused import FusedMLP, FusedRMSNorm
+from gendistill.kda import fla_available, fused_from, resolve_backend, use_backend
 from gendistill.modeling import KDAMixer
 
 LINEAR = "linear_attention"
@@ -282,38 +282,45 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
 
 
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
-    """The fused norms and MLPs (gendistill.fused) on the inputs they see in one fast forward: fused path vs the
-    transformers modules (the reference), also the norm's residual-add form and the MLP sliced into short chunks."""
-    modules = [m for m in student.modules() if isinstance(m, (FusedRMSNorm, FusedMLP))]
+    """The fused norms, MLPs and attention rotary (gendistill.fused) on the inputs they see in one fast forward: fused
+    path (forced on, whatever the input's length) vs the transformers modules (the reference); also the norm's
+    residual-add form and the MLP sliced into short chunks."""
+    modules = [m for m in student.modules() if isinstance(m, (FusedRMSNorm, FusedMLP, FusedQwen3Attention))]
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args[0])) for m in modules]
+    hooks = [m.register_forward_pre_hook(lambda module, args, kwargs: inputs.setdefault(module, (args, kwargs)),
+                                         with_kwargs=True) for m in modules]
     try:
-        with use_backend(fast_path(ids.device)):
+        with use_backend(fast_path(ids.device)), fused_from(0):
             student(ids, use_cache=False, logits_to_keep=1)
     finally:
         for hook in hooks:
             hook.remove()
-    errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP": [], "MLP in slices of 64 tokens": []}
+    errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP": [], "MLP in slices of 64 tokens": [],
+              "attention (rotary in place)": []}
 
     def compare(what, fast_fn):
-        with use_backend(fast_path(ids.device)):
+        with use_backend(fast_path(ids.device)), fused_from(0):
             fast = fast_fn()
         with use_backend("recurrent"):  # every fused module falls back to transformers' own forward
             reference = fast_fn()
         fast, reference = (t if isinstance(t, tuple) else (t,) for t in (fast, reference))
-        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference)))
+        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference) if f is not None))
 
-    for module, x in inputs.items():
+    for module, (args, kwargs) in inputs.items():
         if isinstance(module, FusedRMSNorm):
+            x = args[0]
             compare("RMSNorm", lambda: module(x))
             compare("RMSNorm with the residual add", lambda: module.add_and_norm(x, x.flip(-2)))
-        else:
+        elif isinstance(module, FusedMLP):
+            x = args[0]
             compare("MLP", lambda: module(x))
             chunk, module.config.kda_prefill_chunk = module.config.kda_prefill_chunk, 64
             try:
                 compare("MLP in slices of 64 tokens", lambda: module(x))
             finally:
                 module.config.kda_prefill_chunk = chunk
+        else:
+            compare("attention (rotary in place)", lambda: module(*args, **kwargs)[0])
     return [{"name": f"student {what}, fused path vs transformers", "rtol": rtol, "rel_err": max(e, default=0.0)}
             for what, e in errors.items()]
 
@@ -568,7 +575,8 @@ def compare_with_targets(prefill: list[dict], decode: dict) -> list[dict]:
             # The student replayed as a graph against the teacher's faster way (eager or graph): SDPA inside a
             # graph can be slower than eagerly (seen on the H200), and a teacher slowed down would flatter the ratio.
             student_ms = row["student"]["ttft_graph_ms"]
-            teacher_ms, how = min((row["teacher"].get(k) or float("inf"), k) for k in ("ttft_no_cache_ms", "ttft_graph_ms"))
+            teacher_ms, how = min((row["teacher"].get(k) or float("inf"), k)
+                                  for k in ("ttft_no_cache_ms", "ttft_graph_ms"))
             targets.append(_target(
                 f"TTFT teacher/student at {_fmt_context(context)} (student as a CUDA graph, teacher at its best)",
                 teacher_ms / student_ms, ">=", bound, f"teacher {_fmt_value('ms', teacher_ms)} "

@@ -1,17 +1,22 @@
-"""Fused inference kernels for Qwen3's own parts (RMSNorm, the SwiGLU MLP); the transformers modules are the reference.
+"""Fused inference kernels for Qwen3's own parts (RMSNorm, SwiGLU MLP, rotary embedding); the transformers modules
+are the reference.
 
-On CUDA with flash-linear-attention and gradients off (prefill, decode, evaluation: `kda.fused_inference`),
-`FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
-transformers' six eager kernels with fp32 copies of the whole activation, and `FusedMLP` runs fla's fused SiLU(gate)*up
-and, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never exist whole
-(the prefill's memory peak). Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm and Qwen3MLP.
-Parameter names are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kernel profile does, to
-show what the kernels alone are worth to the teacher).
+On CUDA with flash-linear-attention, gradients off, and long inputs or a CUDA graph capture (`kda.fused_inference`):
+- `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
+  transformers' six eager kernels with fp32 copies of the whole activation;
+- `FusedMLP` runs fla's SiLU(gate)*up and, beyond `kda_prefill_chunk` tokens, works in slices so that the
+  [T, intermediate] activations never exist whole;
+- `FusedQwen3Attention` rotates q and k in place with fla's rotary kernel: transformers' form makes five whole-size
+  temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there.
+Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
+are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kernel profile does, to show what the
+kernels alone are worth to the teacher).
 """
 from __future__ import annotations
 
 import torch
-from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
 from gendistill.kda import fla_module_ops, fused_inference
 
@@ -22,7 +27,7 @@ class FusedRMSNorm(Qwen3RMSNorm):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not fused_inference(hidden_states):
             return super().forward(hidden_states)
-        rms_norm, _ = fla_module_ops()
+        rms_norm = fla_module_ops()[0]
         return rms_norm(hidden_states, self.weight, None, eps=self.variance_epsilon)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +35,7 @@ class FusedRMSNorm(Qwen3RMSNorm):
         if not fused_inference(x):
             hidden_states = residual + x
             return hidden_states, super().forward(hidden_states)
-        rms_norm, _ = fla_module_ops()
+        rms_norm = fla_module_ops()[0]
         normed, hidden_states = rms_norm(x, self.weight, None, residual=residual, prenorm=True,
                                          eps=self.variance_epsilon)
         return hidden_states, normed
@@ -40,7 +45,7 @@ class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fused_inference(x) or self.config.hidden_act not in ("silu", "swish"):
             return super().forward(x)
-        _, swiglu = fla_module_ops()
+        swiglu = fla_module_ops()[1]
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
         if T <= chunk:
@@ -52,11 +57,35 @@ class FusedMLP(Qwen3MLP):
         return out
 
 
+class FusedQwen3Attention(Qwen3Attention):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        cos, sin = position_embeddings  # [rows, T, head_dim], the two halves repeated
+        if not fused_inference(hidden_states) or cos.shape[0] != 1 or self.training:
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        rotary = fla_module_ops()[2]
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = (t[0, :, : self.head_dim // 2] for t in (cos, sin))  # one row of positions, shared by the batch
+        query_states = rotary(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)), cos, sin, inplace=True)
+        key_states = rotary(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)), cos, sin, inplace=True)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attn_output, attn_weights = attention(self, query_states, key_states, value_states, attention_mask,
+                                              dropout=0.0, scaling=self.scaling, sliding_window=self.sliding_window,
+                                              **kwargs)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+FUSED_CLASSES = {Qwen3RMSNorm: FusedRMSNorm, Qwen3MLP: FusedMLP, Qwen3Attention: FusedQwen3Attention}
+
+
 def fuse_modules(module: torch.nn.Module) -> torch.nn.Module:
-    """Swap every Qwen3RMSNorm / Qwen3MLP inside `module` (in place) for its fused subclass; returns `module`."""
+    """Swap every Qwen3RMSNorm / Qwen3MLP / Qwen3Attention inside `module` (in place) for its fused subclass;
+    returns `module`."""
     for m in module.modules():
-        if type(m) is Qwen3RMSNorm:
-            m.__class__ = FusedRMSNorm
-        elif type(m) is Qwen3MLP:
-            m.__class__ = FusedMLP
+        if type(m) in FUSED_CLASSES:
+            m.__class__ = FUSED_CLASSES[type(m)]
     return module

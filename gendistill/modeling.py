@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
-from gendistill.kda import fused_inference, gated_rms_norm, kda_gated, short_conv
+from gendistill.kda import gated_rms_norm, kda_gated, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -134,7 +134,16 @@ class KDAMixer(nn.Module):
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
             pos_in_doc = _position_in_document(doc_start)
-        q, k, v, conv_context = self._short_convs(x, pad, conv_context, cu_seqlens, pos_in_doc)
+        # One projection per tensor (parameter names as the teacher's), one conv call over the three side by side
+        # (the conv context holds them so): fla's Python wrappers cost the host more than the concatenation costs.
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+        if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
+            qkv = qkv * pad[..., None].to(qkv.dtype)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = torch.cat([c.weight for c in convs])
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.reshape(B, T, H, D)
         # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
         k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
@@ -154,29 +163,6 @@ class KDAMixer(nn.Module):
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
         o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
         return self.o_proj(o.reshape(B, T, H * D)), conv_context, state
-
-    def _short_convs(self, x, pad, conv_context, cu_seqlens, pos_in_doc):
-        """q, k, v [B, T, *] after projection, padding mask and short conv; the new conv context [B, Dq+2*Dkv, W-1]
-        (the three side by side, as the cache holds them). Two equal ways: for long inference prefills (bytes
-        matter) each of q, k, v through its own projection and conv, so that every tensor the kernels read is
-        contiguous as made; otherwise one concatenation and one conv call (decoding and short prefills wait on the
-        host, where each fla call costs more than the copies)."""
-        convs, projections = (self.q_conv1d, self.k_conv1d, self.v_conv1d), (self.q_proj, self.k_proj, self.v_proj)
-        widths = [c.weight.shape[0] for c in convs]
-
-        def padded(y):  # a padded step must look like the zero left-padding of the sequence alone
-            return y if pad is None else y * pad[..., None].to(y.dtype)
-
-        if fused_inference(x):
-            contexts = [None] * 3 if conv_context is None else conv_context.split(widths, dim=1)
-            outs = [short_conv(padded(proj(x)), conv.weight, conv.bias, context, self.conv_activation, cu_seqlens,
-                               pos_in_doc) for proj, conv, context in zip(projections, convs, contexts)]
-            return *(y for y, _ in outs), torch.cat([c for _, c in outs], dim=1)
-        weight = torch.cat([c.weight for c in convs])
-        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-        qkv = padded(torch.cat([proj(x) for proj in projections], -1))
-        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
-        return *qkv.split(widths, dim=-1), conv_context
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

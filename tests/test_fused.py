@@ -8,16 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm
 
 import gendistill.fused as fused
-import gendistill.modeling as modeling
 from gendistill import convert
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.modeling import KDAMixer
 from gendistill.testing import tiny_qwen3
 
-CALLS = {"rms_norm": 0, "swiglu": 0}
+CALLS = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
 
 
 def fla_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
@@ -32,13 +31,25 @@ def fla_swiglu(x, y):
     return (F.silu(x.float()) * y.float()).to(x.dtype)
 
 
+def fla_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None):
+    """x [B, T, H, D]; cos, sin [T, D/2]: the two halves of each head rotated (GPT-NeoX style), in fp32."""
+    CALLS["rotary"] += 1
+    assert cos.shape == (x.shape[1], x.shape[-1] // 2) and not interleaved
+    x0, x1 = x.float().chunk(2, dim=-1)
+    c, s = (t.float()[None, :, None, :] for t in (cos, sin))
+    y = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).to(x.dtype)
+    return x.copy_(y) if inplace else y
+
+
+FLA_OPS = (fla_rms_norm, fla_swiglu, fla_rotary)
+
+
 @pytest.fixture
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
-    for module in (fused, modeling):  # the KDA layer's per-projection convs too
-        monkeypatch.setattr(module, "fused_inference", lambda x: not torch.is_grad_enabled())
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
-    CALLS.update(rms_norm=0, swiglu=0)
+    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
+    CALLS.update(rms_norm=0, swiglu=0, rotary=0)
     return CALLS
 
 
@@ -66,8 +77,8 @@ def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
 @torch.no_grad()
 def test_student_fused_path_matches_reference(teacher, fused_path):
     """The whole student: fused norms (with the residual add folded into the post-attention norm), fused SwiGLU,
-    MLPs sliced beyond kda_prefill_chunk, q/k/v through separate convs (with cached conv context), against the
-    reference path; uncached and cached + decode."""
+    MLPs sliced beyond kda_prefill_chunk, rotary in place, against the reference path; uncached and cached + decode
+    (the cache gets the rotated keys)."""
     student = convert(teacher, attention_layers=[0, 2])
     x = ids(2, 40)
     with torch.enable_grad():  # gradients on: the reference path
@@ -80,7 +91,7 @@ def test_student_fused_path_matches_reference(teacher, fused_path):
     out = student(x).logits
     # 4 layers x 2 norms + final + 2 attention layers x (q, k) norms; 4 MLPs x 3 slices
     assert fused_path["rms_norm"] == 4 * 2 + 1 + 2 * 2
-    assert fused_path["swiglu"] == 4 * 3
+    assert fused_path["swiglu"] == 4 * 3 and fused_path["rotary"] == 2 * 2
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=0)
     cache = DynamicCache(config=student.config)
     pieces = [student(x[:, :30], past_key_values=cache, use_cache=True).logits]
@@ -103,10 +114,10 @@ def test_fuse_modules_on_a_stock_qwen3(teacher, fused_path):
     """The swap keeps parameter names and values (checkpoints load either way) and the outputs."""
     fast = fuse_modules(copy.deepcopy(teacher))
     assert fast.state_dict().keys() == teacher.state_dict().keys()
-    assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP) for m in fast.modules())
+    assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP, Qwen3Attention) for m in fast.modules())
     x = ids(2, 19)
     torch.testing.assert_close(fast(x).logits, teacher(x).logits, atol=2e-5, rtol=0)
-    assert fused_path["rms_norm"] > 0 and fused_path["swiglu"] == 4
+    assert fused_path["rms_norm"] > 0 and fused_path["swiglu"] == 4 and fused_path["rotary"] == 2 * 4
 
 
 @torch.no_grad()
@@ -130,22 +141,32 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         for m in student.modules():
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
-    for module in (fused, modeling):
-        monkeypatch.setattr(module, "fused_inference",
-                            lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu))
+    monkeypatch.setattr(fused, "fused_inference",
+                        lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
     with torch.no_grad():
         good = bench.check_correctness(teacher, student)
     assert good["passed"]
     assert {c["name"] for c in good["checks"]} >= {"student RMSNorm, fused path vs transformers",
-                                                   "student MLP in slices of 64 tokens, fused path vs transformers"}
+                                                   "student MLP in slices of 64 tokens, fused path vs transformers",
+                                                   "student attention (rotary in place), fused path vs transformers"}
 
     def no_weight(x, weight, bias, **kw):
         return fla_rms_norm(x, torch.ones_like(weight), bias, **kw)
 
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: (no_weight, fla_swiglu))
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: (no_weight, fla_swiglu, fla_rotary))
     with torch.no_grad():
         bad = bench.check_correctness(teacher, student)
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
     assert failed == ["student RMSNorm with the residual add, fused path vs transformers",
-                      "student RMSNorm, fused path vs transformers"]
+                      "student RMSNorm, fused path vs transformers",
+                      "student attention (rotary in place), fused path vs transformers"]  # its q/k norms
+
+    def swapped_halves(x, cos, sin, **kw):  # a plausible rotary bug: the sine applied with the wrong sign
+        return fla_rotary(x, cos, -sin, **kw)
+
+    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, fla_swiglu, swapped_halves))
+    with torch.no_grad():
+        bad = bench.check_correctness(teacher, student)
+    assert [c["name"] for c in bad["checks"] if not c["passed"]] == [
+        "student attention (rotary in place), fused path vs transformers"]

@@ -19,7 +19,8 @@ from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
-           "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fla_module_ops"]
+           "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
+           "bytes_bound", "fla_module_ops"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -66,21 +67,34 @@ def _fla_conv():
 
 @functools.cache
 def fla_module_ops():
-    """fla's fused RMSNorm (optionally adding a residual in the same pass) and SiLU(x)*y, or None."""
+    """fla's fused RMSNorm (optionally adding a residual in the same pass), SiLU(x)*y and rotary embedding, or None."""
     try:
         from fla.modules.activations import swiglu
         from fla.modules.norm.layernorm import rms_norm
+        from fla.modules.rotary import rotary_embedding
     except Exception:
         return None
-    return rms_norm, swiglu
+    return rms_norm, swiglu, rotary_embedding
 
 
 FUSED_MIN_TOKENS = 8192
+_fused_min_tokens = contextvars.ContextVar("gendistill_fused_min_tokens", default=FUSED_MIN_TOKENS)
+
+
+@contextlib.contextmanager
+def fused_from(tokens: int):
+    """Inside the block, inputs of >= `tokens` tokens count as long (`bytes_bound`); 0 puts every input on the fused
+    path (the benchmark's correctness check runs it on a short input)."""
+    token = _fused_min_tokens.set(tokens)
+    try:
+        yield
+    finally:
+        _fused_min_tokens.reset(token)
 
 
 def fused_inference(x: torch.Tensor) -> bool:
-    """Whether inference on `x` ([..., tokens, features]) takes the paths that move the fewest bytes: fla's fused
-    kernels for the non-KDA parts (gendistill.fused) and no concatenated/strided copies in the KDA layer. Needs CUDA,
+    """Whether inference on `x` ([..., tokens, features]) takes fla's fused kernels for the non-KDA parts too
+    (gendistill.fused: they move the fewest bytes, but each call costs the host more). Needs CUDA,
     fla, gradients off (training keeps transformers' numerics) and no PyTorch KDA path forced (the reference); and
     either >= FUSED_MIN_TOKENS tokens or a CUDA graph being captured. Below that, eagerly, the GPU waits on the host
     (fla's Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
@@ -91,7 +105,8 @@ def fused_inference(x: torch.Tensor) -> bool:
 def bytes_bound(x: torch.Tensor) -> bool:
     """Long enough (batch x tokens >= FUSED_MIN_TOKENS) for the GPU's bytes, not the host's calls, to set the pace,
     or being captured into a CUDA graph (no host in the loop)."""
-    return x.numel() // x.shape[-1] >= FUSED_MIN_TOKENS or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return (x.numel() // x.shape[-1] >= _fused_min_tokens.get()
+            or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def fla_available() -> bool:
