@@ -62,7 +62,10 @@ for steps in "$@"; do lane $gpu "$steps" & gpu=$((gpu + 1)); done
 wait
 tar czf "$OUT/results.tgz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.arrow" -C "$R" .
 rm -f "$OUT"/results-lane*.tgz
-# Triton's cache, xz-compressed (a third of gzip's size), in parts the device tool can return.
-tar cf - -C "$TRITON_CACHE_DIR" . | xz -6 -T0 > /tmp/triton_cache.tar.xz
-split -b 15m /tmp/triton_cache.tar.xz "$OUT/triton_cache.tar.xz.part-"
+# Triton's cache, xz-compressed (a third of gzip's size), in parts the device tool can return (NO_CACHE_BACK=1: not
+# wanted, e.g. on the last call of a session).
+if [ -z "${NO_CACHE_BACK:-}" ]; then
+  tar cf - -C "$TRITON_CACHE_DIR" . | xz -6 -T0 > /tmp/triton_cache.tar.xz
+  split -b 15m /tmp/triton_cache.tar.xz "$OUT/triton_cache.tar.xz.part-"
+fi
 for f in "$R"/lane*.log; do echo "#### $f"; grep -v "Warning\|warn(" "$f" | tail -n 60; done

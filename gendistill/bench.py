@@ -394,16 +394,19 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
 # ---- 2. prefill ------------------------------------------------------------------------------------------------------
 
 def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
-    """`fn` captured as one CUDA graph, after two runs on a side stream (fla autotunes there, allocators settle)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
+    """`fn` captured as one CUDA graph, after two runs on a side stream (fla autotunes there, allocators settle).
+    The fused paths, which a capture takes whatever the input's length, are forced on for the warm-up runs too, so
+    that nothing runs (and autotunes) for the first time inside the capture."""
+    with fused_from(0):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
     return graph
 
 
