@@ -4,8 +4,9 @@ are the reference.
 On CUDA with flash-linear-attention, gradients off, and long inputs or a CUDA graph capture (`kda.fused_inference`):
 - `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
   transformers' six eager kernels with fp32 copies of the whole activation;
-- `FusedMLP` runs fla's SiLU(gate)*up and, beyond `kda_prefill_chunk` tokens, works in slices so that the
-  [T, intermediate] activations never exist whole;
+- `FusedMLP`, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never
+  exist whole (fla's fused SiLU(gate)*up was no faster than the two eager kernels at 128K on the H200, and once
+  returned NaN in the benchmark's check: not used);
 - `FusedQwen3Attention` rotates q and k in place with fla's rotary kernel: transformers' form makes five whole-size
   temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there.
 Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
@@ -43,17 +44,13 @@ class FusedRMSNorm(Qwen3RMSNorm):
 
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fused_inference(x) or self.config.hidden_act not in ("silu", "swish"):
-            return super().forward(x)
-        swiglu = fla_module_ops()[1]
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
-        if T <= chunk:
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        if not fused_inference(x) or T <= chunk:
+            return super().forward(x)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
-            part = x[..., start:start + chunk, :]
-            out[..., start:start + chunk, :] = self.down_proj(swiglu(self.gate_proj(part), self.up_proj(part)))
+            out[..., start:start + chunk, :] = super().forward(x[..., start:start + chunk, :])
         return out
 
 
@@ -62,7 +59,7 @@ class FusedQwen3Attention(Qwen3Attention):
         cos, sin = position_embeddings  # [rows, T, head_dim], the two halves repeated
         if not fused_inference(hidden_states) or cos.shape[0] != 1 or self.training:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        rotary = fla_module_ops()[2]
+        rotary = fla_module_ops()[1]
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = (t[0, :, : self.head_dim // 2] for t in (cos, sin))  # one row of positions, shared by the batch

@@ -67,14 +67,13 @@ def _fla_conv():
 
 @functools.cache
 def fla_module_ops():
-    """fla's fused RMSNorm (optionally adding a residual in the same pass), SiLU(x)*y and rotary embedding, or None."""
+    """fla's fused RMSNorm (optionally adding a residual in the same pass) and rotary embedding, or None."""
     try:
-        from fla.modules.activations import swiglu
         from fla.modules.norm.layernorm import rms_norm
         from fla.modules.rotary import rotary_embedding
     except Exception:
         return None
-    return rms_norm, swiglu, rotary_embedding
+    return rms_norm, rotary_embedding
 
 
 FUSED_MIN_TOKENS = 8192
@@ -95,18 +94,17 @@ def fused_from(tokens: int):
 def fused_inference(x: torch.Tensor) -> bool:
     """Whether inference on `x` ([..., tokens, features]) takes fla's fused kernels for the non-KDA parts too
     (gendistill.fused: they move the fewest bytes, but each call costs the host more). Needs CUDA,
-    fla, gradients off (training keeps transformers' numerics) and no PyTorch KDA path forced (the reference); and
-    either >= FUSED_MIN_TOKENS tokens or a CUDA graph being captured. Below that, eagerly, the GPU waits on the host
-    (fla's Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
+    fla, gradients off (training keeps transformers' numerics), no PyTorch KDA path forced (the reference), and
+    >= FUSED_MIN_TOKENS tokens: below that the GPU waits on the host (fla's Python wrappers cost 0.1-1 ms a call,
+    measured on an H200), so fewer calls beat fewer bytes."""
     return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
             and _fla_ops() is not None and fla_module_ops() is not None and bytes_bound(x))
 
 
 def bytes_bound(x: torch.Tensor) -> bool:
-    """Long enough (batch x tokens >= FUSED_MIN_TOKENS) for the GPU's bytes, not the host's calls, to set the pace,
-    or being captured into a CUDA graph (no host in the loop)."""
-    return (x.numel() // x.shape[-1] >= _fused_min_tokens.get()
-            or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    """Long enough (batch x tokens >= FUSED_MIN_TOKENS) for the GPU's bytes, not the host's calls, to set the pace.
+    A CUDA graph capture takes the same path as the eager call it replays (what the graph checks compare)."""
+    return x.numel() // x.shape[-1] >= _fused_min_tokens.get()
 
 
 def fla_available() -> bool:
