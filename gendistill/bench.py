@@ -5,12 +5,14 @@
 
 Order of work, and why:
 1. Correctness first. On a short input, every KDA layer of the student must give the same output by the fast path
-   (`fast_path`: fla on CUDA, the chunked PyTorch form elsewhere) as by the recurrent reference (uncached, in segments, cached + decode), and
-   cached decoding must match the uncached forward on the logits (teacher and student). If not, nothing is timed:
-   the command exits 1 and writes only `correctness.json`. Tolerances and why they are per layer: see LAYER_RTOL.
+   (`fast_path`: fla on CUDA, the chunked PyTorch form elsewhere) as by the recurrent reference (uncached, in
+   segments, cached + decode, left-padded batch), every fused module (gendistill.fused) the same as transformers',
+   cached decoding must match the uncached forward on the logits (teacher and student), and with `--cuda-graphs
+   --decode-cache static` graph-replayed decode steps must match eager ones. If not, nothing is timed: the command
+   exits 1 and writes only `correctness.json`. Tolerances and why they are per layer: see LAYER_RTOL.
 2. Prefill per context, batch 1: TTFT to the first token's logits (`logits_to_keep=1`) without a cache (pure prefill,
-   as the issue's reference numbers) and with a `DynamicCache` being filled; peak device memory of each; the cache's
-   bytes measured from its tensors beside `analytic_cache_bytes`.
+   as the issue's reference numbers), with a `DynamicCache` being filled and (`--cuda-graphs`) replayed as a CUDA
+   graph; peak device memory of each; the cache's bytes measured from its tensors beside `analytic_cache_bytes`.
 3. Decode at `--decode-context` from a synthetic cache (random K/V and states of the exact shapes a prefill leaves:
    decode speed does not depend on their values), at batch 1, a few batches, and the largest batch that fits.
 Method: same dtype and SDPA for both models, warm-up excluded, medians over repeats; CUDA events with synchronisation
