@@ -85,7 +85,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda")
     teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in build_shape(args.shape, 0))
-    # The stock teacher with the student's fused norm and SwiGLU kernels: what the kernels alone are worth.
+    # The stock teacher with the student's fused kernels (gendistill.fused): what the kernels alone are worth.
     fused_teacher = fuse_modules(copy.deepcopy(teacher))
     rows, results = [], []
 
