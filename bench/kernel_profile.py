@@ -5,8 +5,9 @@ student.
 
 Prefill: one profiled forward per (model, context) -- the teacher, the same teacher with the student's fused
 kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a
-warm-up (fla autotunes there), no cache, last-token logits, as `gendistill bench` times it. Decode (`--decode CONTEXT@BATCH`): one profiled greedy step from the
-synthetic cache `gendistill bench` decodes from, per model and cache class (DynamicCache, StaticCache).
+warm-up (fla autotunes there), no cache, last-token logits, as `gendistill bench` times it. Decode
+(`--decode CONTEXT@BATCH`): one profiled greedy step from the synthetic cache `gendistill bench` decodes from, per
+model and cache class (DynamicCache, StaticCache).
 `wall_ms` is the CUDA-event time of the profiled call; `kernel_ms` the summed kernel time: a wall time well above
 the kernel time means the GPU waits on the host (launch overhead, syncs).
 """
@@ -24,7 +25,8 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, fast_path, parse_list, parse_tokens, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.bench import (build_shape, fast_path, parse_list, parse_tokens, random_ids,  # noqa: E402
+                              synthetic_cache, timed)
 from gendistill.fused import fuse_modules  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
 

@@ -306,7 +306,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
         with use_backend("recurrent"):  # every fused module falls back to transformers' own forward
             reference = fast_fn()
         fast, reference = (t if isinstance(t, tuple) else (t,) for t in (fast, reference))
-        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference) if f is not None))
+        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference)))
 
     for module, (args, kwargs) in inputs.items():
         if isinstance(module, FusedRMSNorm):
@@ -558,8 +558,10 @@ def _target(name: str, measured: float | None, op: str, bound: float, detail: st
 
 
 def compare_with_targets(prefill: list[dict], decode: dict) -> list[dict]:
+    rows = {r["context"]: r for r in prefill}
+
     def ratio(context, key, numerator="teacher"):
-        row = next((r for r in prefill if r["context"] == context), None)
+        row = rows.get(context)
         denominator = "student" if numerator == "teacher" else "teacher"
         if row is None or row["teacher"].get(key) is None or row["student"].get(key) is None:
             return None, ""
@@ -571,7 +573,7 @@ def compare_with_targets(prefill: list[dict], decode: dict) -> list[dict]:
         value, detail = ratio(context, "ttft_no_cache_ms")
         targets.append(_target(f"TTFT teacher/student at {_fmt_context(context)} (no cache)", value, ">=", bound,
                                detail))
-        row = next((r for r in prefill if r["context"] == context), None)
+        row = rows.get(context)
         if row is not None and row["student"].get("ttft_graph_ms"):  # --cuda-graphs
             # The student replayed as a graph against the teacher's faster way (eager or graph): SDPA inside a
             # graph can be slower than eagerly (seen on the H200), and a teacher slowed down would flatter the ratio.
@@ -677,8 +679,7 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
                      "timer": "cuda events + synchronize" if device.type == "cuda" else "time.perf_counter (CPU: "
                      "only ratios are meaningful)", "repeats": repeats, "warmup": warmup, "statistic": "median",
                      "prefill_batch": 1, "prefill_cuda_graphs": graphs, "decode_cuda_graphs": graph_decode,
-                     "decode_context": decode_context,
-                     "decode_steps_per_repeat": decode_steps,
+                     "decode_context": decode_context, "decode_steps_per_repeat": decode_steps,
                      "decode_cache": f"{decode_cache}: synthetic (random values, exact shapes), " + (
                          "StaticCache preallocated, K/V written in place" if decode_cache == "static" else
                          "DynamicCache, K/V concatenated (copied) at every step"),

@@ -37,7 +37,7 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    kda_prefill_chunk: int = 16384  # inference prefill runs KDA layers (fused: MLPs too) in segments of this many tokens
+    kda_prefill_chunk: int = 16384  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):
@@ -97,6 +97,12 @@ class KDAMixer(nn.Module):
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
         self.prefill_chunk = config.kda_prefill_chunk
 
+    def _conv_params(self):
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = torch.cat([c.weight for c in convs])
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        return weight, bias
+
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
         """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
@@ -134,14 +140,11 @@ class KDAMixer(nn.Module):
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
             pos_in_doc = _position_in_document(doc_start)
-        # One projection per tensor (parameter names as the teacher's), one conv call over the three side by side
-        # (the conv context holds them so): fla's Python wrappers cost the host more than the concatenation costs.
+        # One conv call over q, k, v side by side: three fla calls cost the host more than the concatenation costs.
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        weight = torch.cat([c.weight for c in convs])
-        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        weight, bias = self._conv_params()
         qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.reshape(B, T, H, D)
@@ -186,7 +189,7 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
-        fuse_modules(self.self_attn)  # the attention's q/k norms
+        fuse_modules(self.self_attn)  # attention (in-place rotary) and its q/k norms
         self.mlp = FusedMLP(config)
         self.input_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -102,8 +102,8 @@ def fused_inference(x: torch.Tensor) -> bool:
 
 
 def bytes_bound(x: torch.Tensor) -> bool:
-    """Long enough (batch x tokens >= FUSED_MIN_TOKENS) for the GPU's bytes, not the host's calls, to set the pace.
-    A CUDA graph capture takes the same path as the eager call it replays (what the graph checks compare)."""
+    """Long enough (batch x tokens >= FUSED_MIN_TOKENS, or `fused_from`'s bound) for the GPU's bytes, not the host's
+    calls, to set the pace. A CUDA graph capture takes the same path as the eager call it replays."""
     return x.numel() // x.shape[-1] >= _fused_min_tokens.get()
 
 
