@@ -40,9 +40,9 @@ lane() {  # lane GPU STEPS
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench ${t:-480} python3 -m gendistill \
                  bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
                  --out "$R/bench" ;;
-      graphs)  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" graphs ${t:-480} python3 -m gendistill \
-                 bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
-                 --cuda-graphs --decode-cache static --out "$R/bench_graphs" ;;
+      graphs)  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" graphs ${t:-360} python3 -m gendistill \
+                 bench --shape qwen3-0.6b --contexts 4k,16k --decode-context 32k --batch 1 --repeats 3 \
+                 --cuda-graphs --decode-cache static --out "$R/bench_graphs" ;;  # SDPA in graphs: slow beyond 16K
       decode)  step "$log" decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
                  --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator
       static)  step "$log" static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \

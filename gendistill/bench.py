@@ -7,9 +7,9 @@ Order of work, and why:
 1. Correctness first. On a short input, every KDA layer of the student must give the same output by the fast path
    (`fast_path`: fla on CUDA, the chunked PyTorch form elsewhere) as by the recurrent reference (uncached, in
    segments, cached + decode, left-padded batch), every fused module (gendistill.fused) the same as transformers',
-   cached decoding must match the uncached forward on the logits (teacher and student), and with `--cuda-graphs
-   --decode-cache static` graph-replayed decode steps must match eager ones. If not, nothing is timed: the command
-   exits 1 and writes only `correctness.json`. Tolerances and why they are per layer: see LAYER_RTOL.
+   cached decoding must match the uncached forward on the logits (teacher and student), and with `--cuda-graphs`
+   graph-replayed prefills (with `--decode-cache static` also decode steps) must match eager ones. If not, nothing is
+   timed: the command exits 1 and writes only `correctness.json`. Tolerances and why they are per layer: see LAYER_RTOL.
 2. Prefill per context, batch 1: TTFT to the first token's logits (`logits_to_keep=1`) without a cache (pure prefill,
    as the issue's reference numbers), with a `DynamicCache` being filled and (`--cuda-graphs`) replayed as a CUDA
    graph; peak device memory of each; the cache's bytes measured from its tensors beside `analytic_cache_bytes`.
@@ -369,8 +369,51 @@ def graph_decode_error(model, batch: int, context: int, steps: int, seed: int) -
     return relative_error(run(graphed=True), eager)
 
 
-def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0, graphs: bool = False) -> dict:
-    """All checks; `passed` is False if any error exceeds its tolerance (NaN included)."""
+def graph_prefill_error(model, ids: torch.Tensor, seed: int) -> float:
+    """An uncached prefill replayed from a CUDA graph vs the eager forward, logits of every position. The graph is
+    captured on other tokens and replayed after `ids` are copied into its input, so a graph frozen at capture fails."""
+    static = random_ids(model, ids.shape[0], ids.shape[1], seed + 1)
+    out = {}
+
+    def prefill():
+        out["logits"] = model(static, use_cache=False).logits
+
+    graph = capture_graph(prefill, model.device)
+    static.copy_(ids)
+    graph.replay()
+    return relative_error(out["logits"], model(ids, use_cache=False).logits)
+
+
+def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -> list[dict]:
+    """Replayed CUDA graphs vs eager calls on an fp32 copy, by the fast path: prefill (the student also with its fused
+    modules forced on, as in graphs of long prefills) and, if `decode`, StaticCache decode steps. A failing decode
+    graph is re-checked with the PyTorch KDA path, to tell fla's kernels from the wiring."""
+    checks = []
+    regimes = {"": contextlib.nullcontext}
+    if any(isinstance(m, (FusedRMSNorm, FusedMLP, FusedQwen3Attention)) for m in model.modules()):
+        regimes[", fused modules forced on"] = lambda: fused_from(0)
+    for label, regime in regimes.items():
+        with use_backend(fast_path(ids.device)), regime():
+            error = graph_prefill_error(model, ids, seed)
+        checks.append({"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits "
+                               f"(fp32 copy{label})", "rtol": DECODE_RTOL, "rel_err": error})
+    if not decode:
+        return checks
+    with use_backend(fast_path(ids.device)):
+        error = graph_decode_error(model, ids.shape[0], ids.shape[1], CHECK_DECODE_TOKENS, seed)
+    decode = {"name": f"{name}: {CHECK_DECODE_TOKENS} decode steps replayed as a CUDA graph vs run eagerly, logits "
+                      "(fp32 copy, StaticCache)", "rtol": DECODE_RTOL, "rel_err": error}
+    if not error <= DECODE_RTOL and fast_path(ids.device) != "chunk":
+        with use_backend("recurrent"):
+            decode["rel_err_pytorch_kda_path"] = graph_decode_error(model, ids.shape[0], ids.shape[1],
+                                                                    CHECK_DECODE_TOKENS, seed)
+    return checks + [decode]
+
+
+def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0, graphs: bool = False,
+                      decode_graphs: bool = False) -> dict:
+    """All checks (`graphs`: of replayed prefill graphs, `decode_graphs`: and decode graphs); `passed` is False if any
+    error exceeds its tolerance (NaN included)."""
     ids = random_ids(student, 2, CHECK_TOKENS, seed)
     layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
     checks = kda_layer_checks(student, ids, layer_rtol) + fused_module_checks(student, ids, layer_rtol)
@@ -380,11 +423,8 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
             error = cached_decode_error(fp32_copy, ids, CHECK_DECODE_TOKENS)
         checks.append({"name": f"{name}: cached decode of {CHECK_DECODE_TOKENS} tokens vs uncached forward, logits "
                                "(fp32 copy, reference KDA path)", "rtol": DECODE_RTOL, "rel_err": error})
-        if graphs:  # fp32 as above, but the fast path: the graph must replay what the eager steps compute
-            with use_backend(fast_path(ids.device)):
-                error = graph_decode_error(fp32_copy, 2, CHECK_TOKENS, CHECK_DECODE_TOKENS, seed)
-            checks.append({"name": f"{name}: {CHECK_DECODE_TOKENS} decode steps replayed as a CUDA graph vs run "
-                                   "eagerly, logits (fp32 copy, StaticCache)", "rtol": DECODE_RTOL, "rel_err": error})
+        if graphs:  # fp32 as above, but the fast path: the graph must replay what the eager calls compute
+            checks += graph_checks(name, fp32_copy, ids, seed, decode=decode_graphs)
         del fp32_copy
     for check in checks:
         check["passed"] = bool(check["rel_err"] <= check["rtol"])  # NaN fails
@@ -647,7 +687,7 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
         kda_paths = {"prefill": resolve_backend(probe, CHECK_TOKENS), "decode": resolve_backend(probe, 1)}
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device, torch.no_grad():
-        correctness = check_correctness(teacher, student, rtol, seed, graphs=graph_decode)
+        correctness = check_correctness(teacher, student, rtol, seed, graphs=graphs, decode_graphs=graph_decode)
         release_memory(device)
         if not correctness["passed"]:
             raise WrongModelError(correctness)

@@ -97,11 +97,14 @@ class KDAMixer(nn.Module):
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
         self.prefill_chunk = config.kda_prefill_chunk
 
-    def _conv_params(self):
+    def _qkv_params(self):
+        """q/k/v projection and conv weights side by side: one GEMM and one conv call over [q | k | v] cost the host
+        fewer calls and the device no concatenation of the activations (the weights are small)."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        proj = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         weight = torch.cat([c.weight for c in convs])
         bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-        return weight, bias
+        return proj, weight, bias
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
@@ -140,11 +143,10 @@ class KDAMixer(nn.Module):
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
             pos_in_doc = _position_in_document(doc_start)
-        # One conv call over q, k, v side by side: three fla calls cost the host more than the concatenation costs.
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+        proj, weight, bias = self._qkv_params()
+        qkv = F.linear(x, proj)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        weight, bias = self._conv_params()
         qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.reshape(B, T, H, D)

@@ -267,6 +267,31 @@ def test_graph_decode_check_accepts_the_same_computation_and_catches_a_frozen_on
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_graph_prefill_check_accepts_the_same_computation_and_catches_a_frozen_one(name, teacher, student,
+                                                                                   monkeypatch):
+    model = {"teacher": teacher, "student": student}[name]
+    ids = bench.random_ids(model, 2, 24, seed=0)
+    monkeypatch.setattr(bench, "capture_graph", lambda fn, device: EagerGraph(fn))
+    assert bench.graph_prefill_error(model, ids, seed=0) < 1e-6
+    # captured on other tokens: a replay that does nothing still holds their logits
+    monkeypatch.setattr(bench, "capture_graph", lambda fn, device: EagerGraph(fn, stale=True))
+    assert bench.graph_prefill_error(model, ids, seed=0) > 1e-2
+
+
+@torch.no_grad()
+def test_correctness_with_graphs_checks_prefill_and_decode_graphs_of_both_models(teacher, student, monkeypatch):
+    monkeypatch.setattr(bench, "capture_graph", lambda fn, device: EagerGraph(fn))
+    checks = bench.check_correctness(teacher, student, graphs=True, decode_graphs=True)["checks"]
+    graph_checks = [c["name"] for c in checks if "CUDA graph" in c["name"]]
+    assert len(graph_checks) == 5  # prefill (student also with fused modules forced on) and decode, both models
+    assert sum("fused modules forced on" in n for n in graph_checks) == 1
+    assert all(c["passed"] for c in checks)
+    prefill_only = bench.check_correctness(teacher, student, graphs=True)["checks"]
+    assert not any("decode steps replayed" in c["name"] for c in prefill_only)
+
+
+@torch.no_grad()
 def test_graph_decode_point_replays_greedy_steps(student, monkeypatch):
     """With graphs, each step is one replay that also feeds the argmax back: same tokens/s bookkeeping, and a
     capture that fails is reported, not taken for out of memory."""
