@@ -50,7 +50,8 @@ lane() {  # lane GPU STEPS
       engine)  step "$log" engine ${t:-240} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda \
                  --dtype bfloat16 --items 32 --batch-sizes 8,32 --max-new-tokens 16 --check-dtype float32 \
                  --check-items 16 --out "$R/eval_engine_h200.json" ;;
-      demo)    step "$log" demo ${t:-540} python3 -m gendistill demo --scale gpu --out "$R/demo" ;;
+      demo)    TRITON_PRINT_AUTOTUNING=1 step "$log" demo ${t:-540} python3 -m gendistill demo --scale gpu \
+                 --out "$R/demo" ;;  # prints each autotuning Triton does, with its time
       *) echo "unknown step $s" | tee -a "$log" ;;
     esac
     tar czf "$OUT/results-lane$gpu.tgz" --exclude="*.safetensors" --exclude="*.pt" --exclude="*.arrow" -C "$R" .

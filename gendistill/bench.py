@@ -59,6 +59,11 @@ GiB, MiB = 2**30, 2**20
 # copies with the pure-PyTorch reference path, where nothing amplifies beyond ~1e-5: bound 1e-3 on the logits.
 LAYER_RTOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 DECODE_RTOL = 1e-3
+# A prefill replayed as a CUDA graph is not bit-identical to the eager forward (decode steps are): the libraries pick
+# other kernels under capture (the teacher's fp32 logits differ by 1.5e-6 on the H200) and fla's TF32 dots amplify that
+# through 21 KDA layers (the student's by 2.0e-3). Bounded as one fp32 fast-path layer; stale or miswired replays are
+# off by O(0.1-1).
+GRAPH_PREFILL_RTOL = LAYER_RTOL[torch.float32]
 CHECK_PAD_TOKENS = 37  # left padding of one row in the padded-batch check
 CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
 CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
@@ -221,6 +226,11 @@ def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     return ((fast - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
+def worst(errors) -> float:
+    """The largest error, NaN counting as the largest (Python's max skips a NaN that is not first)."""
+    return max(errors, key=lambda e: (e != e, e), default=0.0)
+
+
 def fast_path(device: torch.device) -> str:
     """The KDA path the benchmark times and checks: fla on CUDA; elsewhere the chunked PyTorch form (CPU inference
     would otherwise run the recurrent reference itself, and the check would compare the reference with itself)."""
@@ -276,29 +286,29 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
                                                  torch.cat([reference[0], alone[0]]))
     checks = []
     for what, per_layer in errors.items():
-        worst = max(per_layer, key=per_layer.get, default=None)
+        layer = max(per_layer, key=lambda i: (per_layer[i] != per_layer[i], per_layer[i]), default=None)
         checks.append({"name": f"student KDA layers, fast path vs reference: {what}", "rtol": rtol,
-                       "rel_err": per_layer.get(worst, 0.0), "worst_layer": worst,
+                       "rel_err": per_layer.get(layer, 0.0), "worst_layer": layer,
                        "per_layer": {str(i): e for i, e in per_layer.items()}})
     return checks
 
 
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
-    """The fused norms, sliced MLPs and in-place rotary (gendistill.fused) on the inputs they see in one fast forward:
-    fused path (forced on, whatever the input's length) vs the transformers modules (the reference); also the norm's
-    residual-add form."""
+    """The fused norms, sliced MLPs and fla's rotary (gendistill.fused) on the inputs they see in one reference
+    forward (so that each check stands alone): fused path (forced on, whatever the input's length) vs the transformers
+    modules (the reference); also the norm's residual-add form."""
     modules = [m for m in student.modules() if isinstance(m, (FusedRMSNorm, FusedMLP, FusedQwen3Attention))]
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda module, args, kwargs: inputs.setdefault(module, (args, kwargs)),
                                          with_kwargs=True) for m in modules]
     try:
-        with use_backend(fast_path(ids.device)), fused_from(0):
+        with use_backend("recurrent"):
             student(ids, use_cache=False, logits_to_keep=1)
     finally:
         for hook in hooks:
             hook.remove()
     errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP in slices of 64 tokens": [],
-              "attention (rotary in place)": []}
+              "attention (fla's rotary)": []}
 
     def compare(what, fast_fn):
         with use_backend(fast_path(ids.device)), fused_from(0):
@@ -306,7 +316,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
         with use_backend("recurrent"):  # every fused module falls back to transformers' own forward
             reference = fast_fn()
         fast, reference = (t if isinstance(t, tuple) else (t,) for t in (fast, reference))
-        errors[what].append(max(relative_error(f, r) for f, r in zip(fast, reference)))
+        errors[what].append(worst(relative_error(f, r) for f, r in zip(fast, reference)))
 
     for module, (args, kwargs) in inputs.items():
         if isinstance(module, FusedRMSNorm):
@@ -321,8 +331,8 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
             finally:
                 module.config.kda_prefill_chunk = chunk
         else:
-            compare("attention (rotary in place)", lambda: module(*args, **kwargs)[0])
-    return [{"name": f"student {what}, fused path vs transformers", "rtol": rtol, "rel_err": max(e, default=0.0)}
+            compare("attention (fla's rotary)", lambda: module(*args, **kwargs)[0])
+    return [{"name": f"student {what}, fused path vs transformers", "rtol": rtol, "rel_err": worst(e)}
             for what, e in errors.items()]
 
 
@@ -396,7 +406,7 @@ def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -
         with use_backend(fast_path(ids.device)), regime():
             error = graph_prefill_error(model, ids, seed)
         checks.append({"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits "
-                               f"(fp32 copy{label})", "rtol": DECODE_RTOL, "rel_err": error})
+                               f"(fp32 copy{label})", "rtol": GRAPH_PREFILL_RTOL, "rel_err": error})
     if not decode:
         return checks
     with use_backend(fast_path(ids.device)):

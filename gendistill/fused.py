@@ -8,8 +8,10 @@ On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_M
 - `FusedMLP`, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never
   exist whole (fla's fused SiLU(gate)*up was no faster than the two eager kernels at 128K on the H200, and once
   returned NaN in the benchmark's check: not used);
-- `FusedQwen3Attention` rotates q and k in place with fla's rotary kernel: transformers' form makes five whole-size
-  temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there.
+- `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
+  five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
+  fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
+  in-place call on a new shape returns q rotated dozens of times.
 Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
 are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kernel profile does, to show what the
 kernels alone are worth to the teacher).
@@ -64,8 +66,8 @@ class FusedQwen3Attention(Qwen3Attention):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = (t[0, :, : self.head_dim // 2] for t in (cos, sin))  # one row of positions, shared by the batch
-        query_states = rotary(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)), cos, sin, inplace=True)
-        key_states = rotary(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)), cos, sin, inplace=True)
+        query_states = rotary(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)), cos, sin)
+        key_states = rotary(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)), cos, sin)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if past_key_values is not None:

@@ -26,14 +26,23 @@ def fla_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residu
     return (y, r.to(x.dtype if residual is None else residual.dtype)) if prenorm else y
 
 
+TUNED = set()
+
+
 def fla_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None):
-    """x [B, T, H, D]; cos, sin [T, D/2]: the two halves of each head rotated (GPT-NeoX style), in fp32."""
+    """x [B, T, H, D]; cos, sin [T, D/2]: the two halves of each head rotated (GPT-NeoX style), in fp32. As fla's
+    autotuned kernel, it runs several times on its arguments the first time it sees a (B, H, D) shape."""
     CALLS["rotary"] += 1
     assert cos.shape == (x.shape[1], x.shape[-1] // 2) and not interleaved
-    x0, x1 = x.float().chunk(2, dim=-1)
-    c, s = (t.float()[None, :, None, :] for t in (cos, sin))
-    y = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).to(x.dtype)
-    return x.copy_(y) if inplace else y
+    key = (x.shape[0], *x.shape[2:])
+    runs = 1 if key in TUNED else 3
+    TUNED.add(key)
+    y = x if inplace else torch.empty_like(x)
+    for _ in range(runs):
+        x0, x1 = x.float().chunk(2, dim=-1)
+        c, s = (t.float()[None, :, None, :] for t in (cos, sin))
+        y.copy_(torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1))
+    return y
 
 
 FLA_OPS = (fla_rms_norm, fla_rotary)
@@ -45,6 +54,7 @@ def fused_path(monkeypatch):
     monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
     CALLS.update(rms_norm=0, rotary=0)
+    TUNED.clear()
     return CALLS
 
 
@@ -72,7 +82,7 @@ def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
 @torch.no_grad()
 def test_student_fused_path_matches_reference(teacher, fused_path):
     """The whole student: fused norms (with the residual add folded into the post-attention norm), MLPs sliced
-    beyond kda_prefill_chunk, rotary in place, against the reference path; uncached and cached + decode
+    beyond kda_prefill_chunk, fla's rotary, against the reference path; uncached and cached + decode
     (the cache gets the rotated keys)."""
     student = convert(teacher, attention_layers=[0, 2])
     x = ids(2, 40)
@@ -149,7 +159,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     assert good["passed"]
     assert {c["name"] for c in good["checks"]} >= {"student RMSNorm, fused path vs transformers",
                                                    "student MLP in slices of 64 tokens, fused path vs transformers",
-                                                   "student attention (rotary in place), fused path vs transformers"}
+                                                   "student attention (fla's rotary), fused path vs transformers"}
 
     def no_weight(x, weight, bias, **kw):
         return fla_rms_norm(x, torch.ones_like(weight), bias, **kw)
@@ -160,7 +170,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
     assert failed == ["student RMSNorm with the residual add, fused path vs transformers",
                       "student RMSNorm, fused path vs transformers",
-                      "student attention (rotary in place), fused path vs transformers"]  # its q/k norms
+                      "student attention (fla's rotary), fused path vs transformers"]  # its q/k norms
 
     def swapped_halves(x, cos, sin, **kw):  # a plausible rotary bug: the sine applied with the wrong sign
         return fla_rotary(x, cos, -sin, **kw)
@@ -169,4 +179,4 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     with torch.no_grad():
         bad = bench.check_correctness(teacher, student)
     assert [c["name"] for c in bad["checks"] if not c["passed"]] == [
-        "student attention (rotary in place), fused path vs transformers"]
+        "student attention (fla's rotary), fused path vs transformers"]
