@@ -36,6 +36,27 @@ def test_chunk_matches_recurrent_with_initial_state(B, T, H, HV, K, V, chunk):
     assert rel_err(s, s_ref) < 1e-4
 
 
+@pytest.mark.parametrize("chunk,sub", [(16, 16), (16, 2), (32, 8), (8, 1)])
+def test_sub_chunks_are_the_same_function(chunk, sub):
+    """Any sub-block size gives the same outputs, states and gradients (1: no pairwise decays off the diagonal's
+    single steps; = chunk: all pairwise), also with strong decays."""
+    inputs = make_inputs(2, 45, 2, 2, 16, 8, strong_decay=True)
+    h0 = torch.randn(2, 2, 16, 8)
+    results = []
+    for kw in ({}, {"chunk_size": chunk, "sub_chunk": sub}):
+        leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
+        o, s = chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True, **kw)
+        ((o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.square().sum()).backward()
+        results.append([o, s, *(x.grad for x in leaves)])
+    for ref, got in zip(*results):
+        assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-4
+
+
+def test_sub_chunk_must_divide_the_chunk():
+    with pytest.raises(ValueError, match="sub_chunk"):
+        chunk_kda(*make_inputs(1, 8, 1, 1, 4, 4), chunk_size=16, sub_chunk=6)
+
+
 def test_strong_decay_does_not_overflow():
     q, k, v, g, beta = make_inputs(1, 96, 1, 1, 16, 16, strong_decay=True)
     assert g.sum(1).min() < -300  # cumulative log-decay far below what exp() could invert in fp32

@@ -5,7 +5,10 @@ Within a chunk of C tokens (G = within-chunk cumsum of the log-gates, all in fp3
     O  = (exp(G) * Q) S0 + tril_incl(A_qk) Delta,       A_qk[i,j] = sum_d q_i k_j exp(G_i - G_j)
     S_C = exp(G_C) * S0 + (K * exp(G_C - G))^T Delta
 Pairwise decays are formed from differences masked to -inf *before* exp, so nothing overflows however strong the
-decay. The within-chunk work runs for all chunks at once; only the state hand-off is a loop over chunks.
+decay; A_qk and L are built from sub-blocks (`_intra_chunk_scores`), pairwise only on the diagonal ones. The
+within-chunk work runs for all chunks at once; only the state hand-off is a loop over chunks. Chunks of 16 in
+sub-blocks of 4 train the CPU demo's student about twice as fast as all-pairwise chunks of 16 did (a KD step of
+16 x 256 tokens on 2 cores: 2.5-2.7 s against 4.7-6.2 s).
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ from gendistill.kda.naive import _per_sequence, check_shapes, expand_qk_heads
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-              chunk_size: int = 16):
-    """Same contract as `recurrent_kda` (and fla's `chunk_kda`); any T, differentiable."""
+              chunk_size: int = 16, sub_chunk: int = 4):
+    """Same contract as `recurrent_kda` (and fla's `chunk_kda`); any T, differentiable. `sub_chunk` must divide
+    `chunk_size` (see `_intra_chunk_scores`)."""
+    if chunk_size % min(sub_chunk, chunk_size):
+        raise ValueError(f"sub_chunk ({sub_chunk}) must divide chunk_size ({chunk_size})")
     check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
     if cu_seqlens is not None:
-        return _per_sequence(lambda *a, **kw: chunk_kda(*a, **kw, chunk_size=chunk_size),
+        return _per_sequence(lambda *a, **kw: chunk_kda(*a, **kw, chunk_size=chunk_size, sub_chunk=sub_chunk),
                              q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     dtype = q.dtype
     B, T, H, K = q.shape
@@ -45,12 +51,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     beta = beta.reshape(B, N, C, HV).permute(0, 3, 1, 2)  # [B, HV, N, C]
 
     G = g.cumsum(-2)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = G[..., :, None, :] - G[..., None, :, :]  # [B, HV, N, C, C, K]: G_i - G_j
-    decay = torch.where(causal[:, :, None], diff, float("-inf")).exp()
-    A_qk = (q[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
-    A_kk = (k[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
-    del diff, decay
+    A_qk, A_kk = _intra_chunk_scores(q, k, G, min(sub_chunk, C))
 
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     unit_lower = eye + (A_kk * beta[..., :, None]).tril(-1)
@@ -70,3 +71,34 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         S = chunk_decay[:, :, n, :, None] * S + k_to_end[:, :, n].transpose(-1, -2) @ delta
     o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, N * C, HV, V)[:, :T]
     return o.to(dtype), (S if output_final_state else None)
+
+
+def _intra_chunk_scores(q, k, G, c: int):
+    """A_qk[i, j] = sum_d q_id k_jd exp(G_id - G_jd) and the same with k_i for A_kk, for j <= i inside each chunk
+    (0 above the diagonal); q, k, G: [..., C, K] -> two [..., C, C].
+
+    Sub-blocks of c steps. On the diagonal blocks the decays are formed pairwise, masked before exp (as in the module
+    docstring). Below them, with R_a the log-decay at the last step of block a, exp(G_i - G_j) =
+    exp(G_i - R_a) * exp(R_a - G_j) for i after block a and j in it: both exponents <= 0 (G only falls), so the
+    product is safe, and each block of columns is one matmul instead of a [C, C, K] elementwise product."""
+    *lead, C, K = q.shape
+    n = C // c
+    steps = torch.arange(C, device=q.device)
+    qb, kb, Gb = (x.reshape(*lead, n, c, K) for x in (q, k, G))
+    causal = steps[:c, None] >= steps[None, :c]
+    decay = torch.where(causal[:, :, None], Gb[..., :, None, :] - Gb[..., None, :, :], float("-inf")).exp()
+    eye = torch.eye(n, dtype=q.dtype, device=q.device)
+
+    def diagonal(rows):  # [..., n, c, c] on the block diagonal of [..., C, C]
+        blocks = (rows[..., :, None, :] * kb[..., None, :, :] * decay).sum(-1)
+        return torch.einsum("...aij,ab->...aibj", blocks, eye).reshape(*lead, C, C)
+
+    R = Gb[..., -1, :]  # [..., n, K]
+    after = (steps // c)[None, :, None] > torch.arange(n, device=q.device)[:, None, None]  # [n, C, 1]: i after a
+    row_decay = torch.where(after, G[..., None, :, :] - R[..., :, None, :], float("-inf")).exp()  # [..., n, C, K]
+    cols = (kb * (R[..., :, None, :] - Gb).exp()).transpose(-1, -2)  # [..., n, K, c]
+
+    def below(rows):  # [..., n, C, c] -> [..., C, C]: column block a holds the rows after block a
+        return ((rows[..., None, :, :] * row_decay) @ cols).transpose(-3, -2).reshape(*lead, C, C)
+
+    return diagonal(qb) + below(q), diagonal(kb) + below(k)
