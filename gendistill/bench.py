@@ -226,9 +226,12 @@ def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     return ((fast - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
+def _severity(error: float) -> tuple[bool, float]:
+    return error != error, error  # a NaN above every number (max() would skip a NaN that is not first)
+
+
 def worst(errors) -> float:
-    """The largest error, NaN counting as the largest (Python's max skips a NaN that is not first)."""
-    return max(errors, key=lambda e: (e != e, e), default=0.0)
+    return max(errors, key=_severity, default=0.0)
 
 
 def fast_path(device: torch.device) -> str:
@@ -286,7 +289,7 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
                                                  torch.cat([reference[0], alone[0]]))
     checks = []
     for what, per_layer in errors.items():
-        layer = max(per_layer, key=lambda i: (per_layer[i] != per_layer[i], per_layer[i]), default=None)
+        layer = max(per_layer, key=lambda i: _severity(per_layer[i]), default=None)
         checks.append({"name": f"student KDA layers, fast path vs reference: {what}", "rtol": rtol,
                        "rel_err": per_layer.get(layer, 0.0), "worst_layer": layer,
                        "per_layer": {str(i): e for i, e in per_layer.items()}})
@@ -411,13 +414,13 @@ def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -
         return checks
     with use_backend(fast_path(ids.device)):
         error = graph_decode_error(model, ids.shape[0], ids.shape[1], CHECK_DECODE_TOKENS, seed)
-    decode = {"name": f"{name}: {CHECK_DECODE_TOKENS} decode steps replayed as a CUDA graph vs run eagerly, logits "
-                      "(fp32 copy, StaticCache)", "rtol": DECODE_RTOL, "rel_err": error}
-    if not error <= DECODE_RTOL and fast_path(ids.device) != "chunk":
+    decode_check = {"name": f"{name}: {CHECK_DECODE_TOKENS} decode steps replayed as a CUDA graph vs run eagerly, "
+                            "logits (fp32 copy, StaticCache)", "rtol": DECODE_RTOL, "rel_err": error}
+    if not error <= DECODE_RTOL and fast_path(ids.device) != "recurrent":
         with use_backend("recurrent"):
-            decode["rel_err_pytorch_kda_path"] = graph_decode_error(model, ids.shape[0], ids.shape[1],
-                                                                    CHECK_DECODE_TOKENS, seed)
-    return checks + [decode]
+            decode_check["rel_err_pytorch_kda_path"] = graph_decode_error(model, ids.shape[0], ids.shape[1],
+                                                                          CHECK_DECODE_TOKENS, seed)
+    return checks + [decode_check]
 
 
 def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0, graphs: bool = False,

@@ -280,6 +280,15 @@ def test_graph_prefill_check_accepts_the_same_computation_and_catches_a_frozen_o
 
 
 @torch.no_grad()
+def test_a_failing_decode_graph_is_rechecked_on_the_pytorch_kda_path(student, monkeypatch):
+    """The diagnosis tells the fast path's kernels from the wiring: here the replay is stale on both paths."""
+    monkeypatch.setattr(bench, "capture_graph", lambda fn, device: EagerGraph(fn, stale=True))
+    ids = bench.random_ids(student, 2, 24, seed=0)
+    decode = bench.graph_checks("student", student, ids, seed=0, decode=True)[-1]
+    assert decode["rel_err"] > decode["rtol"] and decode["rel_err_pytorch_kda_path"] > decode["rtol"]
+
+
+@torch.no_grad()
 def test_correctness_with_graphs_checks_prefill_and_decode_graphs_of_both_models(teacher, student, monkeypatch):
     monkeypatch.setattr(bench, "capture_graph", lambda fn, device: EagerGraph(fn))
     checks = bench.check_correctness(teacher, student, graphs=True, decode_graphs=True)["checks"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda.naive import _per_sequence, check_shapes, expand_qk_heads
+from gendistill.kda.naive import check_shapes, expand_qk_heads
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -26,8 +26,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         raise ValueError(f"sub_chunk ({sub_chunk}) must divide chunk_size ({chunk_size})")
     check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
     if cu_seqlens is not None:
-        return _per_sequence(lambda *a, **kw: chunk_kda(*a, **kw, chunk_size=chunk_size, sub_chunk=sub_chunk),
-                             q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        return _packed(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, sub_chunk)
     dtype = q.dtype
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -71,6 +70,34 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         S = chunk_decay[:, :, n, :, None] * S + k_to_end[:, :, n].transpose(-1, -2) @ delta
     o = torch.stack(outputs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, N * C, HV, V)[:, :T]
     return o.to(dtype), (S if output_final_state else None)
+
+
+def _packed(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, sub_chunk):
+    """Packed sequences ([1, total, ...] with boundaries `cu_seqlens`) as a few batched calls instead of one call per
+    sequence: sequences are grouped by their length rounded up to a power of two (at least one chunk) and each group
+    runs as one batch, right-padded with q = k = v = g = beta = 0, which leaves the state untouched (exact)."""
+    lengths, starts = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), cu_seqlens[:-1].tolist()
+    total, device = q.shape[1], q.device
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(max(chunk_size, 1 << max(n - 1, 0).bit_length()), []).append(i)
+    padded = [torch.cat([x[0], x.new_zeros(1, *x.shape[2:])]) for x in (q, k, v, g, beta)]  # row `total` is zero
+    outputs, states, order = [], [], []
+    for width, seqs in groups.items():
+        steps = torch.arange(width)
+        valid = steps < torch.tensor([lengths[i] for i in seqs])[:, None]
+        rows = torch.where(valid, torch.tensor([starts[i] for i in seqs])[:, None] + steps, total).to(device)
+        h0 = None if initial_state is None else initial_state[seqs]
+        o, state = chunk_kda(*(x[rows] for x in padded), scale=scale, initial_state=h0,
+                             output_final_state=output_final_state, chunk_size=chunk_size, sub_chunk=sub_chunk)
+        outputs.append(o[valid.to(device)])
+        states.append(state)
+        order += seqs
+    source = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in order])  # row of each output
+    o = torch.cat(outputs)[torch.argsort(source).to(device)][None]
+    if not output_final_state:
+        return o, None
+    return o, torch.cat(states)[torch.argsort(torch.tensor(order)).to(device)]
 
 
 def _intra_chunk_scores(q, k, G, c: int):
