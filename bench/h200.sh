@@ -44,7 +44,7 @@ lane() {  # lane GPU STEPS
                  bench --shape qwen3-0.6b --contexts 4k,16k --decode-context 32k --batch 1 --repeats 3 \
                  --cuda-graphs --decode-cache static --out "$R/bench_graphs" ;;  # SDPA in graphs: slow beyond 16K
       decode)  step "$log" decode ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
-                 --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_decode" ;;  # default allocator
+                 --decode-context 32k --batch 1 --repeats 3 --decode-cache dynamic --out "$R/bench_decode" ;;
       static)  step "$log" static ${t:-150} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k \
                  --decode-context 32k --batch 1 --repeats 3 --decode-cache static --out "$R/bench_decode_static" ;;
       engine)  step "$log" engine ${t:-240} python3 bench/eval_engine.py --shape qwen3-0.6b --device cuda \

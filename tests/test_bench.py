@@ -171,6 +171,7 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert decode_target["measured"] == pytest.approx(result["decode"]["student"]["tokens_per_s_at_largest"]
                                                       / result["decode"]["teacher"]["tokens_per_s_at_largest"])
     assert decode_target["passed"] is (decode_target["measured"] >= 3.0)
+    assert decode_target["name"].endswith("largest batch each (StaticCache)")  # the default, named in the row
     assert all(t["measured"] is None for t in result["targets"][:-1])  # no 4K / 128K context in this run
 
 
