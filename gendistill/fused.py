@@ -1,8 +1,8 @@
 """Fused inference kernels for Qwen3's own parts (RMSNorm, MLP, rotary embedding); the transformers modules are the
 reference.
 
-On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_MIN_TOKENS tokens
-(`kda.fused_inference`; shorter ones, decoding included, wait on the host, where fewer Python calls win):
+On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_MIN_BYTES bytes
+(`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
 - `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
   transformers' six eager kernels with fp32 copies of the whole activation;
 - `FusedMLP`, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never

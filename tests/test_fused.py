@@ -113,10 +113,13 @@ def test_fused_inference_needs_long_inputs():
     """Decoding and short prefills stay on the few-calls path (the GPU waits on the host there)."""
     from gendistill import kda
 
-    n = kda.FUSED_MIN_TOKENS
-    assert kda.bytes_bound(torch.zeros(1, n, 8)) and kda.bytes_bound(torch.zeros(4, n // 4, 8))  # batch x tokens
-    assert not kda.bytes_bound(torch.zeros(1, n // 2, 8)) and not kda.bytes_bound(torch.zeros(128, 1, 8))  # decode
-    assert not kda.fused_inference(torch.zeros(1, n, 8))  # never off the GPU
+    def hidden(batch, tokens, width=1024):  # bf16 activations of the Qwen3-0.6B width
+        return torch.empty(batch, tokens, width, dtype=torch.bfloat16)
+
+    assert kda.bytes_bound(hidden(1, 8192)) and kda.bytes_bound(hidden(4, 2048))  # batch x tokens
+    assert not kda.bytes_bound(hidden(1, 4096)) and not kda.bytes_bound(hidden(128, 1))  # short prefill, decode
+    assert not kda.bytes_bound(hidden(1, 8192, width=256))  # a narrow model's 8K tokens are still few bytes
+    assert not kda.fused_inference(hidden(1, 8192))  # never off the GPU
 
 
 @torch.no_grad()

@@ -76,35 +76,35 @@ def fla_module_ops():
     return rms_norm, rotary_embedding
 
 
-FUSED_MIN_TOKENS = 8192
-_fused_min_tokens = contextvars.ContextVar("gendistill_fused_min_tokens", default=FUSED_MIN_TOKENS)
+FUSED_MIN_BYTES = 16 * 2**20  # 8192 tokens of the Qwen3-0.6B shape's hidden states (1024 wide, bf16)
+_fused_min_bytes = contextvars.ContextVar("gendistill_fused_min_bytes", default=FUSED_MIN_BYTES)
 
 
 @contextlib.contextmanager
-def fused_from(tokens: int):
-    """Inside the block, inputs of >= `tokens` tokens count as long (`bytes_bound`); 0 puts every input on the fused
+def fused_from(nbytes: int):
+    """Inside the block, inputs of >= `nbytes` bytes count as large (`bytes_bound`); 0 puts every input on the fused
     path (the benchmark's correctness check runs it on a short input)."""
-    token = _fused_min_tokens.set(tokens)
+    token = _fused_min_bytes.set(nbytes)
     try:
         yield
     finally:
-        _fused_min_tokens.reset(token)
+        _fused_min_bytes.reset(token)
 
 
 def fused_inference(x: torch.Tensor) -> bool:
-    """Whether inference on `x` ([..., tokens, features]) takes fla's fused kernels for the non-KDA parts too
-    (gendistill.fused: they move the fewest bytes, but each call costs the host more). Needs CUDA,
-    fla, gradients off (training keeps transformers' numerics), no PyTorch KDA path forced (the reference), and
-    >= FUSED_MIN_TOKENS tokens: below that the GPU waits on the host (fla's Python wrappers cost 0.1-1 ms a call,
-    measured on an H200), so fewer calls beat fewer bytes."""
+    """Whether inference on `x` takes fla's fused kernels for the non-KDA parts too (gendistill.fused: they move the
+    fewest bytes, but each call costs the host more). Needs CUDA, fla, gradients off (training keeps transformers'
+    numerics), no PyTorch KDA path forced (the reference), and `bytes_bound(x)`: below FUSED_MIN_BYTES the GPU waits
+    on the host (fla's Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
     return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
             and _fla_ops() is not None and fla_module_ops() is not None and bytes_bound(x))
 
 
 def bytes_bound(x: torch.Tensor) -> bool:
-    """Long enough (batch x tokens >= FUSED_MIN_TOKENS, or `fused_from`'s bound) for the GPU's bytes, not the host's
-    calls, to set the pace. A CUDA graph capture takes the same path as the eager call it replays."""
-    return x.numel() // x.shape[-1] >= _fused_min_tokens.get()
+    """Large enough (>= FUSED_MIN_BYTES, or `fused_from`'s bound) for the GPU's bytes, not the host's calls, to set
+    the pace. Bytes, not tokens: a narrow model's long input is still small, and each first call of a fla kernel on
+    a new shape costs seconds of autotuning. A CUDA graph capture takes the same path as the eager call it replays."""
+    return x.numel() * x.element_size() >= _fused_min_bytes.get()
 
 
 def fla_available() -> bool:
