@@ -41,12 +41,13 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 import gendistill
-from gendistill.fused import FusedMLP, FusedQwen3Attention, FusedRMSNorm
+from gendistill.fused import FUSED_CLASSES, FusedMLP, FusedRMSNorm
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
 from gendistill.kda import fla_available, fused_from, resolve_backend, use_backend
 from gendistill.modeling import KDAMixer
 
 LINEAR = "linear_attention"
+FUSED_TYPES = tuple(FUSED_CLASSES.values())
 GiB, MiB = 2**30, 2**20
 
 # Correctness. Why per layer and not on the logits: a random-weight model amplifies rounding ~20x from layer to layer
@@ -302,7 +303,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """The fused norms, sliced MLPs and fla's rotary (gendistill.fused) on the inputs they see in one reference
     forward (so that each check stands alone): fused path (forced on, whatever the input's length) vs the transformers
     modules (the reference); also the norm's residual-add form."""
-    modules = [m for m in student.modules() if isinstance(m, (FusedRMSNorm, FusedMLP, FusedQwen3Attention))]
+    modules = [m for m in student.modules() if isinstance(m, FUSED_TYPES)]
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda module, args, kwargs: inputs.setdefault(module, (args, kwargs)),
                                          with_kwargs=True) for m in modules]
@@ -405,7 +406,7 @@ def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -
     graph is re-checked with the PyTorch KDA path, to tell fla's kernels from the wiring."""
     checks = []
     regimes = {"": contextlib.nullcontext}
-    if any(isinstance(m, (FusedRMSNorm, FusedMLP, FusedQwen3Attention)) for m in model.modules()):
+    if any(isinstance(m, FUSED_TYPES) for m in model.modules()):
         regimes[", fused modules forced on"] = lambda: fused_from(0)
     for label, regime in regimes.items():
         with use_backend(fast_path(ids.device)), regime():

@@ -121,11 +121,12 @@ class KDAMixer(nn.Module):
         conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
+        params = self._qkv_params()
         outputs = []
         for start in range(0, T, segment):
             part = slice(start, start + segment)
             out, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
-                                                 doc_start, conv_context, state,
+                                                 doc_start, conv_context, state, params,
                                                  need_state=cache is not None or start + segment < T)
             outputs.append(out)
         if cache is not None:
@@ -133,7 +134,7 @@ class KDAMixer(nn.Module):
             cache.update_recurrent_state(state.float(), self.layer_idx)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
-    def _mix(self, x, pad, doc_start, conv_context, state, need_state):
+    def _mix(self, x, pad, doc_start, conv_context, state, params, need_state):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -143,7 +144,7 @@ class KDAMixer(nn.Module):
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
             pos_in_doc = _position_in_document(doc_start)
-        proj, weight, bias = self._qkv_params()
+        proj, weight, bias = params
         qkv = F.linear(x, proj)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)

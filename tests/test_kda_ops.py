@@ -20,6 +20,14 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
+def run_with_grads(fn, inputs, h0, **kw):
+    """[o, final state, grad q, k, v, g, beta, h0] of `fn` under a loss touching every output channel and the state."""
+    leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
+    o, s = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, **kw)
+    ((o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.square().sum()).backward()
+    return [o, s, *(x.grad for x in leaves)]
+
+
 @pytest.mark.parametrize("B,T,H,HV,K,V,chunk", [
     (2, 64, 2, 2, 16, 16, 32),   # T a multiple of the chunk
     (2, 77, 2, 4, 16, 8, 32),    # HV > H (GVA), T not a multiple, V != K
@@ -42,12 +50,7 @@ def test_sub_chunks_are_the_same_function(chunk, sub):
     single steps; = chunk: all pairwise), also with strong decays."""
     inputs = make_inputs(2, 45, 2, 2, 16, 8, strong_decay=True)
     h0 = torch.randn(2, 2, 16, 8)
-    results = []
-    for kw in ({}, {"chunk_size": chunk, "sub_chunk": sub}):
-        leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
-        o, s = chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True, **kw)
-        ((o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.square().sum()).backward()
-        results.append([o, s, *(x.grad for x in leaves)])
+    results = [run_with_grads(chunk_kda, inputs, h0, **kw) for kw in ({}, {"chunk_size": chunk, "sub_chunk": sub})]
     for ref, got in zip(*results):
         assert torch.isfinite(got).all() and rel_err(got, ref) < 1e-4
 
@@ -68,12 +71,7 @@ def test_strong_decay_does_not_overflow():
 def test_gradients_match():
     inputs = make_inputs(2, 45, 2, 4, 16, 8)
     h0 = torch.randn(2, 4, 16, 8)
-    grads = []
-    for fn in (recurrent_kda, chunk_kda):
-        leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
-        o, s = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True)
-        ((o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.square().sum()).backward()
-        grads.append([x.grad for x in leaves])
+    grads = [run_with_grads(fn, inputs, h0)[2:] for fn in (recurrent_kda, chunk_kda)]
     for name, g_ref, g_chunk in zip(("q", "k", "v", "g", "beta", "h0"), *grads):
         assert rel_err(g_chunk, g_ref) < 1e-4, name
 
@@ -98,12 +96,7 @@ def test_packed_sequences_batched_by_length_match_each_sequence_alone_with_gradi
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     inputs = make_inputs(1, sum(lengths), 2, 4, 16, 8)
     h0 = torch.randn(len(lengths), 4, 16, 8)
-    results = []
-    for fn in (recurrent_kda, chunk_kda):
-        leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
-        o, s = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu)
-        ((o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.square().sum()).backward()
-        results.append([o, s, *(x.grad for x in leaves)])
+    results = [run_with_grads(fn, inputs, h0, cu_seqlens=cu) for fn in (recurrent_kda, chunk_kda)]
     for name, ref, got in zip(("o", "state", "q", "k", "v", "g", "beta", "h0"), *results):
         assert got.shape == ref.shape and rel_err(got, ref) < 1e-4, name
     assert torch.equal(results[1][1][1], h0[1])  # the empty sequence hands its initial state on untouched

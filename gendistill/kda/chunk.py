@@ -83,7 +83,7 @@ def _packed(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     for i, n in enumerate(lengths):
         groups.setdefault(max(chunk_size, 1 << max(n - 1, 0).bit_length()), []).append(i)
     padded = [torch.cat([x[0], x.new_zeros(1, *x.shape[2:])]) for x in (q, k, v, g, beta)]  # row `total` is zero
-    outputs, states, order = [], [], []
+    outputs, sources, states, order = [], [], [], []
     for width, seqs in groups.items():
         steps = torch.arange(width)
         valid = steps < torch.tensor([lengths[i] for i in seqs])[:, None]
@@ -91,11 +91,12 @@ def _packed(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
         h0 = None if initial_state is None else initial_state[seqs]
         o, state = chunk_kda(*(x[rows] for x in padded), scale=scale, initial_state=h0,
                              output_final_state=output_final_state, chunk_size=chunk_size, sub_chunk=sub_chunk)
-        outputs.append(o[valid.to(device)])
+        valid = valid.to(device)
+        outputs.append(o[valid])
+        sources.append(rows[valid])  # where each output row sits in the packed sequence
         states.append(state)
         order += seqs
-    source = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in order])  # row of each output
-    o = torch.cat(outputs)[torch.argsort(source).to(device)][None]
+    o = torch.cat(outputs)[torch.argsort(torch.cat(sources))][None]
     if not output_final_state:
         return o, None
     return o, torch.cat(states)[torch.argsort(torch.tensor(order)).to(device)]
