@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
-from gendistill.kda import gated_rms_norm, kda_gated, short_conv
+from gendistill.kda import compiled, fused_inference, gated_rms_norm, kda_gated, kda_heads, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -149,11 +149,11 @@ class KDAMixer(nn.Module):
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.reshape(B, T, H, D)
-        # k/v keep the teacher's Hkv heads; KDA head h reads kv head h // (H / Hkv), exactly as GQA's repeat_kv.
-        k = k.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
-        v = v.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2)
+        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. Long GPU prefills normalise q/k in the same
+        # fused pass (fla would copy the strided q, then norm q and k: four more passes over the activations).
+        qk_normalized = fused_inference(x)
+        split = compiled(kda_heads, x) if qk_normalized else kda_heads
+        q, k, v = split(qkv, H, Hkv, D, qk_normalized)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
         b = self.b_proj(x)
         if pad is not None:
@@ -163,7 +163,7 @@ class KDAMixer(nn.Module):
         if cu_seqlens is not None:  # packed documents: one flattened row
             q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
         o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
-                             output_final_state=need_state, cu_seqlens=cu_seqlens)
+                             output_final_state=need_state, cu_seqlens=cu_seqlens, qk_normalized=qk_normalized)
         o = o.reshape(B, T, H, D)
 
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)

@@ -1,4 +1,5 @@
-"""gendistill.fused: the fused inference path (fla's Triton RMSNorm and rotary embedding on CUDA, MLPs in slices)
+"""gendistill.fused: the fused inference path (fla's Triton RMSNorm and rotary embedding on CUDA, MLPs in slices,
+torch.compile'd SwiGLU and KDA head split, which off the GPU run as the plain functions they compile)
 against the transformers modules. CI has no GPU, so fla's kernels are replaced by their written definitions (fla's
 semantics: fp32 inside, the residual added in the same pass and returned with `prenorm=True`, rotary on [B, T, H, D]
 with half-width cos/sin) and the fused path is switched on; what is tested is everything around the kernels: which
@@ -11,6 +12,7 @@ from transformers import DynamicCache
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm
 
 import gendistill.fused as fused
+import gendistill.modeling as modeling
 from gendistill import convert
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.modeling import KDAMixer
@@ -51,7 +53,8 @@ FLA_OPS = (fla_rms_norm, fla_rotary)
 @pytest.fixture
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
-    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    for module in (fused, modeling):  # modeling: the KDA mixer's fused split with q/k normalised
+        monkeypatch.setattr(module, "fused_inference", lambda x: not torch.is_grad_enabled())
     monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
     CALLS.update(rms_norm=0, rotary=0)
     TUNED.clear()
@@ -82,8 +85,8 @@ def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
 @torch.no_grad()
 def test_student_fused_path_matches_reference(teacher, fused_path):
     """The whole student: fused norms (with the residual add folded into the post-attention norm), MLPs sliced
-    beyond kda_prefill_chunk, fla's rotary, against the reference path; uncached and cached + decode
-    (the cache gets the rotated keys)."""
+    beyond kda_prefill_chunk, fla's rotary, KDA's q/k normalised in the head split, against the reference path;
+    uncached and cached + decode (the cache gets the rotated keys)."""
     student = convert(teacher, attention_layers=[0, 2])
     x = ids(2, 40)
     with torch.enable_grad():  # gradients on: the reference path

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda import chunk_kda, kda_gate, kda_gated, l2norm, recurrent_kda, resolve_backend, use_backend
+from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, l2norm, recurrent_kda, resolve_backend,
+                            use_backend)
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -139,6 +140,30 @@ def test_gated_entry_point_and_masked_steps():
     _, s_drop = kda_gated(q[:, keep], k[:, keep], v[:, keep], f[:, keep], b[:, keep], A_log, dt_bias,
                           output_final_state=True)
     assert rel_err(s_skip, s_drop) < 1e-5
+
+
+def test_kda_heads_repeat_kv_heads_as_gqa_and_normalise_on_request():
+    """KDA head h reads kv head h // (H / Hkv) (transformers' repeat_kv order); the normalised split is the plain
+    split with q and k L2-normalised, and kda_gated given pre-normalised q/k computes what it computes from raw ones."""
+    B, T, H, Hkv, D = 2, 9, 4, 2, 8
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=torch.Generator().manual_seed(5))
+    q, k, v = kda_heads(qkv, H, Hkv, D, normalize_qk=False)
+    kv = qkv[..., H * D:].reshape(B, T, 2, Hkv, D)
+    assert torch.equal(q, qkv[..., :H * D].reshape(B, T, H, D))
+    for h in range(H):
+        assert torch.equal(k[:, :, h], kv[:, :, 0, h // (H // Hkv)]) and torch.equal(v[:, :, h], kv[:, :, 1, h * Hkv // H])
+    qn, kn, vn = kda_heads(qkv, H, Hkv, D, normalize_qk=True)
+    torch.testing.assert_close(qn, l2norm(q))
+    torch.testing.assert_close(kn, l2norm(k))
+    assert torch.equal(vn, v) and qn.is_contiguous() and kn.is_contiguous() and vn.is_contiguous()
+    f, b = torch.randn(B, T, H, D), torch.randn(B, T, H)
+    A_log, dt_bias = torch.rand(H).log(), torch.randn(H * D)
+    raw = kda_gated(q, k, v, f, b, A_log, dt_bias, output_final_state=True)
+    prenormed = kda_gated(qn, kn, vn, f, b, A_log, dt_bias, output_final_state=True, qk_normalized=True)
+    for a, r in zip(prenormed, raw):
+        torch.testing.assert_close(a, r)
+    unnormalised = kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=True)[0]  # the flag is not ignored
+    assert rel_err(unnormalised, raw[0]) > 0.1
 
 
 def test_backend_selection():

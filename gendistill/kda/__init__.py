@@ -20,7 +20,7 @@ from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_module_ops"]
+           "bytes_bound", "fla_module_ops", "kda_heads", "compiled"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -136,22 +136,46 @@ def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tor
     return -A_log.float().exp()[:, None] * F.softplus(f.float() + dt_bias.float().view(heads, dim))
 
 
+def kda_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, normalize_qk: bool):
+    """Split [B, T, (H + 2 Hkv) D] into q [B, T, H, D] and k, v whose Hkv heads are repeated to H (KDA head h reads kv
+    head h // (H / Hkv), exactly as GQA's repeat_kv); q and k L2-normalised (fp32 math, back to qkv's dtype) when
+    `normalize_qk`. Long GPU prefills run it through `compiled`: one pass instead of a copy per tensor plus two norms."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.reshape(B, T, heads, head_dim), k.reshape(B, T, kv_heads, head_dim), v.reshape(B, T, kv_heads, head_dim)
+    if normalize_qk:
+        q, k = l2norm(q).to(qkv.dtype), l2norm(k).to(qkv.dtype)
+    return q, k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
+
+
+@functools.cache
+def _compile(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def compiled(fn, x: torch.Tensor):
+    """`fn` compiled by torch.compile (fused generated kernels) for CUDA inputs; `fn` itself, the reference, elsewhere."""
+    return _compile(fn) if x.is_cuda else fn
+
+
 def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
-              cu_seqlens=None):
-    """KDA from raw projections: q, k [B,T,H,K] (not normalised); v [B,T,HV,V]; f [B,T,HV,K] gate pre-activation;
-    b [B,T,HV] beta logits. Positions to skip (padding) carry f = b = -1e4 (no decay, no write) — exact on every path.
-    Returns (o [B,T,HV,V], final state fp32 or None)."""
+              cu_seqlens=None, qk_normalized=False):
+    """KDA from raw projections: q, k [B,T,H,K] (not normalised unless `qk_normalized`); v [B,T,HV,V]; f [B,T,HV,K]
+    gate pre-activation; b [B,T,HV] beta logits. Positions to skip (padding) carry f = b = -1e4 (no decay, no write) —
+    exact on every path. Returns (o [B,T,HV,V], final state fp32 or None)."""
     backend = resolve_backend(q, q.shape[1])
     if backend == "fla":
         fla_chunk, fla_recurrent = _fla_ops()
         kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                  use_qk_l2norm_in_kernel=not qk_normalized, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
         if q.shape[1] <= 64 and not torch.is_grad_enabled():
             return fla_recurrent(q, k, v, f, b, **kw)
         return fla_chunk(q, k, v, f, b, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
-    return op(l2norm(q), l2norm(k), v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
+    if not qk_normalized:
+        q, k = l2norm(q), l2norm(k)
+    return op(q, k, v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
