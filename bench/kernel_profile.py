@@ -62,7 +62,7 @@ def profile_call(forward, device) -> dict:
             table[key][0] += 1
             table[key][1] += us / 1e3
     total = sum(ms for _, ms in by_category.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]
     # Host side: where the CPU time of the call goes (a host-bound call is fixed there, not in the kernels).
     host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
     return {
