@@ -5,9 +5,9 @@ On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_M
 (`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
 - `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
   transformers' six eager kernels with fp32 copies of the whole activation;
-- `FusedMLP` computes SiLU(gate) * up in one torch.compile'd pass (eager: two kernels and a whole-size temporary;
-  fla's Triton version was no faster at 128K on the H200 and once returned NaN in the benchmark's check), and beyond
-  `kda_prefill_chunk` tokens works in slices so that the [T, intermediate] activations never exist whole;
+- `FusedMLP`, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never
+  exist whole (fla's fused SiLU(gate)*up was no faster than the two eager kernels at 128K on the H200, and once
+  returned NaN in the benchmark's check: not used);
 - `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
   five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
   fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
@@ -19,11 +19,10 @@ kernels alone are worth to the teacher).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
-from gendistill.kda import compiled, fla_module_ops, fused_inference
+from gendistill.kda import fla_module_ops, fused_inference
 
 DEFAULT_CHUNK = 16384
 
@@ -46,19 +45,16 @@ class FusedRMSNorm(Qwen3RMSNorm):
         return hidden_states, normed
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fused_inference(x) or self.config.hidden_act != "silu":
-            return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
-        act = compiled(swiglu, x)
-        slices = [x[..., start:start + chunk, :] for start in range(0, x.shape[-2], chunk)]
-        out = [self.down_proj(act(self.gate_proj(part), self.up_proj(part))) for part in slices]
-        return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+        T = x.shape[-2]
+        if not fused_inference(x) or T <= chunk:
+            return super().forward(x)
+        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
+        for start in range(0, T, chunk):
+            out[..., start:start + chunk, :] = super().forward(x[..., start:start + chunk, :])
+        return out
 
 
 class FusedQwen3Attention(Qwen3Attention):

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
-from gendistill.kda import compiled, fused_inference, gated_rms_norm, kda_gated, kda_heads, short_conv
+from gendistill.kda import gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, resolve_backend, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -149,11 +149,10 @@ class KDAMixer(nn.Module):
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
-        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. Long GPU prefills normalise q/k in the same
-        # fused pass (fla would copy the strided q, then norm q and k: four more passes over the activations).
-        qk_normalized = fused_inference(x)
-        split = compiled(kda_heads, x) if qk_normalized else kda_heads
-        q, k, v = split(qkv, H, Hkv, D, qk_normalized)
+        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. GPU inference splits, repeats and normalises
+        # q/k in one Triton pass (kda/heads.py); training keeps autograd through fla's own norms.
+        qk_normalized = not torch.is_grad_enabled() and resolve_backend(x, T) == "fla"
+        q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
         b = self.b_proj(x)
         if pad is not None:

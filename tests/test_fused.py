@@ -1,5 +1,5 @@
 """gendistill.fused: the fused inference path (fla's Triton RMSNorm and rotary embedding on CUDA, MLPs in slices,
-torch.compile'd SwiGLU and KDA head split, which off the GPU run as the plain functions they compile)
+the KDA mixer's Triton head split, run in Triton's interpreter)
 against the transformers modules. CI has no GPU, so fla's kernels are replaced by their written definitions (fla's
 semantics: fp32 inside, the residual added in the same pass and returned with `prenorm=True`, rotary on [B, T, H, D]
 with half-width cos/sin) and the fused path is switched on; what is tested is everything around the kernels: which
@@ -53,8 +53,9 @@ FLA_OPS = (fla_rms_norm, fla_rotary)
 @pytest.fixture
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
-    for module in (fused, modeling):  # modeling: the KDA mixer's fused split with q/k normalised
-        monkeypatch.setattr(module, "fused_inference", lambda x: not torch.is_grad_enabled())
+    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    # The KDA mixer as on the fla path: q/k/v from the Triton split (in Triton's interpreter), q/k normalised there
+    monkeypatch.setattr(modeling, "resolve_backend", lambda x, n: "fla")
     monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
     CALLS.update(rms_norm=0, rotary=0)
     TUNED.clear()

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, l2norm, recurrent_kda, resolve_backend,
-                            use_backend)
+from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
+                            resolve_backend, use_backend)
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -155,7 +155,7 @@ def test_kda_heads_repeat_kv_heads_as_gqa_and_normalise_on_request():
     qn, kn, vn = kda_heads(qkv, H, Hkv, D, normalize_qk=True)
     torch.testing.assert_close(qn, l2norm(q))
     torch.testing.assert_close(kn, l2norm(k))
-    assert torch.equal(vn, v) and qn.is_contiguous() and kn.is_contiguous() and vn.is_contiguous()
+    assert torch.equal(vn, v)
     f, b = torch.randn(B, T, H, D), torch.randn(B, T, H)
     A_log, dt_bias = torch.rand(H).log(), torch.randn(H * D)
     raw = kda_gated(q, k, v, f, b, A_log, dt_bias, output_final_state=True)
@@ -164,6 +164,32 @@ def test_kda_heads_repeat_kv_heads_as_gqa_and_normalise_on_request():
         torch.testing.assert_close(a, r)
     unnormalised = kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=True)[0]  # the flag is not ignored
     assert rel_err(unnormalised, raw[0]) > 0.1
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D,dtype,normalize", [
+    (2, 45, 4, 2, 16, torch.float32, True),    # rows not a multiple of the kernel's row block
+    (1, 33, 16, 8, 128, torch.bfloat16, True),  # the Qwen3-0.6B head layout, bf16
+    (3, 7, 6, 2, 8, torch.float32, False),     # three KDA heads per kv head, split only
+    (2, 20, 4, 4, 32, torch.float32, True),    # no repetition
+])
+def test_fused_kda_heads_kernel_matches_the_definition(B, T, H, Hkv, D, dtype, normalize):
+    """The Triton pass (in Triton's interpreter on CPU) against kda_heads, from a strided input as the mixer's
+    padded or segmented activations can be; its outputs are contiguous, as fla needs them."""
+    C = (H + 2 * Hkv) * D
+    wide = torch.randn(B, T, C + 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    time_minor = torch.randn(B, C, 1, generator=torch.Generator().manual_seed(2)).to(dtype)
+    # rows strided by a wider tensor; a decode step as the PyTorch conv returns it ([B, C, 1] transposed)
+    for qkv in (wide[..., 5:], time_minor.transpose(1, 2)):
+        fused = kda_heads_fused(qkv, H, Hkv, D, normalize)
+        reference = kda_heads(qkv, H, Hkv, D, normalize)
+        for got, want in zip(fused, reference):
+            assert got.is_contiguous() and got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
+def test_fused_kda_heads_rejects_a_layout_it_cannot_split():
+    with pytest.raises(ValueError, match=r"\(H \+ 2 Hkv\) \* D"):
+        kda_heads_fused(torch.zeros(1, 3, 100), 4, 2, 16, True)
 
 
 def test_backend_selection():

@@ -2,6 +2,7 @@
 
 - `recurrent_kda` (naive.py): the step-by-step definition, the specification every other path is tested against.
 - `chunk_kda` (chunk.py): chunkwise-parallel pure PyTorch, differentiable, for CPU training and as the GPU fallback.
+- `kda_heads` (heads.py): q/k/v per KDA head from the mixer's one projection; `kda_heads_fused`, its Triton pass.
 - `kda_gated`: what the KDA layer calls. It takes raw projections (q/k before L2 norm, gate and beta pre-activations)
   so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
   it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
@@ -11,16 +12,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 from gendistill.kda.chunk import chunk_kda
+from gendistill.kda.heads import kda_heads, kda_heads_fused
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_module_ops", "kda_heads", "compiled"]
+           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -38,12 +41,33 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
+# Width of the value blocks of fla's chunk-state kernel (chunk_gated_delta_rule_fwd_kernel_h): None leaves it to fla's
+# autotuner, whose key has neither T nor the batch, so the first shape it sees decides for all.
+STATE_BLOCK_V = int(os.environ["GENDISTILL_FLA_STATE_BV"]) if os.environ.get("GENDISTILL_FLA_STATE_BV") else None
+
+
+def pin_state_block(block_v: int | None) -> None:
+    """Limit the autotuner of fla's chunk-state kernel to value blocks of `block_v` (None: all of fla's configs)."""
+    from fla.ops.common import chunk_delta_h
+    kernel = chunk_delta_h.chunk_gated_delta_rule_fwd_kernel_h_blockdim64
+    while not hasattr(kernel, "configs"):  # under triton.heuristics
+        kernel = kernel.fn
+    if not hasattr(kernel, "all_configs"):
+        kernel.all_configs = list(kernel.configs)
+    kernel.configs = [c for c in kernel.all_configs if block_v is None or c.kwargs.get("BV") == block_v]
+    if not kernel.configs:
+        raise ValueError(f"fla's chunk-state kernel has no config with BV={block_v}")
+    kernel.cache.clear()
+
+
 @functools.cache
 def _fla_ops():
     try:
         from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
     except Exception:  # ImportError, or triton failing to initialise
         return None
+    if STATE_BLOCK_V is not None:
+        pin_state_block(STATE_BLOCK_V)
     return fla_chunk, fla_recurrent
 
 
@@ -134,28 +158,6 @@ def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tor
     """Channel-wise log-decay g = -exp(A_log[h]) * softplus(f + dt_bias), f: [..., HV, K], in fp32."""
     heads, dim = f.shape[-2:]
     return -A_log.float().exp()[:, None] * F.softplus(f.float() + dt_bias.float().view(heads, dim))
-
-
-def kda_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, normalize_qk: bool):
-    """Split [B, T, (H + 2 Hkv) D] into q [B, T, H, D] and k, v whose Hkv heads are repeated to H (KDA head h reads kv
-    head h // (H / Hkv), exactly as GQA's repeat_kv); q and k L2-normalised (fp32 math, back to qkv's dtype) when
-    `normalize_qk`. Long GPU prefills run it through `compiled`: one pass instead of a copy per tensor plus two norms."""
-    B, T, _ = qkv.shape
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k, v = q.reshape(B, T, heads, head_dim), k.reshape(B, T, kv_heads, head_dim), v.reshape(B, T, kv_heads, head_dim)
-    if normalize_qk:
-        q, k = l2norm(q).to(qkv.dtype), l2norm(k).to(qkv.dtype)
-    return q, k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
-
-
-@functools.cache
-def _compile(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
-
-
-def compiled(fn, x: torch.Tensor):
-    """`fn` compiled by torch.compile (fused generated kernels) for CUDA inputs; `fn` itself, the reference, elsewhere."""
-    return _compile(fn) if x.is_cuda else fn
 
 
 def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
