@@ -3,8 +3,7 @@
 # minutes to autotune on a fresh machine) in OUT.
 #   bash bench/h200.sh OUT LANE [LANE ...]
 # A lane is a comma-separated list of steps (step or step:seconds) run one after another on its own GPU; lanes run
-# in parallel, lane i on GPU i. Steps: profile parity levers kd kd2 bench bench32 graphs decode static engine
-# demo.
+# in parallel, lane i on GPU i. Steps: profile parity levers kd kd2 bench graphs decode static engine demo.
 #   bash bench/h200.sh OUT demo engine,profile    # GPU 0: the GPU demo; GPU 1: the engine, then the profile
 set -u
 OUT=${1:?usage: bench/h200.sh OUT LANE...}; shift
@@ -42,9 +41,6 @@ lane() {  # lane GPU STEPS
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench ${t:-480} python3 -m gendistill \
                  bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k --decode-context 32k --batch 1 --repeats 3 \
                  --out "$R/bench" ;;
-      bench32) GENDISTILL_FLA_STATE_BV=32 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" bench32 \
-                 ${t:-480} python3 -m gendistill bench --shape qwen3-0.6b --contexts 4k,16k,64k,128k \
-                 --decode-context 32k --batch 1 --repeats 3 --out "$R/bench_bv32" ;;  # fla's state kernel at BV=32
       graphs)  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step "$log" graphs ${t:-360} python3 -m gendistill \
                  bench --shape qwen3-0.6b --contexts 4k,16k --decode-context 32k --batch 1 --repeats 3 \
                  --cuda-graphs --decode-cache static --out "$R/bench_graphs" ;;  # SDPA in graphs: slow beyond 16K

@@ -1,16 +1,17 @@
-"""Which long-prefill levers pay on this GPU: each one alone, then the whole 128K prefill with them.
+"""Which long-prefill levers pay on this GPU: each one alone, then the whole 128K prefill with them added one by one.
 
     python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json
 
-1. KDA's inputs for one 16K segment of the 0.6B shape (qkv [1, 16384, 4096] after the short conv, through fla's
-   chunk_kda): the PyTorch split (fla then copies the strided q and L2-normalises q and k in passes of its own)
-   against `kda_heads_fused`, one Triton pass that hands fla q and k already normalised.
-2. fla's chunk-state kernel (`chunk_gated_delta_rule_fwd_kernel_h_blockdim64`) with its autotuner limited to value
-   blocks of 32 or 64 (`kda.pin_state_block`): its key has neither T nor the batch, so the first shape decides; at
-   batch 1 BV = 64 runs 2 x 16 blocks on 132 SMs. Timed as chunk_kda at 1 x 16K (the 128K prefill's segments) and
-   at 8 x 4K (a training-like batch).
-3. TTFT at 128K (no cache, last-token logits, as `gendistill bench`): the teacher, then the student with the PyTorch
-   split, with the Triton split, and with the state kernel's BV pinned to each width.
+1. One 16K segment of a KDA layer of the 0.6B shape, from the [q | k | v] projection (before the short conv) to
+   fla's chunk_kda output: fla's conv, the PyTorch split (fla then copies the strided q and L2-normalises q and k in
+   passes of its own); fla's conv and `kda_heads_fused`, the Triton split that hands fla q and k normalised; the
+   Triton pass with the conv folded in.
+2. SwiGLU on [16384, 3072]: eager SiLU(gate) * up against the Triton pass (`gendistill.fused.swiglu`).
+3. TTFT at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as of run 9 (fla's
+   conv, PyTorch split, segments in order, eager SwiGLU), then with the Triton conv + split, with the next segment's
+   inputs on a side stream, with the Triton SwiGLU (all levers: the code as it is).
+(Run 10 of this script, at commit 4e8bf0d, also pinned the value blocks of fla's chunk-state kernel to 32 or 64: no
+gain at batch 1 x 16K, 17 % slower at 8 x 4K; that knob is gone.)
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import gendistill.fused as fused  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import build_shape, random_ids, relative_error  # noqa: E402
-from gendistill.kda import kda_gated, kda_heads, kda_heads_fused, pin_state_block, use_backend  # noqa: E402
+from gendistill.kda import Conv, kda_gated, kda_heads, kda_heads_fused, short_conv, use_backend  # noqa: E402
+
+HEADS, KV_HEADS, DIM, WIDTH = 16, 8, 128, 4
 
 
 def device_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median CUDA-event time of fn() in ms, after `warmup` calls (autotuning, compilation)."""
+    """Median CUDA-event time of fn() in ms, after `warmup` calls (autotuning)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -44,18 +49,24 @@ def device_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def kda_inputs(batch: int, tokens: int, heads=16, kv_heads=8, dim=128, seed=0):
+def segment_inputs(tokens: int, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-    qkv = rand(batch, tokens, (heads + 2 * kv_heads) * dim)
-    f, b = rand(batch, tokens, heads, dim), rand(batch, tokens, heads)
-    A_log = torch.rand(heads, device="cuda", generator=gen).log()
-    return qkv, f, b, A_log, torch.randn(heads * dim, device="cuda", generator=gen)
+    C = (HEADS + 2 * KV_HEADS) * DIM
+    x, weight, context = rand(1, tokens, C), rand(C, 1, WIDTH) / 2, rand(1, C, WIDTH - 1)
+    f, b = rand(1, tokens, HEADS, DIM), rand(1, tokens, HEADS)
+    A_log = torch.rand(HEADS, device="cuda", generator=gen).log()
+    return x, weight, context, f, b, A_log, torch.randn(HEADS * DIM, device="cuda", generator=gen)
 
 
-def kda_segment(qkv, f, b, A_log, dt_bias, prenormalized: bool, heads=16, kv_heads=8, dim=128):
-    q, k, v = (kda_heads_fused if prenormalized else kda_heads)(qkv, heads, kv_heads, dim, prenormalized)
-    return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=prenormalized)[0]
+def kda_segment(variant: str, x, weight, context, f, b, A_log, dt_bias):
+    if variant == "Triton conv + split":
+        q, k, v = kda_heads_fused(x, HEADS, KV_HEADS, DIM, True, Conv(weight, None, context, "identity"))
+    else:
+        y, _ = short_conv(x, weight, None, context)
+        triton_split = variant == "fla conv, Triton split"
+        q, k, v = (kda_heads_fused if triton_split else kda_heads)(y, HEADS, KV_HEADS, DIM, triton_split)
+    return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=variant != "fla conv, PyTorch split")[0]
 
 
 def main() -> int:
@@ -71,25 +82,22 @@ def main() -> int:
 
     def add(lever, variant, ms, **extra):
         rows.append({"lever": lever, "variant": variant, "ms": ms, **extra})
-        print(f"{lever:>34}  {variant:<28} {ms:9.3f} ms  {extra or ''}", flush=True)
+        print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        inputs = kda_inputs(1, 16384)
-        reference = kda_segment(*inputs, prenormalized=False)
-        error = relative_error(kda_segment(*inputs, prenormalized=True), reference)
-        for prenormalized in (False, True):
-            ms = device_ms(lambda: kda_segment(*inputs, prenormalized=prenormalized), repeats=20)
-            add("KDA segment 1x16K", "Triton split, q/k normed" if prenormalized else "PyTorch split", ms,
-                rel_err_vs_pytorch_split=error if prenormalized else 0.0)
-        for batch, tokens in ((1, 16384), (8, 4096)):
-            inputs = kda_inputs(batch, tokens)
-            for block_v in (None, 32, 64):
-                pin_state_block(block_v)
-                ms = device_ms(lambda: kda_segment(*inputs, prenormalized=True), repeats=20)
-                add(f"chunk_kda {batch}x{tokens // 1024}K, state kernel", "autotuned" if block_v is None
-                    else f"BV={block_v}", ms)
-        pin_state_block(None)
-        del inputs, reference
+        inputs = segment_inputs(16384)
+        variants = ("fla conv, PyTorch split", "fla conv, Triton split", "Triton conv + split")
+        reference = kda_segment(variants[0], *inputs)
+        for variant in variants:
+            error = relative_error(kda_segment(variant, *inputs), reference)
+            add("KDA segment 1x16K", variant, device_ms(lambda: kda_segment(variant, *inputs), repeats=20),
+                rel_err_vs_first=error)
+        gate, up = (torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        eager = F.silu(gate) * up
+        add("SwiGLU 16Kx3072", "eager", device_ms(lambda: F.silu(gate) * up, repeats=20))
+        add("SwiGLU 16Kx3072", "Triton", device_ms(lambda: fused.swiglu(gate, up), repeats=20),
+            rel_err_vs_eager=relative_error(fused.swiglu(gate, up), eager))
+        del inputs, reference, gate, up, eager
 
         teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
         ids = random_ids(teacher, 1, args.context, seed=0)
@@ -98,20 +106,21 @@ def main() -> int:
         add(name, "teacher", device_ms(lambda: prefill(teacher), repeats=args.repeats, warmup=1))
         teacher.cpu()
         torch.cuda.empty_cache()
-        real_backend = modeling.resolve_backend
-        variants = [("student, PyTorch split", False, None), ("student, Triton split", True, None),
-                    ("student, Triton split, BV=32", True, 32), ("student, Triton split, BV=64", True, 64)]
+        real = modeling.resolve_backend, modeling._side_stream, fused.swiglu
+        levers = [("student as of run 9", 0), ("+ Triton conv + split", 1), ("+ next segment on a side stream", 2),
+                  ("+ Triton SwiGLU (all levers)", 3)]
         first = None
-        for variant, triton_split, block_v in variants:
-            # the mixer takes the Triton split where it resolves the fla path; elsewhere fla normalises q/k itself
-            modeling.resolve_backend = real_backend if triton_split else (lambda x, n: "split in PyTorch")
-            pin_state_block(block_v)
+        for variant, on in levers:
+            # off: the mixer doesn't see the fla path for its split (fla convolves and normalises), no side stream,
+            # eager SwiGLU
+            modeling.resolve_backend = real[0] if on >= 1 else (lambda x, n: "split in PyTorch")
+            modeling._side_stream = real[1] if on >= 2 else (lambda x: None)
+            fused.swiglu = real[2] if on >= 3 else (lambda g, u: F.silu(g) * u)
             logits = prefill(student).float()
             first = logits if first is None else first
             add(name, variant, device_ms(lambda: prefill(student), repeats=args.repeats, warmup=1),
                 rel_err_vs_first=relative_error(logits, first))
-        modeling.resolve_backend = real_backend
-        pin_state_block(None)
+        modeling.resolve_backend, modeling._side_stream, fused.swiglu = real
     print_table(rows, ["lever", "variant", "ms"])
     write_result(args.out, {"benchmark": "bench/prefill_levers.py", **environment(), "rows": rows})
     return 0

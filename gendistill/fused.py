@@ -5,9 +5,9 @@ On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_M
 (`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
 - `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
   transformers' six eager kernels with fp32 copies of the whole activation;
-- `FusedMLP`, beyond `kda_prefill_chunk` tokens, works in slices so that the [T, intermediate] activations never
-  exist whole (fla's fused SiLU(gate)*up was no faster than the two eager kernels at 128K on the H200, and once
-  returned NaN in the benchmark's check: not used);
+- `FusedMLP` computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version was no faster than the two eager
+  kernels at 128K on the H200 and once returned NaN in the benchmark's check, torch.compile's saved 2.5 of 28 ms), and
+  beyond `kda_prefill_chunk` tokens works in slices so that the [T, intermediate] activations never exist whole;
 - `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
   five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
   fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
@@ -17,6 +17,8 @@ are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kern
 kernels alone are worth to the teacher).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -45,15 +47,45 @@ class FusedRMSNorm(Qwen3RMSNorm):
         return hidden_states, normed
 
 
+@functools.cache
+def _swiglu_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_kernel(gate, up, out, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        g = tl.load(gate + offsets, mask=mask).to(tl.float32)
+        u = tl.load(up + offsets, mask=mask).to(tl.float32)
+        tl.store(out + offsets, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
+
+    return swiglu_kernel
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in one Triton pass, in fp32 and rounded once (Qwen3MLP's eager form rounds SiLU's output too
+    and writes it whole before the product)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    block = 4096
+    _swiglu_kernel()[(-(-gate.numel() // block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=8)
+    return out
+
+
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fused_inference(x) or self.config.hidden_act != "silu":
+            return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
-        if not fused_inference(x) or T <= chunk:
-            return super().forward(x)
-        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
+        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features) if T > chunk else None
         for start in range(0, T, chunk):
-            out[..., start:start + chunk, :] = super().forward(x[..., start:start + chunk, :])
+            part = x[..., start:start + chunk, :]
+            y = self.down_proj(swiglu(self.gate_proj(part), self.up_proj(part)))
+            if out is None:
+                return y
+            out[..., start:start + chunk, :] = y
         return out
 
 

@@ -187,3 +187,17 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         bad = bench.check_correctness(teacher, student)
     assert [c["name"] for c in bad["checks"] if not c["passed"]] == [
         "student attention (fla's rotary), fused path vs transformers"]
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5000), torch.float32), ((2, 7, 96), torch.bfloat16)])
+def test_swiglu_kernel_matches_the_eager_form(shape, dtype):
+    """The Triton SwiGLU (in Triton's interpreter) against SiLU(gate) * up, over sizes that are no multiple of its
+    block; bf16 within one rounding of the eager form, which rounds SiLU's output first."""
+    gate, up = (torch.randn(*shape, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (1, 2))
+    got = fused.swiglu(gate, up)
+    assert got.dtype == dtype and got.shape == gate.shape
+    once = (torch.nn.functional.silu(gate.float()) * up.float()).to(dtype)  # rounded once, as the kernel
+    # one bf16 ulp: Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest)
+    torch.testing.assert_close(got, once, atol=1e-6, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6)
+    eager = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=2**-6 if dtype == torch.bfloat16 else 1e-6)  # two ulps

@@ -269,3 +269,55 @@ def test_segmented_prefill_equals_one_pass(backend, student):
         finally:
             for m in mixers:
                 m.prefill_chunk = student.config.kda_prefill_chunk
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+@torch.no_grad()
+def test_segmented_prefill_overlaps_the_next_segments_inputs_on_a_side_stream(student, monkeypatch):
+    """The GPU schedule, with streams stood in by fakes that log: segment i+1's inputs are queued on the side stream
+    (after it waited for the main stream) before segment i's KDA on the main stream, which waits for the side stream
+    before using them and marks every input tensor as used there; the outputs are those of one pass."""
+    import contextlib
+
+    import gendistill.modeling as modeling
+    log = []
+    main, side = FakeStream("main", log), FakeStream("side", log)
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(modeling, "_side_stream", lambda x: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"record on {s.name}"), raising=False)
+    real_inputs, real_attend = KDAMixer._inputs, KDAMixer._attend
+    monkeypatch.setattr(KDAMixer, "_inputs", lambda self, x, *a: log.append(f"inputs {x.shape[1]} on {current[-1].name}")
+                        or real_inputs(self, x, *a))
+    monkeypatch.setattr(KDAMixer, "_attend", lambda self, x, *a, **k: log.append(f"attend on {current[-1].name}")
+                        or real_attend(self, x, *a, **k))
+    mixer = next(layer.self_attn for layer in student.model.layers if isinstance(layer.self_attn, KDAMixer))
+    x = torch.randn(2, 20, student.config.hidden_size)
+    whole = mixer(x)[0]
+    log.clear()
+    mixer.prefill_chunk = 8  # segments of 8, 8, 4
+    try:
+        segmented = mixer(x)[0]
+    finally:
+        mixer.prefill_chunk = student.config.kda_prefill_chunk
+    joined = ["main waits for side"] + ["record on main"] * 6  # q, k, v, f, b, conv context
+    assert log == ["inputs 8 on main",
+                   "side waits for main", "inputs 8 on side", "attend on main", *joined,
+                   "side waits for main", "inputs 4 on side", "attend on main", *joined,
+                   "attend on main"]
+    torch.testing.assert_close(segmented, whole, atol=1e-5, rtol=1e-5)

@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from gendistill.kda.chunk import chunk_kda
-from gendistill.kda.heads import kda_heads, kda_heads_fused
+from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused"]
+           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused", "Conv", "conv_context_after"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -41,33 +40,12 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
-# Width of the value blocks of fla's chunk-state kernel (chunk_gated_delta_rule_fwd_kernel_h): None leaves it to fla's
-# autotuner, whose key has neither T nor the batch, so the first shape it sees decides for all.
-STATE_BLOCK_V = int(os.environ["GENDISTILL_FLA_STATE_BV"]) if os.environ.get("GENDISTILL_FLA_STATE_BV") else None
-
-
-def pin_state_block(block_v: int | None) -> None:
-    """Limit the autotuner of fla's chunk-state kernel to value blocks of `block_v` (None: all of fla's configs)."""
-    from fla.ops.common import chunk_delta_h
-    kernel = chunk_delta_h.chunk_gated_delta_rule_fwd_kernel_h_blockdim64
-    while not hasattr(kernel, "configs"):  # under triton.heuristics
-        kernel = kernel.fn
-    if not hasattr(kernel, "all_configs"):
-        kernel.all_configs = list(kernel.configs)
-    kernel.configs = [c for c in kernel.all_configs if block_v is None or c.kwargs.get("BV") == block_v]
-    if not kernel.configs:
-        raise ValueError(f"fla's chunk-state kernel has no config with BV={block_v}")
-    kernel.cache.clear()
-
-
 @functools.cache
 def _fla_ops():
     try:
         from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
     except Exception:  # ImportError, or triton failing to initialise
         return None
-    if STATE_BLOCK_V is not None:
-        pin_state_block(STATE_BLOCK_V)
     return fla_chunk, fla_recurrent
 
 
@@ -209,6 +187,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if bias is None else out + bias[:, None]
 
 
+def conv_context_after(x: torch.Tensor, context: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
+    """The short conv's context after x [B, T, D]: its last W-1 inputs [B, D, W-1], reaching back into `context` (the
+    W-1 inputs before x; None: zeros) when T < W-1. `width` W is needed only when `context` is None."""
+    if context is None:
+        context = x.new_zeros(x.shape[0], x.shape[-1], width - 1)
+    keep = context.shape[-1]
+    return torch.cat([context.to(x.dtype), x[:, -keep:].transpose(1, 2)], dim=-1)[..., -keep:]
+
+
 def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
                activation: str = "identity", cu_seqlens: torch.Tensor | None = None,
                pos_in_doc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +216,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         else:  # fla's state holds the last W inputs; the kernel reads its last W-1
             y, _ = fla_conv(x=x, weight=weight[:, 0], bias=bias, activation=act,
                             initial_state=None if context is None else F.pad(ctx, (1, 0)).contiguous())
-        new_context = torch.cat([ctx, x[:, -(W - 1):].transpose(1, 2)], dim=-1)[..., -(W - 1):]
-        return y, new_context
+        return y, conv_context_after(x, ctx)
     conv_in = torch.cat([ctx, x.transpose(1, 2)], dim=-1)
     y = causal_conv(conv_in, weight, bias, pos_in_doc)
     if activation == "silu":
