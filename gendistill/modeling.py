@@ -7,9 +7,7 @@ initialised short convs with bias, channel-wise low-rank forget gate, per-head b
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
-from gendistill.kda import (Conv, conv_context_after, gated_rms_norm, kda_gated, kda_heads, kda_heads_fused,
-                            resolve_backend, short_conv)
+from gendistill.kda import gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, resolve_backend, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -124,34 +121,20 @@ class KDAMixer(nn.Module):
         conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
-        parts = [slice(start, start + segment) for start in range(0, T, segment)]
         params = self._qkv_params()
-
-        def inputs_of(i, conv_context):
-            return self._inputs(hidden_states[:, parts[i]], None if pad is None else pad[:, parts[i]], doc_start,
-                                conv_context, params)
-
-        # A segment's inputs (projections, conv, head split) don't depend on the KDA state, so on the GPU the next
-        # segment's are computed on a side stream while this segment's KDA runs (fla's state kernel keeps only
-        # 2 x heads blocks busy at batch 1).
-        side = _side_stream(hidden_states) if len(parts) > 1 else None
-        inputs, outputs = inputs_of(0, conv_context), []
-        for i, part in enumerate(parts):
-            following = None
-            if i + 1 < len(parts):
-                with _forked(side):
-                    following = inputs_of(i + 1, inputs.conv_context)
-            out, state = self._attend(hidden_states[:, part], inputs, state,
-                                      need_state=cache is not None or i + 1 < len(parts))
+        outputs = []
+        for start in range(0, T, segment):
+            part = slice(start, start + segment)
+            out, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
+                                                 doc_start, conv_context, state, params,
+                                                 need_state=cache is not None or start + segment < T)
             outputs.append(out)
-            conv_context = inputs.conv_context
-            inputs = _joined(following, side)
         if cache is not None:
             cache.update_conv_state(conv_context, self.layer_idx, conv_kernel_size=conv_context.shape[-1])
             cache.update_recurrent_state(state.float(), self.layer_idx)
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
-    def _inputs(self, x, pad, doc_start, conv_context, params) -> KDAInputs:
+    def _mix(self, x, pad, doc_start, conv_context, state, params, need_state):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -165,86 +148,26 @@ class KDAMixer(nn.Module):
         qkv = F.linear(x, proj)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. GPU inference convolves, splits, repeats and
-        # normalises q/k in one Triton pass (kda/heads.py); training keeps autograd through fla's own norms.
+        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
+        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. GPU inference splits, repeats and normalises
+        # q/k in one Triton pass (kda/heads.py); training keeps autograd through fla's own norms.
         qk_normalized = not torch.is_grad_enabled() and resolve_backend(x, T) == "fla"
-        if qk_normalized and cu_seqlens is None:
-            conv = Conv(weight, bias, conv_context, self.conv_activation)
-            q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
-            conv_context = conv_context_after(qkv, conv_context, weight.shape[-1])
-        else:
-            qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens,
-                                           pos_in_doc)
-            q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
+        q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
         b = self.b_proj(x)
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
+
         if cu_seqlens is not None:  # packed documents: one flattened row
             q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
-        return KDAInputs(q, k, v, f, b, cu_seqlens, qk_normalized, conv_context)
+        o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
+                             output_final_state=need_state, cu_seqlens=cu_seqlens, qk_normalized=qk_normalized)
+        o = o.reshape(B, T, H, D)
 
-    def _attend(self, x, inputs: KDAInputs, state, need_state):
-        B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        o, state = kda_gated(inputs.q, inputs.k, inputs.v, inputs.f, inputs.b, self.A_log, self.dt_bias,
-                             initial_state=state, output_final_state=need_state, cu_seqlens=inputs.cu_seqlens,
-                             qk_normalized=inputs.qk_normalized)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
-        o = gated_rms_norm(o.reshape(B, T, H, D).to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
-                           self.output_gate)
-        return self.o_proj(o.reshape(B, T, H * D)), state
-
-
-class KDAInputs(NamedTuple):
-    """One segment's KDA inputs: q, k, v [B, T, H, D] (q/k L2-normalised if `qk_normalized`), gate f [B, T, H, D] and
-    beta b [B, T, H] pre-activations, packed-document boundaries, and the conv context after the segment."""
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    f: torch.Tensor
-    b: torch.Tensor
-    cu_seqlens: torch.Tensor | None
-    qk_normalized: bool
-    conv_context: torch.Tensor
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """The second stream for segmented KDA prefills; None (run in order) off CUDA, with autograd, or while a CUDA
-    graph is being captured."""
-    if not x.is_cuda or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
-        return None
-    if x.device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
-    return _SIDE_STREAMS[x.device]
-
-
-@contextlib.contextmanager
-def _forked(side: torch.cuda.Stream | None):
-    """Work in the block runs on `side` after everything queued so far on the current stream (or in order)."""
-    if side is None:
-        yield
-        return
-    side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side):
-        yield
-
-
-def _joined(inputs: KDAInputs | None, side: torch.cuda.Stream | None) -> KDAInputs | None:
-    """The current stream waits for `side`'s work; its tensors are marked as used here, so that the allocator does
-    not hand their memory back to `side` while this stream still reads them."""
-    if side is None or inputs is None:
-        return inputs
-    main = torch.cuda.current_stream(side.device)
-    main.wait_stream(side)
-    for t in inputs:
-        if isinstance(t, torch.Tensor):
-            t.record_stream(main)
-    return inputs
+        o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
+        return self.o_proj(o.reshape(B, T, H * D)), conv_context, state
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda import (Conv, chunk_kda, conv_context_after, kda_gate, kda_gated, kda_heads, kda_heads_fused,
-                            l2norm, recurrent_kda, resolve_backend, short_conv, use_backend)
+from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
+                            resolve_backend, use_backend)
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -185,30 +185,6 @@ def test_fused_kda_heads_kernel_matches_the_definition(B, T, H, Hkv, D, dtype, n
         for got, want in zip(fused, reference):
             assert got.is_contiguous() and got.dtype == dtype and got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("B,T,context,bias,activation,dtype", [
-    (2, 45, True, True, "silu", torch.float32),       # a later segment: the first W-1 taps read the context
-    (3, 2, True, False, "identity", torch.float32),   # shorter than the conv: taps reach back two segments' worth
-    (1, 40, False, False, "identity", torch.bfloat16),  # the first segment: zeros before it
-    (2, 1, True, True, "identity", torch.bfloat16),   # a decode step
-])
-def test_fused_kda_heads_with_the_short_conv_matches_conv_then_split(B, T, context, bias, activation, dtype):
-    """With the conv folded in, the Triton pass equals kda.short_conv (the PyTorch definition) then kda_heads, and
-    conv_context_after hands the next segment the conv's own context."""
-    H, Hkv, D, W = 4, 2, 16, 4
-    C = (H + 2 * Hkv) * D
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(B, T, C, generator=gen).to(dtype)
-    weight = (torch.randn(C, 1, W, generator=gen) / 2).to(dtype)
-    b = torch.randn(C, generator=gen).to(dtype) if bias else None
-    ctx = torch.randn(B, C, W - 1, generator=gen).to(dtype) if context else None
-    fused = kda_heads_fused(x, H, Hkv, D, True, Conv(weight, b, ctx, activation))
-    y, next_ctx = short_conv(x, weight, b, ctx, activation)
-    reference = kda_heads(y.to(dtype), H, Hkv, D, True)
-    for got, want in zip(fused, reference):
-        torch.testing.assert_close(got, want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
-    torch.testing.assert_close(conv_context_after(x, ctx, W), next_ctx.to(dtype))
 
 
 def test_fused_kda_heads_rejects_a_layout_it_cannot_split():
