@@ -79,14 +79,15 @@ class FusedMLP(Qwen3MLP):
             return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
-        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features) if T > chunk else None
+        if T <= chunk:
+            return self._fused_forward(x)
+        out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
-            part = x[..., start:start + chunk, :]
-            y = self.down_proj(swiglu(self.gate_proj(part), self.up_proj(part)))
-            if out is None:
-                return y
-            out[..., start:start + chunk, :] = y
+            out[..., start:start + chunk, :] = self._fused_forward(x[..., start:start + chunk, :])
         return out
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class FusedQwen3Attention(Qwen3Attention):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gendistill.kda.chunk import chunk_kda
-from gendistill.kda.heads import kda_heads, kda_heads_fused
+from gendistill.kda.heads import kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
@@ -124,12 +124,6 @@ def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
     if name == "fla" and not (x.is_cuda and _fla_ops() is not None):
         raise RuntimeError("KDA backend 'fla' needs CUDA tensors and flash-linear-attention (pip install gendistill[gpu])")
     return name
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's L2 norm: x / sqrt(sum(x^2) + eps), in fp32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:

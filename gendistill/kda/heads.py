@@ -23,13 +23,14 @@ def kda_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, norma
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.reshape(B, T, heads, head_dim), k.reshape(B, T, kv_heads, head_dim), v.reshape(B, T, kv_heads, head_dim)
     if normalize_qk:
-        q, k = (_l2norm(t).to(qkv.dtype) for t in (q, k))
+        q, k = (l2norm(t).to(qkv.dtype) for t in (q, k))
     return q, k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
 
 
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
+def l2norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """fla's L2 norm: x / sqrt(sum(x^2) + eps), in fp32."""
     x = x.float()
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + EPS)
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 @functools.cache
