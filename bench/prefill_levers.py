@@ -27,26 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gendistill.fused as fused  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, random_ids, relative_error  # noqa: E402
+from gendistill.bench import build_shape, random_ids, relative_error, timed  # noqa: E402
 from gendistill.kda import kda_gated, kda_heads, kda_heads_fused, use_backend  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 16, 8, 128
+DEVICE = torch.device("cuda")
 
 
 def device_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median CUDA-event time of fn() in ms, after `warmup` calls (autotuning)."""
+    """Median CUDA-event time of fn() in ms (`gendistill bench`'s timer), after `warmup` calls (autotuning)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return 1e3 * statistics.median(timed(fn, DEVICE)[1] for _ in range(repeats))
 
 
 def segment_inputs(tokens: int, seed=0):
