@@ -1,37 +1,38 @@
-"""Which long-prefill levers pay on this GPU: each one alone, then the whole 128K prefill with them added one by one.
+"""Which long-prefill levers pay on this GPU: each one alone, then the whole 128K prefill with each setting, in one
+process.
 
     python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json
 
-1. One 16K segment of a KDA layer of the 0.6B shape, from the conv output ([q | k | v]) to fla's chunk_kda output:
-   the PyTorch split (fla then copies the strided q and L2-normalises q and k in passes of its own) against
-   `kda_heads_fused`, the Triton split that hands fla q and k normalised.
-2. SwiGLU on [16384, 3072]: eager SiLU(gate) * up against the Triton pass (`gendistill.fused.swiglu`).
-3. TTFT at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as of run 9 (PyTorch
-   split, eager SwiGLU), then with the Triton split, then with the Triton SwiGLU too (the code as it is).
-Levers tried and dropped (their runs' files keep the figures): pinning the value blocks of fla's chunk-state kernel
-(run 10, commit 4e8bf0d: no gain at 1 x 16K, 17 % slower at 8 x 4K); the short conv folded into the Triton split and
-the next segment's inputs on a side stream (run 11, commit 2d1a0a1: the folded conv pass took 45 ms against 34 for
-fla's conv plus the split; the side stream gained nothing).
+1. One KDA segment of the 0.6B shape (from the conv output [q | k | v] to fla's chunk_kda output), 16K, 32K and 64K
+   tokens: fla's state scan in one pass against its intra-card split (`kda.SPLIT_SCAN_MIN_TOKENS`: fla splits a
+   segment of >= 24576 tokens into subsequences scanned in parallel; FLA_INTRACARD_CP=0 turns it off).
+2. TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student with
+   KDA segments of 16K to 128K tokens (`kda_prefill_chunk`), the split scan off and on, MLP slices of 16K or 32K.
+Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (run 11/12, kept); a
+torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
+stream for the next segment's inputs (run 11), all dropped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import gendistill.fused as fused  # noqa: E402
-import gendistill.modeling as modeling  # noqa: E402
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, random_ids, relative_error, timed  # noqa: E402
-from gendistill.kda import kda_gated, kda_heads, kda_heads_fused, use_backend  # noqa: E402
+from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
+                              start_peak, timed, weight_bytes)
+from gendistill.kda import kda_gated, kda_heads_fused, use_backend  # noqa: E402
+from gendistill.modeling import KDAMixer  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 16, 8, 128
 DEVICE = torch.device("cuda")
+GiB = 2**30
 
 
 def device_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -39,6 +40,26 @@ def device_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     return 1e3 * statistics.median(timed(fn, DEVICE)[1] for _ in range(repeats))
+
+
+@contextlib.contextmanager
+def split_scan(on: bool):
+    """fla's intra-card split of the state scan on (gendistill's default) or off (the user's FLA_INTRACARD_CP=0)."""
+    saved = os.environ.pop("FLA_INTRACARD_CP", None)
+    if not on:
+        os.environ["FLA_INTRACARD_CP"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("FLA_INTRACARD_CP", None)
+        if saved is not None:
+            os.environ["FLA_INTRACARD_CP"] = saved
+
+
+def split_plans() -> int:
+    """How many split plans fla has cached: > 0 once its intra-card path has run."""
+    from fla.ops.common.intracard_cp import _intracard_cache
+    return len(_intracard_cache)
 
 
 def segment_inputs(tokens: int, seed=0):
@@ -50,9 +71,16 @@ def segment_inputs(tokens: int, seed=0):
     return qkv, f, b, A_log, torch.randn(HEADS * DIM, device="cuda", generator=gen)
 
 
-def kda_segment(triton_split: bool, qkv, f, b, A_log, dt_bias):
-    q, k, v = (kda_heads_fused if triton_split else kda_heads)(qkv, HEADS, KV_HEADS, DIM, triton_split)
-    return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=triton_split)[0]
+def kda_segment(qkv, f, b, A_log, dt_bias):
+    q, k, v = kda_heads_fused(qkv, HEADS, KV_HEADS, DIM, True)
+    return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=True, output_final_state=True)
+
+
+def set_segments(model, kda_tokens: int, mlp_tokens: int) -> None:
+    model.config.kda_prefill_chunk = mlp_tokens  # FusedMLP reads the config
+    for m in model.modules():
+        if isinstance(m, KDAMixer):
+            m.prefill_chunk = kda_tokens
 
 
 def main() -> int:
@@ -71,39 +99,51 @@ def main() -> int:
         print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        inputs = segment_inputs(16384)
-        reference = kda_segment(False, *inputs)
-        for triton_split in (False, True):
-            error = relative_error(kda_segment(triton_split, *inputs), reference)
-            add("KDA segment 1x16K", "Triton split" if triton_split else "PyTorch split",
-                device_ms(lambda: kda_segment(triton_split, *inputs), repeats=20), rel_err_vs_first=error)
-        gate, up = (torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        eager = F.silu(gate) * up
-        add("SwiGLU 16Kx3072", "eager", device_ms(lambda: F.silu(gate) * up, repeats=20))
-        add("SwiGLU 16Kx3072", "Triton", device_ms(lambda: fused.swiglu(gate, up), repeats=20),
-            rel_err_vs_eager=relative_error(fused.swiglu(gate, up), eager))
-        del inputs, reference, gate, up, eager
+        for tokens in (16384, 32768, 65536):
+            inputs = segment_inputs(tokens)
+            with split_scan(False):
+                reference = kda_segment(*inputs)
+                off = device_ms(lambda: kda_segment(*inputs), repeats=10)
+            plans = split_plans()
+            with split_scan(True):
+                fast = kda_segment(*inputs)
+                on = device_ms(lambda: kda_segment(*inputs), repeats=10)
+            name = f"KDA segment 1x{tokens // 1024}K"
+            add(name, "one scan (FLA_INTRACARD_CP=0)", off)
+            add(name, "split scan (default)", on, split=split_plans() > plans,
+                rel_err_o=relative_error(fast[0], reference[0]), rel_err_state=relative_error(fast[1], reference[1]))
+            del inputs, reference, fast
+        release_memory(DEVICE)
 
         teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
         ids = random_ids(teacher, 1, args.context, seed=0)
-        prefill = lambda model: model(ids, use_cache=False, logits_to_keep=1).logits
         name = f"TTFT {args.context // 1024}K"
-        add(name, "teacher", device_ms(lambda: prefill(teacher), repeats=args.repeats, warmup=1))
+
+        def measure(model, variant, first=None):
+            prefill = lambda: model(ids, use_cache=False, logits_to_keep=1).logits
+            logits = prefill().float()
+            ms = device_ms(prefill, repeats=args.repeats, warmup=1)
+            baseline = start_peak(DEVICE)
+            prefill()
+            peak = peak_since(DEVICE, baseline, weight_bytes(model)) / GiB
+            release_memory(DEVICE)
+            extra = {} if first is None else {"rel_err_vs_first": relative_error(logits, first)}
+            add(name, variant, ms, peak_GiB=round(peak, 3), **extra)
+            return logits
+
+        measure(teacher, "teacher")
         teacher.cpu()
-        torch.cuda.empty_cache()
-        real = modeling.resolve_backend, fused.swiglu
-        levers = [("student as of run 9", 0), ("+ Triton split", 1), ("+ Triton SwiGLU (all levers)", 2)]
+        release_memory(DEVICE)
         first = None
-        for variant, on in levers:
-            # off: the mixer doesn't see the fla path for its split (fla normalises q/k), eager SwiGLU
-            modeling.resolve_backend = real[0] if on >= 1 else (lambda x, n: "split in PyTorch")
-            fused.swiglu = real[1] if on >= 2 else (lambda g, u: F.silu(g) * u)
-            logits = prefill(student).float()
+        for kda_tokens, mlp_tokens, on in [(16384, 16384, False), (32768, 16384, False), (32768, 16384, True),
+                                           (65536, 16384, True), (131072, 16384, True), (32768, 32768, True)]:
+            set_segments(student, kda_tokens, mlp_tokens)
+            variant = (f"student, KDA segments {kda_tokens // 1024}K ({'split' if on else 'one'} scan), "
+                       f"MLP slices {mlp_tokens // 1024}K")
+            with split_scan(on):
+                logits = measure(student, variant, first)
             first = logits if first is None else first
-            add(name, variant, device_ms(lambda: prefill(student), repeats=args.repeats, warmup=1),
-                rel_err_vs_first=relative_error(logits, first))
-        modeling.resolve_backend, fused.swiglu = real
-    print_table(rows, ["lever", "variant", "ms"])
+    print_table(rows, ["lever", "variant", "ms", "peak_GiB"])
     write_result(args.out, {"benchmark": "bench/prefill_levers.py", **environment(), "rows": rows})
     return 0
 

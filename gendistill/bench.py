@@ -71,6 +71,7 @@ CHECK_PAD_TOKENS = 37  # left padding of one row in the padded-batch check
 CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
 CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
 CHECK_DECODE_TOKENS = 4
+CHECK_SPLIT_SCAN_TOKENS = 32768  # one KDA segment this long takes fla's split state scan (kda.SPLIT_SCAN_MIN_TOKENS)
 # Largest decode batch: size it from the analytic bytes against free memory, then back off on OOM.
 DECODE_MEMORY_FRACTION = 0.90  # of free memory; the rest absorbs allocator rounding and fragmentation
 DECODE_RESERVE_BYTES = 2 * GiB  # cuBLAS/SDPA workspaces, the prefill leftovers the allocator keeps
@@ -299,6 +300,26 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     return checks
 
 
+def split_scan_check(student, device: torch.device, rtol: float, tokens: int = CHECK_SPLIT_SCAN_TOKENS) -> dict:
+    """Long prefills only: one KDA layer on one segment of `tokens` random hidden states, which fla scans as parallel
+    subsequences (kda.SPLIT_SCAN_MIN_TOKENS), fast path vs the chunked PyTorch reference."""
+    mixer = next(m for m in student.modules() if isinstance(m, KDAMixer))
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, tokens, student.config.hidden_size, generator=gen, device=device, dtype=student.dtype)
+    whole_segment, mixer.prefill_chunk = mixer.prefill_chunk, tokens
+    try:
+        with torch.no_grad():
+            with use_backend(fast_path(device)):
+                fast = mixer(x)[0]
+            with use_backend("chunk"):
+                reference = mixer(x)[0]
+    finally:
+        mixer.prefill_chunk = whole_segment
+    return {"name": f"student KDA layer {mixer.layer_idx}, fast path vs reference: one segment of {tokens} tokens "
+                    "(fla's split state scan)", "rtol": rtol, "rel_err": relative_error(fast, reference),
+            "worst_layer": mixer.layer_idx}
+
+
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """The fused norms, sliced MLPs and fla's rotary (gendistill.fused) on the inputs they see in one reference
     forward (so that each check stands alone): fused path (forced on, whatever the input's length) vs the transformers
@@ -433,6 +454,8 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
     ids = random_ids(student, 2, CHECK_TOKENS, seed)
     layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
     checks = kda_layer_checks(student, ids, layer_rtol) + fused_module_checks(student, ids, layer_rtol)
+    if fast_path(ids.device) == "fla":
+        checks.append(split_scan_check(student, ids.device, layer_rtol))
     for name, model in (("teacher", teacher), ("student", student)):
         fp32_copy = copy.deepcopy(model).float()  # one at a time: a second copy of each model is alive only here
         with use_backend("recurrent"):

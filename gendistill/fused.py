@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
@@ -83,11 +84,21 @@ class FusedMLP(Qwen3MLP):
             return self._fused_forward(x)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
-            out[..., start:start + chunk, :] = self._fused_forward(x[..., start:start + chunk, :])
+            self._fused_forward(x[..., start:start + chunk, :], out[..., start:start + chunk, :])
         return out
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def _fused_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_into(swiglu(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, out)
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight) (no bias), written into `out` when given: the GEMM writes a contiguous slice of a larger
+    output itself (no copy); a strided one (batch > 1, sliced along time) takes a copy. Gradients off."""
+    if out is None:
+        return F.linear(x, weight)
+    if out.is_contiguous():
+        return torch.matmul(x, weight.t(), out=out)
+    return out.copy_(F.linear(x, weight))
 
 
 class FusedQwen3Attention(Qwen3Attention):

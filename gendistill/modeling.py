@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
+from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules, linear_into
 from gendistill.kda import gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, resolve_backend, short_conv
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -37,7 +37,9 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    kda_prefill_chunk: int = 16384  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
+    # Long inference prefills run KDA layers (and MLPs) in segments of this many tokens: bounded activation memory, and
+    # each segment long enough for fla to split its state scan (kda.SPLIT_SCAN_MIN_TOKENS).
+    kda_prefill_chunk: int = 32768
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):
@@ -97,14 +99,16 @@ class KDAMixer(nn.Module):
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
         self.prefill_chunk = config.kda_prefill_chunk
 
-    def _qkv_params(self):
-        """q/k/v projection and conv weights side by side: one GEMM and one conv call over [q | k | v] cost the host
-        fewer calls and the device no concatenation of the activations (the weights are small)."""
+    def _merged_params(self):
+        """Weights of projections that read the same input, side by side: [q | k | v] (projection and conv) and
+        [f_a | g_a | b] (the gates' low-rank halves and beta). One GEMM and one conv call for each group cost the host
+        fewer calls and the device no concatenation of activations (the weights are small)."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        proj = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        weight = torch.cat([c.weight for c in convs])
-        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-        return proj, weight, bias
+        qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        conv_weight = torch.cat([c.weight for c in convs])
+        conv_bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        gates = torch.cat([self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight])
+        return qkv, conv_weight, conv_bias, gates
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):
@@ -121,20 +125,21 @@ class KDAMixer(nn.Module):
         conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
-        params = self._qkv_params()
-        outputs = []
+        params = self._merged_params()
+        out = hidden_states.new_empty(B, T, self.o_proj.out_features) if segment < T else None
         for start in range(0, T, segment):
             part = slice(start, start + segment)
-            out, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
-                                                 doc_start, conv_context, state, params,
-                                                 need_state=cache is not None or start + segment < T)
-            outputs.append(out)
+            o, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
+                                               doc_start, conv_context, state, params,
+                                               need_state=cache is not None or start + segment < T,
+                                               out=None if out is None else out[:, part])
         if cache is not None:
             cache.update_conv_state(conv_context, self.layer_idx, conv_kernel_size=conv_context.shape[-1])
             cache.update_recurrent_state(state.float(), self.layer_idx)
-        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+        return (o if out is None else out), None
 
-    def _mix(self, x, pad, doc_start, conv_context, state, params, need_state):
+    def _mix(self, x, pad, doc_start, conv_context, state, params, need_state, out=None):
+        """One segment; the output goes into `out` when given (a slice of the whole prefill's output)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -144,17 +149,19 @@ class KDAMixer(nn.Module):
             cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
                                     torch.tensor([B * T], device=starts.device)])
             pos_in_doc = _position_in_document(doc_start)
-        proj, weight, bias = params
-        qkv = F.linear(x, proj)
+        qkv_weight, conv_weight, conv_bias, gates_weight = params
+        qkv = F.linear(x, qkv_weight)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        qkv, conv_context = short_conv(qkv, weight, bias, conv_context, self.conv_activation, cu_seqlens, pos_in_doc)
+        qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation, cu_seqlens,
+                                       pos_in_doc)
         # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. GPU inference splits, repeats and normalises
         # q/k in one Triton pass (kda/heads.py); training keeps autograd through fla's own norms.
         qk_normalized = not torch.is_grad_enabled() and resolve_backend(x, T) == "fla"
         q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
-        b = self.b_proj(x)
+        f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
+                                                              self.g_a_proj.out_features, H], dim=-1)
+        f = self.f_b_proj(f_low).reshape(B, T, H, D)
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
@@ -165,9 +172,9 @@ class KDAMixer(nn.Module):
                              output_final_state=need_state, cu_seqlens=cu_seqlens, qk_normalized=qk_normalized)
         o = o.reshape(B, T, H, D)
 
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
+        gate = self.g_b_proj(gate_low).reshape(B, T, H, D)
         o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
-        return self.o_proj(o.reshape(B, T, H * D)), conv_context, state
+        return linear_into(o.reshape(B, T, H * D), self.o_proj.weight, out), conv_context, state
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

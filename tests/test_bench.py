@@ -317,3 +317,18 @@ def test_graph_decode_point_replays_greedy_steps(student, monkeypatch):
     record = bench.measure_decode(student, context=16, batches=[1], max_batch=2, steps=2, repeats=1, warmup=0,
                                   seed=0, static=True, graphs=True)
     assert record["error"] == "CUDA graph capture failed: operation not permitted when stream is capturing"
+
+
+def test_split_scan_check_catches_a_scan_that_restarts_mid_sequence(student, fake_fla, monkeypatch):
+    """The bench's long-segment check (on the GPU: fla's split state scan) run here through the glue with fla's kernel
+    replaced by its definition: it passes, and fails when the scan's bounds restart the state half-way."""
+    import gendistill.kda as kda
+    import gendistill.modeling as modeling
+
+    monkeypatch.setattr(bench, "fast_path", lambda device: "fla")
+    monkeypatch.setattr(modeling, "resolve_backend", kda.resolve_backend)  # the faked fla path
+    check = bench.split_scan_check(student, torch.device("cpu"), rtol=5e-3, tokens=150)
+    assert check["rel_err"] < 1e-5 and fake_fla[0]["cu_seqlens"] == [0, 150] and fake_fla[0]["inference"]
+    halves = torch.tensor([0, 75, 150])
+    monkeypatch.setattr(kda, "_sequence_bounds", lambda batch, tokens, device: (halves, halves))
+    assert bench.split_scan_check(student, torch.device("cpu"), rtol=5e-3, tokens=150)["rel_err"] > 5e-3

@@ -98,7 +98,7 @@ def test_student_fused_path_matches_reference(teacher, fused_path):
         if isinstance(mixer, KDAMixer):
             mixer.prefill_chunk = 16
     slices = []
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, args, out: slices.append(args[0].shape[-2]))
+    hooks = [layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: slices.append(args[0].shape[-2]))
              for layer in student.model.layers]
     out = student(x).logits
     for hook in hooks:

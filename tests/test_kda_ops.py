@@ -1,4 +1,6 @@
 """chunk_kda (fast path) against recurrent_kda (the specification): outputs, final state and gradients."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,3 +266,59 @@ def test_short_conv_fla_adapter_matches_the_pytorch_conv(monkeypatch, activation
         assert y.shape == xs.shape and ctx.shape == (B, D, W - 1)
         torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ctx, ref_ctx)
+
+
+@torch.no_grad()
+def test_long_inference_prefills_take_fla_split_scan(fake_fla, monkeypatch):
+    """The glue around fla's intra-card split of the state scan: the batch flattened into varlen rows with host bounds
+    (no device sync), inference mode and the backend's switch on only during the call, results equal to the batched
+    reference, and a final state that is an ordinary tensor (caches update it in place). A user's
+    FLA_INTRACARD_CP=0 is left as it is; short inputs and training keep the plain call."""
+    B, T, H, K = 2, 70, 2, 8  # > 64 tokens: the chunked (not the decode-step) kernel
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, f = (torch.randn(B, T, H, K, generator=gen) for _ in range(4))
+    b, h0 = torch.randn(B, T, H, generator=gen), torch.randn(B, H, K, K, generator=gen)
+    A_log, dt_bias = torch.rand(H).log(), torch.randn(H * K)
+    o, s = kda_gated(q, k, v, f, b, A_log, dt_bias, initial_state=h0, output_final_state=True)
+    o_ref, s_ref = recurrent_kda(l2norm(q), l2norm(k), v, kda_gate(f, A_log, dt_bias), b.sigmoid(), initial_state=h0,
+                                 output_final_state=True)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+    bounds = [0, T, 2 * T]
+    assert fake_fla == [{"inference": True, "env": "1", "cu_seqlens": bounds, "cu_seqlens_cpu": ("cpu", bounds)}]
+    assert "FLA_INTRACARD_CP" not in os.environ and not s.is_inference()
+    s.mul_(2)  # an inference tensor would refuse this outside inference mode
+
+    monkeypatch.setenv("FLA_INTRACARD_CP", "0")
+    kda_gated(q, k, v, f, b, A_log, dt_bias)
+    assert fake_fla[-1]["env"] == "0" and os.environ["FLA_INTRACARD_CP"] == "0"
+    kda_gated(q[:, :11], k[:, :11], v[:, :11], f[:, :11], b[:, :11], A_log, dt_bias)  # too short to split
+    with torch.enable_grad():
+        kda_gated(q, k, v, f, b, A_log, dt_bias)
+    assert [c["inference"] for c in fake_fla[-2:]] == [False, False] and fake_fla[-1]["cu_seqlens"] is None
+
+
+def test_student_prefill_in_split_scan_segments_then_decoding(fake_fla):
+    """A whole student whose KDA segments of 66 tokens take the split scan (the last, of 14, a decoding-kernel call), the
+    segments' outputs written into one buffer, then decoding from the cache the split scan filled: the logits of the
+    gradient-on reference path."""
+    from transformers import DynamicCache
+
+    from gendistill import convert
+    from gendistill.modeling import KDAMixer
+    from gendistill.testing import tiny_qwen3
+
+    student = convert(tiny_qwen3(layers=3), attention_layers=[1])
+    x = torch.randint(3, 384, (1, 150), generator=torch.Generator().manual_seed(0))
+    with use_backend("recurrent"):
+        reference = student(x).logits.detach()
+    for mixer in student.modules():
+        if isinstance(mixer, KDAMixer):
+            mixer.prefill_chunk = 66
+    with torch.no_grad():
+        cache = DynamicCache(config=student.config)
+        pieces = [student(x[:, :146], past_key_values=cache, use_cache=True).logits]
+        pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(146, 150)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=0)
+    # 146 tokens: segments of 66, 66 (split scan) and 14 in each of the 2 KDA layers; then 4 decoding steps
+    assert [c["inference"] for c in fake_fla] == [True, True, False] * 2 + [False] * 2 * 4

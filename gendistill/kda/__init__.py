@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -145,12 +146,54 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
         if q.shape[1] <= 64 and not torch.is_grad_enabled():
             return fla_recurrent(q, k, v, f, b, **kw)
+        if q.shape[1] >= SPLIT_SCAN_MIN_TOKENS and cu_seqlens is None and not torch.is_grad_enabled():
+            return _fla_split_scan(fla_chunk, q, k, v, f, b, kw)
         return fla_chunk(q, k, v, f, b, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
     if not qk_normalized:
         q, k = l2norm(q), l2norm(k)
     return op(q, k, v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+# fla's intra-card context parallelism (its FLA_INTRACARD_CP backend) for long inference prefills: the state scan over
+# chunks, one block per head and 64 values (32 blocks for 16 heads: most of an H200's 132 SMs idle), runs as
+# subsequences in parallel instead, from entry states that a pre-scan of each subsequence's affine summary supplies.
+# fla splits a sequence into subsequences of >= 128 chunks of 64 tokens, and only one long enough for three of them.
+SPLIT_SCAN_MIN_TOKENS = 3 * 128 * 64
+
+
+def _fla_split_scan(fla_chunk, q, k, v, f, b, kw):
+    """fla's chunk_kda with the scan split (see SPLIT_SCAN_MIN_TOKENS): fla takes that path only under inference mode,
+    on varlen input (the batch flattened, cu_seqlens with its host copy: no device sync) and when the backend is on."""
+    B, T = q.shape[:2]
+    cu_seqlens, cu_seqlens_cpu = _sequence_bounds(B, T, q.device)
+    with torch.inference_mode(), _env_default("FLA_INTRACARD_CP", "1"):
+        o, state = fla_chunk(*(t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b)),
+                             **{**kw, "cu_seqlens": cu_seqlens, "cu_seqlens_cpu": cu_seqlens_cpu})
+    # Outside inference mode an inference tensor may be read but not updated in place; caches update the state.
+    return o.reshape(B, T, *o.shape[2:]), None if state is None else state.clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _sequence_bounds(batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cu_seqlens of `batch` rows of `tokens`, on the device and on the host. The same objects each call: fla keys its
+    split plans on the tensor's identity."""
+    bounds = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.long)
+    return bounds.to(device), bounds
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """`name` = `value` in the environment inside the block, unless the user set it (FLA_INTRACARD_CP=0 opts out)."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
