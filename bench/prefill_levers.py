@@ -3,20 +3,18 @@ process.
 
     python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json
 
-1. One KDA segment of the 0.6B shape (from the conv output [q | k | v] to fla's chunk_kda output), 16K, 32K and 64K
-   tokens: fla's state scan in one pass against its intra-card split (`kda.SPLIT_SCAN_MIN_TOKENS`: fla splits a
-   segment of >= 24576 tokens into subsequences scanned in parallel; FLA_INTRACARD_CP=0 turns it off).
+1. One KDA segment of the 0.6B shape (from the conv output [q | k | v] to fla's chunk_kda output), 16K and 32K
+   tokens: fla's chunk-state scan in one piece against 2, 4 and 8 pieces scanned in parallel (kda/split_scan.py).
 2. TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student with
-   KDA segments of 16K to 128K tokens (`kda_prefill_chunk`), the split scan off and on, MLP slices of 16K or 32K.
-Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (run 11/12, kept); a
+   the scan in 1, 2, 4 and 8 pieces, KDA segments of 16K and 32K tokens (`kda_prefill_chunk`).
+Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
 torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
-stream for the next segment's inputs (run 11), all dropped.
+stream for the next segment's inputs (run 11), fla's own intra-card split of the scan (run 13: its pre-scan kernel
+alone took 158 ms at 128K, against 75 ms for the whole single scan), all dropped.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
                               start_peak, timed, weight_bytes)
+import gendistill.kda as kda  # noqa: E402
 from gendistill.kda import kda_gated, kda_heads_fused, use_backend  # noqa: E402
 from gendistill.modeling import KDAMixer  # noqa: E402
 
@@ -40,26 +39,6 @@ def device_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     return 1e3 * statistics.median(timed(fn, DEVICE)[1] for _ in range(repeats))
-
-
-@contextlib.contextmanager
-def split_scan(on: bool):
-    """fla's intra-card split of the state scan on (gendistill's default) or off (the user's FLA_INTRACARD_CP=0)."""
-    saved = os.environ.pop("FLA_INTRACARD_CP", None)
-    if not on:
-        os.environ["FLA_INTRACARD_CP"] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("FLA_INTRACARD_CP", None)
-        if saved is not None:
-            os.environ["FLA_INTRACARD_CP"] = saved
-
-
-def split_plans() -> int:
-    """How many split plans fla has cached: > 0 once its intra-card path has run."""
-    from fla.ops.common.intracard_cp import _intracard_cache
-    return len(_intracard_cache)
 
 
 def segment_inputs(tokens: int, seed=0):
@@ -76,11 +55,11 @@ def kda_segment(qkv, f, b, A_log, dt_bias):
     return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=True, output_final_state=True)
 
 
-def set_segments(model, kda_tokens: int, mlp_tokens: int) -> None:
-    model.config.kda_prefill_chunk = mlp_tokens  # FusedMLP reads the config
+def set_segments(model, tokens: int) -> None:
+    model.config.kda_prefill_chunk = tokens  # FusedMLP reads the config
     for m in model.modules():
         if isinstance(m, KDAMixer):
-            m.prefill_chunk = kda_tokens
+            m.prefill_chunk = tokens
 
 
 def main() -> int:
@@ -99,20 +78,19 @@ def main() -> int:
         print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        for tokens in (16384, 32768, 65536):
+        for tokens in (16384, 32768):
             inputs = segment_inputs(tokens)
-            with split_scan(False):
-                reference = kda_segment(*inputs)
-                off = device_ms(lambda: kda_segment(*inputs), repeats=10)
-            plans = split_plans()
-            with split_scan(True):
-                fast = kda_segment(*inputs)
-                on = device_ms(lambda: kda_segment(*inputs), repeats=10)
             name = f"KDA segment 1x{tokens // 1024}K"
-            add(name, "one scan (FLA_INTRACARD_CP=0)", off)
-            add(name, "split scan (default)", on, split=split_plans() > plans,
-                rel_err_o=relative_error(fast[0], reference[0]), rel_err_state=relative_error(fast[1], reference[1]))
-            del inputs, reference, fast
+            first = None
+            for count in (1, 2, 4, 8):
+                kda.SPLIT_SCAN_PIECES = count
+                out = kda_segment(*inputs)
+                first = out if first is None else first
+                add(name, f"scan in {count} piece{'s' if count > 1 else ''}",
+                    device_ms(lambda: kda_segment(*inputs), repeats=10),
+                    rel_err_o=relative_error(out[0], first[0]), rel_err_state=relative_error(out[1], first[1]))
+            del inputs, out, first
+        kda.SPLIT_SCAN_PIECES = None
         release_memory(DEVICE)
 
         teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
@@ -135,14 +113,14 @@ def main() -> int:
         teacher.cpu()
         release_memory(DEVICE)
         first = None
-        for kda_tokens, mlp_tokens, on in [(16384, 16384, False), (32768, 16384, False), (32768, 16384, True),
-                                           (65536, 16384, True), (131072, 16384, True), (32768, 32768, True)]:
-            set_segments(student, kda_tokens, mlp_tokens)
-            variant = (f"student, KDA segments {kda_tokens // 1024}K ({'split' if on else 'one'} scan), "
-                       f"MLP slices {mlp_tokens // 1024}K")
-            with split_scan(on):
-                logits = measure(student, variant, first)
+        for tokens, count in [(16384, 1), (16384, 2), (16384, 4), (16384, 8), (32768, 4), (32768, 8), (16384, None)]:
+            set_segments(student, tokens)
+            kda.SPLIT_SCAN_PIECES = count
+            variant = (f"student, KDA segments {tokens // 1024}K, scan in "
+                       f"{'the default' if count is None else count} piece{'s' if count != 1 else ''}")
+            logits = measure(student, variant, first)
             first = logits if first is None else first
+        kda.SPLIT_SCAN_PIECES = None
     print_table(rows, ["lever", "variant", "ms", "peak_GiB"])
     write_result(args.out, {"benchmark": "bench/prefill_levers.py", **environment(), "rows": rows})
     return 0

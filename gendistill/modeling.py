@@ -37,9 +37,7 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    # Long inference prefills run KDA layers (and MLPs) in segments of this many tokens: bounded activation memory, and
-    # each segment long enough for fla to split its state scan (kda.SPLIT_SCAN_MIN_TOKENS).
-    kda_prefill_chunk: int = 32768
+    kda_prefill_chunk: int = 16384  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):

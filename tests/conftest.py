@@ -17,20 +17,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+
 FLA_CALLS = []
 
 
 def fake_fla_chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                        use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
-                       A_log=None, dt_bias=None, cu_seqlens=None, cu_seqlens_cpu=None):
-    """fla's chunk_kda contract, computed by the reference; records what fla's split-scan backend would see."""
-    from gendistill.kda import kda_gate, l2norm, recurrent_kda
+                       A_log=None, dt_bias=None, cu_seqlens=None):
+    """fla's chunk_kda contract, computed by the reference; records how many pieces its chunk-state scan would run in
+    (gendistill.kda.split_scan.pieces)."""
+    from gendistill.kda import kda_gate, l2norm, recurrent_kda, split_scan
 
-    FLA_CALLS.append({"inference": torch.is_inference_mode_enabled(), "env": os.environ.get("FLA_INTRACARD_CP"),
-                      "cu_seqlens": None if cu_seqlens is None else cu_seqlens.tolist(),
-                      "cu_seqlens_cpu": None if cu_seqlens_cpu is None else (cu_seqlens_cpu.device.type,
-                                                                             cu_seqlens_cpu.tolist())})
-    assert use_gate_in_kernel and use_beta_sigmoid_in_kernel and (cu_seqlens is None or q.shape[0] == 1)
+    FLA_CALLS.append({"tokens": q.shape[1], "pieces": split_scan._pieces.get()})
+    assert use_gate_in_kernel and use_beta_sigmoid_in_kernel
     q, k = (l2norm(q), l2norm(k)) if use_qk_l2norm_in_kernel else (q, k)
     return recurrent_kda(q, k, v, kda_gate(g, A_log, dt_bias), beta.sigmoid(), scale=scale, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
@@ -39,13 +38,13 @@ def fake_fla_chunk_kda(q, k, v, g, beta, *, scale=None, initial_state=None, outp
 @pytest.fixture
 def fake_fla(monkeypatch):
     """kda_gated's fla path on CPU, fla's chunk and decoding kernels replaced by the reference (a forced PyTorch
-    backend still gets PyTorch); inputs of >= 12 tokens take the split scan. Returns the list of fla calls."""
+    backend still gets PyTorch); batch-1 inputs of >= 100 tokens have their scan split in 4 (on CUDA: >= 8192 tokens,
+    about one scan block per SM). Returns the list of fla calls."""
     import gendistill.kda as kda
 
     monkeypatch.setattr(kda, "_fla_ops", lambda: (fake_fla_chunk_kda, fake_fla_chunk_kda))
     monkeypatch.setattr(kda, "resolve_backend",
                         lambda *a: "fla" if kda._backend.get() in ("auto", "fla") else kda._backend.get())
-    monkeypatch.setattr(kda, "SPLIT_SCAN_MIN_TOKENS", 12)
-    monkeypatch.delenv("FLA_INTRACARD_CP", raising=False)
+    monkeypatch.setattr(kda, "split_scan_pieces", lambda v: 4 if v.shape[0] == 1 and v.shape[1] >= 100 else 1)
     FLA_CALLS.clear()
     return FLA_CALLS

@@ -1,12 +1,10 @@
 """chunk_kda (fast path) against recurrent_kda (the specification): outputs, final state and gradients."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
-                            resolve_backend, use_backend)
+                            resolve_backend, split_scan_pieces, use_backend)
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -268,57 +266,43 @@ def test_short_conv_fla_adapter_matches_the_pytorch_conv(monkeypatch, activation
         torch.testing.assert_close(ctx, ref_ctx)
 
 
+
+@pytest.mark.parametrize("T,count,initial", [(200, 4, True), (200, 3, False), (130, 2, True), (64, 4, True)])
+def test_chunk_state_scan_in_pieces_equals_one_scan(T, count, initial):
+    """kda/split_scan.py: the pieces' summaries ([L | Phi] from [0 | I] on [u | 0]) chained, then every piece from its
+    entry state: the states entering every chunk, the new values and the final state of the single scan."""
+    from gendistill.kda.split_scan import chunk_states, piece_bounds, split_chunk_states
+
+    H, K, V, C = 2, 8, 6, 16
+    gen = torch.Generator().manual_seed(T + count)
+    k = F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1)
+    w, u = torch.randn(1, T, H, K, generator=gen) * 0.3, torch.randn(1, T, H, V, generator=gen)
+    gk = F.logsigmoid(torch.randn(1, T, H, K, generator=gen))  # the scan reads each chunk's last (cumulated) gate
+    h0 = torch.randn(1, H, K, V, generator=gen) if initial else None
+    one = chunk_states(k, w, u, gk=gk, initial_state=h0, output_final_state=True, chunk_size=C)
+    split = split_chunk_states(chunk_states, k, w, u, gk, h0, True, count=count, chunk_size=C)
+    for a, b in zip(split, one):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fp32, summed in another order
+    bounds = piece_bounds(T, count, C)
+    assert bounds[0] == 0 and bounds[-1] == T and all(b % C == 0 for b in bounds[:-1])
+    assert len(bounds) - 1 == min(count, -(-T // C)) or T == 130  # 9 chunks in 2 pieces of 5 and 4
+
+
 @torch.no_grad()
-def test_long_inference_prefills_take_fla_split_scan(fake_fla, monkeypatch):
-    """The glue around fla's intra-card split of the state scan: the batch flattened into varlen rows with host bounds
-    (no device sync), inference mode and the backend's switch on only during the call, results equal to the batched
-    reference, and a final state that is an ordinary tensor (caches update it in place). A user's
-    FLA_INTRACARD_CP=0 is left as it is; short inputs and training keep the plain call."""
-    B, T, H, K = 2, 70, 2, 8  # > 64 tokens: the chunked (not the decode-step) kernel
-    gen = torch.Generator().manual_seed(5)
-    q, k, v, f = (torch.randn(B, T, H, K, generator=gen) for _ in range(4))
-    b, h0 = torch.randn(B, T, H, generator=gen), torch.randn(B, H, K, K, generator=gen)
-    A_log, dt_bias = torch.rand(H).log(), torch.randn(H * K)
-    o, s = kda_gated(q, k, v, f, b, A_log, dt_bias, initial_state=h0, output_final_state=True)
-    o_ref, s_ref = recurrent_kda(l2norm(q), l2norm(k), v, kda_gate(f, A_log, dt_bias), b.sigmoid(), initial_state=h0,
-                                 output_final_state=True)
+def test_kda_gated_splits_the_scan_of_long_batch1_inference_prefills_only(fake_fla):
+    """kda_gated opens split_scan.pieces (the count kda.split_scan_pieces gives) around fla's chunk_kda for batch-1
+    inference prefills; training, batches, packed rows and decoding steps keep the single scan."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, f = (torch.randn(2, 120, 2, 8, generator=gen) for _ in range(4))
+    b, A_log, dt_bias = torch.randn(2, 120, 2, generator=gen), torch.rand(2).log(), torch.randn(16)
+    row = lambda *ts: [t[:1] for t in ts]
+    o, _ = kda_gated(*row(q, k, v, f, b), A_log, dt_bias)
+    o_ref = recurrent_kda(l2norm(q[:1]), l2norm(k[:1]), v[:1], kda_gate(f[:1], A_log, dt_bias), b[:1].sigmoid())[0]
     torch.testing.assert_close(o, o_ref)
-    torch.testing.assert_close(s, s_ref)
-    bounds = [0, T, 2 * T]
-    assert fake_fla == [{"inference": True, "env": "1", "cu_seqlens": bounds, "cu_seqlens_cpu": ("cpu", bounds)}]
-    assert "FLA_INTRACARD_CP" not in os.environ and not s.is_inference()
-    s.mul_(2)  # an inference tensor would refuse this outside inference mode
-
-    monkeypatch.setenv("FLA_INTRACARD_CP", "0")
-    kda_gated(q, k, v, f, b, A_log, dt_bias)
-    assert fake_fla[-1]["env"] == "0" and os.environ["FLA_INTRACARD_CP"] == "0"
-    kda_gated(q[:, :11], k[:, :11], v[:, :11], f[:, :11], b[:, :11], A_log, dt_bias)  # too short to split
+    kda_gated(q, k, v, f, b, A_log, dt_bias)  # a batch of 2
+    kda_gated(*row(q[:, :40], k[:, :40], v[:, :40], f[:, :40], b[:, :40]), A_log, dt_bias)  # too short to split
+    kda_gated(*row(q, k, v, f, b), A_log, dt_bias, cu_seqlens=torch.tensor([0, 60, 120]))  # packed
     with torch.enable_grad():
-        kda_gated(q, k, v, f, b, A_log, dt_bias)
-    assert [c["inference"] for c in fake_fla[-2:]] == [False, False] and fake_fla[-1]["cu_seqlens"] is None
-
-
-def test_student_prefill_in_split_scan_segments_then_decoding(fake_fla):
-    """A whole student whose KDA segments of 66 tokens take the split scan (the last, of 14, a decoding-kernel call), the
-    segments' outputs written into one buffer, then decoding from the cache the split scan filled: the logits of the
-    gradient-on reference path."""
-    from transformers import DynamicCache
-
-    from gendistill import convert
-    from gendistill.modeling import KDAMixer
-    from gendistill.testing import tiny_qwen3
-
-    student = convert(tiny_qwen3(layers=3), attention_layers=[1])
-    x = torch.randint(3, 384, (1, 150), generator=torch.Generator().manual_seed(0))
-    with use_backend("recurrent"):
-        reference = student(x).logits.detach()
-    for mixer in student.modules():
-        if isinstance(mixer, KDAMixer):
-            mixer.prefill_chunk = 66
-    with torch.no_grad():
-        cache = DynamicCache(config=student.config)
-        pieces = [student(x[:, :146], past_key_values=cache, use_cache=True).logits]
-        pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(146, 150)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=0)
-    # 146 tokens: segments of 66, 66 (split scan) and 14 in each of the 2 KDA layers; then 4 decoding steps
-    assert [c["inference"] for c in fake_fla] == [True, True, False] * 2 + [False] * 2 * 4
+        kda_gated(*row(q, k, v, f, b), A_log, dt_bias)
+    assert [c["pieces"] for c in fake_fla] == [4, 1, 1, 1, 1]
+    assert split_scan_pieces(v[:1]) == 1  # the real count: off the GPU, never split

@@ -3,6 +3,7 @@
 - `recurrent_kda` (naive.py): the step-by-step definition, the specification every other path is tested against.
 - `chunk_kda` (chunk.py): chunkwise-parallel pure PyTorch, differentiable, for CPU training and as the GPU fallback.
 - `kda_heads` (heads.py): q/k/v per KDA head from the mixer's one projection; `kda_heads_fused`, its Triton pass.
+- split_scan.py: long inference prefills at batch 1 run fla's chunk-state scan in pieces, in parallel.
 - `kda_gated`: what the KDA layer calls. It takes raw projections (q/k before L2 norm, gate and beta pre-activations)
   so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
   it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
@@ -12,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from gendistill.kda import split_scan
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.heads import kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
@@ -47,7 +49,27 @@ def _fla_ops():
         from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
     except Exception:  # ImportError, or triton failing to initialise
         return None
+    try:
+        split_scan.install()
+    except Exception as error:  # an fla without its backend registry: the scan stays in one piece
+        warnings.warn(f"gendistill: fla's chunk-state scan cannot be split ({error!r}); long prefills are slower")
     return fla_chunk, fla_recurrent
+
+
+# Long inference prefills at batch 1 split fla's chunk-state scan into pieces scanned in parallel (kda/split_scan.py).
+SPLIT_SCAN_MIN_TOKENS = 8192  # pieces of >= 32 chunks of 64 tokens
+SPLIT_SCAN_PIECES: int | None = None  # None: about one scan block per SM
+
+
+def split_scan_pieces(v: torch.Tensor) -> int:
+    """How many pieces fla's chunk-state scan of values v [B, T, HV, V] runs in (1: not split)."""
+    B, T, HV = v.shape[:3]
+    if B != 1 or T < SPLIT_SCAN_MIN_TOKENS or not v.is_cuda:
+        return 1
+    if SPLIT_SCAN_PIECES is not None:
+        return SPLIT_SCAN_PIECES
+    blocks_per_piece = HV * -(-v.shape[3] // 64)  # fla's scan: one block per head and 64 values
+    return max(2, torch.cuda.get_device_properties(v.device).multi_processor_count // blocks_per_piece)
 
 
 @functools.cache
@@ -146,54 +168,13 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
         if q.shape[1] <= 64 and not torch.is_grad_enabled():
             return fla_recurrent(q, k, v, f, b, **kw)
-        if q.shape[1] >= SPLIT_SCAN_MIN_TOKENS and cu_seqlens is None and not torch.is_grad_enabled():
-            return _fla_split_scan(fla_chunk, q, k, v, f, b, kw)
-        return fla_chunk(q, k, v, f, b, **kw)
+        with split_scan.pieces(split_scan_pieces(v) if cu_seqlens is None and not torch.is_grad_enabled() else 1):
+            return fla_chunk(q, k, v, f, b, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
     if not qk_normalized:
         q, k = l2norm(q), l2norm(k)
     return op(q, k, v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-
-
-# fla's intra-card context parallelism (its FLA_INTRACARD_CP backend) for long inference prefills: the state scan over
-# chunks, one block per head and 64 values (32 blocks for 16 heads: most of an H200's 132 SMs idle), runs as
-# subsequences in parallel instead, from entry states that a pre-scan of each subsequence's affine summary supplies.
-# fla splits a sequence into subsequences of >= 128 chunks of 64 tokens, and only one long enough for three of them.
-SPLIT_SCAN_MIN_TOKENS = 3 * 128 * 64
-
-
-def _fla_split_scan(fla_chunk, q, k, v, f, b, kw):
-    """fla's chunk_kda with the scan split (see SPLIT_SCAN_MIN_TOKENS): fla takes that path only under inference mode,
-    on varlen input (the batch flattened, cu_seqlens with its host copy: no device sync) and when the backend is on."""
-    B, T = q.shape[:2]
-    cu_seqlens, cu_seqlens_cpu = _sequence_bounds(B, T, q.device)
-    with torch.inference_mode(), _env_default("FLA_INTRACARD_CP", "1"):
-        o, state = fla_chunk(*(t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b)),
-                             **{**kw, "cu_seqlens": cu_seqlens, "cu_seqlens_cpu": cu_seqlens_cpu})
-    # Outside inference mode an inference tensor may be read but not updated in place; caches update the state.
-    return o.reshape(B, T, *o.shape[2:]), None if state is None else state.clone()
-
-
-@functools.lru_cache(maxsize=8)
-def _sequence_bounds(batch: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu_seqlens of `batch` rows of `tokens`, on the device and on the host. The same objects each call: fla keys its
-    split plans on the tensor's identity."""
-    bounds = torch.arange(0, (batch + 1) * tokens, tokens, dtype=torch.long)
-    return bounds.to(device), bounds
-
-
-@contextlib.contextmanager
-def _env_default(name: str, value: str):
-    """`name` = `value` in the environment inside the block, unless the user set it (FLA_INTRACARD_CP=0 opts out)."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
