@@ -3,14 +3,16 @@ process.
 
     python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json
 
-1. One KDA segment of the 0.6B shape (from the conv output [q | k | v] to fla's chunk_kda output), 16K and 32K
-   tokens: fla's chunk-state scan in one piece against 2, 4 and 8 pieces scanned in parallel (kda/split_scan.py).
-2. TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student with
-   the scan in 1, 2, 4 and 8 pieces, KDA segments of 16K and 32K tokens (`kda_prefill_chunk`).
+1. One KDA segment of the 0.6B shape, 16K tokens (from the conv output [q | k | v] to fla's chunk_kda output): fla's
+   chunks of 64 tokens (gendistill's choice) against 32.
+2. TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it
+   is; without the MLP's residual added in the down projection's epilogue (a separate add instead); with segment and
+   MLP-slice outputs copied into the whole output instead of written there by their GEMM.
 Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
 torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
-stream for the next segment's inputs (run 11), fla's own intra-card split of the scan (run 13: its pre-scan kernel
-alone took 158 ms at 128K, against 75 ms for the whole single scan), all dropped.
+stream for the next segment's inputs (run 11), the chunk-state scan split into pieces scanned in parallel, fla's
+intra-card backend and our own with fla's scan kernel (runs 13-14: no faster at the model level; the scan is bound
+by the bytes it moves), 32K segments (run 14: no faster, 0.6 GiB more at its peak), all dropped.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
                               start_peak, timed, weight_bytes)
+import gendistill.fused as fused  # noqa: E402
 import gendistill.kda as kda  # noqa: E402
-from gendistill.kda import kda_gated, kda_heads_fused, use_backend  # noqa: E402
-from gendistill.modeling import KDAMixer  # noqa: E402
+import gendistill.modeling as modeling  # noqa: E402
+from gendistill.kda import kda_heads_fused, use_backend  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 16, 8, 128
 DEVICE = torch.device("cuda")
@@ -50,16 +53,12 @@ def segment_inputs(tokens: int, seed=0):
     return qkv, f, b, A_log, torch.randn(HEADS * DIM, device="cuda", generator=gen)
 
 
-def kda_segment(qkv, f, b, A_log, dt_bias):
+def kda_segment(qkv, f, b, A_log, dt_bias, chunk_size=64):
+    """What the KDA mixer runs on one segment from the conv output on (`kda_gated`'s fla call, with `chunk_size`)."""
     q, k, v = kda_heads_fused(qkv, HEADS, KV_HEADS, DIM, True)
-    return kda_gated(q, k, v, f, b, A_log, dt_bias, qk_normalized=True, output_final_state=True)
-
-
-def set_segments(model, tokens: int) -> None:
-    model.config.kda_prefill_chunk = tokens  # FusedMLP reads the config
-    for m in model.modules():
-        if isinstance(m, KDAMixer):
-            m.prefill_chunk = tokens
+    return kda._fla_ops()[0](q, k, v, f, b, A_log=A_log, dt_bias=dt_bias, output_final_state=True,
+                             use_qk_l2norm_in_kernel=False, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                             chunk_size=chunk_size)
 
 
 def main() -> int:
@@ -78,19 +77,14 @@ def main() -> int:
         print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        for tokens in (16384, 32768):
-            inputs = segment_inputs(tokens)
-            name = f"KDA segment 1x{tokens // 1024}K"
-            first = None
-            for count in (1, 2, 4, 8):
-                kda.SPLIT_SCAN_PIECES = count
-                out = kda_segment(*inputs)
-                first = out if first is None else first
-                add(name, f"scan in {count} piece{'s' if count > 1 else ''}",
-                    device_ms(lambda: kda_segment(*inputs), repeats=10),
-                    rel_err_o=relative_error(out[0], first[0]), rel_err_state=relative_error(out[1], first[1]))
-            del inputs, out, first
-        kda.SPLIT_SCAN_PIECES = None
+        inputs = segment_inputs(16384)
+        first = kda_segment(*inputs)
+        for chunk_size in (64, 32):
+            out = kda_segment(*inputs, chunk_size=chunk_size)
+            add("KDA segment 1x16K", f"fla chunks of {chunk_size}",
+                device_ms(lambda: kda_segment(*inputs, chunk_size=chunk_size), repeats=10),
+                rel_err_o=relative_error(out[0], first[0]), rel_err_state=relative_error(out[1], first[1]))
+        inputs = out = first = None
         release_memory(DEVICE)
 
         teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
@@ -112,15 +106,20 @@ def main() -> int:
         measure(teacher, "teacher")
         teacher.cpu()
         release_memory(DEVICE)
-        first = None
-        for tokens, count in [(16384, 1), (16384, 2), (16384, 4), (16384, 8), (32768, 4), (32768, 8), (16384, None)]:
-            set_segments(student, tokens)
-            kda.SPLIT_SCAN_PIECES = count
-            variant = (f"student, KDA segments {tokens // 1024}K, scan in "
-                       f"{'the default' if count is None else count} piece{'s' if count != 1 else ''}")
-            logits = measure(student, variant, first)
-            first = logits if first is None else first
-        kda.SPLIT_SCAN_PIECES = None
+        first = measure(student, "student (all levers)")
+        add_forward = fused.FusedMLP.add_forward
+        fused.FusedMLP.add_forward = lambda self, x, residual: add_forward(self, x, None) + residual
+        measure(student, "student, MLP residual added separately", first)
+        fused.FusedMLP.add_forward = add_forward
+        linear_into = fused.linear_into
+
+        def copied(x, weight, out=None, residual=None):
+            y = linear_into(x, weight, None, residual)
+            return y if out is None else out.copy_(y)
+
+        fused.linear_into = modeling.linear_into = copied
+        measure(student, "student, slices copied into the output", first)
+        fused.linear_into = modeling.linear_into = linear_into
     print_table(rows, ["lever", "variant", "ms", "peak_GiB"])
     write_result(args.out, {"benchmark": "bench/prefill_levers.py", **environment(), "rows": rows})
     return 0

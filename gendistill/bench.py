@@ -71,7 +71,6 @@ CHECK_PAD_TOKENS = 37  # left padding of one row in the padded-batch check
 CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
 CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
 CHECK_DECODE_TOKENS = 4
-CHECK_SPLIT_SCAN_TOKENS = 16384  # one KDA segment this long has its state scan split (kda.SPLIT_SCAN_MIN_TOKENS)
 # Largest decode batch: size it from the analytic bytes against free memory, then back off on OOM.
 DECODE_MEMORY_FRACTION = 0.90  # of free memory; the rest absorbs allocator rounding and fragmentation
 DECODE_RESERVE_BYTES = 2 * GiB  # cuBLAS/SDPA workspaces, the prefill leftovers the allocator keeps
@@ -300,26 +299,6 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     return checks
 
 
-def split_scan_check(student, device: torch.device, rtol: float, tokens: int = CHECK_SPLIT_SCAN_TOKENS) -> dict:
-    """What only long prefills do: one KDA layer on one segment of `tokens` random hidden states, whose chunk states
-    are scanned in pieces (kda/split_scan.py), fast path vs the chunked PyTorch reference."""
-    mixer = next(m for m in student.modules() if isinstance(m, KDAMixer))
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, tokens, student.config.hidden_size, generator=gen, device=device, dtype=student.dtype)
-    whole_segment, mixer.prefill_chunk = mixer.prefill_chunk, tokens
-    try:
-        with torch.no_grad():
-            with use_backend(fast_path(device)):
-                fast = mixer(x)[0]
-            with use_backend("chunk"):
-                reference = mixer(x)[0]
-    finally:
-        mixer.prefill_chunk = whole_segment
-    return {"name": f"student KDA layer {mixer.layer_idx}, fast path vs reference: one segment of {tokens} tokens "
-                    "(chunk-state scan in pieces)", "rtol": rtol, "rel_err": relative_error(fast, reference),
-            "worst_layer": mixer.layer_idx}
-
-
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """The fused norms, sliced MLPs and fla's rotary (gendistill.fused) on the inputs they see in one reference
     forward (so that each check stands alone): fused path (forced on, whatever the input's length) vs the transformers
@@ -335,7 +314,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
         for hook in hooks:
             hook.remove()
     errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP in slices of 64 tokens": [],
-              "attention (fla's rotary)": []}
+              "MLP in slices of 64 tokens with the residual add": [], "attention (fla's rotary)": []}
 
     def compare(what, fast_fn):
         with use_backend(fast_path(ids.device)), fused_from(0):
@@ -355,6 +334,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
             chunk, module.config.kda_prefill_chunk = module.config.kda_prefill_chunk, 64
             try:
                 compare("MLP in slices of 64 tokens", lambda: module(x))
+                compare("MLP in slices of 64 tokens with the residual add", lambda: module.add_forward(x, x.flip(-2)))
             finally:
                 module.config.kda_prefill_chunk = chunk
         else:
@@ -454,8 +434,6 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
     ids = random_ids(student, 2, CHECK_TOKENS, seed)
     layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
     checks = kda_layer_checks(student, ids, layer_rtol) + fused_module_checks(student, ids, layer_rtol)
-    if fast_path(ids.device) == "fla":
-        checks.append(split_scan_check(student, ids.device, layer_rtol))
     for name, model in (("teacher", teacher), ("student", student)):
         fp32_copy = copy.deepcopy(model).float()  # one at a time: a second copy of each model is alive only here
         with use_backend("recurrent"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
@@ -76,29 +75,43 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_forward(x, None)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """residual + MLP(x) (residual None: MLP(x)). On the fused path the down projection's GEMM adds the residual in
+        its epilogue: no separate pass over the activations."""
         if not fused_inference(x) or self.config.hidden_act != "silu":
-            return super().forward(x)
+            out = super().forward(x)
+            return out if residual is None else residual + out
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
         if T <= chunk:
-            return self._fused_forward(x)
+            return self._fused_forward(x, residual)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
-            self._fused_forward(x[..., start:start + chunk, :], out[..., start:start + chunk, :])
+            part = (..., slice(start, start + chunk), slice(None))
+            self._fused_forward(x[part], None if residual is None else residual[part], out[part])
         return out
 
-    def _fused_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return linear_into(swiglu(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, out)
+    def _fused_forward(self, x, residual=None, out=None) -> torch.Tensor:
+        return linear_into(swiglu(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, out, residual)
 
 
-def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight) (no bias), written into `out` when given: the GEMM writes a contiguous slice of a larger
-    output itself (no copy); a strided one (batch > 1, sliced along time) takes a copy. Gradients off."""
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ residual, added by the GEMM's epilogue), written into `out` when given: the GEMM writes a
+    contiguous slice of a larger output itself (no copy); a strided one (batch > 1, sliced along time) takes a copy.
+    Gradients off."""
+    shape = (*x.shape[:-1], weight.shape[0])
+    x2d = x.reshape(-1, x.shape[-1])
+    into = None if out is None or not out.is_contiguous() else out.view(-1, shape[-1])
+    if residual is None:
+        y = torch.mm(x2d, weight.t(), out=into)
+    else:
+        y = torch.addmm(residual.reshape(-1, shape[-1]), x2d, weight.t(), out=into)
     if out is None:
-        return F.linear(x, weight)
-    if out.is_contiguous():
-        return torch.matmul(x, weight.t(), out=out)
-    return out.copy_(F.linear(x, weight))
+        return y.view(shape)
+    return out if into is not None else out.copy_(y.view(shape))
 
 
 class FusedQwen3Attention(Qwen3Attention):

@@ -170,9 +170,10 @@ class KDAMixer(nn.Module):
                              output_final_state=need_state, cu_seqlens=cu_seqlens, qk_normalized=qk_normalized)
         o = o.reshape(B, T, H, D)
 
-        gate = self.g_b_proj(gate_low).reshape(B, T, H, D)
+        gate = self.g_b_proj(gate_low.contiguous()).reshape(B, T, H, D)  # strided, the bias would be a separate add
         o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
-        return linear_into(o.reshape(B, T, H * D), self.o_proj.weight, out), conv_context, state
+        o = o.reshape(B, T, H * D)
+        return (self.o_proj(o) if out is None else linear_into(o, self.o_proj.weight, out)), conv_context, state
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +215,7 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states, normed = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
-        return hidden_states + self.mlp(normed)
+        return self.mlp.add_forward(normed, hidden_states)
 
 
 class HybridKDAPreTrainedModel(PreTrainedModel):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
-                            resolve_backend, split_scan_pieces, use_backend)
+                            resolve_backend, use_backend)
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -264,45 +264,3 @@ def test_short_conv_fla_adapter_matches_the_pytorch_conv(monkeypatch, activation
         assert y.shape == xs.shape and ctx.shape == (B, D, W - 1)
         torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ctx, ref_ctx)
-
-
-
-@pytest.mark.parametrize("T,count,initial", [(200, 4, True), (200, 3, False), (130, 2, True), (64, 4, True)])
-def test_chunk_state_scan_in_pieces_equals_one_scan(T, count, initial):
-    """kda/split_scan.py: the pieces' summaries ([L | Phi] from [0 | I] on [u | 0]) chained, then every piece from its
-    entry state: the states entering every chunk, the new values and the final state of the single scan."""
-    from gendistill.kda.split_scan import chunk_states, piece_bounds, split_chunk_states
-
-    H, K, V, C = 2, 8, 6, 16
-    gen = torch.Generator().manual_seed(T + count)
-    k = F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1)
-    w, u = torch.randn(1, T, H, K, generator=gen) * 0.3, torch.randn(1, T, H, V, generator=gen)
-    gk = F.logsigmoid(torch.randn(1, T, H, K, generator=gen))  # the scan reads each chunk's last (cumulated) gate
-    h0 = torch.randn(1, H, K, V, generator=gen) if initial else None
-    one = chunk_states(k, w, u, gk=gk, initial_state=h0, output_final_state=True, chunk_size=C)
-    split = split_chunk_states(chunk_states, k, w, u, gk, h0, True, count=count, chunk_size=C)
-    for a, b in zip(split, one):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fp32, summed in another order
-    bounds = piece_bounds(T, count, C)
-    assert bounds[0] == 0 and bounds[-1] == T and all(b % C == 0 for b in bounds[:-1])
-    assert len(bounds) - 1 == min(count, -(-T // C)) or T == 130  # 9 chunks in 2 pieces of 5 and 4
-
-
-@torch.no_grad()
-def test_kda_gated_splits_the_scan_of_long_batch1_inference_prefills_only(fake_fla):
-    """kda_gated opens split_scan.pieces (the count kda.split_scan_pieces gives) around fla's chunk_kda for batch-1
-    inference prefills; training, batches, packed rows and decoding steps keep the single scan."""
-    gen = torch.Generator().manual_seed(1)
-    q, k, v, f = (torch.randn(2, 120, 2, 8, generator=gen) for _ in range(4))
-    b, A_log, dt_bias = torch.randn(2, 120, 2, generator=gen), torch.rand(2).log(), torch.randn(16)
-    row = lambda *ts: [t[:1] for t in ts]
-    o, _ = kda_gated(*row(q, k, v, f, b), A_log, dt_bias)
-    o_ref = recurrent_kda(l2norm(q[:1]), l2norm(k[:1]), v[:1], kda_gate(f[:1], A_log, dt_bias), b[:1].sigmoid())[0]
-    torch.testing.assert_close(o, o_ref)
-    kda_gated(q, k, v, f, b, A_log, dt_bias)  # a batch of 2
-    kda_gated(*row(q[:, :40], k[:, :40], v[:, :40], f[:, :40], b[:, :40]), A_log, dt_bias)  # too short to split
-    kda_gated(*row(q, k, v, f, b), A_log, dt_bias, cu_seqlens=torch.tensor([0, 60, 120]))  # packed
-    with torch.enable_grad():
-        kda_gated(*row(q, k, v, f, b), A_log, dt_bias)
-    assert [c["pieces"] for c in fake_fla] == [4, 1, 1, 1, 1]
-    assert split_scan_pieces(v[:1]) == 1  # the real count: off the GPU, never split

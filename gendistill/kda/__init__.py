@@ -3,7 +3,6 @@
 - `recurrent_kda` (naive.py): the step-by-step definition, the specification every other path is tested against.
 - `chunk_kda` (chunk.py): chunkwise-parallel pure PyTorch, differentiable, for CPU training and as the GPU fallback.
 - `kda_heads` (heads.py): q/k/v per KDA head from the mixer's one projection; `kda_heads_fused`, its Triton pass.
-- split_scan.py: long inference prefills at batch 1 run fla's chunk-state scan in pieces, in parallel.
 - `kda_gated`: what the KDA layer calls. It takes raw projections (q/k before L2 norm, gate and beta pre-activations)
   so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
   it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
@@ -13,12 +12,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda import split_scan
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.heads import kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
@@ -49,27 +46,7 @@ def _fla_ops():
         from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
     except Exception:  # ImportError, or triton failing to initialise
         return None
-    try:
-        split_scan.install()
-    except Exception as error:  # an fla without its backend registry: the scan stays in one piece
-        warnings.warn(f"gendistill: fla's chunk-state scan cannot be split ({error!r}); long prefills are slower")
     return fla_chunk, fla_recurrent
-
-
-# Long inference prefills at batch 1 split fla's chunk-state scan into pieces scanned in parallel (kda/split_scan.py).
-SPLIT_SCAN_MIN_TOKENS = 8192  # pieces of >= 32 chunks of 64 tokens
-SPLIT_SCAN_PIECES: int | None = None  # None: about one scan block per SM
-
-
-def split_scan_pieces(v: torch.Tensor) -> int:
-    """How many pieces fla's chunk-state scan of values v [B, T, HV, V] runs in (1: not split)."""
-    B, T, HV = v.shape[:3]
-    if B != 1 or T < SPLIT_SCAN_MIN_TOKENS or not v.is_cuda:
-        return 1
-    if SPLIT_SCAN_PIECES is not None:
-        return SPLIT_SCAN_PIECES
-    blocks_per_piece = HV * -(-v.shape[3] // 64)  # fla's scan: one block per head and 64 values
-    return max(2, torch.cuda.get_device_properties(v.device).multi_processor_count // blocks_per_piece)
 
 
 @functools.cache
@@ -168,8 +145,7 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
         if q.shape[1] <= 64 and not torch.is_grad_enabled():
             return fla_recurrent(q, k, v, f, b, **kw)
-        with split_scan.pieces(split_scan_pieces(v) if cu_seqlens is None and not torch.is_grad_enabled() else 1):
-            return fla_chunk(q, k, v, f, b, **kw)
+        return fla_chunk(q, k, v, f, b, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
     if not qk_normalized:
         q, k = l2norm(q), l2norm(k)
