@@ -5,9 +5,11 @@ On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_M
 (`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
 - `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
   transformers' six eager kernels with fp32 copies of the whole activation;
-- `FusedMLP` computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version was no faster than the two eager
-  kernels at 128K on the H200 and once returned NaN in the benchmark's check, torch.compile's saved 2.5 of 28 ms), and
-  beyond `kda_prefill_chunk` tokens works in slices so that the [T, intermediate] activations never exist whole;
+- `FusedMLP` projects gate and up in one GEMM, computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version
+  was no faster than the two eager kernels at 128K on the H200 and once returned NaN in the benchmark's check,
+  torch.compile's saved 2.5 of 28 ms), adds the residual in the down projection's GEMM, and beyond
+  `kda_prefill_chunk` tokens works in slices (each written into the output by its GEMM) so that the
+  [T, intermediate] activations never exist whole;
 - `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
   five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
   fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
@@ -53,23 +55,26 @@ def _swiglu_kernel():
     import triton.language as tl
 
     @triton.jit
-    def swiglu_kernel(gate, up, out, n, BLOCK: tl.constexpr):
+    def swiglu_kernel(gate_up, out, n, width, BLOCK: tl.constexpr):
+        # out [rows, width] from gate_up [rows, 2 * width]: each row's gate, then its up
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        g = tl.load(gate + offsets, mask=mask).to(tl.float32)
-        u = tl.load(up + offsets, mask=mask).to(tl.float32)
+        gate = (offsets // width) * (2 * width) + offsets % width
+        g = tl.load(gate_up + gate, mask=mask).to(tl.float32)
+        u = tl.load(gate_up + gate + width, mask=mask).to(tl.float32)
         tl.store(out + offsets, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
 
     return swiglu_kernel
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up in one Triton pass, in fp32 and rounded once (Qwen3MLP's eager form rounds SiLU's output too
-    and writes it whole before the product)."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of gate_up = [gate | up] along the last dim, in one Triton pass, in fp32 and rounded once
+    (Qwen3MLP's eager form rounds SiLU's output too and writes it whole before the product)."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
     block = 4096
-    _swiglu_kernel()[(-(-gate.numel() // block),)](gate, up, out, gate.numel(), BLOCK=block, num_warps=8)
+    _swiglu_kernel()[(-(-out.numel() // block),)](gate_up, out, out.numel(), width, BLOCK=block, num_warps=8)
     return out
 
 
@@ -85,16 +90,17 @@ class FusedMLP(Qwen3MLP):
             return out if residual is None else residual + out
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
+        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # one GEMM for both
         if T <= chunk:
-            return self._fused_forward(x, residual)
+            return self._fused_forward(x, gate_up, residual)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
             part = (..., slice(start, start + chunk), slice(None))
-            self._fused_forward(x[part], None if residual is None else residual[part], out[part])
+            self._fused_forward(x[part], gate_up, None if residual is None else residual[part], out[part])
         return out
 
-    def _fused_forward(self, x, residual=None, out=None) -> torch.Tensor:
-        return linear_into(swiglu(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, out, residual)
+    def _fused_forward(self, x, gate_up, residual=None, out=None) -> torch.Tensor:
+        return linear_into(swiglu(linear_into(x, gate_up)), self.down_proj.weight, out, residual)
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
