@@ -7,9 +7,8 @@ On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_M
   transformers' six eager kernels with fp32 copies of the whole activation;
 - `FusedMLP` projects gate and up in one GEMM, computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version
   was no faster than the two eager kernels at 128K on the H200 and once returned NaN in the benchmark's check,
-  torch.compile's saved 2.5 of 28 ms), adds the residual in the down projection's GEMM, and beyond
-  `kda_prefill_chunk` tokens works in slices (each written into the output by its GEMM) so that the
-  [T, intermediate] activations never exist whole;
+  torch.compile's saved 2.5 of 28 ms), and beyond `kda_prefill_chunk` tokens works in slices (each written into the
+  output by its GEMM) so that the [T, intermediate] activations never exist whole;
 - `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
   five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
   fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
@@ -80,41 +79,29 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_forward(x, None)
-
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """residual + MLP(x) (residual None: MLP(x)). On the fused path the down projection's GEMM adds the residual in
-        its epilogue: no separate pass over the activations."""
         if not fused_inference(x) or self.config.hidden_act != "silu":
-            out = super().forward(x)
-            return out if residual is None else residual + out
+            return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
         gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # one GEMM for both
         if T <= chunk:
-            return self._fused_forward(x, gate_up, residual)
+            return self._fused_forward(x, gate_up)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
             part = (..., slice(start, start + chunk), slice(None))
-            self._fused_forward(x[part], gate_up, None if residual is None else residual[part], out[part])
+            self._fused_forward(x[part], gate_up, out[part])
         return out
 
-    def _fused_forward(self, x, gate_up, residual=None, out=None) -> torch.Tensor:
-        return linear_into(swiglu(linear_into(x, gate_up)), self.down_proj.weight, out, residual)
+    def _fused_forward(self, x, gate_up, out=None) -> torch.Tensor:
+        return linear_into(swiglu(linear_into(x, gate_up)), self.down_proj.weight, out)
 
 
-def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ residual, added by the GEMM's epilogue), written into `out` when given: the GEMM writes a
-    contiguous slice of a larger output itself (no copy); a strided one (batch > 1, sliced along time) takes a copy.
-    Gradients off."""
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T, written into `out` when given: the GEMM writes a contiguous slice of a larger output itself (no
+    copy); a strided one (batch > 1, sliced along time) takes a copy. Gradients off."""
     shape = (*x.shape[:-1], weight.shape[0])
-    x2d = x.reshape(-1, x.shape[-1])
     into = None if out is None or not out.is_contiguous() else out.view(-1, shape[-1])
-    if residual is None:
-        y = torch.mm(x2d, weight.t(), out=into)
-    else:
-        y = torch.addmm(residual.reshape(-1, shape[-1]), x2d, weight.t(), out=into)
+    y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=into)
     if out is None:
         return y.view(shape)
     return out if into is not None else out.copy_(y.view(shape))

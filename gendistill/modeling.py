@@ -215,7 +215,7 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states, normed = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
-        return self.mlp.add_forward(normed, hidden_states)
+        return hidden_states + self.mlp(normed)
 
 
 class HybridKDAPreTrainedModel(PreTrainedModel):
