@@ -32,7 +32,7 @@ from gendistill.kda import use_backend  # noqa: E402
 
 # First match wins; names are lower-cased kernel names.
 CATEGORIES = [
-    ("kda_kernels", r"kda|gated_delta|delta_rule|wy_|solve_tril|chunk_local_cumsum|l2norm|chunk_cp|gla"),
+    ("kda_kernels", r"kda|gated_delta|delta_rule|wy_|solve_tril|chunk_local_cumsum|l2norm|gla"),
     ("short_conv", r"conv"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul"),
