@@ -79,9 +79,10 @@ def main() -> int:
 
     with torch.no_grad(), use_backend("fla"):
         inputs = segment_inputs(16384)
-        first = kda_segment(*inputs)
+        first = None
         for chunk_size in (64, 32):
             out = kda_segment(*inputs, chunk_size=chunk_size)
+            first = out if first is None else first
             add("KDA segment 1x16K", f"fla chunks of {chunk_size}",
                 device_ms(lambda: kda_segment(*inputs, chunk_size=chunk_size), repeats=10),
                 rel_err_o=relative_error(out[0], first[0]), rel_err_state=relative_error(out[1], first[1]))
