@@ -22,6 +22,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNor
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules, linear_into
 from gendistill.kda import gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, resolve_backend, short_conv
+from gendistill.kda.segments import SegmentedKDA
 
 FULL, LINEAR = "full_attention", "linear_attention"
 MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
@@ -124,20 +125,40 @@ class KDAMixer(nn.Module):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
         params = self._merged_params()
-        out = hidden_states.new_empty(B, T, self.o_proj.out_features) if segment < T else None
-        for start in range(0, T, segment):
-            part = slice(start, start + segment)
-            o, conv_context, state = self._mix(hidden_states[:, part], None if pad is None else pad[:, part],
-                                               doc_start, conv_context, state, params,
-                                               need_state=cache is not None or start + segment < T,
-                                               out=None if out is None else out[:, part])
+        if segment >= T:
+            kda_in, gate_low, conv_context, cu_seqlens = self._inputs(hidden_states, pad, doc_start, conv_context,
+                                                                       params)
+            o, state = kda_gated(*kda_in, self.A_log, self.dt_bias, initial_state=state,
+                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+                                 qk_normalized=self._qk_normalized(hidden_states))
+            o = self._output(o, gate_low)
+        else:
+            o = hidden_states.new_empty(B, T, self.o_proj.out_features)
+            kda = SegmentedKDA(self.A_log, self.dt_bias, state, self._qk_normalized(hidden_states), hidden_states)
+            for start in range(0, T, segment):
+                part = slice(start, start + segment)
+                kda_in, gate_low, conv_context, _ = self._inputs(hidden_states[:, part],
+                                                                 None if pad is None else pad[:, part], None,
+                                                                 conv_context, params)
+                for o_part, (gate_part, out_part) in kda.add(*kda_in, tag=(gate_low, o[:, part])):
+                    self._output(o_part, gate_part, out_part)
+            for o_part, (gate_part, out_part) in kda.finish():
+                self._output(o_part, gate_part, out_part)
+            state = kda.state
         if cache is not None:
             cache.update_conv_state(conv_context, self.layer_idx, conv_kernel_size=conv_context.shape[-1])
             cache.update_recurrent_state(state.float(), self.layer_idx)
-        return (o if out is None else out), None
+        return o, None
 
-    def _mix(self, x, pad, doc_start, conv_context, state, params, need_state, out=None):
-        """One segment; the output goes into `out` when given (a slice of the whole prefill's output)."""
+    @staticmethod
+    def _qk_normalized(x) -> bool:
+        """GPU inference splits, repeats and normalises q/k in one Triton pass (kda/heads.py); training keeps
+        autograd through fla's own norms, the PyTorch paths normalise in `kda_gated`."""
+        return not torch.is_grad_enabled() and resolve_backend(x, x.shape[1]) == "fla"
+
+    def _inputs(self, x, pad, doc_start, conv_context, params):
+        """KDA's inputs for x (one segment, or the whole input): (q, k, v, f, b), the output gate's low-rank half,
+        the new conv context, and cu_seqlens for packed documents (then q..b are one flattened row)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -153,9 +174,8 @@ class KDAMixer(nn.Module):
             qkv = qkv * pad[..., None].to(qkv.dtype)
         qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation, cu_seqlens,
                                        pos_in_doc)
-        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv. GPU inference splits, repeats and normalises
-        # q/k in one Triton pass (kda/heads.py); training keeps autograd through fla's own norms.
-        qk_normalized = not torch.is_grad_enabled() and resolve_backend(x, T) == "fla"
+        # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv.
+        qk_normalized = self._qk_normalized(x)
         q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
         f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
                                                               self.g_a_proj.out_features, H], dim=-1)
@@ -163,17 +183,21 @@ class KDAMixer(nn.Module):
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
-
-        if cu_seqlens is not None:  # packed documents: one flattened row
+        if cu_seqlens is not None:
             q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
-        o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
-                             output_final_state=need_state, cu_seqlens=cu_seqlens, qk_normalized=qk_normalized)
-        o = o.reshape(B, T, H, D)
+        return (q, k, v, f, b), gate_low, conv_context, cu_seqlens
 
+    def _output(self, o, gate_low, out=None):
+        """The gated output norm and o_proj of KDA's output o; written into `out` (a slice of the whole prefill's
+        output) when given."""
+        B, T = gate_low.shape[:2]
+        H, D = self.num_heads, self.head_dim
+        o = o.reshape(B, T, H, D)
         gate = self.g_b_proj(gate_low.contiguous()).reshape(B, T, H, D)  # strided, the bias would be a separate add
-        o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon, self.output_gate)
+        o = gated_rms_norm(o.to(gate_low.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
+                           self.output_gate)
         o = o.reshape(B, T, H * D)
-        return (self.o_proj(o) if out is None else linear_into(o, self.o_proj.weight, out)), conv_context, state
+        return self.o_proj(o) if out is None else linear_into(o, self.o_proj.weight, out)
 
 
 def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,146 @@
+"""KDA over the consecutive segments of one long prefill, each segment's state scan beside the next one's parallel work.
+
+fla's chunked KDA runs in three stages:
+- prepare: beta's sigmoid, the gate and its chunk-local cumsum, the intra-chunk solve (w, u, A_qk): parallel over
+  chunks, thousands of thread blocks;
+- scan: the state handed from chunk to chunk, sequential; at batch 1 one thread block per head and 64 values, so 32
+  of an H200's 132 SMs, for 256 steps per 16K segment (73 of the 128K student prefill's 1337 ms, run 16 profile);
+- output: parallel again.
+On CUDA, `SegmentedKDA` issues segment s's scan on a high-priority side stream only once the main stream has issued
+segment s+1's projections (the GEMMs, which take every SM), so the scan shares the GPU with s+1's prepare kernels; the
+main stream then waits for the scan and runs s's output. Elsewhere (CPU, the PyTorch paths) the stages run in order on
+one stream, and the scan stage is the whole of `kda_gated`: same results, and the orchestration is what the CPU tests
+check.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gendistill.kda import kda_gated
+
+CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
+
+
+@functools.cache
+def _fla_stages():
+    try:
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+        from fla.ops.common.gate import fused_beta_sigmoid
+        from fla.ops.gla.chunk import chunk_gla_fwd_o_gk
+        from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
+        from fla.ops.kda.gate import kda_gate_chunk_cumsum
+        from fla.ops.utils.constant import RCP_LN2
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return chunk_gated_delta_rule_fwd_h, fused_beta_sigmoid, chunk_gla_fwd_o_gk, chunk_kda_fwd_intra, \
+        kda_gate_chunk_cumsum, RCP_LN2
+
+
+class FlaStages:
+    """fla's `chunk_kda_fwd` (fla/ops/kda/chunk_fwd.py, 0.6.0) cut at its scan, for inference on q/k already
+    L2-normalised, gates and beta from raw pre-activations (as `kda_gated` calls fla: use_gate_in_kernel,
+    use_beta_sigmoid_in_kernel), equal-length rows."""
+
+    def __init__(self, A_log, dt_bias):
+        self.A_log, self.dt_bias = A_log, dt_bias
+        self.scan_fn, self.beta_sigmoid, self.output_fn, self.intra, self.gate_cumsum, self.rcp_ln2 = _fla_stages()
+
+    def prepare(self, q, k, v, f, b):
+        scale = q.shape[-1] ** -0.5
+        beta = self.beta_sigmoid(b.contiguous())
+        g = self.gate_cumsum(g=f.contiguous(), A_log=self.A_log, dt_bias=self.dt_bias, scale=self.rcp_ln2,
+                             chunk_size=CHUNK)
+        w, u, _, kg, Aqk, _ = self.intra(q=q, k=k, v=v.contiguous(), gk=g, beta=beta, scale=scale, chunk_size=CHUNK)
+        return q, g, w, u, kg, Aqk, scale
+
+    def scan(self, prepared, state):
+        q, g, w, u, kg, Aqk, scale = prepared
+        h, v_new, final_state = self.scan_fn(k=kg, w=w, u=u, gk=g, initial_state=state, output_final_state=True,
+                                             chunk_size=CHUNK)
+        return (h, v_new), final_state
+
+    def output(self, prepared, scanned):
+        q, g, w, u, kg, Aqk, scale = prepared
+        h, v_new = scanned
+        return self.output_fn(q=q, v=v_new, g=g, A=Aqk, h=h, scale=scale, chunk_size=CHUNK).type_as(q)
+
+
+class WholeStages:
+    """The PyTorch paths: no stages of their own, so the scan stage is all of `kda_gated`."""
+
+    def __init__(self, A_log, dt_bias, qk_normalized):
+        self.A_log, self.dt_bias, self.qk_normalized = A_log, dt_bias, qk_normalized
+
+    def prepare(self, q, k, v, f, b):
+        return q, k, v, f, b
+
+    def scan(self, prepared, state):
+        o, state = kda_gated(*prepared, self.A_log, self.dt_bias, initial_state=state, output_final_state=True,
+                             qk_normalized=self.qk_normalized)
+        return o, state
+
+    def output(self, prepared, scanned):
+        return scanned
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device, priority=-1)  # its blocks are dispatched first when SMs free up
+
+
+class SegmentedKDA:
+    """KDA over consecutive segments of one batch of sequences, the state carried from each to the next:
+
+        kda = SegmentedKDA(A_log, dt_bias, state, qk_normalized, like=x)
+        for each segment:  (its projections issued first)
+            for o, tag in kda.add(q, k, v, f, b, tag): ...   # the previous segment's output
+        for o, tag in kda.finish(): ...                       # the last one's
+        kda.state                                             # after the last segment, fp32
+
+    `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
+    segment late."""
+
+    def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
+        fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
+        self.stages = FlaStages(A_log, dt_bias) if fla else WholeStages(A_log, dt_bias, qk_normalized)
+        self.side = _side_stream(like.device) if fla else None
+        self.state = None if state is None else state.float()
+        self.pending = None  # (prepared, tag) of the segment whose scan is not issued yet
+
+    def add(self, q, k, v, f, b, tag) -> list:
+        scanned = self._scan_pending()  # segment s-1's scan, issued after segment s's projections
+        self.pending = (self.stages.prepare(q, k, v, f, b), tag)  # s's prepare shares the GPU with that scan
+        return self._output(scanned)
+
+    def finish(self) -> list:
+        done = self._output(self._scan_pending())
+        if self.side is not None and self.state is not None:
+            self.state.record_stream(torch.cuda.current_stream())
+        return done
+
+    def _scan_pending(self):
+        if self.pending is None:
+            return None
+        (prepared, tag), self.pending = self.pending, None
+        if self.side is None:
+            scanned, self.state = self.stages.scan(prepared, self.state)
+            return prepared, scanned, tag, None
+        self.side.wait_stream(torch.cuda.current_stream())  # the scan reads what the main stream prepared
+        with torch.cuda.stream(self.side):
+            scanned, self.state = self.stages.scan(prepared, self.state)
+        return prepared, scanned, tag, self.side.record_event()
+
+    def _output(self, scanned) -> list:
+        if scanned is None:
+            return []
+        prepared, scanned, tag, scan_done = scanned
+        if scan_done is not None:
+            main = torch.cuda.current_stream()
+            main.wait_event(scan_done)
+            # Made on the side stream, last read here: not reused there before this read. (What the main stream
+            # prepared and the scan read is safe to free: the main stream has just waited for the scan.)
+            for t in scanned:
+                t.record_stream(main)
+        return [(self.stages.output(prepared, scanned), tag)]
