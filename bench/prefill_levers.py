@@ -5,15 +5,16 @@ process.
 
 TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it is
 (each KDA segment's state scan on a side stream beside the next segment's prepare kernels, `gendistill/kda/segments.py`);
-its stages in order on one stream; fla's whole chunk_kda per segment (the path before); the side stream at normal
-priority; 8K and 32K segments.
+its stages in order on one stream; fla's whole chunk_kda per segment (the path before); each scan issued right after its
+segment's prepare (before the next segment's projections); 24K and 32K segments.
 Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
 torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
 stream for the next segment's inputs (run 11), the chunk-state scan split into pieces scanned in parallel, fla's
 intra-card backend and our own with fla's scan kernel (runs 13-14: no faster at the model level; the scan is bound
 by the bytes it moves), 32K segments (run 14: no faster, 0.6 GiB more at its peak), the MLP's residual added in the
 down projection's GEMM (run 15: 1341 against 1335 ms; PyTorch copies the residual into the output first), fla's chunks
-of 32 tokens and segment outputs copied instead of written by their GEMM (run 16), all dropped.
+of 32 tokens and segment outputs copied instead of written by their GEMM (run 16), the side stream at normal priority
+and 8K segments (run 18: 1313 and 1325 against 1310 ms), all dropped.
 """
 from __future__ import annotations
 
@@ -93,12 +94,12 @@ def main() -> int:
         segments._fla_stages = lambda: None
         measure(student, "student, fla's chunk_kda per segment", first)
         segments._side_stream, segments._fla_stages = side_stream, fla_stages
-        segments._side_stream = lambda device: torch.cuda.Stream(device)
-        measure(student, "student, side stream at normal priority", first)
-        segments._side_stream = side_stream
-        for tokens in (8192, 32768):
+        for tokens, early in ((16384, True), (24576, False), (32768, False), (32768, True)):
             set_segment(student, tokens)
-            measure(student, f"student, segments of {tokens // 1024}K", first)
+            segments.SegmentedKDA.scan_right_after_prepare = early
+            measure(student, f"student, segments of {tokens // 1024}K" + (", scan right after its prepare" * early),
+                    first)
+        segments.SegmentedKDA.scan_right_after_prepare = False
         set_segment(student, modeling.HybridKDAConfig.kda_prefill_chunk)
     print_table(rows, ["lever", "variant", "ms", "peak_GiB"])
     write_result(args.out, {"benchmark": "bench/prefill_levers.py", **environment(), "rows": rows})

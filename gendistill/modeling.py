@@ -140,7 +140,7 @@ class KDAMixer(nn.Module):
                 kda_in, gate_low, conv_context, _ = self._inputs(hidden_states[:, part],
                                                                  None if pad is None else pad[:, part], None,
                                                                  conv_context, params)
-                for o_part, (gate_part, out_part) in kda.add(*kda_in, tag=(gate_low, o[:, part])):
+                for o_part, (gate_part, out_part) in kda.add(kda_in, tag=(gate_low, o[:, part])):
                     self._output(o_part, gate_part, out_part)
             for o_part, (gate_part, out_part) in kda.finish():
                 self._output(o_part, gate_part, out_part)
@@ -185,7 +185,7 @@ class KDAMixer(nn.Module):
             b = b.masked_fill(~pad[..., None], MASKED)
         if cu_seqlens is not None:
             q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
-        return (q, k, v, f, b), gate_low, conv_context, cu_seqlens
+        return [q, k, v, f, b], gate_low, conv_context, cu_seqlens
 
     def _output(self, o, gate_low, out=None):
         """The gated output norm and o_proj of KDA's output o; written into `out` (a slice of the whole prefill's

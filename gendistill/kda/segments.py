@@ -53,18 +53,18 @@ class FlaStages:
         g = self.gate_cumsum(g=f.contiguous(), A_log=self.A_log, dt_bias=self.dt_bias, scale=self.rcp_ln2,
                              chunk_size=CHUNK)
         w, u, _, kg, Aqk, _ = self.intra(q=q, k=k, v=v.contiguous(), gk=g, beta=beta, scale=scale, chunk_size=CHUNK)
-        return q, g, w, u, kg, Aqk, scale
+        return q, g, Aqk, w, u, kg
 
     def scan(self, prepared, state):
-        q, g, w, u, kg, Aqk, scale = prepared
+        q, g, Aqk, w, u, kg = prepared
         h, v_new, final_state = self.scan_fn(k=kg, w=w, u=u, gk=g, initial_state=state, output_final_state=True,
                                              chunk_size=CHUNK)
-        return (h, v_new), final_state
+        return (q, g, Aqk, h, v_new), final_state
 
-    def output(self, prepared, scanned):
-        q, g, w, u, kg, Aqk, scale = prepared
-        h, v_new = scanned
-        return self.output_fn(q=q, v=v_new, g=g, A=Aqk, h=h, scale=scale, chunk_size=CHUNK).type_as(q)
+    def output(self, scanned):
+        q, g, Aqk, h, v_new = scanned
+        return self.output_fn(q=q, v=v_new, g=g, A=Aqk, h=h, scale=q.shape[-1] ** -0.5,
+                              chunk_size=CHUNK).type_as(q)
 
 
 class WholeStages:
@@ -79,10 +79,10 @@ class WholeStages:
     def scan(self, prepared, state):
         o, state = kda_gated(*prepared, self.A_log, self.dt_bias, initial_state=state, output_final_state=True,
                              qk_normalized=self.qk_normalized)
-        return o, state
+        return (o,), state
 
-    def output(self, prepared, scanned):
-        return scanned
+    def output(self, scanned):
+        return scanned[0]
 
 
 @functools.cache
@@ -95,12 +95,14 @@ class SegmentedKDA:
 
         kda = SegmentedKDA(A_log, dt_bias, state, qk_normalized, like=x)
         for each segment:  (its projections issued first)
-            for o, tag in kda.add(q, k, v, f, b, tag): ...   # the previous segment's output
+            for o, tag in kda.add([q, k, v, f, b], tag): ...  # the previous segment's output
         for o, tag in kda.finish(): ...                       # the last one's
         kda.state                                             # after the last segment, fp32
 
     `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
     segment late."""
+
+    scan_right_after_prepare = False  # lever (bench/prefill_levers.py): issue each scan before the next projections
 
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
@@ -109,9 +111,15 @@ class SegmentedKDA:
         self.state = None if state is None else state.float()
         self.pending = None  # (prepared, tag) of the segment whose scan is not issued yet
 
-    def add(self, q, k, v, f, b, tag) -> list:
+    def add(self, inputs: list, tag) -> list:
+        """Segment s's [q, k, v, f, b] (emptied here, so that they are freed once prepared); returns what is done."""
         scanned = self._scan_pending()  # segment s-1's scan, issued after segment s's projections
+        q, k, v, f, b = inputs
+        inputs.clear()
         self.pending = (self.stages.prepare(q, k, v, f, b), tag)  # s's prepare shares the GPU with that scan
+        del q, k, v, f, b
+        if self.scan_right_after_prepare:
+            return self._output(scanned) + self._output(self._scan_pending())
         return self._output(scanned)
 
     def finish(self) -> list:
@@ -126,21 +134,21 @@ class SegmentedKDA:
         (prepared, tag), self.pending = self.pending, None
         if self.side is None:
             scanned, self.state = self.stages.scan(prepared, self.state)
-            return prepared, scanned, tag, None
+            return scanned, tag, None
         self.side.wait_stream(torch.cuda.current_stream())  # the scan reads what the main stream prepared
         with torch.cuda.stream(self.side):
             scanned, self.state = self.stages.scan(prepared, self.state)
-        return prepared, scanned, tag, self.side.record_event()
+        for t in prepared:  # freed below: not reused before the scan has read them
+            t.record_stream(self.side)
+        return scanned, tag, self.side.record_event()
 
-    def _output(self, scanned) -> list:
-        if scanned is None:
+    def _output(self, pending) -> list:
+        if pending is None:
             return []
-        prepared, scanned, tag, scan_done = scanned
+        scanned, tag, scan_done = pending
         if scan_done is not None:
             main = torch.cuda.current_stream()
             main.wait_event(scan_done)
-            # Made on the side stream, last read here: not reused there before this read. (What the main stream
-            # prepared and the scan read is safe to free: the main stream has just waited for the scan.)
-            for t in scanned:
+            for t in scanned:  # some were made on the side stream: not reused there before this read
                 t.record_stream(main)
-        return [(self.stages.output(prepared, scanned), tag)]
+        return [(self.stages.output(scanned), tag)]
