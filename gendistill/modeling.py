@@ -21,7 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules, linear_into
-from gendistill.kda import gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, resolve_backend, short_conv
+from gendistill.kda import (Conv, gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, next_conv_context,
+                            resolve_backend, short_conv)
 from gendistill.kda.segments import SegmentedKDA
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -172,11 +173,16 @@ class KDAMixer(nn.Module):
         qkv = F.linear(x, qkv_weight)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
-        qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation, cu_seqlens,
-                                       pos_in_doc)
         # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv.
-        qk_normalized = self._qk_normalized(x)
-        q, k, v = (kda_heads_fused if qk_normalized else kda_heads)(qkv, H, Hkv, D, qk_normalized)
+        if self._qk_normalized(x) and cu_seqlens is None:  # the conv folded into the Triton head split
+            conv = Conv(conv_weight, conv_bias, conv_context, self.conv_activation)
+            q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
+            conv_context = next_conv_context(conv_context, qkv, conv_weight.shape[-1])
+        else:
+            qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation,
+                                           cu_seqlens, pos_in_doc)
+            q, k, v = (kda_heads_fused if self._qk_normalized(x) else kda_heads)(qkv, H, Hkv, D,
+                                                                                self._qk_normalized(x))
         f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
                                                               self.g_a_proj.out_features, H], dim=-1)
         f = self.f_b_proj(f_low).reshape(B, T, H, D)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gendistill import kda
 from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
                             resolve_backend, use_backend)
 
@@ -185,6 +186,43 @@ def test_fused_kda_heads_kernel_matches_the_definition(B, T, H, Hkv, D, dtype, n
         for got, want in zip(fused, reference):
             assert got.is_contiguous() and got.dtype == dtype and got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("T", [1, 2, 70])  # a decode step, fewer steps than the conv's reach, two row blocks + part
+@pytest.mark.parametrize("with_context,bias,activation,dtype", [
+    (False, True, "identity", torch.float32),
+    (True, True, "silu", torch.float32),
+    (True, False, "identity", torch.bfloat16),
+])
+def test_fused_kda_heads_with_the_conv_folded_in(T, with_context, bias, activation, dtype):
+    """The conv folded into the Triton pass equals short_conv (the definition) then kda_heads, from a strided input,
+    with and without the previous steps' context (which T < W-1 steps reach past)."""
+    B, H, Hkv, D, W = 2, 4, 2, 16, 4
+    C = (H + 2 * Hkv) * D
+    gen = torch.Generator().manual_seed(T)
+    qkv = torch.randn(B, T, C + 3, generator=gen).to(dtype)[..., 3:]
+    weight = torch.randn(C, 1, W, generator=gen).to(dtype)
+    conv_bias = torch.randn(C, generator=gen).to(dtype) if bias else None
+    context = torch.randn(B, C, W - 1, generator=gen) if with_context else None  # fp32, as a cache may hold it
+    conv_out, _ = kda.short_conv(qkv, weight, conv_bias, context, activation)
+    reference = kda_heads(conv_out, H, Hkv, D, True)
+    fused = kda_heads_fused(qkv, H, Hkv, D, True, kda.Conv(weight, conv_bias, context, activation))
+    for got, want in zip(fused, reference):
+        assert got.is_contiguous() and got.shape == want.shape
+        # bf16: the reference rounds inside F.conv1d, the kernel once after its fp32 sum (one ulp apart at most)
+        torch.testing.assert_close(got, want, **(dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16
+                                                 else dict(atol=1e-5, rtol=0)))
+    unconvolved = kda_heads_fused(qkv, H, Hkv, D, True)  # the conv is not ignored
+    assert (unconvolved[2] - reference[2]).abs().max() > 0.1
+
+
+def test_next_conv_context_reaches_into_the_old_one():
+    context = torch.arange(6.0).reshape(1, 2, 3)
+    x = torch.tensor([[[10.0, 20.0]]])  # one step, two channels
+    torch.testing.assert_close(kda.next_conv_context(context, x, 4), torch.tensor([[[1.0, 2.0, 10.0],
+                                                                                    [4.0, 5.0, 20.0]]]))
+    torch.testing.assert_close(kda.next_conv_context(None, x, 4), torch.tensor([[[0.0, 0.0, 10.0],
+                                                                                 [0.0, 0.0, 20.0]]]))
 
 
 def test_fused_kda_heads_rejects_a_layout_it_cannot_split():

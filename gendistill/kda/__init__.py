@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from gendistill.kda.chunk import chunk_kda
-from gendistill.kda.heads import kda_heads, kda_heads_fused, l2norm
+from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused"]
+           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused", "Conv", "next_conv_context"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -181,6 +181,14 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if bias is None else out + bias[:, None]
 
 
+def next_conv_context(context: torch.Tensor | None, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The short conv's context after x [B, T, D]: the last W-1 inputs [B, D, W-1] (W = kernel_size), reaching into
+    `context` (None: zeros) when T < W-1."""
+    B, T, D = x.shape
+    context = x.new_zeros(B, D, kernel_size - 1) if context is None else context.to(x.dtype)
+    return torch.cat([context, x[:, -(kernel_size - 1):].transpose(1, 2)], dim=-1)[..., -(kernel_size - 1):]
+
+
 def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
                activation: str = "identity", cu_seqlens: torch.Tensor | None = None,
                pos_in_doc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,8 +209,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         else:  # fla's state holds the last W inputs; the kernel reads its last W-1
             y, _ = fla_conv(x=x, weight=weight[:, 0], bias=bias, activation=act,
                             initial_state=None if context is None else F.pad(ctx, (1, 0)).contiguous())
-        new_context = torch.cat([ctx, x[:, -(W - 1):].transpose(1, 2)], dim=-1)[..., -(W - 1):]
-        return y, new_context
+        return y, next_conv_context(ctx, x, W)
     conv_in = torch.cat([ctx, x.transpose(1, 2)], dim=-1)
     y = causal_conv(conv_in, weight, bias, pos_in_doc)
     if activation == "silu":

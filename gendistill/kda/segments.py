@@ -102,8 +102,6 @@ class SegmentedKDA:
     `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
     segment late."""
 
-    scan_right_after_prepare = False  # lever (bench/prefill_levers.py): issue each scan before the next projections
-
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
         self.stages = FlaStages(A_log, dt_bias) if fla else WholeStages(A_log, dt_bias, qk_normalized)
@@ -118,8 +116,6 @@ class SegmentedKDA:
         inputs.clear()
         self.pending = (self.stages.prepare(q, k, v, f, b), tag)  # s's prepare shares the GPU with that scan
         del q, k, v, f, b
-        if self.scan_right_after_prepare:
-            return self._output(scanned) + self._output(self._scan_pending())
         return self._output(scanned)
 
     def finish(self) -> list:
