@@ -6,9 +6,8 @@ process.
 TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it is
 (the short conv folded into the Triton head split, `gendistill/kda/heads.py`; each KDA segment's state scan on a side
 stream beside the next segment's prepare kernels, `gendistill/kda/segments.py`); with fla's conv kernel then the split
-(the path before); the folded pass with 32 or 128 steps per program; each scan issued after the next segment's split
-(run 20's schedule) instead of right after its GEMMs; the KDA stages in order on one stream; fla's whole chunk_kda per
-segment (the path before); 24K segments.
+(the path before); the folded pass with 32 or 128 steps per program; the KDA stages in order on one stream; fla's whole
+chunk_kda per segment (the path before); 24K segments.
 Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
 torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
 stream for the next segment's inputs (run 11), the chunk-state scan split into pieces scanned in parallel, fla's
@@ -108,10 +107,6 @@ def main() -> int:
             heads.CONV_ROWS, default = rows_per_program, heads.CONV_ROWS
             measure(student, f"student, conv + split {rows_per_program} steps per program", first)
             heads.CONV_ROWS = default
-        scan_previous = segments.SegmentedKDA.scan_previous
-        segments.SegmentedKDA.scan_previous = lambda self: None  # `add` issues it, after the next segment's split
-        measure(student, "student, each scan issued after the next split", first)
-        segments.SegmentedKDA.scan_previous = scan_previous
         side_stream, fla_stages = segments._side_stream, segments._fla_stages
         segments._side_stream = lambda device: None
         measure(student, "student, stages in order on one stream", first)

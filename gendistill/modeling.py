@@ -140,7 +140,7 @@ class KDAMixer(nn.Module):
                 part = slice(start, start + segment)
                 kda_in, gate_low, conv_context, _ = self._inputs(hidden_states[:, part],
                                                                  None if pad is None else pad[:, part], None,
-                                                                 conv_context, params, kda.scan_previous)
+                                                                 conv_context, params)
                 for o_part, (gate_part, out_part) in kda.add(kda_in, tag=(gate_low, o[:, part])):
                     self._output(o_part, gate_part, out_part)
             for o_part, (gate_part, out_part) in kda.finish():
@@ -157,10 +157,9 @@ class KDAMixer(nn.Module):
         autograd through fla's own norms, the PyTorch paths normalise in `kda_gated`."""
         return not torch.is_grad_enabled() and resolve_backend(x, x.shape[1]) == "fla"
 
-    def _inputs(self, x, pad, doc_start, conv_context, params, after_gemms=None):
-        """KDA's inputs for x (one segment, or the whole input): [q, k, v, f, b], the output gate's low-rank half,
-        the new conv context, and cu_seqlens for packed documents (then q..b are one flattened row). `after_gemms` is
-        called once the projections' GEMMs are issued."""
+    def _inputs(self, x, pad, doc_start, conv_context, params):
+        """KDA's inputs for x (one segment, or the whole input): (q, k, v, f, b), the output gate's low-rank half,
+        the new conv context, and cu_seqlens for packed documents (then q..b are one flattened row)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -172,23 +171,21 @@ class KDAMixer(nn.Module):
             pos_in_doc = _position_in_document(doc_start)
         qkv_weight, conv_weight, conv_bias, gates_weight = params
         qkv = F.linear(x, qkv_weight)
-        f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
-                                                              self.g_a_proj.out_features, H], dim=-1)
-        f = self.f_b_proj(f_low).reshape(B, T, H, D)
-        if after_gemms is not None:
-            after_gemms()
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv.
-        normalized = self._qk_normalized(x)
-        if normalized and cu_seqlens is None:  # the conv folded into the Triton head split
+        if self._qk_normalized(x) and cu_seqlens is None:  # the conv folded into the Triton head split
             conv = Conv(conv_weight, conv_bias, conv_context, self.conv_activation)
             q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
             conv_context = next_conv_context(conv_context, qkv, conv_weight.shape[-1])
         else:
             qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation,
                                            cu_seqlens, pos_in_doc)
-            q, k, v = (kda_heads_fused if normalized else kda_heads)(qkv, H, Hkv, D, normalized)
+            q, k, v = (kda_heads_fused if self._qk_normalized(x) else kda_heads)(qkv, H, Hkv, D,
+                                                                                self._qk_normalized(x))
+        f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
+                                                              self.g_a_proj.out_features, H], dim=-1)
+        f = self.f_b_proj(f_low).reshape(B, T, H, D)
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)

@@ -7,9 +7,8 @@ fla's chunked KDA runs in three stages:
   of an H200's 132 SMs, for 256 steps per 16K segment (73 of the 128K student prefill's 1337 ms, run 16 profile);
 - output: parallel again.
 On CUDA, `SegmentedKDA` issues segment s's scan on a high-priority side stream only once the main stream has issued
-segment s+1's GEMMs (they take every SM: issued beside them, the scan waits, and the 128K prefill took 32 ms longer), so
-the scan shares the GPU with s+1's head split and prepare kernels; the main stream then waits for the scan and runs s's
-output. Elsewhere (CPU, the PyTorch paths) the stages run in order on
+segment s+1's projections (the GEMMs, which take every SM), so the scan shares the GPU with s+1's prepare kernels; the
+main stream then waits for the scan and runs s's output. Elsewhere (CPU, the PyTorch paths) the stages run in order on
 one stream, and the scan stage is the whole of `kda_gated`: same results, and the orchestration is what the CPU tests
 check.
 """
@@ -95,10 +94,7 @@ class SegmentedKDA:
     """KDA over consecutive segments of one batch of sequences, the state carried from each to the next:
 
         kda = SegmentedKDA(A_log, dt_bias, state, qk_normalized, like=x)
-        for each segment:
-            (its GEMMs)
-            kda.scan_previous()
-            (the rest of its inputs)
+        for each segment:  (its projections issued first)
             for o, tag in kda.add([q, k, v, f, b], tag): ...  # the previous segment's output
         for o, tag in kda.finish(): ...                       # the last one's
         kda.state                                             # after the last segment, fp32
@@ -111,50 +107,41 @@ class SegmentedKDA:
         self.stages = FlaStages(A_log, dt_bias) if fla else WholeStages(A_log, dt_bias, qk_normalized)
         self.side = _side_stream(like.device) if fla else None
         self.state = None if state is None else state.float()
-        self.prepared = None  # (prepared, tag) of the segment whose scan is not issued yet
-        self.scanned = None  # (scanned, tag, event) of the segment whose output is not issued yet
+        self.pending = None  # (prepared, tag) of the segment whose scan is not issued yet
 
-    def scan_previous(self) -> None:
-        """Issues the previous segment's scan (if not yet): call it once this segment's GEMMs are issued, so that the
-        scan runs beside the kernels that follow (GEMMs take every SM and would make it wait). `add` issues it
-        otherwise."""
-        self._issue_scan()
+    def add(self, inputs: list, tag) -> list:
+        """Segment s's [q, k, v, f, b] (emptied here, so that they are freed once prepared); returns what is done."""
+        scanned = self._scan_pending()  # segment s-1's scan, issued after segment s's projections
+        q, k, v, f, b = inputs
+        inputs.clear()
+        self.pending = (self.stages.prepare(q, k, v, f, b), tag)  # s's prepare shares the GPU with that scan
+        del q, k, v, f, b
+        return self._output(scanned)
 
-    def _issue_scan(self) -> None:
-        if self.prepared is None:
-            return
-        (prepared, tag), self.prepared = self.prepared, None
+    def finish(self) -> list:
+        done = self._output(self._scan_pending())
+        if self.side is not None and self.state is not None:
+            self.state.record_stream(torch.cuda.current_stream())
+        return done
+
+    def _scan_pending(self):
+        if self.pending is None:
+            return None
+        (prepared, tag), self.pending = self.pending, None
         if self.side is None:
             scanned, self.state = self.stages.scan(prepared, self.state)
-            self.scanned = scanned, tag, None
-            return
+            return scanned, tag, None
         self.side.wait_stream(torch.cuda.current_stream())  # the scan reads what the main stream prepared
         with torch.cuda.stream(self.side):
             scanned, self.state = self.stages.scan(prepared, self.state)
         for t in prepared:  # freed below: not reused before the scan has read them
             t.record_stream(self.side)
-        self.scanned = scanned, tag, self.side.record_event()
+        return scanned, tag, self.side.record_event()
 
-    def add(self, inputs: list, tag) -> list:
-        """Segment s's [q, k, v, f, b] (emptied here, so that they are freed once prepared); returns what is done."""
-        self._issue_scan()
-        q, k, v, f, b = inputs
-        inputs.clear()
-        self.prepared = (self.stages.prepare(q, k, v, f, b), tag)  # s's prepare shares the GPU with that scan
-        del q, k, v, f, b
-        return self._output()
-
-    def finish(self) -> list:
-        self._issue_scan()
-        done = self._output()
-        if self.side is not None and self.state is not None:
-            self.state.record_stream(torch.cuda.current_stream())
-        return done
-
-    def _output(self) -> list:
-        if self.scanned is None:
+    def _output(self, pending) -> list:
+        if pending is None:
             return []
-        (scanned, tag, scan_done), self.scanned = self.scanned, None
+        scanned, tag, scan_done = pending
         if scan_done is not None:
             main = torch.cuda.current_stream()
             main.wait_event(scan_done)
