@@ -27,7 +27,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Q
 
 from gendistill.kda import fla_module_ops, fused_inference
 
-DEFAULT_CHUNK = 16384
+DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stock Qwen3 with fused modules
 
 
 class FusedRMSNorm(Qwen3RMSNorm):

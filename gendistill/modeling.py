@@ -39,7 +39,7 @@ class HybridKDAConfig(Qwen3Config):
     kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
     kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
     kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    kda_prefill_chunk: int = 16384  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
+    kda_prefill_chunk: int = 24576  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
     number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
 
     def __post_init__(self, **kwargs):
@@ -174,15 +174,15 @@ class KDAMixer(nn.Module):
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv.
-        if self._qk_normalized(x) and cu_seqlens is None:  # the conv folded into the Triton head split
+        normalized = self._qk_normalized(x)
+        if normalized and cu_seqlens is None:  # the conv folded into the Triton head split
             conv = Conv(conv_weight, conv_bias, conv_context, self.conv_activation)
             q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
             conv_context = next_conv_context(conv_context, qkv, conv_weight.shape[-1])
         else:
             qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation,
                                            cu_seqlens, pos_in_doc)
-            q, k, v = (kda_heads_fused if self._qk_normalized(x) else kda_heads)(qkv, H, Hkv, D,
-                                                                                self._qk_normalized(x))
+            q, k, v = (kda_heads_fused if normalized else kda_heads)(qkv, H, Hkv, D, normalized)
         f_low, gate_low, b = F.linear(x, gates_weight).split([self.f_a_proj.out_features,
                                                               self.g_a_proj.out_features, H], dim=-1)
         f = self.f_b_proj(f_low).reshape(B, T, H, D)

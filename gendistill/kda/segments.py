@@ -4,11 +4,13 @@ fla's chunked KDA runs in three stages:
 - prepare: beta's sigmoid, the gate and its chunk-local cumsum, the intra-chunk solve (w, u, A_qk): parallel over
   chunks, thousands of thread blocks;
 - scan: the state handed from chunk to chunk, sequential; at batch 1 one thread block per head and 64 values, so 32
-  of an H200's 132 SMs, for 256 steps per 16K segment (73 of the 128K student prefill's 1337 ms, run 16 profile);
+  of an H200's 132 SMs, 64 tokens per step (73 of the 128K student prefill's 1337 ms, run 16 profile);
 - output: parallel again.
 On CUDA, `SegmentedKDA` issues segment s's scan on a high-priority side stream only once the main stream has issued
-segment s+1's projections (the GEMMs, which take every SM), so the scan shares the GPU with s+1's prepare kernels; the
-main stream then waits for the scan and runs s's output. Elsewhere (CPU, the PyTorch paths) the stages run in order on
+segment s+1's projections (the GEMMs, which take every SM: a scan issued before them made the 128K prefill 32 ms
+slower, run 19), so the scan shares the GPU with s+1's head split and prepare kernels; the main stream then waits for
+the scan and runs s's output. 128K prefill on an H200 (run 21): 1297 ms, against 1329 with the stages in order on one
+stream. Elsewhere (CPU, the PyTorch paths) the stages run in order on
 one stream, and the scan stage is the whole of `kda_gated`: same results, and the orchestration is what the CPU tests
 check.
 """
