@@ -115,7 +115,8 @@ class KDAMixer(nn.Module):
         """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
         without a cache (training), `position_ids` that restart mark packed documents: state and conv restart there.
         Long inference prefills run in segments of `prefill_chunk` tokens, carrying conv context and state, so
-        activation memory stays bounded whatever the context length."""
+        activation memory stays bounded whatever the context length (`kda.segments.SegmentedKDA`: on CUDA each
+        segment's state scan runs beside the next segment's parallel work)."""
         B, T, _ = hidden_states.shape
         cache = past_key_values
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()

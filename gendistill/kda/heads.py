@@ -17,7 +17,7 @@ import torch
 
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 ROWS = 32  # tokens per program
-CONV_ROWS = 64  # tokens per program with the conv folded in (its first W-1 - 1 tap loads are re-reads)
+CONV_ROWS = 64  # tokens per program with the conv folded in (each block re-reads the W-1 steps before it)
 
 
 def kda_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, normalize_qk: bool):

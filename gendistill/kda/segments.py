@@ -10,9 +10,8 @@ On CUDA, `SegmentedKDA` issues segment s's scan on a high-priority side stream o
 segment s+1's projections (the GEMMs, which take every SM: a scan issued before them made the 128K prefill 32 ms
 slower, run 19), so the scan shares the GPU with s+1's head split and prepare kernels; the main stream then waits for
 the scan and runs s's output. 128K prefill on an H200 (run 21): 1297 ms, against 1329 with the stages in order on one
-stream. Elsewhere (CPU, the PyTorch paths) the stages run in order on
-one stream, and the scan stage is the whole of `kda_gated`: same results, and the orchestration is what the CPU tests
-check.
+stream. Elsewhere (CPU, the PyTorch paths) the stages run in order on one stream and the scan stage is the whole of
+`kda_gated`: same results; tests/test_kda_segments.py checks the CUDA schedule with logging fake streams.
 """
 from __future__ import annotations
 
