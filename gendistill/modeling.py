@@ -127,21 +127,24 @@ class KDAMixer(nn.Module):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
         params = self._merged_params()
+        # GPU inference splits, repeats and normalises q/k in one Triton pass (kda/heads.py); training keeps autograd
+        # through fla's own norms, the PyTorch paths normalise in `kda_gated`.
+        normalized = not torch.is_grad_enabled() and resolve_backend(hidden_states, T) == "fla"
         if segment >= T:
             kda_in, gate_low, conv_context, cu_seqlens = self._inputs(hidden_states, pad, doc_start, conv_context,
-                                                                       params)
+                                                                       params, normalized)
             o, state = kda_gated(*kda_in, self.A_log, self.dt_bias, initial_state=state,
                                  output_final_state=cache is not None, cu_seqlens=cu_seqlens,
-                                 qk_normalized=self._qk_normalized(hidden_states))
+                                 qk_normalized=normalized)
             o = self._output(o, gate_low)
         else:
             o = hidden_states.new_empty(B, T, self.o_proj.out_features)
-            kda = SegmentedKDA(self.A_log, self.dt_bias, state, self._qk_normalized(hidden_states), hidden_states)
+            kda = SegmentedKDA(self.A_log, self.dt_bias, state, normalized, hidden_states)
             for start in range(0, T, segment):
                 part = slice(start, start + segment)
                 kda_in, gate_low, conv_context, _ = self._inputs(hidden_states[:, part],
                                                                  None if pad is None else pad[:, part], None,
-                                                                 conv_context, params)
+                                                                 conv_context, params, normalized)
                 for o_part, (gate_part, out_part) in kda.add(kda_in, tag=(gate_low, o[:, part])):
                     self._output(o_part, gate_part, out_part)
             for o_part, (gate_part, out_part) in kda.finish():
@@ -152,15 +155,10 @@ class KDAMixer(nn.Module):
             cache.update_recurrent_state(state.float(), self.layer_idx)
         return o, None
 
-    @staticmethod
-    def _qk_normalized(x) -> bool:
-        """GPU inference splits, repeats and normalises q/k in one Triton pass (kda/heads.py); training keeps
-        autograd through fla's own norms, the PyTorch paths normalise in `kda_gated`."""
-        return not torch.is_grad_enabled() and resolve_backend(x, x.shape[1]) == "fla"
-
-    def _inputs(self, x, pad, doc_start, conv_context, params):
-        """KDA's inputs for x (one segment, or the whole input): (q, k, v, f, b), the output gate's low-rank half,
-        the new conv context, and cu_seqlens for packed documents (then q..b are one flattened row)."""
+    def _inputs(self, x, pad, doc_start, conv_context, params, normalized: bool):
+        """KDA's inputs for x (one segment, or the whole input): [q, k, v, f, b] (q and k L2-normalised when
+        `normalized`), the output gate's low-rank half, the new conv context, and cu_seqlens for packed documents (then
+        q..b are one flattened row)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -175,7 +173,6 @@ class KDAMixer(nn.Module):
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
             qkv = qkv * pad[..., None].to(qkv.dtype)
         # k/v keep the teacher's Hkv heads, repeated as GQA's repeat_kv.
-        normalized = self._qk_normalized(x)
         if normalized and cu_seqlens is None:  # the conv folded into the Triton head split
             conv = Conv(conv_weight, conv_bias, conv_context, self.conv_activation)
             q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
