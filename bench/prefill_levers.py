@@ -5,7 +5,8 @@ process.
 
 TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it is
 (the short conv folded into the Triton head split, `gendistill/kda/heads.py`; each KDA segment's state scan on a side
-stream beside the next segment's prepare kernels, `gendistill/kda/segments.py`; segments of 24K tokens); with fla's
+stream beside the next segment's prepare kernels, `gendistill/kda/segments.py`; segments of 24K tokens; gendistill's
+one-launch RMSNorms, `gendistill/norm.py`); with fla's RMSNorm and gated output norm (the path before); with fla's
 conv kernel then the split (the path before); the KDA stages in order on one stream; fla's whole chunk_kda per segment
 (the path before); segments of 16K (the default before) and 32K.
 Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
                               start_peak, timed, weight_bytes)
+import gendistill.fused as fused  # noqa: E402
 import gendistill.kda as kda  # noqa: E402
 import gendistill.kda.segments as segments  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
@@ -94,6 +96,20 @@ def main() -> int:
         teacher.cpu()
         release_memory(DEVICE)
         first = measure(student, "student (all levers)")
+        from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+
+        def fla_norm(x, weight, eps, residual=None):  # the path before: fla's RMSNorm, its residual form
+            if residual is None:
+                return fla_rms_norm(x, weight, None, eps=eps)
+            return fla_rms_norm(x, weight, None, residual=residual, prenorm=True, eps=eps)
+
+        def fla_gated_norm(x, weight, eps, gate, activation):
+            return kda._fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
+
+        norm, gated_norm = fused.rms_norm, kda.rms_norm
+        fused.rms_norm, kda.rms_norm = fla_norm, fla_gated_norm
+        measure(student, "student, fla's RMSNorm and gated norm", first)
+        fused.rms_norm, kda.rms_norm = norm, gated_norm
         heads_fused = modeling.kda_heads_fused
 
         def conv_then_split(qkv, H, Hkv, D, normalize, conv=None):  # the path before: fla's conv kernel, then the split

@@ -1,10 +1,11 @@
 """Fused inference kernels for Qwen3's own parts (RMSNorm, MLP, rotary embedding); the transformers modules are the
 reference.
 
+- `FusedRMSNorm`: on CUDA with gradients off (`kda.kernel_inference`), at every length, decoding included, one launch
+  of gendistill.norm's Triton kernel, optionally adding the residual in the same pass, instead of transformers' six
+  eager kernels with fp32 copies of the whole activation (one launch costs the host least, too).
 On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_MIN_BYTES bytes
 (`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
-- `FusedRMSNorm` runs fla's one-pass Triton RMSNorm, optionally adding the residual in the same pass, instead of
-  transformers' six eager kernels with fp32 copies of the whole activation;
 - `FusedMLP` projects gate and up in one GEMM, computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version
   was no faster than the two eager kernels at 128K on the H200 and once returned NaN in the benchmark's check,
   torch.compile's saved 2.5 of 28 ms), and beyond `kda_prefill_chunk` tokens works in slices (each written into the
@@ -25,26 +26,27 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
-from gendistill.kda import fla_module_ops, fused_inference
+from gendistill.kda import fla_rotary, fused_inference, kernel_inference
+from gendistill.norm import rms_norm
 
 DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stock Qwen3 with fused modules
 
 
 class FusedRMSNorm(Qwen3RMSNorm):
+    def _kernel(self, x: torch.Tensor) -> bool:
+        return kernel_inference(x) and self.weight.dtype == x.dtype  # else transformers promotes to the weight's
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not fused_inference(hidden_states):
+        if not self._kernel(hidden_states):
             return super().forward(hidden_states)
-        rms_norm = fla_module_ops()[0]
-        return rms_norm(hidden_states, self.weight, None, eps=self.variance_epsilon)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + x, norm(residual + x)); one pass over the activations on the fused path."""
-        if not fused_inference(x):
+        """(residual + x, norm(residual + x)); one pass over the activations on the kernel's path."""
+        if not self._kernel(x):
             hidden_states = residual + x
             return hidden_states, super().forward(hidden_states)
-        rms_norm = fla_module_ops()[0]
-        normed, hidden_states = rms_norm(x, self.weight, None, residual=residual, prenorm=True,
-                                         eps=self.variance_epsilon)
+        normed, hidden_states = rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
         return hidden_states, normed
 
 
@@ -112,7 +114,7 @@ class FusedQwen3Attention(Qwen3Attention):
         cos, sin = position_embeddings  # [rows, T, head_dim], the two halves repeated
         if not fused_inference(hidden_states) or cos.shape[0] != 1 or self.training:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        rotary = fla_module_ops()[1]
+        rotary = fla_rotary()
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = (t[0, :, : self.head_dim // 2] for t in (cos, sin))  # one row of positions, shared by the batch

@@ -21,8 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules, linear_into
-from gendistill.kda import (Conv, gated_rms_norm, kda_gated, kda_heads, kda_heads_fused, next_conv_context,
-                            resolve_backend, short_conv)
+from gendistill.kda import (RECURRENT_MAX_STEPS, Conv, gated_rms_norm, kda_gated, kda_heads, kda_heads_fused,
+                            next_conv_context, resolve_backend, short_conv)
 from gendistill.kda.segments import SegmentedKDA
 
 FULL, LINEAR = "full_attention", "linear_attention"
@@ -130,9 +130,11 @@ class KDAMixer(nn.Module):
         # GPU inference splits, repeats and normalises q/k in one Triton pass (kda/heads.py); training keeps autograd
         # through fla's own norms, the PyTorch paths normalise in `kda_gated`.
         normalized = not torch.is_grad_enabled() and resolve_backend(hidden_states, T) == "fla"
-        if segment >= T:
+        # fla inference beyond a decode step goes through SegmentedKDA even in one segment: fla's stages called
+        # directly cost the host less than its autograd wrapper (host-bound at a few thousand tokens).
+        if segment >= T and not (normalized and doc_start is None and T > RECURRENT_MAX_STEPS):
             kda_in, gate_low, conv_context, cu_seqlens = self._inputs(hidden_states, pad, doc_start, conv_context,
-                                                                       params, normalized)
+                                                                       params, normalized, cache is not None)
             o, state = kda_gated(*kda_in, self.A_log, self.dt_bias, initial_state=state,
                                  output_final_state=cache is not None, cu_seqlens=cu_seqlens,
                                  qk_normalized=normalized)
@@ -144,7 +146,8 @@ class KDAMixer(nn.Module):
                 part = slice(start, start + segment)
                 kda_in, gate_low, conv_context, _ = self._inputs(hidden_states[:, part],
                                                                  None if pad is None else pad[:, part], None,
-                                                                 conv_context, params, normalized)
+                                                                 conv_context, params, normalized,
+                                                                 cache is not None or start + segment < T)
                 for o_part, (gate_part, out_part) in kda.add(kda_in, tag=(gate_low, o[:, part])):
                     self._output(o_part, gate_part, out_part)
             for o_part, (gate_part, out_part) in kda.finish():
@@ -155,10 +158,10 @@ class KDAMixer(nn.Module):
             cache.update_recurrent_state(state.float(), self.layer_idx)
         return o, None
 
-    def _inputs(self, x, pad, doc_start, conv_context, params, normalized: bool):
+    def _inputs(self, x, pad, doc_start, conv_context, params, normalized: bool, keep_context: bool):
         """KDA's inputs for x (one segment, or the whole input): [q, k, v, f, b] (q and k L2-normalised when
-        `normalized`), the output gate's low-rank half, the new conv context, and cu_seqlens for packed documents (then
-        q..b are one flattened row)."""
+        `normalized`), the output gate's low-rank half, the new conv context (may be None unless `keep_context`), and
+        cu_seqlens for packed documents (then q..b are one flattened row)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cu_seqlens = pos_in_doc = None
@@ -176,7 +179,7 @@ class KDAMixer(nn.Module):
         if normalized and cu_seqlens is None:  # the conv folded into the Triton head split
             conv = Conv(conv_weight, conv_bias, conv_context, self.conv_activation)
             q, k, v = kda_heads_fused(qkv, H, Hkv, D, True, conv)
-            conv_context = next_conv_context(conv_context, qkv, conv_weight.shape[-1])
+            conv_context = next_conv_context(conv_context, qkv, conv_weight.shape[-1]) if keep_context else None
         else:
             qkv, conv_context = short_conv(qkv, conv_weight, conv_bias, conv_context, self.conv_activation,
                                            cu_seqlens, pos_in_doc)

@@ -1,9 +1,8 @@
-"""gendistill.fused: the fused inference path (fla's Triton RMSNorm and rotary embedding on CUDA, MLPs in slices,
-the KDA mixer's Triton head split, run in Triton's interpreter)
-against the transformers modules. CI has no GPU, so fla's kernels are replaced by their written definitions (fla's
-semantics: fp32 inside, the residual added in the same pass and returned with `prenorm=True`, rotary on [B, T, H, D]
-with half-width cos/sin) and the fused path is switched on; what is tested is everything around the kernels: which
-module calls what, the residual wiring, the rotary's inputs, the MLP's slicing beyond the chunk."""
+"""gendistill.fused: the fused inference path (gendistill.norm's Triton RMSNorm and the KDA mixer's Triton head split,
+run in Triton's interpreter; fla's rotary embedding on CUDA; MLPs in slices) against the transformers modules. CI has
+no GPU, so fla's rotary kernel is replaced by its written definition (fla's semantics: fp32 inside, [B, T, H, D] with
+half-width cos/sin) and the fused path is switched on; what is tested is everything around the kernels: which module
+calls what, the residual wiring, the rotary's inputs, the MLP's slicing beyond the chunk."""
 import copy
 
 import pytest
@@ -12,8 +11,9 @@ from transformers import DynamicCache
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm
 
 import gendistill.fused as fused
+import gendistill.kda as kda
 import gendistill.modeling as modeling
-from gendistill import convert
+from gendistill import convert, norm
 from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.modeling import KDAMixer
 from gendistill.testing import tiny_qwen3
@@ -21,11 +21,9 @@ from gendistill.testing import tiny_qwen3
 CALLS = {"rms_norm": 0, "rotary": 0}
 
 
-def fla_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+def counted_rms_norm(*args, **kwargs):
     CALLS["rms_norm"] += 1
-    r = x.float() if residual is None else x.float() + residual.float()
-    y = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-    return (y, r.to(x.dtype if residual is None else residual.dtype)) if prenorm else y
+    return norm.rms_norm(*args, **kwargs)
 
 
 TUNED = set()
@@ -47,16 +45,18 @@ def fla_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, 
     return y
 
 
-FLA_OPS = (fla_rms_norm, fla_rotary)
-
-
 @pytest.fixture
 def fused_path(monkeypatch):
-    """The fused path switched on for CPU tensors under no_grad, with fla's kernels written out."""
-    monkeypatch.setattr(fused, "fused_inference", lambda x: not torch.is_grad_enabled())
+    """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter,
+    fla's rotary written out."""
+    inference = lambda x: not torch.is_grad_enabled()  # noqa: E731
+    monkeypatch.setattr(fused, "fused_inference", inference)
+    monkeypatch.setattr(fused, "kernel_inference", inference)
+    monkeypatch.setattr(kda, "kernel_inference", inference)  # KDA's gated output norm
     # The KDA mixer as on the fla path: q/k/v from the Triton split (in Triton's interpreter), q/k normalised there
     monkeypatch.setattr(modeling, "resolve_backend", lambda x, n: "fla")
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
+    monkeypatch.setattr(fused, "fla_rotary", lambda: fla_rotary)
+    monkeypatch.setattr(fused, "rms_norm", counted_rms_norm)
     CALLS.update(rms_norm=0, rotary=0)
     TUNED.clear()
     return CALLS
@@ -159,9 +159,10 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         for m in student.modules():
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
-    monkeypatch.setattr(fused, "fused_inference",
-                        lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent")
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: FLA_OPS)
+    inference = lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
+    monkeypatch.setattr(fused, "fused_inference", inference)
+    monkeypatch.setattr(fused, "kernel_inference", inference)
+    monkeypatch.setattr(fused, "fla_rotary", lambda: fla_rotary)
     with torch.no_grad():
         good = bench.check_correctness(teacher, student)
     assert good["passed"]
@@ -169,10 +170,10 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
                                                    "student MLP in slices of 64 tokens, fused path vs transformers",
                                                    "student attention (fla's rotary), fused path vs transformers"}
 
-    def no_weight(x, weight, bias, **kw):
-        return fla_rms_norm(x, torch.ones_like(weight), bias, **kw)
+    def no_weight(x, weight, eps, **kw):
+        return norm.rms_norm(x, torch.ones_like(weight), eps, **kw)
 
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: (no_weight, fla_rotary))
+    monkeypatch.setattr(fused, "rms_norm", no_weight)
     with torch.no_grad():
         bad = bench.check_correctness(teacher, student)
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
@@ -183,7 +184,8 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     def swapped_halves(x, cos, sin, **kw):  # a plausible rotary bug: the sine applied with the wrong sign
         return fla_rotary(x, cos, -sin, **kw)
 
-    monkeypatch.setattr(fused, "fla_module_ops", lambda: (fla_rms_norm, swapped_halves))
+    monkeypatch.setattr(fused, "rms_norm", norm.rms_norm)
+    monkeypatch.setattr(fused, "fla_rotary", lambda: swapped_halves)
     with torch.no_grad():
         bad = bench.check_correctness(teacher, student)
     assert [c["name"] for c in bad["checks"] if not c["passed"]] == [

@@ -99,14 +99,20 @@ def test_each_scan_runs_on_the_side_stream_beside_the_next_prepare(schedule):
         ("side", "waits for", "main"), ("side", "scan 1 from state after 0"), ("side", "records event 2"),
         ("main", "prepare 2"),
         ("main", "waits for", "side event 2"), ("main", "output 1"),
-        ("side", "waits for", "main"), ("side", "scan 2 from state after 1"), ("side", "records event 3"),
-        ("main", "waits for", "side event 3"), ("main", "output 2"),
+        ("main", "scan 2 from state after 1"), ("main", "output 2"),  # the last scan: nothing to run beside
     ]
     # What a scan read is not reused before the side stream is done with it; what it made (the outputs' inputs, the
-    # final state), not before the main stream is.
+    # state the main stream's last scan starts from), not before the main stream is.
     recorded = {e[0]: e[2] for e in log if "recorded on" in e}
-    assert recorded == {"prepared 0": "side", "prepared 1": "side", "prepared 2": "side",
-                        "scanned 0": "main", "scanned 1": "main", "scanned 2": "main", "state after 2": "main"}
+    assert recorded == {"prepared 0": "side", "prepared 1": "side", "scanned 0": "main", "scanned 1": "main",
+                        "state after 0": "main", "state after 1": "main"}
+
+
+def test_one_segment_runs_on_the_main_stream_alone(schedule):
+    kda, log = schedule
+    assert kda.add([0, "k", "v", "f", "b"], tag="tag") == []
+    assert kda.finish() == [("o 0", "tag")]
+    assert log == [("main", "prepare 0"), ("main", "scan 0 from initial state"), ("main", "output 0")]
 
 
 def test_add_empties_the_inputs_it_takes(schedule):

@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
+from gendistill.norm import rms_norm, rms_norm_reference
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_module_ops", "kda_heads", "kda_heads_fused", "Conv", "next_conv_context"]
+           "bytes_bound", "fla_rotary", "kernel_inference", "kda_heads", "kda_heads_fused", "Conv", "next_conv_context",
+           "RECURRENT_MAX_STEPS"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
+RECURRENT_MAX_STEPS = 64  # inference on up to this many steps (decoding) takes fla's fused recurrent kernel
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
 
 
@@ -68,14 +71,13 @@ def _fla_conv():
 
 
 @functools.cache
-def fla_module_ops():
-    """fla's fused RMSNorm (optionally adding a residual in the same pass) and rotary embedding, or None."""
+def fla_rotary():
+    """fla's rotary embedding kernel, or None."""
     try:
-        from fla.modules.norm.layernorm import rms_norm
         from fla.modules.rotary import rotary_embedding
     except Exception:
         return None
-    return rms_norm, rotary_embedding
+    return rotary_embedding
 
 
 FUSED_MIN_BYTES = 16 * 2**20  # 8192 tokens of the Qwen3-0.6B shape's hidden states (1024 wide, bf16)
@@ -93,13 +95,18 @@ def fused_from(nbytes: int):
         _fused_min_bytes.reset(token)
 
 
+def kernel_inference(x: torch.Tensor) -> bool:
+    """Whether inference on `x` runs gendistill's own one-launch Triton kernels (the RMSNorms, gendistill.norm): CUDA,
+    gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference)."""
+    return x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+
+
 def fused_inference(x: torch.Tensor) -> bool:
-    """Whether inference on `x` takes fla's fused kernels for the non-KDA parts too (gendistill.fused: they move the
-    fewest bytes, but each call costs the host more). Needs CUDA, fla, gradients off (training keeps transformers'
-    numerics), no PyTorch KDA path forced (the reference), and `bytes_bound(x)`: below FUSED_MIN_BYTES the GPU waits
-    on the host (fla's Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
-    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
-            and _fla_ops() is not None and fla_module_ops() is not None and bytes_bound(x))
+    """Whether inference on `x` takes the fused paths of gendistill.fused that cost more launches or fla calls (the
+    sliced MLP with its Triton SwiGLU, fla's rotary): they move the fewest bytes, but each call costs the host more.
+    `kernel_inference`, fla installed, and `bytes_bound(x)`: below FUSED_MIN_BYTES the GPU waits on the host (fla's
+    Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
+    return kernel_inference(x) and _fla_ops() is not None and fla_rotary() is not None and bytes_bound(x)
 
 
 def bytes_bound(x: torch.Tensor) -> bool:
@@ -143,7 +150,7 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
         kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   use_qk_l2norm_in_kernel=not qk_normalized, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
-        if q.shape[1] <= 64 and not torch.is_grad_enabled():
+        if q.shape[1] <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled():
             return fla_recurrent(q, k, v, f, b, **kw)
         return fla_chunk(q, k, v, f, b, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
@@ -155,13 +162,13 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
     """KDA's output path: RMSNorm over the last dim (x [..., D], shared weight [D]) times act(gate), in x's dtype.
-    One fused Triton kernel on the fla path; fp32 PyTorch elsewhere (the reference)."""
+    GPU inference: one launch of gendistill.norm's kernel; GPU training: fla's fused kernel (it has a backward);
+    elsewhere the PyTorch definition (`norm.rms_norm_reference`)."""
+    if kernel_inference(x) and weight.dtype == x.dtype:
+        return rms_norm(x, weight, eps, gate=gate, activation=activation)
     if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm() is not None:
         return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
-    xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-    act = torch.sigmoid(gate.float()) if activation == "sigmoid" else F.silu(gate.float())
-    return (normed.float() * act).to(x.dtype)
+    return rms_norm_reference(x, weight, eps, gate=gate, activation=activation)
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos_in_doc: torch.Tensor | None):

@@ -28,15 +28,13 @@ CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
 def _fla_stages():
     try:
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-        from fla.ops.common.gate import fused_beta_sigmoid
         from fla.ops.gla.chunk import chunk_gla_fwd_o_gk
         from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
         from fla.ops.kda.gate import kda_gate_chunk_cumsum
         from fla.ops.utils.constant import RCP_LN2
     except Exception:  # ImportError, or triton failing to initialise
         return None
-    return chunk_gated_delta_rule_fwd_h, fused_beta_sigmoid, chunk_gla_fwd_o_gk, chunk_kda_fwd_intra, \
-        kda_gate_chunk_cumsum, RCP_LN2
+    return chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk, chunk_kda_fwd_intra, kda_gate_chunk_cumsum, RCP_LN2
 
 
 class FlaStages:
@@ -46,11 +44,11 @@ class FlaStages:
 
     def __init__(self, A_log, dt_bias):
         self.A_log, self.dt_bias = A_log, dt_bias
-        self.scan_fn, self.beta_sigmoid, self.output_fn, self.intra, self.gate_cumsum, self.rcp_ln2 = _fla_stages()
+        self.scan_fn, self.output_fn, self.intra, self.gate_cumsum, self.rcp_ln2 = _fla_stages()
 
     def prepare(self, q, k, v, f, b):
         scale = q.shape[-1] ** -0.5
-        beta = self.beta_sigmoid(b.contiguous())
+        beta = b.to(torch.float32, copy=True).sigmoid_()  # as fla's fused_beta_sigmoid, whose wrapper costs more
         g = self.gate_cumsum(g=f.contiguous(), A_log=self.A_log, dt_bias=self.dt_bias, scale=self.rcp_ln2,
                              chunk_size=CHUNK)
         w, u, _, kg, Aqk, _ = self.intra(q=q, k=k, v=v.contiguous(), gk=g, beta=beta, scale=scale, chunk_size=CHUNK)
@@ -101,7 +99,8 @@ class SegmentedKDA:
         kda.state                                             # after the last segment, fp32
 
     `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
-    segment late."""
+    segment late. One segment is a whole prefill on fla's stages without fla's autograd wrapper (its Python costs the
+    host more than the kernels take the GPU at a few thousand tokens)."""
 
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
@@ -120,10 +119,10 @@ class SegmentedKDA:
         return self._output(scanned)
 
     def finish(self) -> list:
-        done = self._output(self._scan_pending())
-        if self.side is not None and self.state is not None:
-            self.state.record_stream(torch.cuda.current_stream())
-        return done
+        """The last segment's output; its scan has nothing left to run beside, so it runs on the main stream (the
+        only one when there is a single segment)."""
+        self.side = None
+        return self._output(self._scan_pending())
 
     def _scan_pending(self):
         if self.pending is None:
@@ -137,6 +136,7 @@ class SegmentedKDA:
             scanned, self.state = self.stages.scan(prepared, self.state)
         for t in prepared:  # freed below: not reused before the scan has read them
             t.record_stream(self.side)
+        self.state.record_stream(torch.cuda.current_stream())  # read by the main stream's last scan, or the caller
         return scanned, tag, self.side.record_event()
 
     def _output(self, pending) -> list:
