@@ -6,7 +6,7 @@ Per model (teacher; student; student variants): the prefill's TTFT (CUDA events,
 time to issue it (perf_counter, no synchronisation: when it is close to the TTFT the GPU waits on the host), and a
 cProfile of it: host ms per forward by package (where the Python frames live) and the functions with the most time
 of their own. Then the host cost of each call a KDA layer makes, one op at a time (mean issue time over repeated calls
-on the layer's own 4K shapes, and its device time beside it).
+on the layer's own 4K shapes, and its device time beside it), and the same for a batch-1 decode step at 32K.
 gendistill sets FLA_DISABLE_BACKEND_DISPATCH=1 unless it is set (read when fla is imported): run it with
 FLA_DISABLE_BACKEND_DISPATCH=0 too to see what fla's backend dispatch costs.
 """
@@ -29,7 +29,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, random_ids, timed  # noqa: E402
+from gendistill.bench import build_shape, random_ids, synthetic_cache, timed  # noqa: E402
 import gendistill.fused as fused  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill import kda  # noqa: E402
@@ -161,10 +161,32 @@ def patched(patches: dict):
             setattr(module, name, value)
 
 
+def decode_profile(name: str, model, context: int, steps: int) -> dict:
+    """Greedy decode steps at batch 1 from a StaticCache of `context` tokens (as `gendistill bench` decodes): ms per
+    step by CUDA events and by the host's issue time, then a cProfile of as many steps."""
+    cache = synthetic_cache(model, 1, context, max_len=context + 4 * steps + 8)
+    token = random_ids(model, 1, 1, seed=0)
+
+    def step():
+        token.copy_(model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+
+    for _ in range(steps):  # warm-up
+        step()
+    hosts, devices = zip(*(host_and_device_ms(step, 1) for _ in range(steps)))
+    row = {"model": name, "context": context, "ms_per_step": statistics.median(devices),
+           "host_issue_ms": statistics.median(hosts)}
+    print(f"decode {name:>10} at {context}: {row['ms_per_step']:7.2f} ms/step, host issue {row['host_issue_ms']:7.2f} ms",
+          flush=True)
+    row["profile"] = profile_forward(step, calls=steps)
+    print(row["profile"]["own_ms_by_package"], flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", default=4096, type=int)
     p.add_argument("--repeats", default=15, type=int)
+    p.add_argument("--decode-context", default=32768, type=int, help="batch-1 decode from this context (0: none)")
     p.add_argument("--out", default="bench/results/host_profile.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -201,13 +223,18 @@ def main() -> int:
                 profiles[name] = profile_forward(lambda: model(ids, use_cache=False, logits_to_keep=1), calls=5)
             print(profiles[name]["own_ms_by_package"], flush=True)
         ops = kda_layer_ops(student, ids)
+        decode = [decode_profile(name, model, args.decode_context, steps=16)
+                  for name, model in (("teacher", teacher), ("student", student))] if args.decode_context else []
     print_table(rows, ["model", "ttft_ms", "host_issue_ms"])
+    for row in decode:
+        print(f"== decode {row['model']}: own host ms per step by package {row['profile']['own_ms_by_package']}")
+        print_table(row["profile"]["top_functions"][:25], ["function", "calls_per_forward", "own_ms_per_forward"])
     for name, prof in profiles.items():
         print(f"== {name}: own host ms per forward by package {prof['own_ms_by_package']}")
         print_table(prof["top_functions"][:20], ["function", "calls_per_forward", "own_ms_per_forward"])
     write_result(args.out, {"benchmark": "bench/host_profile.py", **environment(), "context": args.context,
                             "FLA_DISABLE_BACKEND_DISPATCH": os.environ.get("FLA_DISABLE_BACKEND_DISPATCH"),
-                            "prefill": rows, "profiles": profiles, "kda_layer_ops": ops})
+                            "prefill": rows, "profiles": profiles, "kda_layer_ops": ops, "decode": decode})
     return 0
 
 

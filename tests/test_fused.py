@@ -111,6 +111,28 @@ def test_student_fused_path_matches_reference(teacher, fused_path, monkeypatch):
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_one_segment_prefill_takes_the_stages_path(teacher, fused_path, monkeypatch):
+    """GPU inference beyond a decode step's 64 tokens runs KDA through SegmentedKDA in one segment (fla's stages
+    without its autograd wrapper; on CPU the same schedule over kda_gated): same logits as the reference, uncached and
+    cached (the conv context is kept only for a cache) + decode steps."""
+    student = convert(teacher, attention_layers=[0, 2])
+    x = ids(2, modeling.RECURRENT_MAX_STEPS + 6)
+    with torch.enable_grad():
+        reference = student(x).logits.detach()
+    added = []
+    add = modeling.SegmentedKDA.add
+    monkeypatch.setattr(modeling.SegmentedKDA, "add", lambda self, inputs, tag: added.append(1) or add(self, inputs, tag))
+    torch.testing.assert_close(student(x).logits, reference, atol=2e-5, rtol=0)
+    assert len(added) == 2  # one segment in each of the two KDA layers
+    cache = DynamicCache(config=student.config)
+    split = x.shape[1] - 3
+    pieces = [student(x[:, :split], past_key_values=cache, use_cache=True).logits]
+    pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(split, x.shape[1])]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=0)
+    assert len(added) == 2 + 2  # the cached prefill too; decode steps take fla's recurrent kernel
+
+
 def test_fused_inference_needs_long_inputs():
     """Decoding and short prefills stay on the few-calls path (the GPU waits on the host there)."""
     from gendistill import kda

@@ -414,7 +414,7 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
                      "–" if not dep else _pct(dep["identical_share"])])
     gold = next((p["letters"]["gold"] for p in report["pathologies"].values() if p["letters"]["gold"]), {})
     sections["pathologies"] = [(
-        f"Greedy outputs over all tasks; gold letters: " + (" ".join(f"{k}:{_pct(gold.get(k, 0.0), 0)}"
+        "Greedy outputs over all tasks; gold letters: " + (" ".join(f"{k}:{_pct(gold.get(k, 0.0), 0)}"
                                                                     for k in letters) or "–"),
         ["model", "chosen letters", "collapse", "repetition rate", "looping outputs", "never stop", "mean tokens",
          "length vs teacher", "first departure (median)", "identical to teacher"], rows)]
