@@ -43,7 +43,7 @@ class FusedRMSNorm(Qwen3RMSNorm):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + x, norm(residual + x)); one pass over the activations on the kernel's path."""
-        if not self._kernel(x):
+        if not self._kernel(x) or residual.dtype != x.dtype:
             hidden_states = residual + x
             return hidden_states, super().forward(hidden_states)
         normed, hidden_states = rms_norm(x, self.weight, self.variance_epsilon, residual=residual)

@@ -17,6 +17,16 @@ import torch.nn.functional as F
 GATES = {None: 0, "sigmoid": 1, "silu": 2}
 
 
+@functools.cache
+def available() -> bool:
+    """Whether triton imports (it ships with torch's CUDA builds on Linux)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                        gate: torch.Tensor | None = None, activation: str = "sigmoid"):
     """weight * normalise(residual + x) over the last dim, times act(gate) if given; returns (y, residual + x) when
@@ -70,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2 = x.reshape(-1, width).contiguous()
     out = torch.empty_like(x2)
     residual_out = None if residual is None else torch.empty_like(x2)
-    block = triton_next_power_of_2(width)
+    block = 1 << (width - 1).bit_length()  # the row's width rounded up to a power of two
     rows_per_program = max(1, 4096 // block)
     grid = (-(-x2.shape[0] // rows_per_program),)
     _kernel()[grid](x2, None if residual is None else residual.reshape(-1, width).contiguous(),
@@ -81,6 +91,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = out.view(x.shape)
     return out if residual is None else (out, residual_out.view(x.shape))
 
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()

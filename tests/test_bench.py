@@ -158,7 +158,10 @@ def test_bench_runs_end_to_end_on_cpu(tmp_path, capsys):
         for name in ("teacher", "student"):
             r = row[name]
             assert r["cache_bytes_measured"] == r["cache_bytes_analytic"] > 0
-            assert len(r["ttft_no_cache_ms_all"]) == len(r["ttft_cache_ms_all"]) == 2
+            for times in (r["ttft_no_cache_ms_all"], r["ttft_cache_ms_all"]):  # >= --repeats 2; short calls until
+                n, seconds = len(times), [t / 1e3 for t in times]                # 1 s is timed, at most 50
+                assert n >= 2 and (n == bench.MAX_REPEATS or sum(seconds) >= bench.MIN_TIMED_SECONDS)
+                assert n == 2 or sum(seconds[:-1]) < bench.MIN_TIMED_SECONDS
             assert r["ttft_no_cache_ms"] > 0 and r["ttft_cache_ms"] > 0
             assert r["peak_no_cache_bytes"] is None  # no device memory on CPU
         assert row["student"]["cache_bytes_measured"] < row["teacher"]["cache_bytes_measured"]

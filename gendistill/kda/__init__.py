@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gendistill.kda.chunk import chunk_kda
 from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused, l2norm
 from gendistill.kda.naive import recurrent_kda
-from gendistill.norm import rms_norm, rms_norm_reference
+from gendistill.norm import available as norm_kernels_available, rms_norm, rms_norm_reference
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
            "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
@@ -98,7 +98,7 @@ def fused_from(nbytes: int):
 def kernel_inference(x: torch.Tensor) -> bool:
     """Whether inference on `x` runs gendistill's own one-launch Triton kernels (the RMSNorms, gendistill.norm): CUDA,
     gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference)."""
-    return x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+    return x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla") and norm_kernels_available()
 
 
 def fused_inference(x: torch.Tensor) -> bool:
