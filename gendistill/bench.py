@@ -472,18 +472,15 @@ def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
 MIN_TIMED_SECONDS, MAX_REPEATS = 1.0, 50
 
 
-def timed_repeats(fn, device: torch.device, repeats: int, weights: int | None = None):
-    """Yields (fn's result, seconds) per timed call of fn, or (result, seconds, peak bytes above `weights` during the
-    call) when `weights` is given: at least `repeats` calls, more for short ones (MIN_TIMED_SECONDS, MAX_REPEATS)."""
+def timed_repeats(fn, device: torch.device, repeats: int, weights: int = 0):
+    """Yields (fn's result, seconds, peak bytes: `weights` + what the call allocated at its peak; None on CPU) per
+    timed call of fn: at least `repeats` calls, more for short ones (MIN_TIMED_SECONDS, MAX_REPEATS)."""
     calls = total = 0
     while calls < repeats or (calls < MAX_REPEATS and total < MIN_TIMED_SECONDS):
-        baseline = start_peak(device) if weights is not None else None
+        baseline = start_peak(device)
         result, seconds = timed(fn, device)
         calls, total = calls + 1, total + seconds
-        if weights is None:
-            yield result, seconds
-        else:
-            yield result, seconds, peak_since(device, baseline, weights)
+        yield result, seconds, peak_since(device, baseline, weights)
         del result
 
 
@@ -494,7 +491,7 @@ def measure_prefill_graph(model, ids: torch.Tensor, repeats: int) -> dict:
     try:
         graph = capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1).logits, device)
         graph.replay()
-        times = [seconds for _, seconds in timed_repeats(graph.replay, device, repeats)]
+        times = [seconds for _, seconds, _ in timed_repeats(graph.replay, device, repeats)]
         record = {"ttft_graph_ms": 1e3 * statistics.median(times), "ttft_graph_ms_all": [1e3 * t for t in times]}
     except torch.OutOfMemoryError:
         record = {"error_graph": "out of memory"}

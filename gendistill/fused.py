@@ -33,17 +33,14 @@ DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stoc
 
 
 class FusedRMSNorm(Qwen3RMSNorm):
-    def _kernel(self, x: torch.Tensor) -> bool:
-        return kernel_inference(x) and self.weight.dtype == x.dtype  # else transformers promotes to the weight's
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self._kernel(hidden_states):
+        if not kernel_inference(hidden_states, self.weight):
             return super().forward(hidden_states)
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + x, norm(residual + x)); one pass over the activations on the kernel's path."""
-        if not self._kernel(x) or residual.dtype != x.dtype:
+        if not kernel_inference(x, self.weight) or residual.dtype != x.dtype:
             hidden_states = residual + x
             return hidden_states, super().forward(hidden_states)
         normed, hidden_states = rms_norm(x, self.weight, self.variance_epsilon, residual=residual)

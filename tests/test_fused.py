@@ -49,7 +49,7 @@ def fla_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, 
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter,
     fla's rotary written out."""
-    inference = lambda x: not torch.is_grad_enabled()  # noqa: E731
+    inference = lambda x, weight=None: not torch.is_grad_enabled()  # noqa: E731
     monkeypatch.setattr(fused, "fused_inference", inference)
     monkeypatch.setattr(fused, "kernel_inference", inference)
     monkeypatch.setattr(kda, "kernel_inference", inference)  # KDA's gated output norm
@@ -181,7 +181,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         for m in student.modules():
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
-    inference = lambda x: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
+    inference = lambda x, weight=None: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
     monkeypatch.setattr(fused, "fused_inference", inference)
     monkeypatch.setattr(fused, "kernel_inference", inference)
     monkeypatch.setattr(fused, "fla_rotary", lambda: fla_rotary)

@@ -95,10 +95,12 @@ def fused_from(nbytes: int):
         _fused_min_bytes.reset(token)
 
 
-def kernel_inference(x: torch.Tensor) -> bool:
+def kernel_inference(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     """Whether inference on `x` runs gendistill's own one-launch Triton kernels (the RMSNorms, gendistill.norm): CUDA,
-    gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference)."""
-    return x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla") and norm_kernels_available()
+    gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference), and
+    `weight` (if given) of x's dtype (the kernels write x's dtype; the references promote to the weight's)."""
+    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+            and (weight is None or weight.dtype == x.dtype) and norm_kernels_available())
 
 
 def fused_inference(x: torch.Tensor) -> bool:
@@ -164,7 +166,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     """KDA's output path: RMSNorm over the last dim (x [..., D], shared weight [D]) times act(gate), in x's dtype.
     GPU inference: one launch of gendistill.norm's kernel; GPU training: fla's fused kernel (it has a backward);
     elsewhere the PyTorch definition (`norm.rms_norm_reference`)."""
-    if kernel_inference(x) and weight.dtype == x.dtype:
+    if kernel_inference(x, weight):
         return rms_norm(x, weight, eps, gate=gate, activation=activation)
     if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm() is not None:
         return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
