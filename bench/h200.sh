@@ -3,7 +3,7 @@
 # minutes to autotune on a fresh machine) in OUT.
 #   bash bench/h200.sh OUT LANE [LANE ...]
 # A lane is a comma-separated list of steps (step or step:seconds) run one after another on its own GPU; lanes run
-# in parallel, lane i on GPU i. Steps: profile host parity levers kd kd2 bench graphs decode static engine demo.
+# in parallel, lane i on GPU i. Steps: profile host hostfla parity levers kd kd2 bench graphs decode static engine demo.
 #   bash bench/h200.sh OUT demo engine,profile    # GPU 0: the GPU demo; GPU 1: the engine, then the profile
 set -u
 OUT=${1:?usage: bench/h200.sh OUT LANE...}; shift
@@ -33,8 +33,8 @@ lane() {  # lane GPU STEPS
     case $s in
       profile) step "$log" profile ${t:-240} python3 bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 \
                  --out "$R/kernel_profile_h200.json" ;;
-      host)    step "$log" host ${t:-200} python3 bench/host_profile.py --out "$R/host_profile_h200.json"
-               FLA_DISABLE_BACKEND_DISPATCH=0 step "$log" host-fla-dispatch ${t:-200} python3 bench/host_profile.py \
+      host)    step "$log" host ${t:-200} python3 bench/host_profile.py --out "$R/host_profile_h200.json" ;;
+      hostfla) FLA_DISABLE_BACKEND_DISPATCH=0 step "$log" host-fla-dispatch ${t:-200} python3 bench/host_profile.py \
                  --out "$R/host_profile_h200_fla_dispatch.json" ;;
       parity)  step "$log" parity ${t:-150} python3 bench/kda_parity.py --out "$R/kda_parity_h200.json" ;;
       levers)  step "$log" levers ${t:-300} python3 bench/prefill_levers.py --out "$R/prefill_levers_h200.json" ;;

@@ -2,9 +2,9 @@
 
     python bench/host_profile.py --context 4096 --out bench/results/host_profile.json
 
-Per model (teacher; student; student variants): the prefill's TTFT (CUDA events, as `gendistill bench`), the host's
-time to issue it (perf_counter, no synchronisation: when it is close to the TTFT the GPU waits on the host), and a
-cProfile of it: host ms per forward by package (where the Python frames live) and the functions with the most time
+Per model (teacher; student; the student with Triton's own launcher and fla's wrappers, gendistill.launch): the
+prefill's TTFT (CUDA events, as `gendistill bench`), the host's time to issue it (perf_counter, no synchronisation:
+when it is close to the TTFT the GPU waits on the host), and a cProfile of it: host ms per forward by package (where the Python frames live) and the functions with the most time
 of their own. Then the host cost of each call a KDA layer makes, one op at a time (mean issue time over repeated calls
 on the layer's own 4K shapes, and its device time beside it), and the same for a batch-1 decode step at 32K.
 gendistill sets FLA_DISABLE_BACKEND_DISPATCH=1 unless it is set (read when fla is imported): run it with
@@ -30,10 +30,10 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import build_shape, random_ids, synthetic_cache, timed  # noqa: E402
-import gendistill.fused as fused  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill import kda  # noqa: E402
-from gendistill.kda.segments import FlaStages  # noqa: E402
+import gendistill.launch as launch  # noqa: E402
+from gendistill.kda.segments import FlaKernels, FlaStages  # noqa: E402
 
 DEVICE = torch.device("cuda")
 PACKAGES = ("fla", "triton", "transformers", "gendistill", "torch")
@@ -102,10 +102,12 @@ def kda_layer_ops(student, ids) -> list[dict]:
     params = mixer._merged_params()
     kda_in, gate_low, _, _ = mixer._inputs(x, None, None, None, params, True, False)
     q, k, v, f, b = kda_in
-    stages = FlaStages(mixer.A_log, mixer.dt_bias)
+    stages, kernels = FlaStages(mixer.A_log, mixer.dt_bias), FlaKernels(mixer.A_log, mixer.dt_bias)
     prepared = stages.prepare(q, k, v, f, b)
     scanned, _ = stages.scan(prepared, None)
     o = stages.output(scanned)
+    prepared_k = kernels.prepare(q, k, v, f, b)
+    scanned_k, _ = kernels.scan(prepared_k, None)
     fla_chunk = kda._fla_ops()[0]
     qkv = F.linear(x, params[0])
     conv = kda.Conv(params[1], params[2], None, mixer.conv_activation)
@@ -131,10 +133,15 @@ def kda_layer_ops(student, ids) -> list[dict]:
                                                       scale=0.088, chunk_size=64),
         "FlaStages.scan": lambda: stages.scan(prepared, None),
         "FlaStages.output": lambda: stages.output(scanned),
+        "FlaKernels.prepare (gendistill.launch)": lambda: kernels.prepare(q, k, v, f, b),
+        "FlaKernels.scan": lambda: kernels.scan(prepared_k, None),
+        "FlaKernels.output": lambda: kernels.output(scanned_k),
         "gated_rms_norm (gendistill.norm)": lambda: kda.gated_rms_norm(o4, o4, mixer.o_norm.weight, 1e-6),
         "fla's rms_norm_gated (before)": lambda: kda._fla_norm()(x=o4, g=o4, weight=mixer.o_norm.weight, bias=None,
                                                                  activation="sigmoid", eps=1e-6),
         "RMSNorm with the residual (gendistill.norm)": lambda: norm.add_and_norm(x, x),
+        "RMSNorm with the residual (gendistill.norm, Triton's launcher)": lambda: with_triton_launcher(
+            lambda: norm.add_and_norm(x, x)),
         "RMSNorm with the residual (transformers)": lambda: (lambda h: (h, Qwen3RMSNorm.forward(norm, h)))(x + x),
         "o_proj": lambda: mixer.o_proj(o.reshape(B, T, -1)),
         "whole KDAMixer": lambda: mixer(x),
@@ -148,17 +155,9 @@ def kda_layer_ops(student, ids) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def patched(patches: dict):
-    """Module attributes set inside the block: {(module, name): value}."""
-    saved = {key: getattr(*key) for key in patches}
-    for (module, name), value in patches.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
+def with_triton_launcher(fn):
+    with launch.triton_launches():
+        return fn()
 
 
 def decode_profile(name: str, model, context: int, steps: int) -> dict:
@@ -196,30 +195,27 @@ def main() -> int:
     with torch.no_grad():
         teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
         ids = random_ids(teacher, 1, args.context, seed=0)
-        no_kernels = lambda x, weight=None: False  # noqa: E731
         variants = {
-            "teacher": (teacher, {}),
-            "student": (student, {}),
-            "student, fla's chunk_kda autograd wrapper (before)": (student, {(modeling, "RECURRENT_MAX_STEPS"): 10**9}),
-            "student, transformers' RMSNorm and fla's gated norm (before)": (
-                student, {(fused, "kernel_inference"): no_kernels, (kda, "kernel_inference"): no_kernels}),
+            "teacher": (teacher, contextlib.nullcontext),
+            "student": (student, contextlib.nullcontext),
+            "student, Triton's launcher and fla's wrappers (before)": (student, launch.triton_launches),
         }
-        for model, patches in variants.values():  # autotuning, allocator
-            with patched(patches):
+        for model, regime in variants.values():  # autotuning, allocator
+            with regime():
                 for _ in range(3):
                     model(ids, use_cache=False, logits_to_keep=1)
         times = {name: ([], []) for name in variants}
         for _ in range(args.repeats):  # interleaved: the host's drift hits every variant alike
-            for name, (model, patches) in variants.items():
-                with patched(patches):
+            for name, (model, regime) in variants.items():
+                with regime():
                     host_ms, ttft_ms = host_and_device_ms(lambda: model(ids, use_cache=False, logits_to_keep=1), 1)
                 times[name][0].append(host_ms)
                 times[name][1].append(ttft_ms)
-        for name, (model, patches) in variants.items():
+        for name, (model, regime) in variants.items():
             host, ttft = (statistics.median(t) for t in times[name])
             rows.append({"model": name, "ttft_ms": ttft, "host_issue_ms": host, "ttft_ms_all": times[name][1]})
             print(f"{name:>62}  TTFT {ttft:8.2f} ms  host issue {host:8.2f} ms", flush=True)
-            with patched(patches):
+            with regime():
                 profiles[name] = profile_forward(lambda: model(ids, use_cache=False, logits_to_keep=1), calls=5)
             print(profiles[name]["own_ms_by_package"], flush=True)
         ops = kda_layer_ops(student, ids)

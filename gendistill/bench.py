@@ -46,6 +46,7 @@ import gendistill
 from gendistill.fused import FUSED_CLASSES, FusedMLP, FusedRMSNorm
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
 from gendistill.kda import fla_available, fused_from, resolve_backend, use_backend
+from gendistill.launch import triton_launches
 from gendistill.modeling import KDAMixer
 
 LINEAR = "linear_attention"
@@ -69,6 +70,7 @@ DECODE_RTOL = 1e-3
 # through 21 KDA layers (the student's by 2.0e-3). Bounded as one fp32 fast-path layer; stale or miswired replays are
 # off by O(0.1-1).
 GRAPH_PREFILL_RTOL = LAYER_RTOL[torch.float32]
+DIRECT_LAUNCH_RTOL = 1e-6  # the same kernels on the same arguments: bit-identical expected
 CHECK_PAD_TOKENS = 37  # left padding of one row in the padded-batch check
 CHECK_TOKENS = 200  # > 64 so that fla's chunked prefill kernel runs (<= 64 tokens use its recurrent kernel), with a tail
 CHECK_SEGMENT = 96  # prefill in segments 96 + 96 + 8: the state hand-off used beyond kda_prefill_chunk tokens
@@ -344,6 +346,17 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
             for what, e in errors.items()]
 
 
+def direct_launch_check(student, ids: torch.Tensor) -> dict:
+    """The student's logits with gendistill.launch's direct launches (the default) vs with Triton's own launcher and
+    fla's own wrappers around KDA's kernels: the same kernels, so the same numbers."""
+    with use_backend(fast_path(ids.device)):
+        direct = student(ids, use_cache=False).logits
+        with triton_launches():
+            reference = student(ids, use_cache=False).logits
+    return {"name": "student: logits with direct Triton launches vs Triton's launcher and fla's wrappers",
+            "rtol": DIRECT_LAUNCH_RTOL, "rel_err": relative_error(direct, reference)}
+
+
 def cached_decode_error(model, ids: torch.Tensor, steps: int) -> float:
     """Prefill all but `steps` tokens into a cache, feed the rest one at a time; compare those logits (and the
     prefill's last) with one uncached forward over everything."""
@@ -435,6 +448,8 @@ def check_correctness(teacher, student, rtol: float | None = None, seed: int = 0
     ids = random_ids(student, 2, CHECK_TOKENS, seed)
     layer_rtol = LAYER_RTOL.get(student.dtype, 5e-2) if rtol is None else rtol
     checks = kda_layer_checks(student, ids, layer_rtol) + fused_module_checks(student, ids, layer_rtol)
+    if ids.is_cuda:
+        checks.append(direct_launch_check(student, ids))
     for name, model in (("teacher", teacher), ("student", student)):
         fp32_copy = copy.deepcopy(model).float()  # one at a time: a second copy of each model is alive only here
         with use_backend("recurrent"):

@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
 from gendistill.kda import fla_rotary, fused_inference, kernel_inference
+from gendistill.launch import Launcher
 from gendistill.norm import rms_norm
 
 DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stock Qwen3 with fused modules
@@ -52,7 +53,7 @@ def _swiglu_kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def swiglu_kernel(gate_up, out, n, width, BLOCK: tl.constexpr):
         # out [rows, width] from gate_up [rows, 2 * width]: each row's gate, then its up
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -62,7 +63,7 @@ def _swiglu_kernel():
         u = tl.load(gate_up + gate + width, mask=mask).to(tl.float32)
         tl.store(out + offsets, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
 
-    return swiglu_kernel
+    return Launcher(swiglu_kernel)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
     block = 4096
-    _swiglu_kernel()[(-(-out.numel() // block),)](gate_up, out, out.numel(), width, BLOCK=block, num_warps=8)
+    _swiglu_kernel()((-(-out.numel() // block),), gate_up=gate_up, out=out, n=out.numel(), width=width, BLOCK=block,
+                     num_warps=8)
     return out
 
 

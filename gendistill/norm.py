@@ -14,6 +14,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from gendistill.launch import Launcher
+
 GATES = {None: 0, "sigmoid": 1, "silu": 2}
 
 
@@ -46,7 +48,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])  # one compiled kernel (and launcher cache entry) for every length
     def rms_norm_kernel(x, residual, gate, weight, out, residual_out, rows, width, eps, HAS_RESIDUAL: tl.constexpr,
                         GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -68,7 +70,7 @@ def _kernel():
             y = (y.to(tl.float32) * act).to(dtype)
         tl.store(out + at, y, mask=mask)
 
-    return rms_norm_kernel
+    return Launcher(rms_norm_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -83,11 +85,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = 1 << (width - 1).bit_length()  # the row's width rounded up to a power of two
     rows_per_program = max(1, 4096 // block)
     grid = (-(-x2.shape[0] // rows_per_program),)
-    _kernel()[grid](x2, None if residual is None else residual.reshape(-1, width).contiguous(),
-                    None if gate is None else gate.reshape(-1, width).contiguous(), weight, out, residual_out,
-                    x2.shape[0], width, eps, HAS_RESIDUAL=residual is not None,
-                    GATE=GATES[None if gate is None else activation], ROWS=rows_per_program, BLOCK=block,
-                    num_warps=4 if block <= 256 else 8)
+    _kernel()(grid, x=x2, residual=None if residual is None else residual.reshape(-1, width).contiguous(),
+              gate=None if gate is None else gate.reshape(-1, width).contiguous(), weight=weight, out=out,
+              residual_out=residual_out, rows=x2.shape[0], width=width, eps=eps, HAS_RESIDUAL=residual is not None,
+              GATE=GATES[None if gate is None else activation], ROWS=rows_per_program, BLOCK=block,
+              num_warps=4 if block <= 256 else 8)
     out = out.view(x.shape)
     return out if residual is None else (out, residual_out.view(x.shape))
 

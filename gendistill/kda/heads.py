@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from gendistill.launch import Launcher
+
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 ROWS = 32  # tokens per program
 CONV_ROWS = 64  # tokens per program with the conv folded in (each block re-reads the W-1 steps before it)
@@ -53,8 +55,8 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def kda_heads_kernel(x, q, k, v, conv_w, conv_b, ctx, T, stride_b, stride_t, eps, H: tl.constexpr,
+    @triton.jit(do_not_specialize=["T"])  # one compiled kernel (and launcher cache entry) for every length
+    def kda_heads_kernel(x, q, k, v, conv_w, conv_b, ctx, T, eps, H: tl.constexpr,
                          HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, CONV: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_CTX: tl.constexpr, SILU: tl.constexpr,
                          NORMALIZE: tl.constexpr, ROWS: tl.constexpr):
@@ -63,18 +65,19 @@ def _kernel():
         i_r, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         t = i_r * ROWS + tl.arange(0, ROWS)
         valid = t < T
+        C: tl.constexpr = (H + 2 * HKV) * D  # x is contiguous: [B, T, C]
         chans = i_h * D + tl.arange(0, D)  # channels of the [q | k | v] projection
-        x += i_b.to(tl.int64) * stride_b
+        x += i_b.to(tl.int64) * T * C
         if CONV:  # depthwise causal conv: y[t] = sum_w weight[w] * x[t - (W - 1) + w], steps before 0 from ctx
             acc = tl.zeros([ROWS, D], dtype=tl.float32)
             for w in tl.static_range(W):
                 src = t - (W - 1) + w
-                tap = tl.load(x + src[:, None].to(tl.int64) * stride_t + chans[None, :],
+                tap = tl.load(x + src[:, None].to(tl.int64) * C + chans[None, :],
                               mask=(valid & (src >= 0))[:, None], other=0.0).to(tl.float32)
                 acc += tap * tl.load(conv_w + chans * W + w).to(tl.float32)[None, :]
             if HAS_CTX:
                 if i_r * ROWS < W - 1:  # only the first W-1 steps reach back into the previous inputs
-                    at = ctx + i_b.to(tl.int64) * ((H + 2 * HKV) * D * (W - 1)) + chans[None, :] * (W - 1)
+                    at = ctx + i_b.to(tl.int64) * (C * (W - 1)) + chans[None, :] * (W - 1)
                     for w in tl.static_range(W - 1):
                         src = t - (W - 1) + w
                         tap = tl.load(at + (W - 1 + src)[:, None], mask=(valid & (src < 0))[:, None],
@@ -86,7 +89,7 @@ def _kernel():
                 acc = acc * tl.sigmoid(acc)
             y = acc.to(x.dtype.element_ty).to(tl.float32)  # rounded where the separate conv writes its output
         else:
-            y = tl.load(x + t[:, None].to(tl.int64) * stride_t + chans[None, :], mask=valid[:, None],
+            y = tl.load(x + t[:, None].to(tl.int64) * C + chans[None, :], mask=valid[:, None],
                         other=0.0).to(tl.float32)
         if NORMALIZE:
             if i_h < H + HKV:
@@ -102,7 +105,7 @@ def _kernel():
             for r in tl.static_range(H // HKV):
                 tl.store(v + out_rows + ((i_h - H - HKV) * (H // HKV) + r) * D, y, mask=valid[:, None])
 
-    return kda_heads_kernel
+    return Launcher(kda_heads_kernel)
 
 
 def kda_heads_fused(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, normalize_qk: bool,
@@ -115,8 +118,7 @@ def kda_heads_fused(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     if C != (heads + 2 * kv_heads) * head_dim or heads % kv_heads or head_dim & (head_dim - 1):
         raise ValueError(f"kda_heads_fused: qkv width {C} must be (H + 2 Hkv) * D with H a multiple of Hkv and D a "
                          f"power of two (H={heads}, Hkv={kv_heads}, D={head_dim})")
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
+    qkv = qkv.contiguous()  # a no-op for the projection's output
     q, k, v = (qkv.new_empty(B, T, heads, head_dim) for _ in range(3))
     weight = bias = context = None
     if conv is not None:
@@ -125,9 +127,7 @@ def kda_heads_fused(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
         context = None if conv.context is None else conv.context.to(qkv.dtype).contiguous()
     rows = CONV_ROWS if conv is not None else ROWS
     grid = (-(-T // rows), heads + 2 * kv_heads, B)
-    _kernel()[grid](qkv, q, k, v, weight, bias, context, T, qkv.stride(0), qkv.stride(1), EPS, H=heads,
-                    HKV=kv_heads, D=head_dim, W=1 if weight is None else weight.shape[1], CONV=conv is not None,
-                    HAS_BIAS=bias is not None, HAS_CTX=context is not None,
-                    SILU=conv is not None and conv.activation == "silu", NORMALIZE=normalize_qk, ROWS=rows,
-                    num_warps=4)
+    _kernel()(grid, x=qkv, q=q, k=k, v=v, conv_w=weight, conv_b=bias, ctx=context, T=T, eps=EPS, H=heads, HKV=kv_heads, D=head_dim, W=1 if weight is None else weight.shape[1],
+              CONV=conv is not None, HAS_BIAS=bias is not None, HAS_CTX=context is not None,
+              SILU=conv is not None and conv.activation == "silu", NORMALIZE=normalize_qk, ROWS=rows, num_warps=4)
     return q, k, v

@@ -16,10 +16,12 @@ stream. Elsewhere (CPU, the PyTorch paths) the stages run in order on one stream
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 
 from gendistill.kda import kda_gated
+from gendistill.launch import Launcher, direct_launches
 
 CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
 
@@ -66,6 +68,92 @@ class FlaStages:
                               chunk_size=CHUNK).type_as(q)
 
 
+FLA_KERNELS_VERSION = "0.6.0"  # the fla release whose wrappers FlaKernels repeats
+
+
+@functools.cache
+def _fla_kernels():
+    """fla's kernels behind the stages, each behind a gendistill.launch.Launcher; None without fla, or with a release
+    other than FLA_KERNELS_VERSION (its kernels may take other arguments)."""
+    try:
+        import fla
+        if fla.__version__ != FLA_KERNELS_VERSION:
+            return None
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as scan
+        from fla.ops.gla.chunk import chunk_gla_fwd_kernel_o as output
+        from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused as inter_solve
+        from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_kernel_intra_token_parallel as intra
+        from fla.ops.kda.gate import kda_gate_chunk_cumsum_vector_kernel as gate
+        from fla.ops.kda.wy_fast import recompute_w_u_fwd_kda_kernel as w_u
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return SimpleNamespace(gate=Launcher(gate), intra=Launcher(intra), inter_solve=Launcher(inter_solve),
+                           w_u=Launcher(w_u), scan=Launcher(scan), output=Launcher(output))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class FlaKernels(FlaStages):
+    """FlaStages with fla's wrappers unrolled: the kernels, arguments and buffers fla 0.6.0's `kda_gate_chunk_cumsum`,
+    `chunk_kda_fwd_intra` (its default, token-parallel path), `chunk_gated_delta_rule_fwd_h` and `chunk_gla_fwd_o_gk`
+    launch, each kernel through gendistill.launch (a 4K prefill's KDA layer: ~0.25 ms less host time). Two buffers
+    that fla zero-fills are left empty where the kernel writes every element: the output, the final state."""
+
+    BC = 16  # fla's sub-chunk in the intra-chunk solve
+
+    def __init__(self, A_log, dt_bias):
+        super().__init__(A_log, dt_bias)
+        self.kernels = _fla_kernels()
+
+    def prepare(self, q, k, v, f, b):
+        B, T, H, K = q.shape
+        V, NT, BT, BC = v.shape[-1], _cdiv(T, CHUNK), CHUNK, self.BC
+        run, scale = self.kernels, K ** -0.5
+        beta = b.to(torch.float32, copy=True).sigmoid_()
+        f, v = f.contiguous(), v.contiguous()
+        g = torch.empty_like(f, dtype=torch.float32)
+        run.gate(lambda m: (_cdiv(K, m["BS"]) * NT, B * H), s=f, A_log=self.A_log, dt_bias=self.dt_bias, o=g,
+                 scale=self.rcp_ln2, cu_seqlens=None, chunk_indices=None, lower_bound=None, T=T, H=H, S=K, BT=BT,
+                 REVERSE=False, USE_GRAPH=False)
+        Aqk = q.new_empty(B, T, H, BT)
+        Akk = q.new_zeros(B, T, H, BT)  # the solve writes its lower triangle only
+        Akkd = q.new_empty(B, T, H, BC, dtype=torch.float32)
+        run.intra(lambda m: (B * T, _cdiv(H, m["BH"])), q=q, k=k, g=g, beta=beta, Aqk=Aqk, Akk=Akkd, scale=scale,
+                  cu_seqlens=None, N=B, T=T, H=H, HV=H, K=K, BK=1 << (K - 1).bit_length(), BT=BT, BC=BC,
+                  USE_GRAPH=False)
+        run.inter_solve((NT, B * H), q=q, k=k, g=g, beta=beta, Aqk=Aqk, Akkd=Akkd, Akk=Akk, scale=scale,
+                        cu_seqlens=None, chunk_indices=None, T=T, H=H, HV=H, K=K, BT=BT, BC=BC, NC=_cdiv(BT, BC),
+                        USE_SAFE_GATE=False, USE_GRAPH=False)
+        w, kg, u = q.new_empty(B, T, H, K), q.new_empty(B, T, H, K), torch.empty_like(v)
+        run.w_u((NT, B * H), q=None, k=k, qg=None, kg=kg, v=v, beta=beta, w=w, u=u, A=Akk, gk=g, cu_seqlens=None,
+                chunk_indices=None, T=T, H=H, HV=H, K=K, V=V, BT=BT, BK=64, BV=64, USE_GRAPH=False)
+        return q, g, Aqk, w, u, kg
+
+    def scan(self, prepared, state):
+        q, g, Aqk, w, u, kg = prepared
+        B, T, H, K = kg.shape
+        V = u.shape[-1]
+        h = kg.new_empty(B, _cdiv(T, CHUNK), H, K, V)
+        v_new = torch.empty_like(u)
+        final_state = kg.new_empty(B, H, K, V, dtype=torch.float32)
+        self.kernels.scan(lambda m: (_cdiv(V, m["BV"]) * B * H,), k=kg, v=u, w=w, v_new=v_new, g=None, gk=g, h=h,
+                          h0=None if state is None else state.contiguous(), ht=final_state, cu_seqlens=None,
+                          chunk_offsets=None, T=T, H=H, HV=H, K=K, V=V, BT=CHUNK, STATE_V_FIRST=False)
+        return (q, g, Aqk, h, v_new), final_state
+
+    def output(self, scanned):
+        q, g, Aqk, h, v_new = scanned
+        B, T, H, K = q.shape
+        V = v_new.shape[-1]
+        o = torch.empty_like(v_new)
+        self.kernels.output(lambda m: (_cdiv(V, m["BV"]) * _cdiv(T, CHUNK), B * H), q=q, v=v_new, g=g, h=h, o=o,
+                            A=Aqk, cu_seqlens=None, chunk_indices=None, scale=K ** -0.5, T=T, H=H, HV=H, K=K, V=V,
+                            BT=CHUNK, STATE_V_FIRST=False, USE_GRAPH=False)
+        return o
+
+
 class WholeStages:
     """The PyTorch paths: no stages of their own, so the scan stage is all of `kda_gated`."""
 
@@ -104,7 +192,11 @@ class SegmentedKDA:
 
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
-        self.stages = FlaStages(A_log, dt_bias) if fla else WholeStages(A_log, dt_bias, qk_normalized)
+        if not fla:
+            self.stages = WholeStages(A_log, dt_bias, qk_normalized)
+        else:
+            direct = direct_launches() and _fla_kernels() is not None
+            self.stages = (FlaKernels if direct else FlaStages)(A_log, dt_bias)
         self.side = _side_stream(like.device) if fla else None
         self.state = None if state is None else state.float()
         self.pending = None  # (prepared, tag) of the segment whose scan is not issued yet

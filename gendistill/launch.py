@@ -1,0 +1,122 @@
+"""Triton launches at a fraction of Triton's host cost, for inference on short inputs, where the GPU waits on the host.
+
+`kernel[grid](...)` costs the host 25-70 µs a launch (measured on an H200's host: Triton's binder and cache lookup,
+the autotuner's and heuristics' bookkeeping, fla's Python wrappers around its kernels), and a 4K prefill of the
+student issues ~240 of them. `Launcher(kernel, grid)` sends the first call of each specialization through Triton
+(compiling, autotuning: the reference path), keeps the compiled kernel and the meta-parameters Triton chose for it,
+and sends later calls with the same specialization straight to the compiled kernel's C launcher.
+
+The specialization key holds what Triton compiles or chooses a config on: each tensor's dtype and 16-byte alignment,
+which arguments are None, the value of every other argument (ints exactly, except those the kernel marks
+`do_not_specialize`: their 32/64-bit width only), and the current device. That covers the autotuner's keys and
+heuristics that look at arguments' None-ness or sizes given as ints (every kernel routed here; heuristics reading the
+data of a tensor argument or a `do_not_specialize` int would not be covered: don't route such kernels here).
+Triton's path is taken for every call when the first one returned no compiled kernel (TRITON_INTERPRET, the CPU
+tests), a launch hook is set (profilers), a config has a pre-hook, inside `triton_launches()`, or everywhere with
+GENDISTILL_TRITON_LAUNCHER=triton in the environment (read at import).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import types
+
+import torch
+
+INT32 = range(-2**31, 2**31)
+MAX_SPECIALIZATIONS = 256  # per kernel; beyond, the cache starts over
+
+
+_direct = contextvars.ContextVar("gendistill_direct_launches",
+                                 default=os.environ.get("GENDISTILL_TRITON_LAUNCHER", "direct") != "triton")
+
+
+def direct_launches() -> bool:
+    return _direct.get()
+
+
+@contextlib.contextmanager
+def triton_launches():
+    """Inside the block every launch takes Triton's own path, and KDA's stages fla's own wrappers (the reference the
+    benchmark checks the direct launches against)."""
+    token = _direct.set(False)
+    try:
+        yield
+    finally:
+        _direct.reset(token)
+
+
+class Launcher:
+    """`launcher(grid, **kwargs)` launches `kernel` (a triton.jit function, possibly under triton.autotune /
+    heuristics) as `kernel[grid](**kwargs)` does: `grid` a tuple, or a function of meta (the call's arguments and the
+    meta-parameters Triton chose) as Triton takes it."""
+
+    def __init__(self, kernel):
+        from triton import knobs
+
+        self.kernel, self.hooks = kernel, knobs.runtime
+        jit = kernel
+        while not isinstance(getattr(jit, "fn", None), types.FunctionType):  # autotune/heuristics wrap it as .fn
+            jit = jit.fn
+        self.arg_names = list(jit.arg_names)
+        self.compiles = hasattr(jit, "params")  # a JITFunction; TRITON_INTERPRET's stand-in takes Triton's path
+        self.unspecialized = {p.name for p in getattr(jit, "params", []) if p.do_not_specialize}
+        self.compiled = {}  # key -> (compiled kernel, the meta-parameters Triton chose) or None (Triton's path)
+
+    def key(self, kwargs: dict) -> tuple:
+        return (torch.cuda.current_device(),) + tuple(
+            (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, torch.Tensor)
+            else (v in INT32) if type(v) is int and k in self.unspecialized
+            else v
+            for k, v in kwargs.items())
+
+    def __call__(self, grid, **kwargs) -> None:
+        if not (self.compiles and direct_launches()):
+            self.kernel[grid](**kwargs)
+            return
+        key = self.key(kwargs)
+        hit = self.compiled.get(key, False)
+        if hit is None or _hooked(self.hooks.launch_enter_hook) or _hooked(self.hooks.launch_exit_hook):
+            self.kernel[grid](**kwargs)
+        elif hit is False:
+            if len(self.compiled) >= MAX_SPECIALIZATIONS:
+                self.compiled.clear()
+            self.compiled[key] = self._record(grid, kwargs)
+        else:
+            compiled, chosen = hit
+            if callable(grid):
+                grid = grid({**chosen, **kwargs})
+            args = [kwargs[name] if name in kwargs else chosen[name] for name in self.arg_names]
+            compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                         torch._C._cuda_getCurrentRawStream(key[0]), compiled.function, compiled.packed_metadata,
+                         None, None, None, *args)
+
+    def _record(self, grid, kwargs: dict):
+        """Triton's own launch; returns what later calls need, or None where they must take Triton's path too."""
+        chosen = {}
+
+        def record(meta):  # the last call is the launch (an autotuner calls it for each config it times first)
+            chosen.clear()
+            chosen.update(meta)
+            return grid(meta) if callable(grid) else grid
+
+        compiled = self.kernel[record](**kwargs)
+        if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")) or _has_pre_hooks(self.kernel):
+            return None
+        return compiled, {k: v for k, v in chosen.items() if k not in kwargs}
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set (Triton 3.6 keeps them in a HookChain, empty unless a profiler adds one)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _has_pre_hooks(kernel) -> bool:
+    """Whether launching `kernel` runs Python besides the launch: a chosen config's pre-hook, a JIT pre-run hook."""
+    while kernel is not None:
+        config = getattr(kernel, "best_config", None)
+        if getattr(config, "pre_hook", None) is not None or getattr(kernel, "pre_run_hooks", None):
+            return True
+        kernel = getattr(kernel, "fn", None)
+    return False

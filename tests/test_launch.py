@@ -1,0 +1,134 @@
+"""gendistill.launch's bookkeeping, with a stand-in for Triton's compiled kernel (CI has no GPU; the GPU benchmark
+checks the direct launches against Triton's own, `bench.direct_launch_check`)."""
+import pytest
+import torch
+import triton.language as tl
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+from gendistill import launch
+
+
+def kernel_fn(x, out, n, width, scale, BLOCK: tl.constexpr, CHOSEN: tl.constexpr):
+    pass
+
+
+class Compiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def run(self, *args):
+        self.launches.append(("direct", args))
+
+
+class Kernel:
+    """Stands in for an autotuned triton kernel: `kernel[grid](**kwargs)` picks CHOSEN, calls grid(meta) and returns
+    the compiled kernel; `.fn` is a real JITFunction (the signature the launcher reads)."""
+
+    def __init__(self, returns_compiled=True):
+        self.fn = JITFunction(kernel_fn, do_not_specialize=["n"])
+        self.launches, self.returns_compiled, self.best_config = [], returns_compiled, None
+
+    def __getitem__(self, grid):
+        def run(**kwargs):
+            meta = {**{k: v for k, v in kwargs.items() if k != "num_warps"}, "CHOSEN": 8}
+            self.launches.append(("triton", grid(meta) if callable(grid) else grid))
+            return Compiled(self.launches) if self.returns_compiled else None
+        return run
+
+
+@pytest.fixture(autouse=True)
+def one_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+
+
+def call(launcher, x, n=100, width=64, out=None, **kw):
+    out = torch.empty(n) if out is None else out
+    launcher(lambda m: (-(-m["n"] // m["CHOSEN"]), m["width"]), x=x, out=out, n=n, width=width, scale=0.5,
+             BLOCK=32, num_warps=4, **kw)
+    return out
+
+
+def kinds(kernel):
+    return [k for k, _ in kernel.launches]
+
+
+def test_later_calls_go_straight_to_the_compiled_kernel_with_triton_s_choices():
+    kernel = Kernel()
+    run = launch.Launcher(kernel)
+    x = torch.zeros(100)
+    call(run, x)
+    out = call(run, x, n=200)  # n is do_not_specialize: same compiled kernel, a new grid from the chosen CHOSEN
+    assert kinds(kernel) == ["triton", "direct"]
+    grid0, grid1, grid2, stream, function, metadata, hook_data, enter, exit, *args = kernel.launches[1][1]
+    assert (grid0, grid1, grid2) == (25, 64, 1) and stream == 1234 and (function, metadata) == ("function", "metadata")
+    assert (hook_data, enter, exit) == (None, None, None)
+    assert args[:5] == [x, out, 200, 64, 0.5] and args[5:] == [32, 8]  # signature order, constexprs filled in
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "none", "specialized int", "num_warps", "int64 length"])
+def test_what_triton_would_compile_or_tune_differently_takes_triton_s_path(change):
+    kernel = Kernel()
+    run = launch.Launcher(kernel)
+    x = torch.zeros(100)
+    call(run, x)
+    call(run, x)
+    if change == "dtype":
+        call(run, x.double())
+    elif change == "alignment":
+        call(run, torch.zeros(101)[1:])  # 4 bytes off a 16-byte boundary
+    elif change == "none":
+        call(run, None)
+    elif change == "specialized int":
+        call(run, x, width=65)
+    elif change == "num_warps":
+        run(lambda m: (1,), x=x, out=torch.empty(100), n=100, width=64, scale=0.5, BLOCK=32, num_warps=8)
+    else:
+        run(lambda m: (1,), x=x, out=torch.empty(1), n=2**31, width=64, scale=0.5, BLOCK=32, num_warps=4)
+    assert kinds(kernel) == ["triton", "direct", "triton"]
+
+
+def test_triton_s_path_whenever_the_fast_one_would_skip_something(monkeypatch):
+    x = torch.zeros(100)
+    interpreted = Kernel(returns_compiled=False)  # TRITON_INTERPRET: no compiled kernel comes back
+    run = launch.Launcher(interpreted)
+    for _ in range(3):
+        call(run, x)
+    assert kinds(interpreted) == ["triton"] * 3
+
+    hooked = Kernel()
+    hooked.best_config = type("Config", (), {"pre_hook": staticmethod(lambda args: None)})()
+    run = launch.Launcher(hooked)
+    call(run, x)
+    call(run, x)
+    assert kinds(hooked) == ["triton"] * 2
+
+    kernel = Kernel()
+    run = launch.Launcher(kernel)
+    call(run, x)
+    with launch.triton_launches():
+        call(run, x)
+    profiler = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_exit_hook.add(profiler)  # as proton adds its hooks
+    try:
+        call(run, x)
+    finally:
+        knobs.runtime.launch_exit_hook.remove(profiler)
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", profiler)  # a hook set the older way
+    call(run, x)
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    call(run, x)
+    assert kinds(kernel) == ["triton", "triton", "triton", "triton", "direct"]
+
+
+def test_the_cache_starts_over_when_full(monkeypatch):
+    monkeypatch.setattr(launch, "MAX_SPECIALIZATIONS", 2)
+    kernel = Kernel()
+    run = launch.Launcher(kernel)
+    x = torch.zeros(100)
+    for width in (16, 32, 48, 16):
+        call(run, x, width=width)
+    assert kinds(kernel) == ["triton"] * 4 and len(run.compiled) == 2
