@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 import gendistill
 from gendistill.fused import FUSED_CLASSES, FusedMLP, FusedRMSNorm
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
-from gendistill.kda import fla_available, fused_from, resolve_backend, use_backend
+from gendistill.kda import fla_available, resolve_backend, use_backend
 from gendistill.launch import triton_launches
 from gendistill.modeling import KDAMixer
 
@@ -304,9 +304,9 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
 
 
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
-    """The fused norms, sliced MLPs and fla's rotary (gendistill.fused) on the inputs they see in one reference
-    forward (so that each check stands alone): fused path (forced on, whatever the input's length) vs the transformers
-    modules (the reference); also the norm's residual-add form."""
+    """The fused norms, sliced MLPs and attention's q/k norm and rotary kernel (gendistill.fused) on the inputs they
+    see in one reference forward (so that each check stands alone): fused path vs the transformers modules (the
+    reference); also the norm's residual-add form."""
     modules = [m for m in student.modules() if isinstance(m, FUSED_TYPES)]
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda module, args, kwargs: inputs.setdefault(module, (args, kwargs)),
@@ -318,10 +318,10 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
         for hook in hooks:
             hook.remove()
     errors = {"RMSNorm": [], "RMSNorm with the residual add": [], "MLP in slices of 64 tokens": [],
-              "attention (fla's rotary)": []}
+              "attention (q/k norms and rotary in one kernel)": []}
 
     def compare(what, fast_fn):
-        with use_backend(fast_path(ids.device)), fused_from(0):
+        with use_backend(fast_path(ids.device)):
             fast = fast_fn()
         with use_backend("recurrent"):  # every fused module falls back to transformers' own forward
             reference = fast_fn()
@@ -341,7 +341,7 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
             finally:
                 module.config.kda_prefill_chunk = chunk
         else:
-            compare("attention (fla's rotary)", lambda: module(*args, **kwargs)[0])
+            compare("attention (q/k norms and rotary in one kernel)", lambda: module(*args, **kwargs)[0])
     return [{"name": f"student {what}, fused path vs transformers", "rtol": rtol, "rel_err": worst(e)}
             for what, e in errors.items()]
 
@@ -416,18 +416,13 @@ def graph_prefill_error(model, ids: torch.Tensor, seed: int) -> float:
 
 
 def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -> list[dict]:
-    """Replayed CUDA graphs vs eager calls on an fp32 copy, by the fast path: prefill (the student also with its fused
-    modules forced on, as in graphs of long prefills) and, if `decode`, StaticCache decode steps. A failing decode
+    """Replayed CUDA graphs vs eager calls on an fp32 copy, by the fast path: prefill and, if `decode`, StaticCache
+    decode steps. A failing decode
     graph is re-checked with the PyTorch KDA path, to tell fla's kernels from the wiring."""
-    checks = []
-    regimes = {"": contextlib.nullcontext}
-    if any(isinstance(m, FUSED_TYPES) for m in model.modules()):
-        regimes[", fused modules forced on"] = lambda: fused_from(0)
-    for label, regime in regimes.items():
-        with use_backend(fast_path(ids.device)), regime():
-            error = graph_prefill_error(model, ids, seed)
-        checks.append({"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits "
-                               f"(fp32 copy{label})", "rtol": GRAPH_PREFILL_RTOL, "rel_err": error})
+    with use_backend(fast_path(ids.device)):
+        error = graph_prefill_error(model, ids, seed)
+    checks = [{"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits (fp32 copy)",
+               "rtol": GRAPH_PREFILL_RTOL, "rel_err": error}]
     if not decode:
         return checks
     with use_backend(fast_path(ids.device)):

@@ -1,19 +1,16 @@
-"""Fused inference kernels for Qwen3's own parts (RMSNorm, MLP, rotary embedding); the transformers modules are the
-reference.
-
-- `FusedRMSNorm`: on CUDA with gradients off (`kda.kernel_inference`), at every length, decoding included, one launch
-  of gendistill.norm's Triton kernel, optionally adding the residual in the same pass, instead of transformers' six
-  eager kernels with fp32 copies of the whole activation (one launch costs the host least, too).
-On CUDA with flash-linear-attention, gradients off, and inputs of >= kda.FUSED_MIN_BYTES bytes
-(`kda.fused_inference`; with smaller ones, decoding included, the GPU waits on the host: fewer Python calls win):
-- `FusedMLP` projects gate and up in one GEMM, computes SiLU(gate) * up in one Triton pass (`swiglu`; fla's version
-  was no faster than the two eager kernels at 128K on the H200 and once returned NaN in the benchmark's check,
-  torch.compile's saved 2.5 of 28 ms), and beyond `kda_prefill_chunk` tokens works in slices (each written into the
-  output by its GEMM) so that the [T, intermediate] activations never exist whole;
-- `FusedQwen3Attention` rotates q and k with fla's rotary kernel into one new tensor each: transformers' form makes
-  five whole-size temporaries of q (the 128K prefill's memory peak) and costs ~5 ms per layer there. Not in place:
-  fla autotunes that kernel on each new (batch, heads) shape by running it over and over on its arguments, so an
-  in-place call on a new shape returns q rotated dozens of times.
+"""Fused inference kernels for Qwen3's own parts (RMSNorm, MLP, attention's q/k norms and rotary embedding); the
+transformers modules are the reference. On CUDA with gradients off (`kda.kernel_inference`), at every length, decoding
+included (on short inputs the GPU waits on the host, so one launch through gendistill.launch beats several eager
+kernels; on long ones the fewest bytes moved win, and these move the fewest):
+- `FusedRMSNorm`: one launch of gendistill.norm's kernel, optionally adding the residual in the same pass, instead of
+  transformers' six eager kernels with fp32 copies of the whole activation;
+- `FusedMLP`: SiLU(gate) * up in one Triton pass (`swiglu`: fla's version was no faster than the two eager kernels at
+  128K on the H200 and once returned NaN in the benchmark's check; torch.compile's saved 2.5 of 28 ms), and beyond
+  `kda_prefill_chunk` tokens in slices (each written into the output by its GEMM), so that the [T, intermediate]
+  activations never exist whole;
+- `FusedQwen3Attention`: q_norm, k_norm and the rotary embedding of q and k in one launch (`norm.qk_norm_rotary`)
+  where transformers' form costs ~14 eager kernels and makes five whole-size temporaries of q (the 128K prefill's
+  memory peak; ~5 ms per layer there).
 Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
 are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kernel profile does, to show what the
 kernels alone are worth to the teacher).
@@ -23,12 +20,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
-from gendistill.kda import fla_rotary, fused_inference, kernel_inference
+from gendistill.kda import kernel_inference
 from gendistill.launch import Launcher
-from gendistill.norm import rms_norm
+from gendistill.norm import qk_norm_rotary, rms_norm
 
 DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stock Qwen3 with fused modules
 
@@ -53,48 +51,49 @@ def _swiglu_kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n"])
-    def swiglu_kernel(gate_up, out, n, width, BLOCK: tl.constexpr):
-        # out [rows, width] from gate_up [rows, 2 * width]: each row's gate, then its up
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        gate = (offsets // width) * (2 * width) + offsets % width
-        g = tl.load(gate_up + gate, mask=mask).to(tl.float32)
-        u = tl.load(gate_up + gate + width, mask=mask).to(tl.float32)
-        tl.store(out + offsets, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
+    @triton.jit(do_not_specialize=["rows"])  # one compiled kernel for every length; width keeps loads vectorised
+    def swiglu_kernel(gate, up, out, rows, width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = (r < rows)[:, None] & (c < width)[None, :]
+        at = r[:, None] * width + c[None, :]
+        g = tl.load(gate + at, mask=mask).to(tl.float32)
+        u = tl.load(up + at, mask=mask).to(tl.float32)
+        tl.store(out + at, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
 
     return Launcher(swiglu_kernel)
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up of gate_up = [gate | up] along the last dim, in one Triton pass, in fp32 and rounded once
-    (Qwen3MLP's eager form rounds SiLU's output too and writes it whole before the product)."""
-    gate_up = gate_up.contiguous()
-    width = gate_up.shape[-1] // 2
-    out = gate_up.new_empty(*gate_up.shape[:-1], width)
-    block = 4096
-    _swiglu_kernel()((-(-out.numel() // block),), gate_up=gate_up, out=out, n=out.numel(), width=width, BLOCK=block,
-                     num_warps=8)
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in one Triton pass, in fp32 and rounded once (Qwen3MLP's eager form rounds SiLU's output too
+    and writes it whole before the product)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    width = gate.shape[-1]
+    out = torch.empty_like(gate)
+    rows, block = out.numel() // width, min(1024, 1 << (width - 1).bit_length())
+    per_program = max(1, 4096 // block)
+    _swiglu_kernel()((-(-rows // per_program), -(-width // block)), gate=gate, up=up, out=out, rows=rows,
+                     width=width, ROWS=per_program, BLOCK=block, num_warps=8)
     return out
 
 
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fused_inference(x) or self.config.hidden_act != "silu":
+        if not kernel_inference(x, self.gate_proj.weight) or self.config.hidden_act != "silu":
             return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # one GEMM for both
         if T <= chunk:
-            return self._fused_forward(x, gate_up)
+            return self._fused_forward(x)
         out = x.new_empty(*x.shape[:-1], self.down_proj.out_features)
         for start in range(0, T, chunk):
             part = (..., slice(start, start + chunk), slice(None))
-            self._fused_forward(x[part], gate_up, out[part])
+            self._fused_forward(x[part], out[part])
         return out
 
-    def _fused_forward(self, x, gate_up, out=None) -> torch.Tensor:
-        return linear_into(swiglu(linear_into(x, gate_up)), self.down_proj.weight, out)
+    def _fused_forward(self, x, out=None) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)  # Qwen3's MLP has no biases
+        return linear_into(swiglu(gate, up), self.down_proj.weight, out)
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,15 +109,15 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None 
 
 class FusedQwen3Attention(Qwen3Attention):
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-        cos, sin = position_embeddings  # [rows, T, head_dim], the two halves repeated
-        if not fused_inference(hidden_states) or cos.shape[0] != 1 or self.training:
+        cos, sin = position_embeddings  # [1 or B, T, head_dim], the two halves repeated
+        if (not kernel_inference(hidden_states, self.q_norm.weight) or self.training
+                or cos.shape[0] not in (1, hidden_states.shape[0]) or self.head_dim & (self.head_dim - 1)):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-        rotary = fla_rotary()
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        cos, sin = (t[0, :, : self.head_dim // 2] for t in (cos, sin))  # one row of positions, shared by the batch
-        query_states = rotary(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)), cos, sin)
-        key_states = rotary(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)), cos, sin)
+        query_states, key_states = qk_norm_rotary(
+            self.q_proj(hidden_states).view(hidden_shape), self.k_proj(hidden_states).view(hidden_shape),
+            self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon, cos, sin)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if past_key_values is not None:

@@ -65,11 +65,12 @@ class Launcher:
         self.compiled = {}  # key -> (compiled kernel, the meta-parameters Triton chose) or None (Triton's path)
 
     def key(self, kwargs: dict) -> tuple:
-        return (torch.cuda.current_device(),) + tuple(
+        unspecialized = self.unspecialized
+        return (torch.cuda.current_device(), *[
             (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, torch.Tensor)
-            else (v in INT32) if type(v) is int and k in self.unspecialized
+            else (v in INT32) if k in unspecialized and type(v) is int
             else v
-            for k, v in kwargs.items())
+            for k, v in kwargs.items()])
 
     def __call__(self, grid, **kwargs) -> None:
         if not (self.compiles and direct_launches()):

@@ -1,14 +1,15 @@
-"""gendistill.fused: the fused inference path (gendistill.norm's Triton RMSNorm and the KDA mixer's Triton head split,
-run in Triton's interpreter; fla's rotary embedding on CUDA; MLPs in slices) against the transformers modules. CI has
-no GPU, so fla's rotary kernel is replaced by its written definition (fla's semantics: fp32 inside, [B, T, H, D] with
-half-width cos/sin) and the fused path is switched on; what is tested is everything around the kernels: which module
-calls what, the residual wiring, the rotary's inputs, the MLP's slicing beyond the chunk."""
+"""gendistill.fused: the fused inference path (gendistill.norm's Triton RMSNorm and q/k norm + rotary kernel, the
+SwiGLU kernel and the KDA mixer's Triton head split, run in Triton's interpreter; MLPs in slices) against the
+transformers modules. CI has no GPU, so the path is switched on for CPU tensors; what is tested is the kernels'
+numerics and everything around them: which module calls what, the residual wiring, the MLP's slicing beyond the
+chunk."""
 import copy
 
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding,
+                                                      apply_rotary_pos_emb)
 
 import gendistill.fused as fused
 import gendistill.kda as kda
@@ -18,47 +19,27 @@ from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
 from gendistill.modeling import KDAMixer
 from gendistill.testing import tiny_qwen3
 
-CALLS = {"rms_norm": 0, "rotary": 0}
+CALLS = {"rms_norm": 0, "qk_norm_rotary": 0}
 
 
-def counted_rms_norm(*args, **kwargs):
-    CALLS["rms_norm"] += 1
-    return norm.rms_norm(*args, **kwargs)
-
-
-TUNED = set()
-
-
-def fla_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None):
-    """x [B, T, H, D]; cos, sin [T, D/2]: the two halves of each head rotated (GPT-NeoX style), in fp32. As fla's
-    autotuned kernel, it runs several times on its arguments the first time it sees a (B, H, D) shape."""
-    CALLS["rotary"] += 1
-    assert cos.shape == (x.shape[1], x.shape[-1] // 2) and not interleaved
-    key = (x.shape[0], *x.shape[2:])
-    runs = 1 if key in TUNED else 3
-    TUNED.add(key)
-    y = x if inplace else torch.empty_like(x)
-    for _ in range(runs):
-        x0, x1 = x.float().chunk(2, dim=-1)
-        c, s = (t.float()[None, :, None, :] for t in (cos, sin))
-        y.copy_(torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1))
-    return y
+def counted(name, fn):
+    def call(*args, **kwargs):
+        CALLS[name] += 1
+        return fn(*args, **kwargs)
+    return call
 
 
 @pytest.fixture
 def fused_path(monkeypatch):
-    """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter,
-    fla's rotary written out."""
+    """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter."""
     inference = lambda x, weight=None: not torch.is_grad_enabled()  # noqa: E731
-    monkeypatch.setattr(fused, "fused_inference", inference)
     monkeypatch.setattr(fused, "kernel_inference", inference)
     monkeypatch.setattr(kda, "kernel_inference", inference)  # KDA's gated output norm
     # The KDA mixer as on the fla path: q/k/v from the Triton split (in Triton's interpreter), q/k normalised there
     monkeypatch.setattr(modeling, "resolve_backend", lambda x, n: "fla")
-    monkeypatch.setattr(fused, "fla_rotary", lambda: fla_rotary)
-    monkeypatch.setattr(fused, "rms_norm", counted_rms_norm)
-    CALLS.update(rms_norm=0, rotary=0)
-    TUNED.clear()
+    monkeypatch.setattr(fused, "rms_norm", counted("rms_norm", norm.rms_norm))
+    monkeypatch.setattr(fused, "qk_norm_rotary", counted("qk_norm_rotary", norm.qk_norm_rotary))
+    CALLS.update(rms_norm=0, qk_norm_rotary=0)
     return CALLS
 
 
@@ -86,7 +67,8 @@ def test_off_the_gpu_the_fused_modules_are_the_transformers_modules(teacher):
 @torch.no_grad()
 def test_student_fused_path_matches_reference(teacher, fused_path, monkeypatch):
     """The whole student: fused norms (with the residual add folded into the post-attention norm), MLPs sliced
-    beyond kda_prefill_chunk, fla's rotary, KDA's q/k normalised in the head split, against the reference path;
+    beyond kda_prefill_chunk, attention's q/k norm + rotary kernel, KDA's q/k normalised in the head split, against
+    the reference path;
     uncached and cached + decode (the cache gets the rotated keys)."""
     student = convert(teacher, attention_layers=[0, 2])
     x = ids(2, 40)
@@ -98,11 +80,11 @@ def test_student_fused_path_matches_reference(teacher, fused_path, monkeypatch):
         if isinstance(mixer, KDAMixer):
             mixer.prefill_chunk = 16
     slices, swiglu = [], fused.swiglu
-    monkeypatch.setattr(fused, "swiglu", lambda gate_up: slices.append(gate_up.shape[-2]) or swiglu(gate_up))
+    monkeypatch.setattr(fused, "swiglu", lambda gate, up: slices.append(gate.shape[-2]) or swiglu(gate, up))
     out = student(x).logits
     monkeypatch.setattr(fused, "swiglu", swiglu)
-    # 4 layers x 2 norms + final + 2 attention layers x (q, k) norms; 4 MLPs x 3 slices; q and k rotated in 2 layers
-    assert fused_path["rms_norm"] == 4 * 2 + 1 + 2 * 2 and fused_path["rotary"] == 2 * 2
+    # 4 layers x 2 norms + final; q/k norms and rotary in the 2 attention layers; 4 MLPs x 3 slices
+    assert fused_path["rms_norm"] == 4 * 2 + 1 and fused_path["qk_norm_rotary"] == 2
     assert slices == [16, 16, 8] * 4
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=0)
     cache = DynamicCache(config=student.config)
@@ -133,19 +115,6 @@ def test_one_segment_prefill_takes_the_stages_path(teacher, fused_path, monkeypa
     assert len(added) == 2 + 2  # the cached prefill too; decode steps take fla's recurrent kernel
 
 
-def test_fused_inference_needs_long_inputs():
-    """Decoding and short prefills stay on the few-calls path (the GPU waits on the host there)."""
-    from gendistill import kda
-
-    def hidden(batch, tokens, width=1024):  # bf16 activations of the Qwen3-0.6B width
-        return torch.empty(batch, tokens, width, dtype=torch.bfloat16)
-
-    assert kda.bytes_bound(hidden(1, 8192)) and kda.bytes_bound(hidden(4, 2048))  # batch x tokens
-    assert not kda.bytes_bound(hidden(1, 4096)) and not kda.bytes_bound(hidden(128, 1))  # short prefill, decode
-    assert not kda.bytes_bound(hidden(1, 8192, width=256))  # a narrow model's 8K tokens are still few bytes
-    assert not kda.fused_inference(hidden(1, 8192))  # never off the GPU
-
-
 @torch.no_grad()
 def test_fuse_modules_on_a_stock_qwen3(teacher, fused_path):
     """The swap keeps parameter names and values (checkpoints load either way) and the outputs."""
@@ -154,13 +123,13 @@ def test_fuse_modules_on_a_stock_qwen3(teacher, fused_path):
     assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP, Qwen3Attention) for m in fast.modules())
     x = ids(2, 19)
     torch.testing.assert_close(fast(x).logits, teacher(x).logits, atol=2e-5, rtol=0)
-    assert fused_path["rms_norm"] > 0 and fused_path["rotary"] == 2 * 4
+    assert fused_path["rms_norm"] > 0 and fused_path["qk_norm_rotary"] == 4
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("batch", [1, 3])  # slices of one row are contiguous (the GEMM writes them); of 3, copied
 def test_sliced_mlp_equals_whole(teacher, fused_path, batch):
-    """MLP slices written into one output (gate and up from one GEMM) equal the whole transformers MLP."""
+    """MLP slices written into one output equal the whole transformers MLP."""
     mlp = fuse_modules(copy.deepcopy(teacher.model.layers[1].mlp))
     x = torch.randn(batch, 50, 64)
     with torch.enable_grad():  # the reference path
@@ -172,7 +141,7 @@ def test_sliced_mlp_equals_whole(teacher, fused_path, batch):
 
 def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monkeypatch):
     """gendistill bench compares every fused module with transformers' on the inputs of one forward; a kernel that
-    forgets the norm's weight must fail exactly those checks."""
+    forgets the norm's weight, or rotates the wrong way, must fail exactly the checks of the modules it serves."""
     from gendistill import bench
     from gendistill.kda import _backend
 
@@ -182,15 +151,14 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
     inference = lambda x, weight=None: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
-    monkeypatch.setattr(fused, "fused_inference", inference)
     monkeypatch.setattr(fused, "kernel_inference", inference)
-    monkeypatch.setattr(fused, "fla_rotary", lambda: fla_rotary)
     with torch.no_grad():
         good = bench.check_correctness(teacher, student)
     assert good["passed"]
+    attention = "student attention (q/k norms and rotary in one kernel), fused path vs transformers"
     assert {c["name"] for c in good["checks"]} >= {"student RMSNorm, fused path vs transformers",
                                                    "student MLP in slices of 64 tokens, fused path vs transformers",
-                                                   "student attention (fla's rotary), fused path vs transformers"}
+                                                   attention}
 
     def no_weight(x, weight, eps, **kw):
         return norm.rms_norm(x, torch.ones_like(weight), eps, **kw)
@@ -200,29 +168,66 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
         bad = bench.check_correctness(teacher, student)
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
     assert failed == ["student RMSNorm with the residual add, fused path vs transformers",
-                      "student RMSNorm, fused path vs transformers",
-                      "student attention (fla's rotary), fused path vs transformers"]  # its q/k norms
+                      "student RMSNorm, fused path vs transformers"]
 
-    def swapped_halves(x, cos, sin, **kw):  # a plausible rotary bug: the sine applied with the wrong sign
-        return fla_rotary(x, cos, -sin, **kw)
+    def backwards(q, k, q_weight, k_weight, eps, cos, sin):  # a plausible rotary bug: the sine's sign
+        return norm.qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, -sin)
 
     monkeypatch.setattr(fused, "rms_norm", norm.rms_norm)
-    monkeypatch.setattr(fused, "fla_rotary", lambda: swapped_halves)
+    monkeypatch.setattr(fused, "qk_norm_rotary", backwards)
     with torch.no_grad():
         bad = bench.check_correctness(teacher, student)
-    assert [c["name"] for c in bad["checks"] if not c["passed"]] == [
-        "student attention (fla's rotary), fused path vs transformers"]
+    assert [c["name"] for c in bad["checks"] if not c["passed"]] == [attention]
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5000), torch.float32), ((2, 7, 96), torch.bfloat16)])
 def test_swiglu_kernel_matches_the_eager_form(shape, dtype):
     """The Triton SwiGLU (in Triton's interpreter) against SiLU(gate) * up, over sizes that are no multiple of its
-    block; bf16 within one rounding of the eager form, which rounds SiLU's output first."""
+    blocks; bf16 within one rounding of the eager form, which rounds SiLU's output first."""
     gate, up = (torch.randn(*shape, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (1, 2))
-    got = fused.swiglu(torch.cat([gate, up], dim=-1))
+    got = fused.swiglu(gate, up)
     assert got.dtype == dtype and got.shape == gate.shape
     once = (torch.nn.functional.silu(gate.float()) * up.float()).to(dtype)  # rounded once, as the kernel
     # one bf16 ulp: Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest)
     torch.testing.assert_close(got, once, atol=1e-6, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6)
     eager = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(got, eager, atol=1e-6, rtol=2**-6 if dtype == torch.bfloat16 else 1e-6)  # two ulps
+
+
+@pytest.mark.parametrize("B,T,HQ,HK,D,dtype,per_row", [
+    (2, 21, 4, 2, 16, torch.float32, False),   # steps no multiple of the kernel's row block; positions shared
+    (2, 9, 4, 2, 16, torch.float32, True),     # a position row per sequence (left-padded generation)
+    (1, 17, 16, 8, 128, torch.bfloat16, False),  # the Qwen3-0.6B head layout
+])
+def test_qk_norm_rotary_kernel_is_transformers_q_norm_k_norm_and_rotary(B, T, HQ, HK, D, dtype, per_row):
+    """The Triton pass (in Triton's interpreter) against Qwen3RMSNorm then apply_rotary_pos_emb, with transformers'
+    own cos/sin. In bf16 it rotates in fp32 and rounds once: within a few ulps (at the outputs' magnitude) of that
+    rotation of transformers' normalised q/k and of transformers' bf16 rotation, which rounds each product and the
+    sum; a wrong sign or weight is off by O(1)."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(head_dim=D, hidden_size=HQ * D, num_attention_heads=HQ, num_key_value_heads=HK)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, T, HQ, D, generator=g).to(dtype), torch.randn(B, T, HK, D, generator=g).to(dtype)
+    q_norm, k_norm = Qwen3RMSNorm(D, eps=1e-6).to(dtype), Qwen3RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        q_norm.weight.normal_(1.0, 0.3, generator=g)
+        k_norm.weight.normal_(1.0, 0.3, generator=g)
+    positions = torch.arange(T)[None] + (torch.tensor([[0], [5]]) if per_row else 0)
+    cos, sin = Qwen3RotaryEmbedding(config)(q, positions)
+    assert cos.shape == ((B if per_row else 1), T, D)
+    got = norm.qk_norm_rotary(q, k, q_norm.weight, k_norm.weight, 1e-6, cos, sin)
+    with torch.no_grad():
+        normed = q_norm(q), k_norm(k)
+        want = apply_rotary_pos_emb(*normed, cos, sin, unsqueeze_dim=2)
+        once = apply_rotary_pos_emb(*(t.float() for t in normed), cos.float(), sin.float(), unsqueeze_dim=2)
+    for got_, want_, once_ in zip(got, want, once):
+        assert got_.dtype == dtype and got_.shape == want_.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got_, want_, atol=1e-5, rtol=1e-5)
+        else:
+            # in bf16 ulps at the largest output: the interpreter rounds toward zero (the GPU to nearest), and the
+            # normalised input's two roundings, a bf16 ulp each, reach the output through cos and sin
+            ulp = 2.0 ** (once_.abs().max().log2().floor().item() - 7)
+            assert (got_.float() - once_).abs().max() <= 4 * ulp
+            assert (got_.float() - want_.float()).abs().max() <= 6 * ulp

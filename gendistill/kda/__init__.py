@@ -22,9 +22,8 @@ from gendistill.kda.naive import recurrent_kda
 from gendistill.norm import available as norm_kernels_available, rms_norm, rms_norm_reference
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
-           "causal_conv", "use_backend", "resolve_backend", "fla_available", "fused_inference", "fused_from",
-           "bytes_bound", "fla_rotary", "kernel_inference", "kda_heads", "kda_heads_fused", "Conv", "next_conv_context",
-           "RECURRENT_MAX_STEPS"]
+           "causal_conv", "use_backend", "resolve_backend", "fla_available", "kernel_inference", "kda_heads",
+           "kda_heads_fused", "Conv", "next_conv_context", "RECURRENT_MAX_STEPS"]
 
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 RECURRENT_MAX_STEPS = 64  # inference on up to this many steps (decoding) takes fla's fused recurrent kernel
@@ -70,52 +69,12 @@ def _fla_conv():
     return causal_conv1d
 
 
-@functools.cache
-def fla_rotary():
-    """fla's rotary embedding kernel, or None."""
-    try:
-        from fla.modules.rotary import rotary_embedding
-    except Exception:
-        return None
-    return rotary_embedding
-
-
-FUSED_MIN_BYTES = 16 * 2**20  # 8192 tokens of the Qwen3-0.6B shape's hidden states (1024 wide, bf16)
-_fused_min_bytes = contextvars.ContextVar("gendistill_fused_min_bytes", default=FUSED_MIN_BYTES)
-
-
-@contextlib.contextmanager
-def fused_from(nbytes: int):
-    """Inside the block, inputs of >= `nbytes` bytes count as large (`bytes_bound`); 0 puts every input on the fused
-    path (the benchmark's correctness check runs it on a short input)."""
-    token = _fused_min_bytes.set(nbytes)
-    try:
-        yield
-    finally:
-        _fused_min_bytes.reset(token)
-
-
 def kernel_inference(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    """Whether inference on `x` runs gendistill's own one-launch Triton kernels (the RMSNorms, gendistill.norm): CUDA,
+    """Whether inference on `x` runs gendistill's own Triton kernels (gendistill.norm, gendistill.fused): CUDA,
     gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference), and
     `weight` (if given) of x's dtype (the kernels write x's dtype; the references promote to the weight's)."""
     return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
             and (weight is None or weight.dtype == x.dtype) and norm_kernels_available())
-
-
-def fused_inference(x: torch.Tensor) -> bool:
-    """Whether inference on `x` takes the fused paths of gendistill.fused that cost more launches or fla calls (the
-    sliced MLP with its Triton SwiGLU, fla's rotary): they move the fewest bytes, but each call costs the host more.
-    `kernel_inference`, fla installed, and `bytes_bound(x)`: below FUSED_MIN_BYTES the GPU waits on the host (fla's
-    Python wrappers cost 0.1-1 ms a call, measured on an H200), so fewer calls beat fewer bytes."""
-    return kernel_inference(x) and _fla_ops() is not None and fla_rotary() is not None and bytes_bound(x)
-
-
-def bytes_bound(x: torch.Tensor) -> bool:
-    """Large enough (>= FUSED_MIN_BYTES, or `fused_from`'s bound) for the GPU's bytes, not the host's calls, to set
-    the pace. Bytes, not tokens: a narrow model's long input is still small, and each first call of a fla kernel on
-    a new shape costs seconds of autotuning. A CUDA graph capture takes the same path as the eager call it replays."""
-    return x.numel() * x.element_size() >= _fused_min_bytes.get()
 
 
 def fla_available() -> bool:
