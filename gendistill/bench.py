@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import importlib.metadata
 import os
@@ -482,16 +483,35 @@ def capture_graph(fn, device: torch.device) -> torch.cuda.CUDAGraph:
 MIN_TIMED_SECONDS, MAX_REPEATS = 1.0, 50
 
 
-def timed_repeats(fn, device: torch.device, repeats: int, weights: int = 0):
-    """Yields (fn's result, seconds, peak bytes: `weights` + what the call allocated at its peak; None on CPU) per
-    timed call of fn: at least `repeats` calls, more for short ones (MIN_TIMED_SECONDS, MAX_REPEATS)."""
+def timed_repeats(fn, device: torch.device, repeats: int, weights: int = 0, keep=None):
+    """Yields (seconds, peak bytes: `weights` + what the call allocated at its peak; None on CPU) per timed call of
+    fn: at least `repeats` calls, more for short ones (MIN_TIMED_SECONDS, MAX_REPEATS). `keep(result)` sees each
+    call's result, which is dropped before the next call (or another model's, interleaved) allocates."""
     calls = total = 0
     while calls < repeats or (calls < MAX_REPEATS and total < MIN_TIMED_SECONDS):
         baseline = start_peak(device)
         result, seconds = timed(fn, device)
         calls, total = calls + 1, total + seconds
-        yield result, seconds, peak_since(device, baseline, weights)
+        if keep is not None:
+            keep(result)
         del result
+        yield seconds, peak_since(device, baseline, weights)
+
+
+def interleaved(timers: dict) -> tuple[dict, set]:
+    """Advances each generator of `timers` {name: timed_repeats(...)} in turn, one call each, until all are done:
+    (each name's list of what it yielded, the names that ran out of memory)."""
+    results, out_of_memory, active = {name: [] for name in timers}, set(), dict(timers)
+    while active:
+        for name in list(active):
+            try:
+                results[name].append(next(active[name]))
+            except StopIteration:
+                del active[name]
+            except torch.OutOfMemoryError:
+                out_of_memory.add(name)
+                del active[name]
+    return results, out_of_memory
 
 
 def measure_prefill_graph(model, ids: torch.Tensor, repeats: int) -> dict:
@@ -501,7 +521,7 @@ def measure_prefill_graph(model, ids: torch.Tensor, repeats: int) -> dict:
     try:
         graph = capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1).logits, device)
         graph.replay()
-        times = [seconds for _, seconds, _ in timed_repeats(graph.replay, device, repeats)]
+        times = [seconds for seconds, _ in timed_repeats(graph.replay, device, repeats)]
         record = {"ttft_graph_ms": 1e3 * statistics.median(times), "ttft_graph_ms_all": [1e3 * t for t in times]}
     except torch.OutOfMemoryError:
         record = {"error_graph": "out of memory"}
@@ -512,38 +532,51 @@ def measure_prefill_graph(model, ids: torch.Tensor, repeats: int) -> dict:
     return record
 
 
-def measure_prefill(model, context: int, repeats: int, warmup: int, seed: int, graphs: bool = False) -> dict:
-    device, own_weights = model.device, weight_bytes(model)
-    ids = random_ids(model, 1, context, seed)
-    record = {"cache_bytes_analytic": analytic_cache_bytes(model.config, context, 1, model.dtype.itemsize)}
+def measure_prefill(models: dict, context: int, repeats: int, warmup: int, seed: int, graphs: bool = False) -> dict:
+    """{name: record} of each model's prefill of `context` tokens: TTFT without and with a cache (and replayed as a CUDA
+    graph), peak memory, cache bytes. The models' timed calls alternate (teacher, student, teacher, ...): a short
+    prefill is paced by the host, whose speed drifts in phases of seconds (one model's same 4K call took 27 and 34 ms
+    in consecutive phases on an H200's host, runs 26 and 28), and interleaved calls meet the same phases."""
+    device = next(iter(models.values())).device
+    ids = {name: random_ids(model, 1, context, seed) for name, model in models.items()}
+    records = {name: {"cache_bytes_analytic": analytic_cache_bytes(model.config, context, 1, model.dtype.itemsize)}
+               for name, model in models.items()}
     for variant, use_cache in (("no_cache", False), ("cache", True)):
-        def prefill():
+        def prefill(model, ids):
             cache = DynamicCache(config=model.config) if use_cache else None
-            logits = model(ids, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits
-            return logits, cache
+            return model(ids, past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits, cache
 
-        times, peaks, out_of_memory = [], [], False
-        try:
-            for _ in range(warmup):
-                prefill()
-            for (logits, cache), seconds, peak in timed_repeats(prefill, device, repeats, own_weights):
-                times.append(seconds)
-                peaks.append(peak)
-                if cache is not None:
-                    record["cache_bytes_measured"] = measured_cache_bytes(cache)
-                del logits, cache
-        except torch.OutOfMemoryError:
-            out_of_memory = True
+        def keep(name):
+            def measured(result):
+                if result[1] is not None:
+                    records[name]["cache_bytes_measured"] = measured_cache_bytes(result[1])
+            return measured
+
+        timers, out_of_memory = {}, set()
+        for name, model in models.items():
+            call = functools.partial(prefill, model, ids[name])
+            try:
+                for _ in range(warmup):
+                    call()
+                timers[name] = timed_repeats(call, device, repeats, weight_bytes(model), keep(name))
+            except torch.OutOfMemoryError:
+                out_of_memory.add(name)
+            if name in out_of_memory:
+                release_memory(device)
+        measured, ran_out = interleaved(timers)
         release_memory(device)  # outside `except`: the traceback no longer pins the activations
-        if out_of_memory:
-            record[f"error_{variant}"] = "out of memory"
-            continue
-        record[f"ttft_{variant}_ms"] = 1e3 * statistics.median(times)
-        record[f"ttft_{variant}_ms_all"] = [1e3 * t for t in times]
-        record[f"peak_{variant}_bytes"] = None if peaks[0] is None else max(peaks)
-    if graphs:
-        record.update(measure_prefill_graph(model, ids, repeats))
-    return record
+        for name, record in records.items():
+            if name in out_of_memory | ran_out:
+                record[f"error_{variant}"] = "out of memory"
+                continue
+            times, peaks = zip(*measured[name])
+            record[f"ttft_{variant}_ms"] = 1e3 * statistics.median(times)
+            record[f"ttft_{variant}_ms_all"] = [1e3 * t for t in times]
+            record[f"peak_{variant}_bytes"] = None if peaks[0] is None else max(peaks)
+    if graphs:  # replays are not paced by the host: one model after the other
+        for name, model in models.items():
+            records[name].update(measure_prefill_graph(model, ids[name], repeats))
+    return records
 
 
 # ---- 3. decode -------------------------------------------------------------------------------------------------------
@@ -744,9 +777,8 @@ def run_bench(teacher, student, contexts: list[int], decode_context: int = 32768
         with use_backend(fast_path(device)):
             prefill = []
             for context in contexts:
-                prefill.append({"context": context, **{name: measure_prefill(model, context, repeats, warmup, seed,
-                                                                             graphs)
-                                                       for name, model in models.items()}})
+                prefill.append({"context": context, **measure_prefill(models, context, repeats, warmup, seed,
+                                                                      graphs)})
                 if on_progress:
                     on_progress({"correctness": correctness, "prefill": prefill})
                 print(f"prefill {_fmt_context(context)}: " + ", ".join(

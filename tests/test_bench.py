@@ -319,3 +319,21 @@ def test_graph_decode_point_replays_greedy_steps(student, monkeypatch):
     record = bench.measure_decode(student, context=16, batches=[1], max_batch=2, steps=2, repeats=1, warmup=0,
                                   seed=0, static=True, graphs=True)
     assert record["error"] == "CUDA graph capture failed: operation not permitted when stream is capturing"
+
+
+def test_timed_calls_of_the_models_alternate_until_each_is_done():
+    """Short prefills are host-paced and the host drifts: the teacher's and the student's timed calls alternate, each
+    model stops on its own count, and one that runs out of memory keeps the others going."""
+    order = []
+
+    def calls(name, n, out_of_memory_at=None):
+        for i in range(n):
+            if i == out_of_memory_at:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            order.append(name)
+            yield i
+
+    results, out_of_memory = bench.interleaved({"teacher": calls("t", 3), "student": calls("s", 5),
+                                                "large": calls("l", 4, out_of_memory_at=1)})
+    assert order == ["t", "s", "l", "t", "s", "t", "s", "s", "s"]
+    assert results == {"teacher": [0, 1, 2], "student": [0, 1, 2, 3, 4], "large": [0]} and out_of_memory == {"large"}
