@@ -115,7 +115,7 @@ def kda_layer_ops(student, ids) -> list[dict]:
     o4 = o.reshape(B, T, -1, mixer.head_dim)
     norm = student.model.layers[1].post_attention_layernorm
     ops = {
-        "merged weights (4 torch.cat)": mixer._merged_params,
+        "merged weights (1 torch.cat, 3 kept)": mixer._merged_params,
         "F.linear [q|k|v]": lambda: F.linear(x, params[0]),
         "kda_heads_fused with the conv (Triton)": lambda: kda.kda_heads_fused(qkv, mixer.num_heads,
                                                                              mixer.num_kv_heads, mixer.head_dim,

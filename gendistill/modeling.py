@@ -98,17 +98,31 @@ class KDAMixer(nn.Module):
         self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(H * D, hidden, bias=False)
         self.prefill_chunk = config.kda_prefill_chunk
+        self._kept = {}  # _kept_cat's merges: not parameters, not in the state dict
 
     def _merged_params(self):
         """Weights of projections that read the same input, side by side: [q | k | v] (projection and conv) and
         [f_a | g_a | b] (the gates' low-rank halves and beta). One GEMM and one conv call for each group cost the host
-        fewer calls and the device no concatenation of activations (the weights are small)."""
+        fewer calls and the device no concatenation of activations. Inference keeps the small merges (the convs and
+        the gates, 0.6 MB a layer of the 0.6B shape) while their parts are unchanged (`_kept_cat`); [q | k | v]
+        (8 MB a layer) is concatenated per call."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        conv_weight = torch.cat([c.weight for c in convs])
-        conv_bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-        gates = torch.cat([self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight])
+        conv_weight = self._kept_cat("conv_weight", [c.weight for c in convs])
+        conv_bias = None if convs[0].bias is None else self._kept_cat("conv_bias", [c.bias for c in convs])
+        gates = self._kept_cat("gates", [self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight])
         return qkv, conv_weight, conv_bias, gates
+
+    def _kept_cat(self, name: str, parts: list) -> torch.Tensor:
+        """torch.cat(parts), kept between inference calls while no part has changed: a part's (storage, version)
+        changes with every in-place update (optimizer steps, loads) and every move. Under autograd, cat per call."""
+        if torch.is_grad_enabled():
+            return torch.cat(parts)
+        stamp = [(p.data_ptr(), p._version) for p in parts]
+        kept = self._kept.get(name)
+        if kept is None or kept[0] != stamp:
+            kept = self._kept[name] = (stamp, torch.cat(parts))
+        return kept[1]
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 **kwargs):

@@ -1,4 +1,5 @@
 """Hybrid-KDA model: parity with Qwen3, cache/padding/packing exactness, save/load, generation."""
+import copy
 import json
 import subprocess
 import sys
@@ -269,3 +270,29 @@ def test_segmented_prefill_equals_one_pass(backend, student):
         finally:
             for m in mixers:
                 m.prefill_chunk = student.config.kda_prefill_chunk
+
+
+def test_inference_keeps_the_small_weight_merges_until_a_part_changes(teacher):
+    """The conv and gate merges are kept between inference calls (one concatenation fewer each per layer and call),
+    follow an optimizer step (the logits equal a fresh copy's), and are never used under autograd."""
+    student = convert(teacher, attention_layers=[0])
+    mixer = next(m for m in student.modules() if isinstance(m, KDAMixer))
+    x = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        student(x)
+        kept = {name: merged for name, (_, merged) in mixer._kept.items()}
+        student(x)
+    assert kept.keys() == {"conv_weight", "conv_bias", "gates"}
+    assert all(mixer._kept[name][1] is merged for name, merged in kept.items())  # reused, not rebuilt
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    student(x).logits.sum().backward()  # under autograd: concatenated per call, gradients reach every part
+    assert mixer.f_a_proj.weight.grad is not None and mixer.q_conv1d.weight.grad is not None
+    optimizer.step()
+    with torch.no_grad():
+        after = student(x).logits
+        fresh = copy.deepcopy(student)
+        for m in fresh.modules():
+            if isinstance(m, KDAMixer):
+                m._kept.clear()
+        torch.testing.assert_close(after, fresh(x).logits, atol=0, rtol=0)
+    assert mixer._kept["gates"][1] is not kept["gates"]
