@@ -15,7 +15,8 @@ mkdir -p "$TRITON_CACHE_DIR"
 # tool's file limit), which are carried back in as they are.
 [ -f .cache/triton_cache.tar.xz ] && tar xJf .cache/triton_cache.tar.xz -C "$TRITON_CACHE_DIR"
 ls .cache/triton_cache.tar.xz.part-* >/dev/null 2>&1 && cat .cache/triton_cache.tar.xz.part-* | tar xJf - -C "$TRITON_CACHE_DIR"
-R=/tmp/h200_results; mkdir -p "$R"  # comes back packed as OUT/results.tgz (the device tool returns at most 8 files)
+R=$(mktemp -d /tmp/h200_results.XXXXXX)  # this call's results only, packed as OUT/results.tgz (the device tool
+# returns at most 8 files)
 
 step() {  # step LOG NAME SECONDS command...
   local log=$1 name=$2 limit=$3; shift 3

@@ -6,7 +6,8 @@ process.
 TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it is
 (the short conv folded into the Triton head split, `gendistill/kda/heads.py`; each KDA segment's state scan on a side
 stream beside the next segment's prepare kernels, `gendistill/kda/segments.py`; segments of 24K tokens; gendistill's
-one-launch RMSNorms, `gendistill/norm.py`); with fla's RMSNorm and gated output norm (the path before); with fla's
+one-launch RMSNorms, `gendistill/norm.py`; direct Triton launches, `gendistill/launch.py`); with fla's RMSNorm and
+gated output norm (the path before); with Triton's own launcher and fla's wrappers (the path before); with fla's
 conv kernel then the split (the path before); the KDA stages in order on one stream; fla's whole chunk_kda per segment
 (the path before); segments of 16K (the default before) and 32K.
 Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
@@ -38,6 +39,7 @@ from gendistill.bench import (build_shape, peak_since, random_ids, relative_erro
 import gendistill.fused as fused  # noqa: E402
 import gendistill.kda as kda  # noqa: E402
 import gendistill.kda.segments as segments  # noqa: E402
+import gendistill.launch as launch  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
 
@@ -110,6 +112,8 @@ def main() -> int:
         fused.rms_norm, kda.rms_norm = fla_norm, fla_gated_norm
         measure(student, "student, fla's RMSNorm and gated norm", first)
         fused.rms_norm, kda.rms_norm = norm, gated_norm
+        with launch.triton_launches():
+            measure(student, "student, Triton's launcher and fla's wrappers", first)
         heads_fused = modeling.kda_heads_fused
 
         def conv_then_split(qkv, H, Hkv, D, normalize, conv=None):  # the path before: fla's conv kernel, then the split
