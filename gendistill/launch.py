@@ -64,19 +64,20 @@ class Launcher:
         self.unspecialized = {p.name for p in getattr(jit, "params", []) if p.do_not_specialize}
         self.compiled = {}  # key -> (compiled kernel, the meta-parameters Triton chose) or None (Triton's path)
 
-    def key(self, kwargs: dict) -> tuple:
+    def key(self, device: int, kwargs: dict) -> tuple:
         unspecialized = self.unspecialized
-        return (torch.cuda.current_device(), *[
+        return (device, *[
             (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, torch.Tensor)
             else (v in INT32) if k in unspecialized and type(v) is int
             else v
             for k, v in kwargs.items()])
 
     def __call__(self, grid, **kwargs) -> None:
-        if not (self.compiles and direct_launches()):
+        if not (self.compiles and _direct.get()):
             self.kernel[grid](**kwargs)
             return
-        key = self.key(kwargs)
+        device = torch._C._cuda_getDevice()
+        key = self.key(device, kwargs)
         hit = self.compiled.get(key, False)
         if hit is None or _hooked(self.hooks.launch_enter_hook) or _hooked(self.hooks.launch_exit_hook):
             self.kernel[grid](**kwargs)
@@ -85,16 +86,17 @@ class Launcher:
                 self.compiled.clear()
             self.compiled[key] = self._record(grid, kwargs)
         else:
-            compiled, chosen = hit
+            launch, between, chosen = hit
             if callable(grid):
                 grid = grid({**chosen, **kwargs})
-            args = [kwargs[name] if name in kwargs else chosen[name] for name in self.arg_names]
-            compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                         torch._C._cuda_getCurrentRawStream(key[0]), compiled.function, compiled.packed_metadata,
-                         None, None, None, *args)
+            launch(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(device), *between,
+                   *[kwargs[name] if name in kwargs else chosen[name] for name in self.arg_names])
 
     def _record(self, grid, kwargs: dict):
-        """Triton's own launch; returns what later calls need, or None where they must take Triton's path too."""
+        """Triton's own launch; returns what later calls need (the launch function, the arguments it takes between
+        the stream and the kernel's own, the meta-parameters Triton chose), or None where they must take Triton's
+        path too."""
         chosen = {}
 
         def record(meta):  # the last call is the launch (an autotuner calls it for each config it times first)
@@ -105,7 +107,13 @@ class Launcher:
         compiled = self.kernel[record](**kwargs)
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")) or _has_pre_hooks(self.kernel):
             return None
-        return compiled, {k: v for k, v in chosen.items() if k not in kwargs}
+        launcher = compiled.run
+        chosen = {k: v for k, v in chosen.items() if k not in kwargs}
+        if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:
+            # Triton 3.6's CudaLauncher: its C function, past the Python that only allocates scratch space
+            return launcher.launch, (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None,
+                                     None, compiled.packed_metadata, None, None, None), chosen
+        return launcher, (compiled.function, compiled.packed_metadata, None, None, None), chosen
 
 
 def _hooked(hook) -> bool:

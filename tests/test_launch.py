@@ -13,35 +13,46 @@ def kernel_fn(x, out, n, width, scale, BLOCK: tl.constexpr, CHOSEN: tl.constexpr
     pass
 
 
+class Launcher:
+    """Stands in for Triton 3.6's CudaLauncher: its Python __call__ allocates scratch space, then calls the C launch."""
+
+    def __init__(self, launches, scratch):
+        self.launches, self.global_scratch_size, self.profile_scratch_size = launches, scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+    def __call__(self, *args):
+        self.launches.append(("direct, through the launcher's Python", args))
+
+    def launch(self, *args):
+        self.launches.append(("direct", args))
+
+
 class Compiled:
     function, packed_metadata = "function", "metadata"
 
-    def __init__(self, launches):
-        self.launches = launches
-
-    def run(self, *args):
-        self.launches.append(("direct", args))
+    def __init__(self, launches, scratch=0):
+        self.run = Launcher(launches, scratch)
 
 
 class Kernel:
     """Stands in for an autotuned triton kernel: `kernel[grid](**kwargs)` picks CHOSEN, calls grid(meta) and returns
     the compiled kernel; `.fn` is a real JITFunction (the signature the launcher reads)."""
 
-    def __init__(self, returns_compiled=True):
+    def __init__(self, returns_compiled=True, scratch=0):
         self.fn = JITFunction(kernel_fn, do_not_specialize=["n"])
-        self.launches, self.returns_compiled, self.best_config = [], returns_compiled, None
+        self.launches, self.returns_compiled, self.best_config, self.scratch = [], returns_compiled, None, scratch
 
     def __getitem__(self, grid):
         def run(**kwargs):
             meta = {**{k: v for k, v in kwargs.items() if k != "num_warps"}, "CHOSEN": 8}
             self.launches.append(("triton", grid(meta) if callable(grid) else grid))
-            return Compiled(self.launches) if self.returns_compiled else None
+            return Compiled(self.launches, self.scratch) if self.returns_compiled else None
         return run
 
 
 @pytest.fixture(autouse=True)
 def one_cuda_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
 
 
@@ -56,17 +67,25 @@ def kinds(kernel):
     return [k for k, _ in kernel.launches]
 
 
-def test_later_calls_go_straight_to_the_compiled_kernel_with_triton_s_choices():
-    kernel = Kernel()
+@pytest.mark.parametrize("scratch", [0, 256])
+def test_later_calls_go_straight_to_the_compiled_kernel_with_triton_s_choices(scratch):
+    """After Triton's launch, the compiled kernel's C launch function with the arguments Triton's launcher would pass
+    (through the launcher's Python where the kernel needs scratch space it allocates)."""
+    kernel = Kernel(scratch=scratch)
     run = launch.Launcher(kernel)
     x = torch.zeros(100)
     call(run, x)
     out = call(run, x, n=200)  # n is do_not_specialize: same compiled kernel, a new grid from the chosen CHOSEN
-    assert kinds(kernel) == ["triton", "direct"]
-    grid0, grid1, grid2, stream, function, metadata, hook_data, enter, exit, *args = kernel.launches[1][1]
-    assert (grid0, grid1, grid2) == (25, 64, 1) and stream == 1234 and (function, metadata) == ("function", "metadata")
-    assert (hook_data, enter, exit) == (None, None, None)
-    assert args[:5] == [x, out, 200, 64, 0.5] and args[5:] == [32, 8]  # signature order, constexprs filled in
+    if scratch:
+        assert kinds(kernel) == ["triton", "direct, through the launcher's Python"]
+        *head, args = kernel.launches[1][1][:9], kernel.launches[1][1][9:]
+        assert head[0] == (25, 64, 1, 1234, "function", "metadata", None, None, None)
+    else:
+        assert kinds(kernel) == ["triton", "direct"]
+        *head, args = kernel.launches[1][1][:13], kernel.launches[1][1][13:]
+        # grid, stream, function, cooperative grid, PDL, two scratch buffers, metadata, launch metadata, hooks
+        assert head[0] == (25, 64, 1, 1234, "function", False, True, None, None, "metadata", None, None, None)
+    assert list(args[:5]) == [x, out, 200, 64, 0.5] and list(args[5:]) == [32, 8]  # signature order, constexprs
 
 
 @pytest.mark.parametrize("change", ["dtype", "alignment", "none", "specialized int", "num_warps", "int64 length"])
