@@ -223,6 +223,9 @@ def test_next_conv_context_reaches_into_the_old_one():
                                                                                     [4.0, 5.0, 20.0]]]))
     torch.testing.assert_close(kda.next_conv_context(None, x, 4), torch.tensor([[[0.0, 0.0, 10.0],
                                                                                  [0.0, 0.0, 20.0]]]))
+    long = torch.arange(10.0).reshape(1, 5, 2)  # five steps: the context is the last three, whatever came before
+    for before in (context, None):
+        torch.testing.assert_close(kda.next_conv_context(before, long, 4), long[0, -3:].T[None])
 
 
 def test_fused_kda_heads_rejects_a_layout_it_cannot_split():

@@ -151,10 +151,12 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def next_conv_context(context: torch.Tensor | None, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The short conv's context after x [B, T, D]: the last W-1 inputs [B, D, W-1] (W = kernel_size), reaching into
-    `context` (None: zeros) when T < W-1."""
+    `context` (None: zeros) when T < W-1. With T >= W-1, a view of x (a cache copies it into its own buffer)."""
     B, T, D = x.shape
+    if T >= kernel_size - 1:
+        return x[:, T - (kernel_size - 1):].transpose(1, 2)
     context = x.new_zeros(B, D, kernel_size - 1) if context is None else context.to(x.dtype)
-    return torch.cat([context, x[:, -(kernel_size - 1):].transpose(1, 2)], dim=-1)[..., -(kernel_size - 1):]
+    return torch.cat([context, x.transpose(1, 2)], dim=-1)[..., -(kernel_size - 1):]
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: torch.Tensor | None,
