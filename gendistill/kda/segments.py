@@ -187,8 +187,9 @@ class SegmentedKDA:
         kda.state                                             # after the last segment, fp32
 
     `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
-    segment late. One segment is a whole prefill on fla's stages without fla's autograd wrapper (its Python costs the
-    host more than the kernels take the GPU at a few thousand tokens)."""
+    segment late. One segment is a whole prefill on fla's kernels without fla's autograd wrapper and stage functions
+    (`FlaKernels`; their Python costs the host more than the kernels take the GPU at a few thousand tokens);
+    `launch.triton_launches()` takes fla's stage functions (`FlaStages`) instead."""
 
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
