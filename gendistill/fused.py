@@ -111,7 +111,8 @@ class FusedQwen3Attention(Qwen3Attention):
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         cos, sin = position_embeddings  # [1 or B, T, head_dim], the two halves repeated
         if (not kernel_inference(hidden_states, self.q_norm.weight) or self.training
-                or cos.shape[0] not in (1, hidden_states.shape[0]) or self.head_dim & (self.head_dim - 1)):
+                or cos.shape[0] not in (1, hidden_states.shape[0]) or cos.shape[-1] != self.head_dim
+                or self.head_dim & (self.head_dim - 1)):  # the kernel: whole-head rotation, D a power of two
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)

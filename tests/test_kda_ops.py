@@ -174,8 +174,8 @@ def test_kda_heads_repeat_kv_heads_as_gqa_and_normalise_on_request():
     (2, 20, 4, 4, 32, torch.float32, True),    # no repetition
 ])
 def test_fused_kda_heads_kernel_matches_the_definition(B, T, H, Hkv, D, dtype, normalize):
-    """The Triton pass (in Triton's interpreter on CPU) against kda_heads, from a strided input as the mixer's
-    padded or segmented activations can be; its outputs are contiguous, as fla needs them."""
+    """The Triton pass (in Triton's interpreter on CPU) against kda_heads, also from strided inputs (which it reads
+    from a contiguous copy); its outputs are contiguous, as fla needs them."""
     C = (H + 2 * Hkv) * D
     wide = torch.randn(B, T, C + 5, generator=torch.Generator().manual_seed(1)).to(dtype)
     time_minor = torch.randn(B, C, 1, generator=torch.Generator().manual_seed(2)).to(dtype)
