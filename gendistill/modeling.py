@@ -242,7 +242,7 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
-        fuse_modules(self.self_attn)  # attention (fla's rotary) and its q/k norms
+        fuse_modules(self.self_attn)  # attention's q/k norms + rotary in one kernel
         self.mlp = FusedMLP(config)
         self.input_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
