@@ -418,12 +418,12 @@ def graph_prefill_error(model, ids: torch.Tensor, seed: int) -> float:
 
 def graph_checks(name: str, model, ids: torch.Tensor, seed: int, decode: bool) -> list[dict]:
     """Replayed CUDA graphs vs eager calls on an fp32 copy, by the fast path: prefill and, if `decode`, StaticCache
-    decode steps. A failing decode
-    graph is re-checked with the PyTorch KDA path, to tell fla's kernels from the wiring."""
+    decode steps. A failing decode graph is re-checked with the PyTorch KDA path, to tell fla's kernels from the
+    wiring."""
     with use_backend(fast_path(ids.device)):
         error = graph_prefill_error(model, ids, seed)
-    checks = [{"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits (fp32 copy)",
-               "rtol": GRAPH_PREFILL_RTOL, "rel_err": error}]
+    checks = [{"name": f"{name}: prefill of {ids.shape[1]} tokens replayed as a CUDA graph vs eager, logits "
+                       "(fp32 copy)", "rtol": GRAPH_PREFILL_RTOL, "rel_err": error}]
     if not decode:
         return checks
     with use_backend(fast_path(ids.device)):

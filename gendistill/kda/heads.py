@@ -127,7 +127,8 @@ def kda_heads_fused(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
         context = None if conv.context is None else conv.context.to(qkv.dtype).contiguous()
     rows = CONV_ROWS if conv is not None else ROWS
     grid = (-(-T // rows), heads + 2 * kv_heads, B)
-    _kernel()(grid, x=qkv, q=q, k=k, v=v, conv_w=weight, conv_b=bias, ctx=context, T=T, eps=EPS, H=heads, HKV=kv_heads, D=head_dim, W=1 if weight is None else weight.shape[1],
-              CONV=conv is not None, HAS_BIAS=bias is not None, HAS_CTX=context is not None,
+    _kernel()(grid, x=qkv, q=q, k=k, v=v, conv_w=weight, conv_b=bias, ctx=context, T=T, eps=EPS, H=heads,
+              HKV=kv_heads, D=head_dim, W=1 if weight is None else weight.shape[1], CONV=conv is not None,
+              HAS_BIAS=bias is not None, HAS_CTX=context is not None,
               SILU=conv is not None and conv.activation == "silu", NORMALIZE=normalize_qk, ROWS=rows, num_warps=4)
     return q, k, v

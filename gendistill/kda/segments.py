@@ -39,6 +39,11 @@ def _fla_stages():
     return chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk, chunk_kda_fwd_intra, kda_gate_chunk_cumsum, RCP_LN2
 
 
+def _beta(b: torch.Tensor) -> torch.Tensor:
+    """sigmoid(b) in fp32, as fla's fused_beta_sigmoid (whose wrapper costs the host more than these two launches)."""
+    return b.to(torch.float32, copy=True).sigmoid_()
+
+
 class FlaStages:
     """fla's `chunk_kda_fwd` (fla/ops/kda/chunk_fwd.py, 0.6.0) cut at its scan, for inference on q/k already
     L2-normalised, gates and beta from raw pre-activations (as `kda_gated` calls fla: use_gate_in_kernel,
@@ -50,7 +55,7 @@ class FlaStages:
 
     def prepare(self, q, k, v, f, b):
         scale = q.shape[-1] ** -0.5
-        beta = b.to(torch.float32, copy=True).sigmoid_()  # as fla's fused_beta_sigmoid, whose wrapper costs more
+        beta = _beta(b)
         g = self.gate_cumsum(g=f.contiguous(), A_log=self.A_log, dt_bias=self.dt_bias, scale=self.rcp_ln2,
                              chunk_size=CHUNK)
         w, u, _, kg, Aqk, _ = self.intra(q=q, k=k, v=v.contiguous(), gk=g, beta=beta, scale=scale, chunk_size=CHUNK)
@@ -111,7 +116,7 @@ class FlaKernels(FlaStages):
         B, T, H, K = q.shape
         V, NT, BT, BC = v.shape[-1], _cdiv(T, CHUNK), CHUNK, self.BC
         run, scale = self.kernels, K ** -0.5
-        beta = b.to(torch.float32, copy=True).sigmoid_()
+        beta = _beta(b)
         f, v = f.contiguous(), v.contiguous()
         g = torch.empty_like(f, dtype=torch.float32)
         run.gate(lambda m: (_cdiv(K, m["BS"]) * NT, B * H), s=f, A_log=self.A_log, dt_bias=self.dt_bias, o=g,
