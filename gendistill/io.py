@@ -1,16 +1,30 @@
-"""User-facing errors and atomic writes: nothing a command writes is ever left half-written."""
+"""User-facing errors, atomic writes and the rules for replacing directories: nothing a command writes is ever left
+half-written, and nothing gendistill did not create is ever deleted."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
+
+MARKER = ".gendistill"  # written into every directory gendistill creates; `--overwrite` replaces only those
+_MARKER_TEXT = "created by gendistill: `--overwrite` may replace this directory\n"
 
 
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message (what, where, what to do) and exits 2."""
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -22,9 +36,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -36,30 +48,182 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output directories
+
+def mark_dir(directory: str | os.PathLike) -> None:
+    """Mark `directory` as created by gendistill (what `--overwrite` checks before deleting anything)."""
+    (Path(directory) / MARKER).write_text(_MARKER_TEXT)
+
+
+def is_marked(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MARKER).is_file()
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` may never be deleted, or None: the working directory, its parents, home and its parents."""
+    resolved = path.expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if resolved == cwd:
+        return "it is the current directory"
+    if resolved in cwd.parents:
+        return "it holds the current directory"
+    if resolved == home or resolved in home.parents:
+        return "it is your home directory or holds it"
+    return None
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any work if `out` exists and may not be replaced."""
+    """Fail before any work if `out` may not be (re)placed: a file, or an existing directory without --overwrite,
+    or one --overwrite may not delete (not created by gendistill, or the current/home directory or a parent)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a directory; choose another path")
     if out.exists() and not overwrite:
         raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if out.exists():
+        check_deletable(out)
     return out
+
+
+def check_deletable(out: Path) -> None:
+    why = _protected(out)
+    if why:
+        raise UserError(f"refusing to delete {out}: {why}; choose a dedicated output directory")
+    if not is_marked(out) and any(out.iterdir()):
+        raise UserError(f"refusing to delete {out}: gendistill did not create it (no {MARKER} marker inside), so it "
+                        "may hold your files; choose another output directory or remove it yourself")
+
+
+def _make_dir(path: Path) -> None:
+    os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700 directories; outputs get the usual permissions
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory or file that gendistill wrote (callers check `check_deletable` for user-named paths)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces `out` in one rename, on error it vanishes."""
+    """Yield a temporary sibling directory; on success it replaces `out` in one rename, on error it vanishes.
+    The result carries the gendistill marker; an existing `out` is replaced only under the rules of
+    `check_output_dir`."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        _make_dir(tmp)
         yield tmp
+        mark_dir(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)  # a directory onto an empty directory: allowed
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# an exclusive lock per output directory
+
+class DirLock:
+    """Exclusive lock on a directory (filelock's fcntl lock on `<dir>/.gendistill.lock`, which the kernel releases
+    when the holder dies), plus `<dir>/.gendistill.lock.json` saying who holds it (pid, host, start). A holder killed
+    with -9 leaves that json behind: the next run takes the lock over and says whose it was."""
+
+    def __init__(self, directory: str | os.PathLike, what: str = "run directory"):
+        self.directory, self.what = Path(directory), what
+        self.path, self.info = self.directory / ".gendistill.lock", self.directory / ".gendistill.lock.json"
+        self._lock = None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.info.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "DirLock":
+        from filelock import FileLock, Timeout
+
+        self._lock = FileLock(str(self.path), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            h = self._holder()
+            who = f"process {h.get('pid', '?')} on host {h.get('host', '?')} (since {h.get('started', '?')})"
+            raise UserError(f"{self.what} {self.directory} is in use by {who}; wait for that run to end or stop it "
+                            "(two runs writing one directory would mix their outputs)") from None
+        stale = self._holder()
+        if stale:
+            here = stale.get("host") == socket.gethostname()
+            state = ("which is no longer running" if here and not _alive(stale.get("pid"))
+                     else "which no longer holds it")
+            print(f"gendistill: warning: taking over the lock of {self.directory} left by process {stale.get('pid')} "
+                  f"on host {stale.get('host')} {state}", file=sys.stderr)
+        atomic_write_json(self.info, {"pid": os.getpid(), "host": socket.gethostname(),
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.info.unlink()
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model references
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = False) -> None:
+    """A model given as a local directory or a hub id `org/name`: fail with a plain message when it is neither (a
+    missing directory would otherwise reach the hub client and come back as "Repo id must be in the form ...")."""
+    path = Path(os.path.expanduser(str(ref)))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"{role} {ref}: not a model directory (no config.json)")
+        if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"{role} {ref}: the model directory holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                            "save the tokenizer next to the weights (tokenizer.save_pretrained)")
+        return
+    import re
+
+    text = str(ref)
+    if os.path.isabs(text) or text.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise UserError(f"{role} {ref}: no such directory (and not a hub id such as Qwen/Qwen3-0.6B)")

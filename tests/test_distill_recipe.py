@@ -71,7 +71,7 @@ def test_overrides_target_one_stage_every_stage_or_top_level():
     ("kd.micro_batch_size=3", "stages[2] (kd).micro_batch_size: 3 does not divide batch_size 4"),
     ("kd.tokens=lots", "stages[2] (kd): give exactly one of `tokens`"),
     ("kd.data=web", "stages[2] (kd).data: no data source 'web'"),
-    ("kd.eval=nowhere.module:fn", "stages[2] (kd).eval: cannot import 'nowhere.module:fn'"),
+    ("kd.eval=nowhere.module:fn", "kd.eval = nowhere.module:fn. Check that you trust it, then pass --allow-code"),
     ("defaults.sequence_length=8", "defaults.sequence_length: unknown key"),
     ("data.text.fromat=json", "data.text.fromat: unknown key (did you mean 'format'?)"),
     ("teacher=null", "teacher: required: stages ['attn_align', 'hidden_align', 'kd', 'kd_instruct']"),

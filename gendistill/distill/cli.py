@@ -1,4 +1,5 @@
-"""`gendistill distill RECIPE.yaml [--set stage.key=value ...] [--resume | --overwrite] [--check]`
+"""`gendistill distill RECIPE.yaml [--set stage.key=value ...] [--resume | --from-stage N | --overwrite] [--check]
+[--allow-code]`
 
 Several processes: `torchrun --nproc-per-node N -m gendistill distill RECIPE.yaml` (FSDP2, or `--set parallel=ddp`).
 """
@@ -15,15 +16,27 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                "  %(prog)s recipes/paper.yaml\n"
                "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
                "  %(prog)s recipes/paper.yaml --resume\n"
+               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --from-stage kd\n"
                "  torchrun --nproc-per-node 8 -m gendistill distill recipes/paper.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (teacher, student, data, stages)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value: STAGE.key (one stage), *.key (every stage) or key[.sub] (top level); "
                         "VALUE is read as YAML. Repeatable.")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
-    p.add_argument("--check", action="store_true", help="validate the recipe and print the plan; write nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its newest intact checkpoint; refused if anything a "
+                        "finished or started stage depends on changed")
+    p.add_argument("--from-stage", metavar="N",
+                   help="keep the run's stages before N (number or name; they must be unchanged), retrain N and "
+                        "every later stage with the recipe as it is now")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the existing output directory first (only one gendistill created)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let the recipe run code it names ('module:function' factories and eval hooks); recipes "
+                        "are data otherwise")
+    p.add_argument("--check", action="store_true",
+                   help="validate the recipe and print the plan (and any code it names, not imported without "
+                        "--allow-code); write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     return p
 
@@ -31,8 +44,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(args) -> int:
     from gendistill.distill.recipe import load_recipe
 
+    from gendistill.distill.recipe import code_entries, untrusted_code
+    from gendistill.io import UserError
+
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
-    recipe = load_recipe(args.recipe, overrides)
+    if args.check:  # the plan lists code entries; they are imported (checked) only with --allow-code
+        recipe = load_recipe(args.recipe, overrides, allow_code=True, import_code=args.allow_code)
+    else:
+        recipe = load_recipe(args.recipe, overrides, allow_code=args.allow_code)
     if args.check:
         from gendistill.distill.trainer import total_steps
 
@@ -42,10 +61,16 @@ def main(args) -> int:
             print(f"  {i}. {s.name}: {s.objective} on {s.data} ({s.loss_mask}); train {s.train}; "
                   f"{steps} steps x {s.batch_size} x {s.seq_len} = {steps * s.batch_size * s.seq_len:,} tokens; "
                   f"lr {s.lr} {s.schedule}")
+        refused = dict(untrusted_code(recipe))
+        for where, spec in code_entries(recipe):
+            print(f"  code: {where} = {spec} ({'needs --allow-code' if where in refused else 'built in'}"
+                  f"{'' if args.allow_code or where not in refused else ', not imported'})")
+        if refused and not args.allow_code:
+            raise UserError(f"the recipe names code to run ({', '.join(refused)}); a run needs --allow-code")
         return 0
     from gendistill.distill.trainer import run_recipe
 
-    summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+    summary = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, from_stage=args.from_stage)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

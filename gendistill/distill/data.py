@@ -49,6 +49,8 @@ def iter_records(src: DataSource):
     try:
         if src.format != "hub" and (path.exists() or src.format != "auto"):
             files = _local_files(path)
+            if all(f.is_file() and f.stat().st_size == 0 for f in files):
+                raise UserError(f"data source {src.path!r} is empty (0 bytes); point `path` at a file with records")
             fmt = src.format if src.format != "auto" else _EXTENSIONS.get(files[0].suffix)
             if fmt is None:
                 raise UserError(f"data source {src.path}: cannot tell the format of {files[0].name}; set `format`")

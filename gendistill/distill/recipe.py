@@ -28,6 +28,10 @@ SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "fsdp", "ddp")
 EVAL_HOOKS = {"evaluate": "gendistill.evaluation:evaluate"}  # short names for `eval:`; any "module:function" works
+# A recipe is data: a "module:function" entry (`factory`, `eval`) runs code, so it is refused unless the user passes
+# --allow-code (allow_code=True). These are gendistill's own builders, which take data only, and are always allowed.
+BUILTIN_CALLABLES = frozenset({*EVAL_HOOKS, *EVAL_HOOKS.values(), "gendistill.testing:tiny_qwen3",
+                               "gendistill.testing:tiny_tokenizer"})
 
 
 @dataclasses.dataclass
@@ -109,19 +113,25 @@ class Recipe:
     progress: bool = True
     seed: int = 0
     source: str | None = None  # the YAML file, if any
+    allow_code: bool = False  # "module:function" entries outside BUILTIN_CALLABLES may run (--allow-code)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
 
 
-TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source"}) | {"defaults"}  # `defaults`: keys for every stage
+TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) | {"defaults"}  # `defaults`: keys for every stage
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # loading, overrides
 
-def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe (YAML path, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing."""
+def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (),
+                allow_code: bool = False, *, import_code: bool | None = None) -> Recipe:
+    """Read a recipe (YAML path, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing.
+
+    allow_code: accept "module:function" entries outside BUILTIN_CALLABLES (code named by the recipe); without it
+    they are a UserError naming them. import_code (default: allow_code) imports every such entry now, so a typo
+    fails before any work; `--check` lists them without importing."""
     if isinstance(recipe, Recipe):
         if overrides:
             raise UserError("overrides apply to a YAML path or dict, not to an already built Recipe")
@@ -145,7 +155,32 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple
         raise UserError(f"{source or 'recipe'}: expected a mapping at the top level")
     for item in overrides:
         apply_override(raw, item)
-    return _validate(raw, source)
+    result = _validate(raw, source)
+    result.allow_code = allow_code
+    refused = untrusted_code(result)
+    if refused and not allow_code:
+        raise UserError("the recipe names code to run, which recipes may do only with --allow-code "
+                        "(allow_code=True): " + "; ".join(f"{w} = {s}" for w, s in refused)
+                        + ". Check that you trust it, then pass --allow-code")
+    if allow_code if import_code is None else import_code:
+        for where, spec in code_entries(result):
+            resolve_callable(spec, where)
+    return result
+
+
+def code_entries(recipe: Recipe) -> list[tuple[str, Any]]:
+    """Every entry that names a callable: [(where, "module:function" or the callable)]."""
+    found = [(f"{role}.factory", spec["factory"]) for role, spec in
+             (("teacher", recipe.teacher), ("student", recipe.student), ("tokenizer", recipe.tokenizer))
+             if isinstance(spec, dict) and "factory" in spec]
+    found += [(f"{s.name}.eval", s.eval) for s in recipe.stages if s.eval is not None]
+    return found
+
+
+def untrusted_code(recipe: Recipe) -> list[tuple[str, str]]:
+    """The code entries that need --allow-code: strings outside BUILTIN_CALLABLES (a callable handed over in Python
+    is the caller's own code)."""
+    return [(w, s) for w, s in code_entries(recipe) if isinstance(s, str) and s not in BUILTIN_CALLABLES]
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -281,21 +316,28 @@ def _model_spec(value, where: str, student: bool):
         if kind in ("config", "convert") and not isinstance(value[kind] or {}, dict):
             _fail(f"{where}.{kind}", "expected a mapping")
         if kind == "factory":
-            resolve_callable(value["factory"], f"{where}.factory")
+            _callable_name(value["factory"], f"{where}.factory")
         return dict(value)
     _fail(where, f"expected one of: {'; '.join(forms)}; got {value!r}")
 
 
-def resolve_callable(spec, where: str) -> Callable:
-    """"module:function" (or a short name from EVAL_HOOKS, or a callable) -> the callable; imports it now."""
+def _callable_name(spec, where: str) -> None:
+    """Check the form of a callable entry without importing anything."""
     if callable(spec):
-        return spec
+        return
     if not isinstance(spec, str):
         _fail(where, f"expected 'module:function' or a callable, got {spec!r}")
+    if not EVAL_HOOKS.get(spec, spec).partition(":")[2]:
+        _fail(where, f"expected 'module:function' or one of {sorted(EVAL_HOOKS)}, got {spec!r}")
+
+
+def resolve_callable(spec, where: str) -> Callable:
+    """"module:function" (or a short name from EVAL_HOOKS, or a callable) -> the callable; imports it now."""
+    _callable_name(spec, where)
+    if callable(spec):
+        return spec
     target = EVAL_HOOKS.get(spec, spec)
     module_name, _, attr = target.partition(":")
-    if not attr:
-        _fail(where, f"expected 'module:function' or one of {sorted(EVAL_HOOKS)}, got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -406,7 +448,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if not isinstance(s.gradient_checkpointing, bool):
         _fail(f"{where}.gradient_checkpointing", "expected true or false")
     if s.eval is not None:
-        resolve_callable(s.eval, f"{where}.eval")
+        _callable_name(s.eval, f"{where}.eval")
     if not isinstance(s.eval_args, dict):
         _fail(f"{where}.eval_args", "expected a mapping")
     return s
@@ -481,4 +523,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
         return x
     d = dataclasses.asdict(recipe)
     d.pop("source")
+    d.pop("allow_code")
     return clean(d)

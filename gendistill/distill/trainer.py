@@ -6,19 +6,25 @@ then clip, optimiser and scheduler step, one metrics line, maybe a checkpoint. T
 sequences) is fixed; micro-batch j of step s is always the same sequences and process r owns micro-batches
 r, r + world, ..., so the loss curve does not depend on the number of processes.
 
-Outputs of a run (`out_dir`):
+Outputs of a run (`out_dir`; every path inside is relative, so the directory can be moved or copied):
     recipe.yaml                       the resolved recipe
+    run.json                          the run record: a fingerprint of everything each stage depends on (resolved
+                                      recipe, teacher/student weight and tokenizer hashes, data file hashes), the
+                                      history of starts/resumes, and when done the summary of the whole run
     NN-<stage>/model/                 the finished stage's student (HF format, safetensors) + tokenizer
     NN-<stage>/metrics.jsonl          one line per logged step
-    NN-<stage>/checkpoints/step-N/    resumable state (latest `keep_checkpoints`)
-    NN-<stage>/stage.json             summary; its presence marks the stage as done
-    run.json                          summary of the whole run
+    NN-<stage>/checkpoints/step-N/    resumable state (latest `keep_checkpoints`), with state.pt's sha256
+    NN-<stage>/stage.json             summary with the model files' sha256; its presence marks the stage as done
+    .gendistill, .gendistill.lock     the marker (`--overwrite` deletes only marked directories) and the run's lock
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import time
@@ -30,11 +36,13 @@ import torch
 import yaml
 
 from gendistill.distill import checkpoint, parallel
-from gendistill.distill.data import DataSource, PackedStream, TokenCorpus, build_corpus, cached_corpus_dir, detect_kind
+from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _local_files, build_corpus,
+                                     cached_corpus_dir, detect_kind)
 from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, TeacherCapture
 from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
                                        resolve_callable)
-from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
+from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
+                           check_model_ref, is_marked, mark_dir, remove_tree, sha256_file)
 
 
 class TrainingDiverged(UserError):
@@ -52,6 +60,7 @@ def load_model(spec: dict, *, teacher=None, role: str = "model"):
 
     try:
         if "path" in spec:
+            check_model_ref(spec["path"], role)
             return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=spec.get("dtype", "auto"))
         if "config" in spec:
             config = dict(spec["config"] or {})
@@ -82,6 +91,7 @@ def load_tokenizer(recipe: Recipe):
             raise UserError("tokenizer: required when neither the teacher nor the student is a directory/hub id")
     if "factory" in spec:
         return resolve_callable(spec["factory"], "tokenizer.factory")(**(spec.get("kwargs") or {}))
+    check_model_ref(spec["path"], "tokenizer", need_tokenizer=True)
     try:
         return AutoTokenizer.from_pretrained(spec["path"])
     except (OSError, ValueError) as err:
@@ -347,13 +357,13 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, stage))
 
     start = 0
-    last = checkpoint.latest(out_dir) if resume else None
+    last, state = checkpoint.load_latest(out_dir) if resume else (None, None)
     if last is not None:
-        state = checkpoint.load(last)
         changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != _plain(v))
         if changed:
             raise UserError(f"stage {stage.name}: cannot resume from {last}: the recipe changed {changed} since the "
-                            "checkpoint was written (restore them, or start over with --overwrite)")
+                            f"checkpoint was written (restore them, or retrain the stage with --from-stage "
+                            f"{stage.name})")
         parallel.load_full_state(model, optimizer, state["model"], state["optimizer"], env)
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -406,12 +416,12 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             if bad:  # name the term that broke (the total is only non-finite because of it)
                 raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: loss term {bad[0]!r} is not finite "
                                        f"({dict(zip(['loss'] + term_names, values))}); nothing from this step was "
-                                       f"saved, last good checkpoint: {last_good}")
+                                       f"saved, last good checkpoint: {last_good}. {_retry_hint(stage)}")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf"))
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: gradient norm is {grad_norm} (loss "
-                                       f"{values[0]}); last good checkpoint: {last_good}")
+                                       f"{values[0]}); last good checkpoint: {last_good}. {_retry_hint(stage)}")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -455,10 +465,21 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             summary["eval"] = result
             if result is not None:
                 atomic_write_json(out_dir / "eval.json", result)
-    if env.is_main:
-        atomic_write_json(out_dir / "stage.json", summary)
+    if env.is_main:  # on disk the model dir is relative (the run directory can move) and carries its checksums
+        atomic_write_json(out_dir / "stage.json", {**summary, "model_dir": "model" if save else None,
+                                                   "model_files": model_checksums(model_dir) if save else None})
     parallel.barrier(env)
     return summary
+
+
+def _retry_hint(stage: Stage) -> str:
+    return (f"To retry this stage with other settings (e.g. a lower lr), keeping the finished stages before it: "
+            f"--set {stage.name}.lr=... --from-stage {stage.name}")
+
+
+def model_checksums(model_dir: Path) -> dict[str, str]:
+    """sha256 of a model directory's weight files (what a later stage or a resume checks before using them)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
 def _plain(value):
@@ -479,23 +500,28 @@ def _save_checkpoint(out_dir, step, stage, model, optimizer, scheduler, record, 
 # ----------------------------------------------------------------------------------------------------------------
 # a whole recipe
 
-def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite: bool = False, teacher=None,
-               student=None, tokenizer=None, on_step: Callable | None = None) -> dict:
+def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite: bool = False,
+               from_stage: int | str | None = None, allow_code: bool = False, teacher=None, student=None,
+               tokenizer=None, on_step: Callable | None = None) -> dict:
     """Run every stage of a recipe (YAML path, dict or Recipe) and return the run summary (also run.json).
 
-    resume: continue an interrupted run (finished stages are skipped, the current one restarts from its latest
-    checkpoint). overwrite: delete an existing out_dir first. teacher/student/tokenizer: objects that replace the
-    recipe's specs (the Python API for callers that already hold the models).
-    Everything is validated (recipe, data, parameter groups) before anything is written.
+    resume: continue an interrupted run: finished stages are kept, the current one restarts from its newest intact
+    checkpoint. Refused when anything a finished or started stage depends on changed (the message names it).
+    from_stage: a stage number (1-based) or name: keep the stages before it (they must be unchanged), retrain it and
+    every later stage with the recipe as it is now; recorded in run.json's history.
+    overwrite: delete an existing out_dir first (only one gendistill created; never the current or home directory).
+    allow_code: let the recipe name "module:function" code (factories, eval hooks) beyond gendistill's own.
+    teacher/student/tokenizer: objects that replace the recipe's specs (the Python API for callers that already
+    hold the models). Everything is validated (recipe, data, tokenizer, models) before anything is written.
     """
-    recipe = load_recipe(recipe_or_path, list(overrides))
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other")
+    recipe = load_recipe(recipe_or_path, list(overrides), allow_code)
+    if overwrite and (resume or from_stage is not None):
+        raise UserError("--overwrite starts over; it excludes --resume and --from-stage")
+    start_at = None if from_stage is None else _stage_index(recipe, from_stage)
+    continuing = resume or start_at is not None
     env = parallel.setup()
     out = Path(recipe.out_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise UserError(f"output directory {out} already exists; pass --resume to continue it or --overwrite to "
-                        "start over")
+    record = _check_run_dir(out, continuing, overwrite, from_stage)
 
     # ---- checks (nothing written yet) ----
     kinds = {}
@@ -507,6 +533,10 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
             raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with "
                             f"`{src.messages_field}`), but data source {stage.data!r} ({src.path}) holds plain text")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe)
+    chat = [s.name for s in recipe.stages if kinds[s.data] == "chat"]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"stages {chat} train on chat data, but the tokenizer has no chat template; use a tokenizer "
+                        "with one (e.g. the instruct model's) or set `tokenizer:` in the recipe")
     if teacher is None and recipe.teacher is not None:
         teacher = load_model(recipe.teacher, role="teacher")
     if teacher is not None:
@@ -519,40 +549,259 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         if stage.needs_teacher and teacher.config.vocab_size != initial.config.vocab_size:
             raise UserError(f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
                             f"({initial.config.vocab_size})")
+        for role, model in (("student", initial), ("teacher", teacher if stage.needs_teacher else None)):
+            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if limit and stage.seq_len > limit:
+                raise UserError(f"stage {stage.name}.seq_len: {stage.seq_len} exceeds the {role}'s "
+                                f"max_position_embeddings ({limit}); use seq_len <= {limit}")
     if len(tokenizer) > initial.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary is "
                         f"{initial.config.vocab_size}")
+    fingerprint = run_fingerprint(recipe, teacher, initial, tokenizer)
+    keep = _kept_stages(out, recipe, record, fingerprint, resume, start_at)
     parallel.barrier(env)
 
-    # ---- run ----
+    # ---- run: the directory locked, marked and recorded, then the stages ----
+    lock, created = None, not out.exists()
     if env.is_main:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = DirLock(out).acquire()
+        except UserError:
+            if created:
+                remove_tree(out)
+            raise
+    try:
+        return _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds,
+                           tokenizer, teacher, initial, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds, tokenizer,
+                teacher, initial, on_step) -> dict:
+    if env.is_main:
+        stage_dirs = _stage_dirs(out)
+        if not continuing:  # a fresh start: out was checked deletable (marked, or empty)
+            for child in out.iterdir():
+                if not child.name.startswith(".gendistill.lock"):
+                    remove_tree(child)
+        else:
+            for index, path in stage_dirs.items():
+                if index >= keep:  # --from-stage: the stages it retrains start afresh
+                    remove_tree(path)
+        mark_dir(out)
+        history = (record or {}).get("history", []) + [{
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "mode": "from_stage" if start_at is not None else "resume" if continuing else "fresh",
+            **({"from_stage": recipe.stages[start_at].name,
+                "changed": _diff(record["fingerprint"], fingerprint, range(start_at, len(recipe.stages)))}
+               if start_at is not None else {})}]
+        record = {"recipe": recipe.name, "status": "running", "fingerprint": fingerprint, "history": history}
+        atomic_write_json(out / "run.json", record)
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
     parallel.barrier(env)
     cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else out / "token_cache"
+    corpora = {}
+    try:  # every data source tokenised (and each record checked) before the first step of the first stage
+        for name in dict.fromkeys(s.data for s in recipe.stages):
+            need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in recipe.stages if s.data == name)
+            corpora[name] = prepare_corpus(dataclasses.replace(recipe.data[name], kind=kinds[name]), tokenizer,
+                                           cache_dir, need, env)
+    except BaseException:
+        if env.is_main and not _stage_dirs(out):  # nothing trained yet: leave no run that blocks a plain rerun
+            remove_tree(out) if created else remove_tree(out / "run.json")
+        raise
     results, previous = [], None
     for index, stage in enumerate(recipe.stages):
         stage_dir = out / f"{index + 1:02d}-{stage.name}"
-        if resume and (stage_dir / "stage.json").exists():
-            results.append(json.loads((stage_dir / "stage.json").read_text()))
-            previous = Path(results[-1]["model_dir"])
+        if continuing and (stage_dir / "stage.json").exists():
+            results.append(finished_stage(stage_dir))
+            previous = stage_dir / "model"
             continue
         if previous is None:
             current = initial
         else:
             current = load_model({"path": str(previous), "dtype": "float32"}, role="student")
-        source = recipe.data[stage.data]
-        need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in recipe.stages if s.data == stage.data)
-        corpus = prepare_corpus(dataclasses.replace(source, kind=kinds[stage.data]), tokenizer, cache_dir, need, env)
-        results.append(train_stage(stage, current, teacher=teacher, tokenizer=tokenizer, data=corpus,
-                                   out_dir=stage_dir, resume=resume, parallel_strategy=recipe.parallel,
+        results.append(train_stage(stage, current, teacher=teacher, tokenizer=tokenizer, data=corpora[stage.data],
+                                   out_dir=stage_dir, resume=continuing, parallel_strategy=recipe.parallel,
                                    progress=recipe.progress, tensorboard=recipe.tensorboard, on_step=on_step,
                                    env=env))
         previous = Path(results[-1]["model_dir"])
         del current
     summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results}
-    if env.is_main:
-        atomic_write_json(out / "run.json", summary)
+    if env.is_main:  # on disk, paths relative to the run directory
+        atomic_write_json(out / "run.json", {
+            **record, "status": "done", "final_model": str(previous.relative_to(out)),
+            "stages": [{**r, "model_dir": f"{i + 1:02d}-{r['stage']}/model"} for i, r in enumerate(results)]})
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run directories: checks, fingerprints, finished stages
+
+_STAGE_DIR = re.compile(r"^(\d{2,})-(.+)$")
+
+
+def _stage_dirs(out: Path) -> dict[int, Path]:
+    """{0-based stage index: NN-<name> directory} of the stages that were started in `out`."""
+    found = {}
+    if out.is_dir():
+        for path in out.iterdir():
+            match = _STAGE_DIR.match(path.name)
+            if match and path.is_dir():
+                found[int(match.group(1)) - 1] = path
+    return found
+
+
+def _stage_index(recipe: Recipe, ref: int | str) -> int:
+    names = [s.name for s in recipe.stages]
+    text = str(ref)
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and 1 <= int(text) <= len(names):
+        return int(text) - 1
+    raise UserError(f"--from-stage {ref}: expected a stage number 1..{len(names)} or a name ({', '.join(names)})")
+
+
+def _check_run_dir(out: Path, continuing: bool, overwrite: bool, from_stage) -> dict | None:
+    """Validate `out` for this kind of start (nothing written); return the run record of a run being continued."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir {out} is a file, not a directory; set out_dir to a directory path")
+    flag = "--resume" if from_stage is None else f"--from-stage {from_stage}"
+    if continuing:
+        if not out.is_dir():
+            raise UserError(f"{flag}: there is no run directory {out} to continue; start the run without {flag}")
+        try:
+            record = json.loads((out / "run.json").read_text())
+            record["fingerprint"]["stages"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{flag}: {out} is not a gendistill run directory (no valid run.json record; runs made "
+                            "by older versions cannot be continued)") from None
+        return record
+    if not out.exists():
+        return None
+    if overwrite:
+        check_deletable(out)
+        return None
+    if _stage_dirs(out) or (any(out.iterdir()) and not is_marked(out)):
+        raise UserError(f"output directory {out} already exists; pass --resume to continue it or --overwrite to "
+                        "start over (or --from-stage N: keep its stages before N, retrain from N)")
+    return None  # a marked run that never started a stage (e.g. stopped by a bad data record): start it afresh
+
+
+def _flatten(value, prefix: str, into: dict) -> dict:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), into)
+    else:
+        into[prefix] = value
+    return into
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes), whatever it was loaded from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _data_fingerprint(src) -> dict:
+    spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
+    path = Path(os.path.expanduser(src.path))
+    if src.format != "hub" and path.exists():  # local files: their contents, wherever they are
+        files = _local_files(path)
+        root = path if path.is_dir() else path.parent
+        spec["files"] = {str(f.relative_to(root)): sha256_file(f) for f in files}
+    else:
+        spec["hub"] = src.path
+        spec["revision"] = _hub_revision(src.path)
+    return spec
+
+
+def _hub_revision(dataset_id: str) -> str | None:
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(dataset_id).sha
+    except Exception:  # offline, private, ...: unknown, and then not compared
+        return None
+
+
+def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
+    """What each stage depends on, as flat `key: value` pairs (`teacher.kwargs.seed`, `kd.lr`, `data.text.files.x`)."""
+    from gendistill.distill.data import tokenizer_fingerprint
+
+    common = {"seed": recipe.seed, "tokenizer.sha256": tokenizer_fingerprint(tokenizer)}
+    for role, spec, model in (("teacher", recipe.teacher, teacher), ("student", recipe.student, student)):
+        _flatten({k: v for k, v in (spec or {}).items() if k != "path"}, role, common)
+        if model is not None:
+            common[f"{role}.weights.sha256"] = weights_sha256(model)
+    data = {name: _flatten(_data_fingerprint(recipe.data[name]), f"data.{name}", {})
+            for name in dict.fromkeys(s.data for s in recipe.stages)}
+    stages = []
+    for stage in recipe.stages:
+        keys = _flatten(json.loads(json.dumps(stage.math_keys(), default=str)), stage.name, {})
+        stages.append({"name": stage.name, "keys": {**common, **data[stage.data], **keys}})
+    return {"stages": stages}
+
+
+def _diff(old: dict, new: dict, indices) -> list[str]:
+    """`key: old -> new` for every difference in the stages at `indices` (a missing stage counts as all-new)."""
+    changes = []
+    for i in indices:
+        a = old["stages"][i]["keys"] if i < len(old["stages"]) else {}
+        b = new["stages"][i]["keys"] if i < len(new["stages"]) else {}
+        for key in dict.fromkeys([*a, *b]):
+            if key.endswith(".revision") and (a.get(key) is None or b.get(key) is None):
+                continue  # a hub revision that could not be looked up is not a change
+            if a.get(key, "(unset)") != b.get(key, "(unset)") and f"{key}: " not in "\n".join(changes):
+                changes.append(f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
+    return changes
+
+
+def _kept_stages(out: Path, recipe: Recipe, record: dict | None, fingerprint: dict, resume: bool,
+                 start_at: int | None) -> int:
+    """How many leading stages of an existing run are kept; refuses (naming what changed) to continue a run whose
+    kept stages were trained on anything else than this recipe, teacher, tokenizer and data."""
+    if record is None:
+        return 0
+    old_names = [s["name"] for s in record["fingerprint"]["stages"]]
+    if start_at is not None:
+        keep = start_at
+    else:
+        started = _stage_dirs(out)
+        keep = max(started) + 1 if started else 0
+    check = range(keep)
+    if any(i >= len(recipe.stages) or i >= len(old_names) or recipe.stages[i].name != old_names[i] for i in check):
+        raise UserError(f"{out}: the recipe's stages {[s.name for s in recipe.stages]} do not continue the run's "
+                        f"{old_names[:keep]}; run into a new out_dir")
+    changes = _diff(record["fingerprint"], fingerprint, check)
+    if changes:
+        first = next(i for i in check if _diff(record["fingerprint"], fingerprint, [i]))
+        what = "--resume" if start_at is None else f"--from-stage {recipe.stages[start_at].name}"
+        raise UserError(
+            f"{what}: {out} was trained with other settings than the recipe now gives for stages it keeps "
+            f"({', '.join(old_names[:keep])}): {'; '.join(changes)}. Restore them, or retrain from the first stage "
+            f"they affect with --from-stage {recipe.stages[first].name} (keeps the stages before it), or use a new "
+            "out_dir")
+    return keep
+
+
+def finished_stage(stage_dir: Path) -> dict:
+    """A finished stage's summary, its model checked against the checksums recorded when it finished."""
+    summary = json.loads((stage_dir / "stage.json").read_text())
+    model_dir = stage_dir / "model"
+    recorded = summary.get("model_files")
+    if recorded is not None:
+        actual = model_checksums(model_dir)
+        bad = sorted(name for name in set(recorded) | set(actual) if recorded.get(name) != actual.get(name))
+        if bad:
+            raise UserError(f"stage {summary['stage']}: {', '.join(bad)} in {model_dir} does not match the checksum "
+                            "recorded when the stage finished (the file is damaged or was replaced); retrain it with "
+                            f"--from-stage {summary['stage']}")
+    return {**summary, "model_dir": str(model_dir)}
