@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gendistill.io import UserError, atomic_dir, check_output_dir
+from gendistill.io import UserError, atomic_dir, check_model_ref, check_output_dir
 from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausalLM
 
 PAPER_ATTENTION_LAYERS = (0, 2, 6, 11, 13, 18, 21)  # beam-searched set of arXiv 2603.26556 for 28-layer Qwen3
@@ -37,6 +37,20 @@ def _check_teacher(teacher) -> None:
                         "not Qwen3-like: expected model.layers[i].self_attn with q/k/v/o_proj and q_norm/k_norm")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise UserError("teacher's attention heads are not a multiple of its key/value heads")
+
+
+def _check_ratio(ratio, num_layers: int | None = None) -> float:
+    """A share of attention layers strictly inside (0, 1) that leaves at least one attention and one KDA layer (a pure
+    model is asked for explicitly, with an attention-layer list)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise UserError(f"--ratio {ratio}: the share of attention layers must be a number strictly between 0 and 1 "
+                        "(e.g. 0.25); for an all-KDA or all-attention model list the layers with --attention-layers")
+    count = max(1, round(num_layers * ratio)) if num_layers else 1  # as default_attention_layers counts
+    if num_layers and count >= num_layers:
+        raise UserError(f"--ratio {ratio} of {num_layers} layers gives {count} attention layers; a hybrid needs at "
+                        f"least one attention and one KDA layer (use a ratio between {1 / num_layers:.3g} and "
+                        f"{(num_layers - 1) / num_layers:.3g}, or list the layers with --attention-layers)")
+    return ratio
 
 
 def _check_layers(attention_layers, num_layers: int) -> list[int]:
@@ -72,7 +86,7 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
     _check_teacher(teacher)
     n = teacher.config.num_hidden_layers
     if attention_layers is None:
-        attention_layers = default_attention_layers(n, 0.25 if ratio is None else ratio)
+        attention_layers = default_attention_layers(n, 0.25 if ratio is None else _check_ratio(ratio, n))
     attention_layers = _check_layers(attention_layers, n)
     config = student_config(teacher.config, attention_layers, **kda_options)
     config._attn_implementation = getattr(teacher.config, "_attn_implementation", None) or "sdpa"
@@ -110,6 +124,7 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
 def load_teacher(path_or_id: str, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_ref(path_or_id, "teacher")
     try:
         teacher = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True,
                                                        trust_remote_code=trust_remote_code)
@@ -141,6 +156,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(args) -> int:
     check_output_dir(args.out, args.overwrite)
+    if args.ratio is not None:
+        _check_ratio(args.ratio)  # the form now (before loading the teacher); the layer count in convert()
     layers = None
     if args.attention_layers:
         try:

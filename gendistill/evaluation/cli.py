@@ -42,7 +42,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="items per task (quick looks)")
     p.add_argument("--recall-samples", type=int, default=20, help="items per recall task and length (default: 20)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", help="float32 (the paper's default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="float32 (the paper's default), bfloat16 or float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -52,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.recall_samples < 1:
         raise UserError("--batch-size and --recall-samples must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: items per task must be at least 1 (leave it out for all items)")
     if args.decode != "greedy" and not args.seeds:
         raise UserError("--decode sample needs at least one seed")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:

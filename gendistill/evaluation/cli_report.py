@@ -12,8 +12,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from gendistill.evaluation.report import build_report
+    from pathlib import Path
 
+    from gendistill.evaluation.report import build_report
+    from gendistill.evaluation.runner import read_manifest
+    from gendistill.io import UserError
+
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; the report is a directory of report.json/.md/.html")
+    for directory in args.eval_dirs:  # malformed manifests and unsafe names stop here, before anything is read
+        read_manifest(directory)
     paths = build_report(args.eval_dirs, out=args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -25,10 +26,11 @@ import torch
 from gendistill.evaluation.engine import Sampling
 from gendistill.evaluation.recall import recall_task
 from gendistill.evaluation.scoring import decode_modes, score_task
-from gendistill.evaluation.tasks import Task, load_task_files, parse_task_list
-from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
+from gendistill.evaluation.tasks import Task, build_context, choice_targets, load_task_files, parse_task_list
+from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_model_ref
 
 _SAFE_NAME = re.compile(r"^[\w.@-]+$")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
@@ -37,15 +39,75 @@ def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if not path.is_dir() or not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model directory (no config.json)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
+    check_model_ref(path, "model", need_tokenizer=True)
+    device = _check_device(device)
+    if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def _check_device(device: str | None) -> str:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r}: use cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """An eval directory's manifest.json, checked: valid JSON with `models` (name -> {role, ...}) and `tasks`, and
+    every model and task name safe as a path component (names become records/<model>/<task>.jsonl)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{directory} is not an eval directory (no manifest.json); run `gendistill eval --out "
+                        f"{directory}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); rerun `gendistill eval` for this directory") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict) \
+            or not isinstance(manifest.get("tasks"), dict):
+        raise UserError(f"{path}: incomplete manifest (expected `models` and `tasks` mappings); rerun `gendistill "
+                        "eval` for this directory")
+    for kind, names in (("model", manifest["models"]), ("task", manifest["tasks"])):
+        for name, info in names.items():
+            if not _SAFE_NAME.match(name) or name in (".", ".."):
+                raise UserError(f"{path}: {kind} name {name!r} is not a plain name (letters, digits, ._@-); it "
+                                "would be used as a path")
+            if not isinstance(info, dict) or (kind == "model" and info.get("role") not in ("teacher", "student")):
+                raise UserError(f"{path}: {kind} {name!r} has an incomplete entry: {info!r}")
+    return manifest
+
+
+def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks, limit: int | None) -> None:
+    """Every prompt plus its longest answer (a choice, or max_new_tokens generated) fits the model's positions.
+    Recall tasks longer than the model's positions are allowed (they measure extrapolation) with a warning."""
+    if not max_positions:
+        return
+    for spec in tasks:
+        if not isinstance(spec, Task):
+            if spec[1] > max_positions:
+                print(f"gendistill: warning: {spec[0]}@{spec[1]} is longer than {name}'s max_position_embeddings "
+                      f"({max_positions}); scored anyway and marked in the manifest", file=sys.stderr)
+            continue
+        for item in spec.items[:limit]:
+            prompt = len(tokenizer(build_context(spec, item, tokenizer), add_special_tokens=False)["input_ids"])
+            answer = spec.max_new_tokens
+            if spec.is_mc:
+                answer = max(answer, *(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1
+                                       for c in choice_targets(spec, item)))
+            if prompt + answer > max_positions:
+                raise UserError(f"task {spec.name}, item {item.get('id')!r}: the prompt ({prompt} tokens) plus its "
+                                f"answer ({answer}) exceeds {name}'s max_position_embeddings ({max_positions}); "
+                                "shorten the prompt or drop the item")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -84,7 +146,7 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
         if isinstance(teacher, Mapping):
             (name, ref), = teacher.items()
         else:
-            name, ref = (Path(teacher).name if isinstance(teacher, (str, os.PathLike)) else "teacher"), teacher
+            name, ref = (Path(teacher).resolve().name if isinstance(teacher, (str, os.PathLike)) else "teacher"), teacher
         entries.append((name, "teacher", ref))
     if isinstance(models, Mapping):
         items = list(models.items())
@@ -93,8 +155,8 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
     else:
         items = [(None, m) for m in models]
     for index, (name, ref) in enumerate(items):
-        if name is None:
-            name = Path(ref).name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
+        if name is None:  # resolved, so that "." or "run/model/" name the directory itself
+            name = Path(ref).resolve().name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
         entries.append((str(name), "student", ref))
     bad = [name for name, _, _ in entries if not _SAFE_NAME.match(name)]
     if bad:
@@ -121,8 +183,26 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     in another eval directory can be merged in by `build_report`). `tasks`: task YAMLs / dirs / recall tasks
     ("a.yaml,tasks/,niah_single@1k,4k") or Task objects. `decode`: greedy | sample | both (sampling averages
     `seeds`). Returns the report dict (or the manifest when `report` is False)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit {limit!r}: items per task must be at least 1 (leave it out for all items)")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    _check_device(device)
     resolved = resolve_tasks(tasks)
     entries = _named_models(models, teacher)
+    for name, role, ref in entries:  # every model, tokenizer and prompt checked before any model is loaded
+        if isinstance(ref, (str, os.PathLike)):
+            path = Path(ref)
+            if not path.is_dir() or not (path / "config.json").is_file():
+                raise UserError(f"--model {ref}: not a model directory (no config.json)")
+            check_model_ref(path, role, need_tokenizer=True)
+            from transformers import AutoConfig, AutoTokenizer
+
+            import gendistill.modeling  # noqa: F401  (the student's config class)
+            config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        else:
+            config, tokenizer = ref[0].config, ref[1]
+        check_prompt_lengths(name, getattr(config, "max_position_embeddings", None), tokenizer, resolved, limit)
     if lm_eval_tasks:
         from gendistill.evaluation.lmeval import import_lm_eval, run_lm_eval
 
@@ -150,7 +230,11 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
                     task = spec
                 else:
                     if (fingerprint, *spec) not in recall_cache:
-                        recall_cache[(fingerprint, *spec)] = recall_task(spec[0], spec[1], tokenizer, recall_samples)
+                        try:
+                            recall_cache[(fingerprint, *spec)] = recall_task(spec[0], spec[1], tokenizer,
+                                                                             recall_samples)
+                        except ValueError as err:  # e.g. a length too short for the task's fixed text
+                            raise UserError(f"recall task {spec[0]}@{spec[1]}: {err}") from None
                     task = recall_cache[(fingerprint, *spec)]
                 if limit is not None:
                     task = dataclasses.replace(task, items=task.items[:limit])

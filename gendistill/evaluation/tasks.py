@@ -156,12 +156,36 @@ def format_choices(choices: list[str]) -> str:
     return "".join(f"{LETTERS[i]}. {choice}\n" for i, choice in enumerate(choices))
 
 
+class _PromptFormatter(string.Formatter):
+    """str.format limited to plain `{field}` placeholders: a task file is data, so `{question.__class__}`,
+    `{choices[0]}`, conversions (`!r`) and format specs (a huge width) are errors, not evaluated."""
+
+    def get_field(self, field_name, args, kwargs):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", field_name):
+            raise ValueError(f"placeholder {{{field_name}}} is not a plain field name (attributes and indexes are "
+                             "not allowed)")
+        return kwargs[field_name], field_name
+
+    def convert_field(self, value, conversion):
+        if conversion:
+            raise ValueError(f"conversion !{conversion} is not allowed in a prompt placeholder")
+        return value
+
+    def format_field(self, value, format_spec):
+        if format_spec:
+            raise ValueError(f"format spec {format_spec!r} is not allowed in a prompt placeholder")
+        return format(value, "")
+
+
+_PROMPT = _PromptFormatter()
+
+
 def user_text(task: Task, item: dict) -> str:
     """The task prompt filled with the item's fields ({choices} is the lettered list)."""
     fields = dict(item)
     fields["choices"] = format_choices(item.get("choices") or [])
     try:
-        return task.prompt.format(**fields)
+        return _PROMPT.vformat(task.prompt, (), fields)
     except (KeyError, IndexError, AttributeError) as err:
         raise UserError(f"task {task.name}: prompt placeholder {err} is not a field of item {item.get('id')!r}") from None
     except ValueError as err:
@@ -215,6 +239,8 @@ def parse_length(text: str) -> int:
     match = _LENGTH.match(text.strip())
     if not match:
         raise UserError(f"bad context length {text!r}: write e.g. 1k, 4k, 128k or a token count")
+    if int(match.group(1)) < 1:
+        raise UserError(f"bad context length {text!r}: a recall task needs at least one token, e.g. 1k")
     return int(match.group(1)) * (1024 if match.group(2) else 1)
 
 
