@@ -211,12 +211,13 @@ def _alive(pid) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = False) -> None:
+def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = False,
+                    need_config: bool = True) -> None:
     """A model given as a local directory or a hub id `org/name`: fail with a plain message when it is neither (a
     missing directory would otherwise reach the hub client and come back as "Repo id must be in the form ...")."""
     path = Path(os.path.expanduser(str(ref)))
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        if not path.is_dir() or (need_config and not (path / "config.json").is_file()):
             raise UserError(f"{role} {ref}: not a model directory (no config.json)")
         if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{role} {ref}: the model directory holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "

@@ -91,7 +91,7 @@ def load_tokenizer(recipe: Recipe):
             raise UserError("tokenizer: required when neither the teacher nor the student is a directory/hub id")
     if "factory" in spec:
         return resolve_callable(spec["factory"], "tokenizer.factory")(**(spec.get("kwargs") or {}))
-    check_model_ref(spec["path"], "tokenizer", need_tokenizer=True)
+    check_model_ref(spec["path"], "tokenizer", need_tokenizer=True, need_config=False)
     try:
         return AutoTokenizer.from_pretrained(spec["path"])
     except (OSError, ValueError) as err:
