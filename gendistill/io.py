@@ -218,7 +218,7 @@ def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = Fa
     path = Path(os.path.expanduser(str(ref)))
     if path.exists():
         if not path.is_dir() or (need_config and not (path / "config.json").is_file()):
-            raise UserError(f"{role} {ref}: not a model directory (no config.json)")
+            raise UserError(f"{role} {ref} is not a model directory (no config.json)")
         if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{role} {ref}: the model directory holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
                             "save the tokenizer next to the weights (tokenizer.save_pretrained)")
@@ -227,4 +227,4 @@ def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = Fa
 
     text = str(ref)
     if os.path.isabs(text) or text.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        raise UserError(f"{role} {ref}: no such directory (and not a hub id such as Qwen/Qwen3-0.6B)")
+        raise UserError(f"could not load {role} {ref}: no such directory (and not a hub id such as Qwen/Qwen3-0.6B)")

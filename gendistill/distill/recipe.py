@@ -119,7 +119,8 @@ class Recipe:
         return next(s for s in self.stages if s.name == name)
 
 
-TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) | {"defaults"}  # `defaults`: keys for every stage
+# `defaults`: keys for every stage
+TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) | {"defaults"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

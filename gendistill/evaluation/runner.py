@@ -146,7 +146,8 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
         if isinstance(teacher, Mapping):
             (name, ref), = teacher.items()
         else:
-            name, ref = (Path(teacher).resolve().name if isinstance(teacher, (str, os.PathLike)) else "teacher"), teacher
+            name = Path(teacher).resolve().name if isinstance(teacher, (str, os.PathLike)) else "teacher"
+            ref = teacher
         entries.append((name, "teacher", ref))
     if isinstance(models, Mapping):
         items = list(models.items())
@@ -194,7 +195,7 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
         if isinstance(ref, (str, os.PathLike)):
             path = Path(ref)
             if not path.is_dir() or not (path / "config.json").is_file():
-                raise UserError(f"--model {ref}: not a model directory (no config.json)")
+                raise UserError(f"--model {ref} is not a model directory (no config.json)")
             check_model_ref(path, role, need_tokenizer=True)
             from transformers import AutoConfig, AutoTokenizer
 
