@@ -609,9 +609,9 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
             need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in recipe.stages if s.data == name)
             corpora[name] = prepare_corpus(dataclasses.replace(recipe.data[name], kind=kinds[name]), tokenizer,
                                            cache_dir, need, env)
-    except BaseException:
-        if env.is_main and not _stage_dirs(out):  # nothing trained yet: leave no run that blocks a plain rerun
-            remove_tree(out) if created else remove_tree(out / "run.json")
+    except BaseException:  # e.g. a bad record: a fresh run this call created leaves nothing behind (a run dir
+        if env.is_main and created and not _stage_dirs(out):  # that existed stays, marked and without stages,
+            remove_tree(out)                                    # which a plain rerun starts afresh)
         raise
     results, previous = [], None
     for index, stage in enumerate(recipe.stages):
@@ -752,16 +752,16 @@ def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
 
 def _diff(old: dict, new: dict, indices) -> list[str]:
     """`key: old -> new` for every difference in the stages at `indices` (a missing stage counts as all-new)."""
-    changes = []
+    changes: dict[str, str] = {}  # keys shared by stages (teacher, data) are named once
     for i in indices:
         a = old["stages"][i]["keys"] if i < len(old["stages"]) else {}
         b = new["stages"][i]["keys"] if i < len(new["stages"]) else {}
         for key in dict.fromkeys([*a, *b]):
             if key.endswith(".revision") and (a.get(key) is None or b.get(key) is None):
                 continue  # a hub revision that could not be looked up is not a change
-            if a.get(key, "(unset)") != b.get(key, "(unset)") and f"{key}: " not in "\n".join(changes):
-                changes.append(f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
-    return changes
+            if a.get(key, "(unset)") != b.get(key, "(unset)"):
+                changes.setdefault(key, f"{key}: {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
+    return list(changes.values())
 
 
 def _kept_stages(out: Path, recipe: Recipe, record: dict | None, fingerprint: dict, resume: bool,
