@@ -565,12 +565,7 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
     lock, created = None, not out.exists()
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = DirLock(out).acquire()
-        except UserError:
-            if created:
-                remove_tree(out)
-            raise
+        lock = DirLock(out).acquire()  # refused: the directory is another run's (leave it as it is)
     try:
         return _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds,
                            tokenizer, teacher, initial, on_step)
@@ -706,7 +701,7 @@ def weights_sha256(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer, not a copy
     return h.hexdigest()
 
 
