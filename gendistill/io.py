@@ -68,6 +68,14 @@ def is_marked(directory: str | os.PathLike) -> bool:
     return (Path(directory) / MARKER).is_file()
 
 
+LOCK_NAME = ".gendistill.lock"
+
+
+def contents(directory: Path) -> list[Path]:
+    """A directory's entries apart from gendistill's lock files (which say nothing about what it holds)."""
+    return [p for p in Path(directory).iterdir() if not p.name.startswith(LOCK_NAME)]
+
+
 def _protected(path: Path) -> str | None:
     """Why `path` may never be deleted, or None: the working directory, its parents, home and its parents."""
     resolved = path.expanduser().resolve()
@@ -98,7 +106,7 @@ def check_deletable(out: Path) -> None:
     why = _protected(out)
     if why:
         raise UserError(f"refusing to delete {out}: {why}; choose a dedicated output directory")
-    if not is_marked(out) and any(out.iterdir()):
+    if not is_marked(out) and contents(out):
         raise UserError(f"refusing to delete {out}: gendistill did not create it (no {MARKER} marker inside), so it "
                         "may hold your files; choose another output directory or remove it yourself")
 
@@ -150,7 +158,7 @@ class DirLock:
 
     def __init__(self, directory: str | os.PathLike, what: str = "run directory"):
         self.directory, self.what = Path(directory), what
-        self.path, self.info = self.directory / ".gendistill.lock", self.directory / ".gendistill.lock.json"
+        self.path, self.info = self.directory / LOCK_NAME, self.directory / f"{LOCK_NAME}.json"
         self._lock = None
 
     def _holder(self) -> dict:

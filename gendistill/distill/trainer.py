@@ -42,7 +42,7 @@ from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, Teache
 from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
                                        resolve_callable)
 from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
-                           check_model_ref, is_marked, mark_dir, remove_tree, sha256_file)
+                           check_model_ref, contents, is_marked, mark_dir, remove_tree, sha256_file)
 
 
 class TrainingDiverged(UserError):
@@ -567,6 +567,8 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         out.mkdir(parents=True, exist_ok=True)
         lock = DirLock(out).acquire()  # refused: the directory is another run's (leave it as it is)
     try:
+        if env.is_main:  # again, under the lock: another run may have used the directory since the first check
+            _check_run_dir(out, continuing, overwrite, from_stage)
         return _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds,
                            tokenizer, teacher, initial, on_step)
     finally:
@@ -579,9 +581,8 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
     if env.is_main:
         stage_dirs = _stage_dirs(out)
         if not continuing:  # a fresh start: out was checked deletable (marked, or empty)
-            for child in out.iterdir():
-                if not child.name.startswith(".gendistill.lock"):
-                    remove_tree(child)
+            for child in contents(out):
+                remove_tree(child)
         else:
             for index, path in stage_dirs.items():
                 if index >= keep:  # --from-stage: the stages it retrains start afresh
@@ -680,7 +681,7 @@ def _check_run_dir(out: Path, continuing: bool, overwrite: bool, from_stage) -> 
     if overwrite:
         check_deletable(out)
         return None
-    if _stage_dirs(out) or (any(out.iterdir()) and not is_marked(out)):
+    if _stage_dirs(out) or (contents(out) and not is_marked(out)):
         raise UserError(f"output directory {out} already exists; pass --resume to continue it or --overwrite to "
                         "start over (or --from-stage N: keep its stages before N, retrain from N)")
     return None  # a marked run that never started a stage (e.g. stopped by a bad data record): start it afresh

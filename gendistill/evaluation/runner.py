@@ -98,12 +98,16 @@ def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks,
                 print(f"gendistill: warning: {spec[0]}@{spec[1]} is longer than {name}'s max_position_embeddings "
                       f"({max_positions}); scored anyway and marked in the manifest", file=sys.stderr)
             continue
-        for item in spec.items[:limit]:
-            prompt = len(tokenizer(build_context(spec, item, tokenizer), add_special_tokens=False)["input_ids"])
-            answer = spec.max_new_tokens
+        items = spec.items[:limit]
+        if not items:
+            continue
+        prompts = tokenizer([build_context(spec, item, tokenizer) for item in items],
+                            add_special_tokens=False)["input_ids"]
+        for item, ids in zip(items, prompts):
+            prompt, answer = len(ids), spec.max_new_tokens
             if spec.is_mc:
-                answer = max(answer, *(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1
-                                       for c in choice_targets(spec, item)))
+                choices = tokenizer(choice_targets(spec, item), add_special_tokens=False)["input_ids"]
+                answer = max(answer, 1 + max(map(len, choices)))
             if prompt + answer > max_positions:
                 raise UserError(f"task {spec.name}, item {item.get('id')!r}: the prompt ({prompt} tokens) plus its "
                                 f"answer ({answer}) exceeds {name}'s max_position_embeddings ({max_positions}); "
