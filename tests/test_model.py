@@ -151,11 +151,11 @@ def test_packed_documents_equal_documents_alone(backend, student):
 def test_document_boundaries_are_looked_for_once_per_forward_at_most(student, monkeypatch):
     """Finding packed-document starts syncs with the device: never for positions the model makes itself, once per
     forward (not once per KDA layer) for the caller's."""
-    import gendistill.modeling as modeling
+    import gendistill.modeling_hybrid_kda as reference
 
     calls = []
-    real = modeling._document_starts
-    monkeypatch.setattr(modeling, "_document_starts", lambda p: calls.append(1) or real(p))
+    real = reference.document_starts
+    monkeypatch.setattr(reference, "document_starts", lambda p: calls.append(1) or real(p))
     x = ids(1, 12)
     student(x, use_cache=False)
     assert calls == []
@@ -272,27 +272,41 @@ def test_segmented_prefill_equals_one_pass(backend, student):
                 m.prefill_chunk = student.config.kda_prefill_chunk
 
 
-def test_inference_keeps_the_small_weight_merges_until_a_part_changes(teacher):
-    """The conv and gate merges are kept between inference calls (one concatenation fewer each per layer and call),
-    follow an optimizer step (the logits equal a fresh copy's), and are never used under autograd."""
+def test_weight_edits_between_forwards_take_effect(teacher):
+    """No merge of the projections' weights outlives a call: an optimizer step, an in-place `.data` edit (which does
+    not bump the tensor's version) and load_state_dict after a forward each change the next forward exactly as a
+    freshly built model with those weights computes it."""
     student = convert(teacher, attention_layers=[0])
     mixer = next(m for m in student.modules() if isinstance(m, KDAMixer))
     x = torch.randint(3, 300, (1, 12))
+
+    def fresh_logits():
+        fresh = HybridKDAForCausalLM(student.config).eval()
+        fresh.load_state_dict(student.state_dict())
+        with torch.no_grad():
+            return fresh(x).logits
+
     with torch.no_grad():
-        student(x)
-        kept = {name: merged for name, (_, merged) in mixer._kept.items()}
-        student(x)
-    assert kept.keys() == {"conv_weight", "conv_bias", "gates"}
-    assert all(mixer._kept[name][1] is merged for name, merged in kept.items())  # reused, not rebuilt
+        before = student(x).logits
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    student(x).logits.sum().backward()  # under autograd: concatenated per call, gradients reach every part
+    student(x).logits.sum().backward()  # gradients reach every merged part
     assert mixer.f_a_proj.weight.grad is not None and mixer.q_conv1d.weight.grad is not None
     optimizer.step()
     with torch.no_grad():
-        after = student(x).logits
-        fresh = copy.deepcopy(student)
-        for m in fresh.modules():
-            if isinstance(m, KDAMixer):
-                m._kept.clear()
-        torch.testing.assert_close(after, fresh(x).logits, atol=0, rtol=0)
-    assert mixer._kept["gates"][1] is not kept["gates"]
+        stepped = student(x).logits
+        torch.testing.assert_close(stepped, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(stepped, before)
+        version = mixer.f_a_proj.weight._version
+        mixer.f_a_proj.weight.data.mul_(3.0)  # .data: no version bump, the case a version-keyed cache missed
+        mixer.q_conv1d.weight.data[..., -1] += 0.5
+        assert mixer.f_a_proj.weight._version == version
+        edited = student(x).logits
+        torch.testing.assert_close(edited, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(edited, stepped)
+        state = {k: v.clone() for k, v in student.state_dict().items()}
+        state["model.layers.1.self_attn.g_a_proj.weight"].normal_()
+        state["model.layers.1.self_attn.b_proj.weight"].normal_()
+        student.load_state_dict(state)
+        loaded = student(x).logits
+        torch.testing.assert_close(loaded, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(loaded, edited)
