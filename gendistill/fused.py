@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
 from gendistill.kda import _backend, gated_rms_norm
+from gendistill import norm
 from gendistill.launch import Launcher
 from gendistill.norm import available as norm_kernels_available, qk_norm_rotary, rms_norm
 
@@ -51,7 +52,7 @@ def plain_linears(*modules: torch.nn.Module) -> bool:
 def gated_output_norm(x, gate, weight, eps: float, activation: str = "sigmoid"):
     """KDA's gated output norm (`kda.gated_rms_norm`); in GPU inference one launch of gendistill.norm's kernel."""
     if kernel_inference(x, weight):
-        return rms_norm(x, weight, eps, gate=gate, activation=activation)
+        return norm.rms_norm(x, weight, eps, gate=gate, activation=activation)
     return gated_rms_norm(x, gate, weight, eps, activation)
 
 
