@@ -310,3 +310,48 @@ def test_weight_edits_between_forwards_take_effect(teacher):
         loaded = student(x).logits
         torch.testing.assert_close(loaded, fresh_logits(), atol=0, rtol=0)
         assert not torch.allclose(loaded, edited)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_gendistill_classes_equal_the_reference_model(student, backend):
+    """gendistill's classes (merged GEMMs, segments, the residual folded into the norm) against the reference model
+    that student directories ship (modeling_hybrid_kda: every projection and conv a module call): uncached, left-padded,
+    packed documents, in segments, cached prefill + decode steps, and the gradients."""
+    from gendistill import modeling_hybrid_kda as reference
+
+    ref = reference.HybridKDAForCausalLM(student.config).eval()
+    ref.load_state_dict(student.state_dict())
+    assert not any(type(m) is KDAMixer for m in ref.modules()) and type(student.model.layers[1].self_attn) is KDAMixer
+    x = ids(2, 30)
+    rows, mask = left_pad([ids(1, n, seed=n)[0] for n in (30, 19)])
+    docs = torch.cat([torch.arange(11), torch.arange(19)])[None].expand(2, 30)
+    close = dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), use_backend(backend):
+        for kwargs in ({}, {"position_ids": docs, "use_cache": False}):
+            torch.testing.assert_close(student(x, **kwargs).logits, ref(x, **kwargs).logits, **close)
+        torch.testing.assert_close(student(rows, attention_mask=mask).logits, ref(rows, attention_mask=mask).logits,
+                                   **close)
+        mixers = [m for m in student.modules() if isinstance(m, KDAMixer)]
+        for m in mixers:
+            m.prefill_chunk = 8
+        try:
+            torch.testing.assert_close(student(x).logits, ref(x).logits, **close)
+        finally:
+            for m in mixers:
+                m.prefill_chunk = student.config.kda_prefill_chunk
+        caches = [DynamicCache(config=student.config) for _ in range(2)]
+        pieces = [[model(x[:, :25], past_key_values=c, use_cache=True).logits] for model, c in ((student, caches[0]),
+                                                                                               (ref, caches[1]))]
+        for t in range(25, 30):
+            for piece, model, c in zip(pieces, (student, ref), caches):
+                piece.append(model(x[:, t:t + 1], past_key_values=c, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces[0], 1), torch.cat(pieces[1], 1), **close)
+        torch.testing.assert_close(torch.cat(pieces[1], 1), ref(x).logits, **close)
+    with use_backend(backend):
+        student.zero_grad(), ref.zero_grad()
+        student(x, labels=x).loss.backward()
+        ref(x, labels=x).loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    student.zero_grad()
