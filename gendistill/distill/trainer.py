@@ -34,6 +34,7 @@ from gendistill.distill.data import DataSource, PackedStream, TokenCorpus, build
 from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, TeacherCapture
 from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
                                        resolve_callable)
+from gendistill.hub import write_student_files
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
 
 
@@ -455,6 +456,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             summary["eval"] = result
             if result is not None:
                 atomic_write_json(out_dir / "eval.json", result)
+        write_student_files(model_dir, student, stage=summary)  # model code + auto_map, gendistill.json, README.md
     if env.is_main:
         atomic_write_json(out_dir / "stage.json", summary)
     parallel.barrier(env)
