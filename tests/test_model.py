@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Qwen3ForCausalLM
 
 import gendistill
@@ -355,3 +357,55 @@ def test_gendistill_classes_equal_the_reference_model(student, backend):
     for name, p in student.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
     student.zero_grad()
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor (bytes) any op creates inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+@torch.no_grad()
+def test_generate_builds_nothing_at_full_length(student):
+    """generate(ids, max_new_tokens=1) allocates no tensor larger than the cached forward it runs: no [T, T] mask, no
+    full-length logits (issue 18: 56.6 GiB against 5.3 on an H200 at 128K). What did that there: a prompt holding
+    the pad token's id (random ids over the whole vocabulary, with pad_token_id != eos_token_id) makes generate()
+    infer an attention mask with a hole, so transformers builds the [B, 1, T, T] mask for the attention layers
+    (16 GiB at 128K, and SDPA's bf16 copy of it) and SDPA leaves its flash kernel; an explicit attention_mask (or a
+    prompt without that id) keeps the fast path."""
+    T = 640  # a [T, T] bool mask outgrows every [T, width] activation of the tiny model (width 128 in fp32)
+    x = torch.randint(3, 384, (1, T), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hooks = [student.lm_head.register_forward_hook(lambda m, i, o: seen.append(("logits", o.shape[1])))]
+    hooks += [layer.register_forward_pre_hook(
+        lambda m, a, k: seen.append((m.layer_type, None if k["attention_mask"] is None else k["attention_mask"].dim())),
+        with_kwargs=True) for layer in student.model.layers]
+    try:
+        with LargestTensor() as forward:
+            student(x, past_key_values=DynamicCache(config=student.config), use_cache=True, logits_to_keep=1)
+        seen.clear()
+        with LargestTensor() as generate:
+            student.generate(x, max_new_tokens=1, do_sample=False)
+        assert seen == [(t, None) for t in student.config.layer_types] + [("logits", 1)]
+        assert generate.bytes <= forward.bytes < T * T
+        holed = x.clone()
+        holed[0, T // 2] = student.generation_config.pad_token_id
+        seen.clear()
+        with LargestTensor() as inferred:
+            student.generate(holed, max_new_tokens=1, do_sample=False)
+        assert ("full_attention", 4) in seen and inferred.bytes >= T * T  # the cause, as transformers does it
+        with LargestTensor() as explicit:
+            student.generate(holed, attention_mask=torch.ones_like(holed), max_new_tokens=1, do_sample=False)
+        assert explicit.bytes <= forward.bytes
+    finally:
+        for hook in hooks:
+            hook.remove()
