@@ -80,7 +80,7 @@ def write_student_files(directory: str | Path, model, stage: dict | None = None)
         provenance = {**provenance, "stages": [*provenance.get("stages", []), stage]}
     atomic_write_json(directory / PROVENANCE, provenance)
     write_remote_code(directory)
-    atomic_write_text(directory / "README.md", model_card(model.config, provenance, directory.name))
+    atomic_write_text(directory / "README.md", model_card(model.config, provenance))
 
 
 def _number(value) -> str:
@@ -102,7 +102,7 @@ def _eval_lines(result) -> list[str]:
     return ["```json", *lines, "```"]
 
 
-def model_card(config, provenance: dict, name: str) -> str:
+def model_card(config, provenance: dict) -> str:
     """README.md of a student directory: base model, layer set, stages run and tokens, evals when there are any."""
     teacher = provenance.get("teacher")
     attention = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
@@ -112,7 +112,7 @@ def model_card(config, provenance: dict, name: str) -> str:
     if teacher:
         header.append(f"base_model: {teacher}")
     header += ["tags:", "- gendistill", "- hybrid-kda", "- kimi-delta-attention", "- distillation", "---", ""]
-    lines = [f"# {name}", "",
+    lines = [f"# Hybrid-KDA student{f' of {teacher}' if teacher else ''}", "",
              f"A Hybrid-KDA student{f' of `{teacher}`' if teacher else ''}, made with "
              "gendistill (GenDistill, arXiv 2603.26556): a Qwen3 decoder "
              f"of {n} layers in which {len(attention)} keep softmax attention (layers {attention}) and the other "

@@ -409,3 +409,41 @@ def test_generate_builds_nothing_at_full_length(student):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla and the Triton kernels on the GPU)")
+@torch.no_grad()
+def test_cuda_fast_path_equals_the_reference_model(teacher):
+    """On the GPU: gendistill's classes (Triton head split, segments, fused norms) against the shipped reference model
+    (fla's chunk kernel, conv and gated norm), fp32, uncached and cached + decode; and a projection replaced by a
+    wrapper (as PEFT does) makes the fast mixer step aside for the module calls."""
+    from gendistill import modeling_hybrid_kda as reference
+
+    student = convert(teacher, attention_layers=[0, 2]).cuda().float().eval()
+    ref = reference.HybridKDAForCausalLM(student.config).cuda().float().eval()
+    ref.load_state_dict(student.state_dict())
+    x = ids(2, 200).cuda()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    want = ref(x).logits
+    assert rel(student(x).logits, want) < 1e-2
+    cache = DynamicCache(config=student.config)
+    pieces = [student(x[:, :190], past_key_values=cache, use_cache=True).logits]
+    pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(190, 200)]
+    assert rel(torch.cat(pieces, 1), want) < 1e-2
+
+    class Doubled(torch.nn.Module):  # a wrapper around the real projection, as PEFT's LoRA layers are
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, h):
+            return 2 * self.base(h)
+
+    for model in (student, ref):
+        model.model.layers[1].self_attn.f_a_proj = Doubled(model.model.layers[1].self_attn.f_a_proj)
+    assert not student.model.layers[1].self_attn.fast_path_applies()
+    changed = ref(x).logits
+    assert rel(changed, want) > 1e-3 and rel(student(x).logits, changed) < 1e-2
