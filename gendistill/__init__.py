@@ -23,6 +23,8 @@ _EXPORTS = {"HybridKDAConfig": "gendistill.configuration_hybrid_kda", "HybridKDA
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # `import gendistill; gendistill.kda...` as before
     raise AttributeError(f"module 'gendistill' has no attribute {name!r}")
 
 
