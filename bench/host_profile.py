@@ -32,6 +32,8 @@ from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench import build_shape, random_ids, synthetic_cache, timed  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill import kda  # noqa: E402
+from gendistill.kda import heads  # noqa: E402
+import gendistill.fused as fused  # noqa: E402
 import gendistill.launch as launch  # noqa: E402
 from gendistill.kda.segments import FlaKernels, FlaStages  # noqa: E402
 
@@ -110,14 +112,14 @@ def kda_layer_ops(student, ids) -> list[dict]:
     scanned_k, _ = kernels.scan(prepared_k, None)
     fla_chunk = kda._fla_ops()[0]
     qkv = F.linear(x, params[0])
-    conv = kda.Conv(params[1], params[2], None, mixer.conv_activation)
+    conv = heads.Conv(params[1], params[2], None, mixer.conv_activation)
     B, T = x.shape[:2]
     o4 = o.reshape(B, T, -1, mixer.head_dim)
     norm = student.model.layers[1].post_attention_layernorm
     ops = {
-        "merged weights (1 torch.cat, 3 kept)": mixer._merged_params,
+        "merged weights (4 torch.cat)": mixer._merged_params,
         "F.linear [q|k|v]": lambda: F.linear(x, params[0]),
-        "kda_heads_fused with the conv (Triton)": lambda: kda.kda_heads_fused(qkv, mixer.num_heads,
+        "kda_heads_fused with the conv (Triton)": lambda: heads.kda_heads_fused(qkv, mixer.num_heads,
                                                                              mixer.num_kv_heads, mixer.head_dim,
                                                                              True, conv),
         "next_conv_context": lambda: kda.next_conv_context(None, qkv, 4),
@@ -136,7 +138,7 @@ def kda_layer_ops(student, ids) -> list[dict]:
         "FlaKernels.prepare (gendistill.launch)": lambda: kernels.prepare(q, k, v, f, b),
         "FlaKernels.scan": lambda: kernels.scan(prepared_k, None),
         "FlaKernels.output": lambda: kernels.output(scanned_k),
-        "gated_rms_norm (gendistill.norm)": lambda: kda.gated_rms_norm(o4, o4, mixer.o_norm.weight, 1e-6),
+        "gated_rms_norm (gendistill.norm)": lambda: fused.gated_output_norm(o4, o4, mixer.o_norm.weight, 1e-6),
         "fla's rms_norm_gated (before)": lambda: kda._fla_norm()(x=o4, g=o4, weight=mixer.o_norm.weight, bias=None,
                                                                  activation="sigmoid", eps=1e-6),
         "RMSNorm with the residual (gendistill.norm)": lambda: norm.add_and_norm(x, x),

@@ -108,10 +108,10 @@ def main() -> int:
         def fla_gated_norm(x, weight, eps, gate, activation):
             return kda._fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
 
-        norm, gated_norm = fused.rms_norm, kda.rms_norm
-        fused.rms_norm, kda.rms_norm = fla_norm, fla_gated_norm
+        norm, gated_norm = fused.rms_norm, fused.norm.rms_norm
+        fused.rms_norm, fused.norm.rms_norm = fla_norm, fla_gated_norm
         measure(student, "student, fla's RMSNorm and gated norm", first)
-        fused.rms_norm, kda.rms_norm = norm, gated_norm
+        fused.rms_norm, fused.norm.rms_norm = norm, gated_norm
         with launch.triton_launches():
             measure(student, "student, Triton's launcher and fla's wrappers", first)
         heads_fused = modeling.kda_heads_fused

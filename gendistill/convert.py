@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gendistill.hub import write_student_files
 from gendistill.io import UserError, atomic_dir, check_model_ref, check_output_dir
 from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausalLM
 
@@ -173,6 +174,7 @@ def main(args) -> int:
             tokenizer.save_pretrained(tmp)
         (Path(tmp) / "gendistill.json").write_text(json.dumps({
             "teacher": args.teacher, "attention_layers": student.config.attention_layers, "seed": args.seed}, indent=2))
+        write_student_files(tmp, student)  # model code + auto_map (loads without gendistill), README.md
     n = student.config.num_hidden_layers
     print(f"converted {args.teacher} -> {args.out}: attention layers {student.config.attention_layers}, "
           f"{n - len(student.config.attention_layers)} of {n} layers KDA, "

@@ -1,5 +1,5 @@
 """Fused inference kernels for Qwen3's own parts (RMSNorm, MLP, attention's q/k norms and rotary embedding); the
-transformers modules are the reference. On CUDA with gradients off (`kda.kernel_inference`), at every length, decoding
+transformers modules are the reference. On CUDA with gradients off (`kernel_inference`), at every length, decoding
 included (on short inputs the GPU waits on the host, so one launch through gendistill.launch beats several eager
 kernels; on long ones the fewest bytes moved win, and these move the fewest):
 - `FusedRMSNorm`: one launch of gendistill.norm's kernel, optionally adding the residual in the same pass, instead of
@@ -11,9 +11,10 @@ kernels; on long ones the fewest bytes moved win, and these move the fewest):
 - `FusedQwen3Attention`: q_norm, k_norm and the rotary embedding of q and k in one launch (`norm.qk_norm_rotary`)
   where transformers' form costs ~14 eager kernels and makes five whole-size temporaries of q (the 128K prefill's
   memory peak; ~5 ms per layer there).
-Elsewhere, and whenever gradients are on, they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
+Elsewhere, whenever gradients are on, and whenever a projection is not a plain nn.Linear (a PEFT adapter or any
+other wrapper: its forward must run), they are exactly Qwen3RMSNorm, Qwen3MLP and Qwen3Attention. Parameter names
 are unchanged, so `fuse_modules` can also swap them into a stock Qwen3 (the kernel profile does, to show what the
-kernels alone are worth to the teacher).
+kernels alone are worth to the teacher); gendistill.modeling swaps them (and its KDA mixer) into the reference model.
 """
 from __future__ import annotations
 
@@ -24,11 +25,35 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
-from gendistill.kda import kernel_inference
+from gendistill.kda import _backend, gated_rms_norm
+from gendistill import norm
 from gendistill.launch import Launcher
-from gendistill.norm import qk_norm_rotary, rms_norm
+from gendistill.norm import available as norm_kernels_available, qk_norm_rotary, rms_norm
 
 DEFAULT_CHUNK = 24576  # HybridKDAConfig.kda_prefill_chunk's default, for a stock Qwen3 with fused modules
+
+
+def kernel_inference(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether inference on `x` runs gendistill's own Triton kernels (gendistill.norm, this module, the KDA head
+    split): CUDA, gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the
+    reference), and `weight` (if given) of x's dtype (the kernels write x's dtype; the references promote to the
+    weight's)."""
+    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+            and (weight is None or weight.dtype == x.dtype) and norm_kernels_available())
+
+
+def plain_linears(*modules: torch.nn.Module) -> bool:
+    """Whether every module is exactly nn.Linear, so that reading its weight is the same as calling it. A PEFT
+    adapter (or any wrapper or subclass) replaces the module: then the fast paths, which read weights to fuse or
+    merge GEMMs, step aside for the module calls."""
+    return all(type(m) is torch.nn.Linear for m in modules)
+
+
+def gated_output_norm(x, gate, weight, eps: float, activation: str = "sigmoid"):
+    """KDA's gated output norm (`kda.gated_rms_norm`); in GPU inference one launch of gendistill.norm's kernel."""
+    if kernel_inference(x, weight):
+        return norm.rms_norm(x, weight, eps, gate=gate, activation=activation)
+    return gated_rms_norm(x, gate, weight, eps, activation)
 
 
 class FusedRMSNorm(Qwen3RMSNorm):
@@ -79,7 +104,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class FusedMLP(Qwen3MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernel_inference(x, self.gate_proj.weight) or self.config.hidden_act != "silu":
+        if (not kernel_inference(x, self.gate_proj.weight) or self.config.hidden_act != "silu"
+                or not plain_linears(self.gate_proj, self.up_proj, self.down_proj)):
             return super().forward(x)
         chunk = getattr(self.config, "kda_prefill_chunk", None) or DEFAULT_CHUNK
         T = x.shape[-2]
@@ -133,10 +159,11 @@ class FusedQwen3Attention(Qwen3Attention):
 FUSED_CLASSES = {Qwen3RMSNorm: FusedRMSNorm, Qwen3MLP: FusedMLP, Qwen3Attention: FusedQwen3Attention}
 
 
-def fuse_modules(module: torch.nn.Module) -> torch.nn.Module:
-    """Swap every Qwen3RMSNorm / Qwen3MLP / Qwen3Attention inside `module` (in place) for its fused subclass;
-    returns `module`."""
+def fuse_modules(module: torch.nn.Module, classes: dict | None = None) -> torch.nn.Module:
+    """Swap every module inside `module` (in place) whose exact type is a key of `classes` (default: Qwen3RMSNorm,
+    Qwen3MLP, Qwen3Attention) for its fused subclass, the value (same parameters); returns `module`."""
+    classes = FUSED_CLASSES if classes is None else classes
     for m in module.modules():
-        if type(m) in FUSED_CLASSES:
-            m.__class__ = FUSED_CLASSES[type(m)]
+        if type(m) in classes:
+            m.__class__ = classes[type(m)]
     return module

@@ -1,153 +1,84 @@
-"""Hybrid-KDA: a Qwen3 decoder in which some softmax-attention layers are replaced by Kimi Delta Attention.
+"""gendistill's Hybrid-KDA classes: the reference model (`modeling_hybrid_kda`, which every student directory ships)
+with gendistill's inference kernels swapped in, and their registration with transformers' Auto classes.
 
-Config/model pair in the transformers style. Attention layers, MLPs, norms and embeddings are Qwen3's own modules
-(parameter names match Qwen3 checkpoints); only the token mixer of `"linear_attention"` layers differs: `KDAMixer`,
-built as arXiv 2603.26556 builds it (teacher-shaped q/k/v/o, 8 k/v heads repeated to 16 at run time, identity-
-initialised short convs with bias, channel-wise low-rank forget gate, per-head beta, gated RMSNorm output, NoPE).
+The classes keep the reference's names and parameters (checkpoints are the same either way); they differ in speed
+only, and the tests hold them to the reference's outputs:
+- `KDAMixer` projects [q | k | v] and [f_a | g_a | b] with one GEMM each (the weights concatenated per call, never
+  kept: a kept merge would go stale under in-place edits), folds the short conv into the Triton head split on the GPU,
+  and runs long inference prefills in segments (`kda.segments.SegmentedKDA`). When any projection or conv is not the
+  plain module (a PEFT adapter, any wrapper), it runs the reference forward, which calls every module.
+- `HybridKDADecoderLayer` adds the residual inside the post-attention norm (one kernel on the GPU).
+- Qwen3's RMSNorm, MLP and attention become gendistill.fused's subclasses.
+`HybridKDAForCausalLM` applies these swaps when it is built (`fast_modules`).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, Qwen3Config
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RMSNorm, Qwen3RotaryEmbedding
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules, linear_into
-from gendistill.kda import (RECURRENT_MAX_STEPS, Conv, gated_rms_norm, kda_gated, kda_heads, kda_heads_fused,
-                            next_conv_context, resolve_backend, short_conv)
+from gendistill import modeling_hybrid_kda as reference
+from gendistill.configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
+from gendistill.fused import FUSED_CLASSES, fuse_modules, gated_output_norm, linear_into, plain_linears
+from gendistill.kda import RECURRENT_MAX_STEPS, kda_gated, next_conv_context, resolve_backend, short_conv
+from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused
 from gendistill.kda.segments import SegmentedKDA
+from gendistill.modeling_hybrid_kda import MASKED, HybridKDAModel, HybridKDAPreTrainedModel, ShortConvolution
 
-FULL, LINEAR = "full_attention", "linear_attention"
-MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
-
-
-class HybridKDAConfig(Qwen3Config):
-    """Qwen3Config plus the KDA mixer options. `layer_types[i]` is "full_attention" or "linear_attention"."""
-
-    model_type = "hybrid_kda"
-
-    kda_conv_size: int = 4
-    kda_conv_bias: bool = True
-    kda_conv_activation: str = "identity"  # the paper's choice; "silu" is fla/Kimi's
-    kda_gate_rank: int | None = None  # low rank of the forget and output gates; None -> head_dim
-    kda_output_gate: str = "sigmoid"  # "sigmoid" | "silu"
-    kda_prefill_chunk: int = 24576  # long inference prefills run KDA layers (and MLPs) in segments of this many tokens
-    number_of_conv_states: int = 1  # read by transformers' LinearAttentionLayer: q, k, v share one conv state
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.kda_conv_activation not in ("identity", "silu"):
-            raise ValueError(f"kda_conv_activation must be 'identity' or 'silu', got {self.kda_conv_activation!r}")
-        if self.kda_output_gate not in ("sigmoid", "silu"):
-            raise ValueError(f"kda_output_gate must be 'sigmoid' or 'silu', got {self.kda_output_gate!r}")
-        bad = sorted(set(self.layer_types) - {FULL, LINEAR})
-        if bad:
-            raise ValueError(f"layer_types may only hold {FULL!r} and {LINEAR!r}, got {bad}")
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == FULL]
+__all__ = ["HybridKDAConfig", "HybridKDAForCausalLM", "HybridKDAModel", "HybridKDAPreTrainedModel", "KDAMixer",
+           "HybridKDADecoderLayer", "ShortConvolution", "FULL", "LINEAR", "fast_modules", "parameter_group",
+           "no_weight_decay"]
 
 
-class ShortConvolution(nn.Module):
-    """Depthwise causal conv over time (weight [D, 1, W] like nn.Conv1d) that can restart at document starts."""
+class KDAMixer(reference.KDAMixer):
+    """The reference KDA mixer with gendistill's inference paths (same parameters, same outputs)."""
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-
-class KDAMixer(nn.Module):
-    """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
-
-    def __init__(self, config: HybridKDAConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.eps = config.rms_norm_eps
-        hidden, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        rank = config.kda_gate_rank or D
-        self.conv_activation = config.kda_conv_activation
-        self.output_gate = config.kda_output_gate
-
-        self.q_proj = nn.Linear(hidden, H * D, bias=False)
-        self.k_proj = nn.Linear(hidden, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(hidden, Hkv * D, bias=False)
-        self.q_conv1d = ShortConvolution(H * D, config.kda_conv_size, config.kda_conv_bias)
-        self.k_conv1d = ShortConvolution(Hkv * D, config.kda_conv_size, config.kda_conv_bias)
-        self.v_conv1d = ShortConvolution(Hkv * D, config.kda_conv_size, config.kda_conv_bias)
-        self.f_a_proj = nn.Linear(hidden, rank, bias=False)
-        self.f_b_proj = nn.Linear(rank, H * D, bias=False)
-        self.A_log = nn.Parameter(torch.empty(H))
-        self.dt_bias = nn.Parameter(torch.empty(H * D))
-        self.b_proj = nn.Linear(hidden, H, bias=False)
-        self.g_a_proj = nn.Linear(hidden, rank, bias=False)
-        self.g_b_proj = nn.Linear(rank, H * D, bias=True)
-        self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
-        self.o_proj = nn.Linear(H * D, hidden, bias=False)
-        self.prefill_chunk = config.kda_prefill_chunk
-        self._kept = {}  # _kept_cat's merges: not parameters, not in the state dict
+    def fast_path_applies(self) -> bool:
+        """Whether every projection and conv is the plain module, so that reading weights equals calling modules."""
+        return plain_linears(self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.f_b_proj, self.b_proj,
+                             self.g_a_proj, self.g_b_proj, self.o_proj) and all(
+            type(c) is ShortConvolution for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d))
 
     def _merged_params(self):
         """Weights of projections that read the same input, side by side: [q | k | v] (projection and conv) and
         [f_a | g_a | b] (the gates' low-rank halves and beta). One GEMM and one conv call for each group cost the host
-        fewer calls and the device no concatenation of activations. Inference keeps the small merges (the convs and
-        the gates, 0.6 MB a layer of the 0.6B shape) while their parts are unchanged (`_kept_cat`); [q | k | v]
-        (8 MB a layer) is concatenated per call."""
+        fewer calls and the device no concatenation of activations. Concatenated on every call, never kept: the
+        weights may change in place between calls (optimizer steps, `.data` edits, loads)."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        conv_weight = self._kept_cat("conv_weight", [c.weight for c in convs])
-        conv_bias = None if convs[0].bias is None else self._kept_cat("conv_bias", [c.bias for c in convs])
-        gates = self._kept_cat("gates", [self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight])
+        conv_weight = torch.cat([c.weight for c in convs])
+        conv_bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        gates = torch.cat([self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight])
         return qkv, conv_weight, conv_bias, gates
 
-    def _kept_cat(self, name: str, parts: list) -> torch.Tensor:
-        """torch.cat(parts), kept between inference calls while no part has changed: a part's (storage, version)
-        changes with every in-place update (optimizer steps, loads) and every move. Under autograd, cat per call."""
-        if torch.is_grad_enabled():
-            return torch.cat(parts)
-        stamp = [(p.data_ptr(), p._version) for p in parts]
-        kept = self._kept.get(name)
-        if kept is None or kept[0] != stamp:
-            kept = self._kept[name] = (stamp, torch.cat(parts))
-        return kept[1]
-
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None. Without a mask and
         without a cache (training), `position_ids` that restart mark packed documents: state and conv restart there.
         Long inference prefills run in segments of `prefill_chunk` tokens, carrying conv context and state, so
         activation memory stays bounded whatever the context length (`kda.segments.SegmentedKDA`: on CUDA each
         segment's state scan runs beside the next segment's parallel work)."""
+        if not self.fast_path_applies():
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         cache = past_key_values
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
-        doc_start = None
+        packed = None
         if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
-            doc_start = _document_starts(position_ids.expand(B, T))
+            packed = reference.packed_documents(position_ids.expand(B, T))
+            packed = None if packed[0] is None else packed
         conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        segment = T if torch.is_grad_enabled() or doc_start is not None else self.prefill_chunk
+        segment = T if torch.is_grad_enabled() or packed is not None else self.prefill_chunk
         params = self._merged_params()
         # GPU inference splits, repeats and normalises q/k in one Triton pass (kda/heads.py); training keeps autograd
         # through fla's own norms, the PyTorch paths normalise in `kda_gated`.
         normalized = not torch.is_grad_enabled() and resolve_backend(hidden_states, T) == "fla"
         # fla inference beyond a decode step goes through SegmentedKDA even in one segment: fla's stages called
         # directly cost the host less than its autograd wrapper (host-bound at a few thousand tokens).
-        if segment >= T and not (normalized and doc_start is None and T > RECURRENT_MAX_STEPS):
-            kda_in, gate_low, conv_context, cu_seqlens = self._inputs(hidden_states, pad, doc_start, conv_context,
+        if segment >= T and not (normalized and packed is None and T > RECURRENT_MAX_STEPS):
+            kda_in, gate_low, conv_context, cu_seqlens = self._inputs(hidden_states, pad, packed, conv_context,
                                                                        params, normalized, cache is not None)
             o, state = kda_gated(*kda_in, self.A_log, self.dt_bias, initial_state=state,
                                  output_final_state=cache is not None, cu_seqlens=cu_seqlens,
@@ -172,19 +103,13 @@ class KDAMixer(nn.Module):
             cache.update_recurrent_state(state.float(), self.layer_idx)
         return o, None
 
-    def _inputs(self, x, pad, doc_start, conv_context, params, normalized: bool, keep_context: bool):
+    def _inputs(self, x, pad, packed, conv_context, params, normalized: bool, keep_context: bool):
         """KDA's inputs for x (one segment, or the whole input): [q, k, v, f, b] (q and k L2-normalised when
         `normalized`), the output gate's low-rank half, the new conv context (may be None unless `keep_context`), and
         cu_seqlens for packed documents (then q..b are one flattened row)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        cu_seqlens = pos_in_doc = None
-        if doc_start is not None:  # packed documents: the kernels take the boundaries over the flattened batch
-            starts = doc_start.clone()
-            starts[:, 0] = True
-            cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1),
-                                    torch.tensor([B * T], device=starts.device)])
-            pos_in_doc = _position_in_document(doc_start)
+        cu_seqlens, pos_in_doc = (None, None) if packed is None else packed  # the kernels flatten packed documents
         qkv_weight, conv_weight, conv_bias, gates_weight = params
         qkv = F.linear(x, qkv_weight)
         if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
@@ -215,37 +140,15 @@ class KDAMixer(nn.Module):
         H, D = self.num_heads, self.head_dim
         o = o.reshape(B, T, H, D)
         gate = self.g_b_proj(gate_low.contiguous()).reshape(B, T, H, D)  # strided, the bias would be a separate add
-        o = gated_rms_norm(o.to(gate_low.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
-                           self.output_gate)
+        o = gated_output_norm(o.to(gate_low.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
+                              self.output_gate)
         o = o.reshape(B, T, H * D)
         return self.o_proj(o) if out is None else linear_into(o, self.o_proj.weight, out)
 
 
-def _document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
-    None when nothing is packed."""
-    step = torch.diff(position_ids, dim=-1) != 1
-    if not step.any():
-        return None
-    return F.pad(step, (1, 0), value=False)
-
-
-def _position_in_document(doc_start: torch.Tensor) -> torch.Tensor:
-    T = doc_start.shape[-1]
-    idx = torch.arange(T, device=doc_start.device).expand_as(doc_start)
-    start_idx = torch.where(doc_start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return idx - start_idx
-
-
-class HybridKDADecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: HybridKDAConfig, layer_idx: int):
-        super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
-        fuse_modules(self.self_attn)  # attention's q/k norms + rotary in one kernel
-        self.mlp = FusedMLP(config)
-        self.input_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+class HybridKDADecoderLayer(reference.HybridKDADecoderLayer):
+    """The reference layer with the residual add folded into the post-attention norm (`FusedRMSNorm.add_and_norm`:
+    one kernel on the GPU; elsewhere the same two steps as the reference)."""
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -263,124 +166,20 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(normed)
 
 
-class HybridKDAPreTrainedModel(PreTrainedModel):
-    config: HybridKDAConfig
-    config_class = HybridKDAConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["HybridKDADecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
-    _is_stateful = True
-    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]  # the decay gate is computed in fp32 whatever the dtype
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, ShortConvolution):
-            # Identity init: only the last tap (the current step) is 1, so copied q/k/v pass through unchanged.
-            weight = torch.zeros_like(module.weight)
-            weight[..., -1] = 1.0
-            init.copy_(module.weight, weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, KDAMixer):
-            # Mamba-style: A ~ U[1, 16]; dt ~ logU[1e-3, 1e-1] stored as inverse softplus in dt_bias.
-            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-            # Output gate starts constant: sigmoid(0) = 0.5, or silu(1.278) ~= 1 (identity gate).
-            init.zeros_(module.g_b_proj.weight)
-            init.constant_(module.g_b_proj.bias, 0.0 if module.output_gate == "sigmoid" else 1.278)
+FAST_CLASSES = {**FUSED_CLASSES, reference.KDAMixer: KDAMixer, reference.HybridKDADecoderLayer: HybridKDADecoderLayer}
 
 
-class HybridKDAModel(HybridKDAPreTrainedModel):
-    def __init__(self, config: HybridKDAConfig):
-        super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([HybridKDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = FusedRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def build_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
-        """Per layer type: the causal (block-diagonal when packed) mask for attention, the 2-D padding mask of the
-        current tokens for KDA (None when nothing is padded)."""
-        if isinstance(attention_mask, dict):  # prepared by generate()
-            return attention_mask
-        full = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
-        linear = None
-        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            linear = attention_mask[:, -inputs_embeds.shape[1]:]
-        return {FULL: full, LINEAR: linear}
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        # KDA layers restart at packed-document boundaries in the caller's position_ids. Finding them syncs with the
-        # device, so it is done once here (not in every KDA layer) and only where a layer would use them.
-        kda_position_ids = None
-        if (position_ids is not None and past_key_values is None and attention_mask is None
-                and inputs_embeds.shape[1] > 1
-                and _document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
-            kda_position_ids = position_ids
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
-        masks = self.build_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
-                                  position_embeddings=position_embeddings,
-                                  position_ids=kda_position_ids if layer.layer_type == LINEAR else position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                       past_key_values=past_key_values if use_cache else None,
-                                       hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+def fast_modules(model: nn.Module) -> nn.Module:
+    """Swap gendistill's inference classes into a reference Hybrid-KDA model (in place; same parameters)."""
+    return fuse_modules(model, FAST_CLASSES)
 
 
-class HybridKDAForCausalLM(HybridKDAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+class HybridKDAForCausalLM(reference.HybridKDAForCausalLM):
+    """The reference causal LM built with gendistill's inference classes (`fast_modules`)."""
 
     def __init__(self, config: HybridKDAConfig):
         super().__init__(config)
-        self.model = HybridKDAModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
-                output_hidden_states=None, **kwargs) -> CausalLMOutputWithPast:
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        fast_modules(self)
 
 
 AutoConfig.register(HybridKDAConfig.model_type, HybridKDAConfig, exist_ok=True)

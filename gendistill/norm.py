@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
+from gendistill.kda import rms_norm_reference  # noqa: F401  (the definition, re-exported beside the kernels)
 from gendistill.launch import Launcher
 
 GATES = {None: 0, "sigmoid": 1, "silu": 2}
@@ -29,19 +29,6 @@ def available() -> bool:
     except Exception:
         return False
     return True
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                       gate: torch.Tensor | None = None, activation: str = "sigmoid"):
-    """weight * normalise(residual + x) over the last dim, times act(gate) if given; returns (y, residual + x) when
-    `residual` is given, else y. Rounded to x's dtype after the add, the normalisation, the weight and the gate."""
-    h = x if residual is None else residual + x
-    hf = h.float()
-    y = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    if gate is not None:
-        act = torch.sigmoid(gate.float()) if activation == "sigmoid" else F.silu(gate.float())
-        y = (y.float() * act).to(x.dtype)
-    return y if residual is None else (y, h)
 
 
 @functools.cache

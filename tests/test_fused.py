@@ -33,8 +33,7 @@ def counted(name, fn):
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter."""
     inference = lambda x, weight=None: not torch.is_grad_enabled()  # noqa: E731
-    monkeypatch.setattr(fused, "kernel_inference", inference)
-    monkeypatch.setattr(kda, "kernel_inference", inference)  # KDA's gated output norm
+    monkeypatch.setattr(fused, "kernel_inference", inference)  # also KDA's gated output norm (fused.gated_output_norm)
     # The KDA mixer as on the fla path: q/k/v from the Triton split (in Triton's interpreter), q/k normalised there
     monkeypatch.setattr(modeling, "resolve_backend", lambda x, n: "fla")
     monkeypatch.setattr(fused, "rms_norm", counted("rms_norm", norm.rms_norm))

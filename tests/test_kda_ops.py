@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from gendistill import kda
-from gendistill.kda import (chunk_kda, kda_gate, kda_gated, kda_heads, kda_heads_fused, l2norm, recurrent_kda,
-                            resolve_backend, use_backend)
+from gendistill.kda import chunk_kda, kda_gate, kda_gated, l2norm, recurrent_kda, resolve_backend, use_backend
+from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):
@@ -206,7 +206,7 @@ def test_fused_kda_heads_with_the_conv_folded_in(T, with_context, bias, activati
     context = torch.randn(B, C, W - 1, generator=gen) if with_context else None  # fp32, as a cache may hold it
     conv_out, _ = kda.short_conv(qkv, weight, conv_bias, context, activation)
     reference = kda_heads(conv_out, H, Hkv, D, True)
-    fused = kda_heads_fused(qkv, H, Hkv, D, True, kda.Conv(weight, conv_bias, context, activation))
+    fused = kda_heads_fused(qkv, H, Hkv, D, True, Conv(weight, conv_bias, context, activation))
     for got, want in zip(fused, reference):
         assert got.is_contiguous() and got.shape == want.shape
         # bf16: the reference rounds inside F.conv1d, the kernel once after its fp32 sum (one ulp apart at most)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Qwen3ForCausalLM
 
 import gendistill
@@ -151,11 +153,11 @@ def test_packed_documents_equal_documents_alone(backend, student):
 def test_document_boundaries_are_looked_for_once_per_forward_at_most(student, monkeypatch):
     """Finding packed-document starts syncs with the device: never for positions the model makes itself, once per
     forward (not once per KDA layer) for the caller's."""
-    import gendistill.modeling as modeling
+    import gendistill.modeling_hybrid_kda as reference
 
     calls = []
-    real = modeling._document_starts
-    monkeypatch.setattr(modeling, "_document_starts", lambda p: calls.append(1) or real(p))
+    real = reference.document_starts
+    monkeypatch.setattr(reference, "document_starts", lambda p: calls.append(1) or real(p))
     x = ids(1, 12)
     student(x, use_cache=False)
     assert calls == []
@@ -272,27 +274,176 @@ def test_segmented_prefill_equals_one_pass(backend, student):
                 m.prefill_chunk = student.config.kda_prefill_chunk
 
 
-def test_inference_keeps_the_small_weight_merges_until_a_part_changes(teacher):
-    """The conv and gate merges are kept between inference calls (one concatenation fewer each per layer and call),
-    follow an optimizer step (the logits equal a fresh copy's), and are never used under autograd."""
+def test_weight_edits_between_forwards_take_effect(teacher):
+    """No merge of the projections' weights outlives a call: an optimizer step, an in-place `.data` edit (which does
+    not bump the tensor's version) and load_state_dict after a forward each change the next forward exactly as a
+    freshly built model with those weights computes it."""
     student = convert(teacher, attention_layers=[0])
     mixer = next(m for m in student.modules() if isinstance(m, KDAMixer))
     x = torch.randint(3, 300, (1, 12))
+
+    def fresh_logits():
+        fresh = HybridKDAForCausalLM(student.config).eval()
+        fresh.load_state_dict(student.state_dict())
+        with torch.no_grad():
+            return fresh(x).logits
+
     with torch.no_grad():
-        student(x)
-        kept = {name: merged for name, (_, merged) in mixer._kept.items()}
-        student(x)
-    assert kept.keys() == {"conv_weight", "conv_bias", "gates"}
-    assert all(mixer._kept[name][1] is merged for name, merged in kept.items())  # reused, not rebuilt
+        before = student(x).logits
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    student(x).logits.sum().backward()  # under autograd: concatenated per call, gradients reach every part
+    student(x).logits.sum().backward()  # gradients reach every merged part
     assert mixer.f_a_proj.weight.grad is not None and mixer.q_conv1d.weight.grad is not None
     optimizer.step()
     with torch.no_grad():
-        after = student(x).logits
-        fresh = copy.deepcopy(student)
-        for m in fresh.modules():
-            if isinstance(m, KDAMixer):
-                m._kept.clear()
-        torch.testing.assert_close(after, fresh(x).logits, atol=0, rtol=0)
-    assert mixer._kept["gates"][1] is not kept["gates"]
+        stepped = student(x).logits
+        torch.testing.assert_close(stepped, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(stepped, before)
+        version = mixer.f_a_proj.weight._version
+        mixer.f_a_proj.weight.data.mul_(3.0)  # .data: no version bump, the case a version-keyed cache missed
+        mixer.q_conv1d.weight.data[..., -1] += 0.5
+        assert mixer.f_a_proj.weight._version == version
+        edited = student(x).logits
+        torch.testing.assert_close(edited, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(edited, stepped)
+        state = {k: v.clone() for k, v in student.state_dict().items()}
+        state["model.layers.1.self_attn.g_a_proj.weight"].normal_()
+        state["model.layers.1.self_attn.b_proj.weight"].normal_()
+        student.load_state_dict(state)
+        loaded = student(x).logits
+        torch.testing.assert_close(loaded, fresh_logits(), atol=0, rtol=0)
+        assert not torch.allclose(loaded, edited)
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_gendistill_classes_equal_the_reference_model(student, backend):
+    """gendistill's classes (merged GEMMs, segments, the residual folded into the norm) against the reference model
+    that student directories ship (modeling_hybrid_kda: every projection and conv a module call): uncached, left-padded,
+    packed documents, in segments, cached prefill + decode steps, and the gradients."""
+    from gendistill import modeling_hybrid_kda as reference
+
+    ref = reference.HybridKDAForCausalLM(student.config).eval()
+    ref.load_state_dict(student.state_dict())
+    assert not any(type(m) is KDAMixer for m in ref.modules()) and type(student.model.layers[1].self_attn) is KDAMixer
+    x = ids(2, 30)
+    rows, mask = left_pad([ids(1, n, seed=n)[0] for n in (30, 19)])
+    docs = torch.cat([torch.arange(11), torch.arange(19)])[None].expand(2, 30)
+    close = dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), use_backend(backend):
+        for kwargs in ({}, {"position_ids": docs, "use_cache": False}):
+            torch.testing.assert_close(student(x, **kwargs).logits, ref(x, **kwargs).logits, **close)
+        torch.testing.assert_close(student(rows, attention_mask=mask).logits, ref(rows, attention_mask=mask).logits,
+                                   **close)
+        mixers = [m for m in student.modules() if isinstance(m, KDAMixer)]
+        for m in mixers:
+            m.prefill_chunk = 8
+        try:
+            torch.testing.assert_close(student(x).logits, ref(x).logits, **close)
+        finally:
+            for m in mixers:
+                m.prefill_chunk = student.config.kda_prefill_chunk
+        caches = [DynamicCache(config=student.config) for _ in range(2)]
+        pieces = [[model(x[:, :25], past_key_values=c, use_cache=True).logits] for model, c in ((student, caches[0]),
+                                                                                               (ref, caches[1]))]
+        for t in range(25, 30):
+            for piece, model, c in zip(pieces, (student, ref), caches):
+                piece.append(model(x[:, t:t + 1], past_key_values=c, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces[0], 1), torch.cat(pieces[1], 1), **close)
+        torch.testing.assert_close(torch.cat(pieces[1], 1), ref(x).logits, **close)
+    with use_backend(backend):
+        student.zero_grad(), ref.zero_grad()
+        student(x, labels=x).loss.backward()
+        ref(x, labels=x).loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    student.zero_grad()
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor (bytes) any op creates inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+@torch.no_grad()
+def test_generate_builds_nothing_at_full_length(student):
+    """generate(ids, max_new_tokens=1) allocates no tensor larger than the cached forward it runs: no [T, T] mask, no
+    full-length logits (issue 18: 56.6 GiB against 5.3 on an H200 at 128K). What did that there: a prompt holding
+    the pad token's id (random ids over the whole vocabulary, with pad_token_id != eos_token_id) makes generate()
+    infer an attention mask with a hole, so transformers builds the [B, 1, T, T] mask for the attention layers
+    (16 GiB at 128K, and SDPA's bf16 copy of it) and SDPA leaves its flash kernel; an explicit attention_mask (or a
+    prompt without that id) keeps the fast path."""
+    T = 640  # a [T, T] bool mask outgrows every [T, width] activation of the tiny model (width 128 in fp32)
+    x = torch.randint(3, 384, (1, T), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hooks = [student.lm_head.register_forward_hook(lambda m, i, o: seen.append(("logits", o.shape[1])))]
+    hooks += [layer.register_forward_pre_hook(
+        lambda m, a, k: seen.append((m.layer_type, None if k["attention_mask"] is None else k["attention_mask"].dim())),
+        with_kwargs=True) for layer in student.model.layers]
+    try:
+        with LargestTensor() as forward:
+            student(x, past_key_values=DynamicCache(config=student.config), use_cache=True, logits_to_keep=1)
+        seen.clear()
+        with LargestTensor() as generate:
+            student.generate(x, max_new_tokens=1, do_sample=False)
+        assert seen == [(t, None) for t in student.config.layer_types] + [("logits", 1)]
+        assert generate.bytes <= forward.bytes < T * T
+        holed = x.clone()
+        holed[0, T // 2] = student.generation_config.pad_token_id
+        seen.clear()
+        with LargestTensor() as inferred:
+            student.generate(holed, max_new_tokens=1, do_sample=False)
+        assert ("full_attention", 4) in seen and inferred.bytes >= T * T  # the cause, as transformers does it
+        with LargestTensor() as explicit:
+            student.generate(holed, attention_mask=torch.ones_like(holed), max_new_tokens=1, do_sample=False)
+        assert explicit.bytes <= forward.bytes
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla and the Triton kernels on the GPU)")
+@torch.no_grad()
+def test_cuda_fast_path_equals_the_reference_model(teacher):
+    """On the GPU: gendistill's classes (Triton head split, segments, fused norms) against the shipped reference model
+    (fla's chunk kernel, conv and gated norm), fp32, uncached and cached + decode; and a projection replaced by a
+    wrapper (as PEFT does) makes the fast mixer step aside for the module calls."""
+    from gendistill import modeling_hybrid_kda as reference
+
+    student = convert(teacher, attention_layers=[0, 2]).cuda().float().eval()
+    ref = reference.HybridKDAForCausalLM(student.config).cuda().float().eval()
+    ref.load_state_dict(student.state_dict())
+    x = ids(2, 200).cuda()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    want = ref(x).logits
+    assert rel(student(x).logits, want) < 1e-2
+    cache = DynamicCache(config=student.config)
+    pieces = [student(x[:, :190], past_key_values=cache, use_cache=True).logits]
+    pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(190, 200)]
+    assert rel(torch.cat(pieces, 1), want) < 1e-2
+
+    class Doubled(torch.nn.Module):  # a wrapper around the real projection, as PEFT's LoRA layers are
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, h):
+            return 2 * self.base(h)
+
+    for model in (student, ref):
+        model.model.layers[1].self_attn.f_a_proj = Doubled(model.model.layers[1].self_attn.f_a_proj)
+    assert not student.model.layers[1].self_attn.fast_path_applies()
+    changed = ref(x).logits
+    assert rel(changed, want) > 1e-3 and rel(student(x).logits, changed) < 1e-2

@@ -41,6 +41,7 @@ from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _loc
 from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, TeacherCapture
 from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
                                        resolve_callable)
+from gendistill.hub import write_student_files
 from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
                            check_model_ref, contents, is_marked, mark_dir, remove_tree, sha256_file)
 
@@ -465,6 +466,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             summary["eval"] = result
             if result is not None:
                 atomic_write_json(out_dir / "eval.json", result)
+        write_student_files(model_dir, student, stage=summary)  # model code + auto_map, gendistill.json, README.md
     if env.is_main:  # on disk the model dir is relative (the run directory can move) and carries its checksums
         atomic_write_json(out_dir / "stage.json", {**summary, "model_dir": "model" if save else None,
                                                    "model_files": model_checksums(model_dir) if save else None})

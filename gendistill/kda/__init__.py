@@ -1,30 +1,35 @@
-"""Kimi Delta Attention ops with flash-linear-attention's layout and semantics.
+"""Kimi Delta Attention ops with flash-linear-attention's layout and semantics: the reference the model runs.
 
 - `recurrent_kda` (naive.py): the step-by-step definition, the specification every other path is tested against.
 - `chunk_kda` (chunk.py): chunkwise-parallel pure PyTorch, differentiable, for CPU training and as the GPU fallback.
-- `kda_heads` (heads.py): q/k/v per KDA head from the mixer's one projection; `kda_heads_fused`, its Triton pass.
 - `kda_gated`: what the KDA layer calls. It takes raw projections (q/k before L2 norm, gate and beta pre-activations)
   so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
   it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
+- `short_conv`, `gated_rms_norm`: the short convolution and the gated output norm (fla's kernels on CUDA).
+
+This file, naive.py and chunk.py ship inside every student directory (as kda.py, naive.py, chunk.py, beside
+modeling_hybrid_kda.py: `gendistill.hub`), so they import only torch and each other (relative imports), and fla
+inside `try` blocks. gendistill's own inference kernels (heads.py, segments.py, ../norm.py, ../fused.py) build on
+these and are not shipped.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-from gendistill.kda.chunk import chunk_kda
-from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused, l2norm
-from gendistill.kda.naive import recurrent_kda
-from gendistill.norm import available as norm_kernels_available, rms_norm, rms_norm_reference
+from .chunk import chunk_kda
+from .naive import recurrent_kda
 
-__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "short_conv",
-           "causal_conv", "use_backend", "resolve_backend", "fla_available", "kernel_inference", "kda_heads",
-           "kda_heads_fused", "Conv", "next_conv_context", "RECURRENT_MAX_STEPS"]
+__all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "rms_norm_reference",
+           "short_conv", "causal_conv", "use_backend", "resolve_backend", "fla_available", "next_conv_context",
+           "fla_import", "RECURRENT_MAX_STEPS", "EPS"]
 
+EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 RECURRENT_MAX_STEPS = 64  # inference on up to this many steps (decoding) takes fla's fused recurrent kernel
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
@@ -42,10 +47,29 @@ def use_backend(name: str):
         _backend.reset(token)
 
 
+@contextlib.contextmanager
+def fla_import():
+    """Around gendistill's imports of fla: FLA_DISABLE_BACKEND_DISPATCH=1 unless the caller set it, restored after.
+    fla reads it when it is first imported; its per-call backend search wraps each of ~10 calls per KDA layer in a
+    search and torch.compiler.disable, host time that a short prefill waits for (bench/host_profile.py: ~3 ms of a 4K
+    prefill). Scoped so that importing gendistill changes nothing in the process's environment; a process that
+    imported fla before gendistill keeps fla's dispatch as that import set it."""
+    key = "FLA_DISABLE_BACKEND_DISPATCH"
+    unset = key not in os.environ
+    if unset:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if unset:
+            os.environ.pop(key, None)
+
+
 @functools.cache
 def _fla_ops():
     try:
-        from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
+        with fla_import():
+            from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
     except Exception:  # ImportError, or triton failing to initialise
         return None
     return fla_chunk, fla_recurrent
@@ -54,7 +78,8 @@ def _fla_ops():
 @functools.cache
 def _fla_norm():
     try:
-        from fla.modules.norm.fused_norm_gate import rms_norm_gated
+        with fla_import():
+            from fla.modules.norm.fused_norm_gate import rms_norm_gated
     except Exception:
         return None
     return rms_norm_gated
@@ -63,18 +88,11 @@ def _fla_norm():
 @functools.cache
 def _fla_conv():
     try:
-        from fla.modules.causal_conv1d import causal_conv1d
+        with fla_import():
+            from fla.modules.causal_conv1d import causal_conv1d
     except Exception:
         return None
     return causal_conv1d
-
-
-def kernel_inference(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    """Whether inference on `x` runs gendistill's own Triton kernels (gendistill.norm, gendistill.fused): CUDA,
-    gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the reference), and
-    `weight` (if given) of x's dtype (the kernels write x's dtype; the references promote to the weight's)."""
-    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
-            and (weight is None or weight.dtype == x.dtype) and norm_kernels_available())
 
 
 def fla_available() -> bool:
@@ -92,6 +110,26 @@ def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
     if name == "fla" and not (x.is_cuda and _fla_ops() is not None):
         raise RuntimeError("KDA backend 'fla' needs CUDA tensors and flash-linear-attention (pip install gendistill[gpu])")
     return name
+
+
+def l2norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """fla's L2 norm: x / sqrt(sum(x^2) + eps), in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                       gate: torch.Tensor | None = None, activation: str = "sigmoid"):
+    """weight * normalise(residual + x) over the last dim, times act(gate) if given; returns (y, residual + x) when
+    `residual` is given, else y. Rounded to x's dtype after the add, the normalisation, the weight and the gate (as
+    transformers' Qwen3RMSNorm; gendistill.norm's kernels are tested against it)."""
+    h = x if residual is None else residual + x
+    hf = h.float()
+    y = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if gate is not None:
+        act = torch.sigmoid(gate.float()) if activation == "sigmoid" else F.silu(gate.float())
+        y = (y.float() * act).to(x.dtype)
+    return y if residual is None else (y, h)
 
 
 def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
@@ -123,10 +161,7 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
     """KDA's output path: RMSNorm over the last dim (x [..., D], shared weight [D]) times act(gate), in x's dtype.
-    GPU inference: one launch of gendistill.norm's kernel; GPU training: fla's fused kernel (it has a backward);
-    elsewhere the PyTorch definition (`norm.rms_norm_reference`)."""
-    if kernel_inference(x, weight):
-        return rms_norm(x, weight, eps, gate=gate, activation=activation)
+    On CUDA with fla: fla's fused kernel; elsewhere the PyTorch definition (`rms_norm_reference`)."""
     if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm() is not None:
         return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
     return rms_norm_reference(x, weight, eps, gate=gate, activation=activation)

@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import torch
 
+from gendistill.kda import EPS, l2norm
 from gendistill.launch import Launcher
 
-EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 ROWS = 32  # tokens per program
 CONV_ROWS = 64  # tokens per program with the conv folded in (each block re-reads the W-1 steps before it)
 
@@ -31,12 +31,6 @@ def kda_heads(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, norma
     if normalize_qk:
         q, k = (l2norm(t).to(qkv.dtype) for t in (q, k))
     return q, k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
-
-
-def l2norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """fla's L2 norm: x / sqrt(sum(x^2) + eps), in fp32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 class Conv(NamedTuple):

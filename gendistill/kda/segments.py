@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from gendistill.kda import kda_gated
+from gendistill.kda import fla_import, kda_gated
 from gendistill.launch import Launcher, direct_launches
 
 CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
@@ -29,11 +29,12 @@ CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
 @functools.cache
 def _fla_stages():
     try:
-        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-        from fla.ops.gla.chunk import chunk_gla_fwd_o_gk
-        from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
-        from fla.ops.kda.gate import kda_gate_chunk_cumsum
-        from fla.ops.utils.constant import RCP_LN2
+        with fla_import():
+            from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+            from fla.ops.gla.chunk import chunk_gla_fwd_o_gk
+            from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
+            from fla.ops.kda.gate import kda_gate_chunk_cumsum
+            from fla.ops.utils.constant import RCP_LN2
     except Exception:  # ImportError, or triton failing to initialise
         return None
     return chunk_gated_delta_rule_fwd_h, chunk_gla_fwd_o_gk, chunk_kda_fwd_intra, kda_gate_chunk_cumsum, RCP_LN2
@@ -81,7 +82,8 @@ def _fla_kernels():
     """fla's kernels behind the stages, each behind a gendistill.launch.Launcher; None without fla, or with a release
     other than FLA_KERNELS_VERSION (its kernels may take other arguments)."""
     try:
-        import fla
+        with fla_import():
+            import fla
         if fla.__version__ != FLA_KERNELS_VERSION:
             return None
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as scan

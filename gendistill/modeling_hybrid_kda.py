@@ -1,0 +1,295 @@
+"""Hybrid-KDA: a Qwen3 decoder in which some softmax-attention layers are replaced by Kimi Delta Attention.
+
+This file is the reference model, in the style of transformers' modeling_qwen3.py and fla's layers/kda.py: every
+projection is a module whose forward is called (PEFT adapters and other wrappers take effect), no weight is merged
+or cached. Attention layers, MLPs, norms and embeddings are Qwen3's own modules (parameter names match Qwen3
+checkpoints); only the token mixer of `"linear_attention"` layers differs: `KDAMixer`, built as arXiv 2603.26556
+builds it (teacher-shaped q/k/v/o, k/v heads repeated to the q heads at run time, identity-initialised short convs
+with bias, channel-wise low-rank forget gate, per-head beta, gated RMSNorm output, NoPE).
+
+It is shipped unchanged inside every student directory (`gendistill.hub`), beside configuration_hybrid_kda.py and
+the KDA ops (kda.py, naive.py, chunk.py: pure PyTorch, fla's kernels on CUDA when fla is installed), so it imports
+only torch, transformers and its siblings. gendistill's own classes (`gendistill.modeling`) subclass these with the
+fast inference paths; their outputs are tested equal.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, Qwen3RMSNorm,
+                                                      Qwen3RotaryEmbedding)
+
+from .configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
+from .kda import gated_rms_norm, kda_gated, short_conv
+
+MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv over time (weight [D, 1, W] like nn.Conv1d) that can restart at document starts."""
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool, activation: str = "identity"):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def forward(self, x, context=None, cu_seqlens=None, pos_in_doc=None):
+        """x [B, T, D], context [B, D, W-1] (the previous inputs; None: zeros) -> (y [B, T, D], new context)."""
+        return short_conv(x, self.weight, self.bias, context, self.activation, cu_seqlens, pos_in_doc)
+
+
+class KDAMixer(nn.Module):
+    """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
+
+    def __init__(self, config: HybridKDAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        hidden, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        rank = config.kda_gate_rank or D
+        W, conv_bias, act = config.kda_conv_size, config.kda_conv_bias, config.kda_conv_activation
+        self.conv_activation = config.kda_conv_activation
+        self.output_gate = config.kda_output_gate
+
+        self.q_proj = nn.Linear(hidden, H * D, bias=False)
+        self.k_proj = nn.Linear(hidden, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(hidden, Hkv * D, bias=False)
+        self.q_conv1d = ShortConvolution(H * D, W, conv_bias, act)
+        self.k_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
+        self.v_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
+        self.f_a_proj = nn.Linear(hidden, rank, bias=False)
+        self.f_b_proj = nn.Linear(rank, H * D, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H * D))
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.g_a_proj = nn.Linear(hidden, rank, bias=False)
+        self.g_b_proj = nn.Linear(rank, H * D, bias=True)
+        self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(H * D, hidden, bias=False)
+        self.prefill_chunk = config.kda_prefill_chunk  # read by gendistill's segmented inference path
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                **kwargs):
+        """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None: padded steps leave the
+        conv context and the state untouched (as if the row were left-padded with zeros). Without a mask and without
+        a cache (training), `position_ids` that restart mark packed documents: state and conv restart there. The
+        cache keeps one conv context for [q | k | v] (channels side by side) and the recurrent state."""
+        x, cache = hidden_states, past_key_values
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        pad = None if attention_mask is None else attention_mask[:, -T:].bool()
+        cu_seqlens = pos_in_doc = None
+        if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
+            cu_seqlens, pos_in_doc = packed_documents(position_ids.expand(B, T))
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        context = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        contexts = [None] * 3 if context is None else context.split([c.weight.shape[0] for c in convs], dim=1)
+        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
+        if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
+            projected = [p * pad[..., None].to(p.dtype) for p in projected]
+        (q, q_ctx), (k, k_ctx), (v, v_ctx) = (conv(p, ctx, cu_seqlens, pos_in_doc)
+                                              for conv, p, ctx in zip(convs, projected, contexts))
+        q = q.reshape(B, T, H, D)
+        k, v = (t.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2) for t in (k, v))  # as GQA's repeat_kv
+        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
+        b = self.b_proj(x)
+        if pad is not None:
+            f = f.masked_fill(~pad[..., None, None], MASKED)
+            b = b.masked_fill(~pad[..., None], MASKED)
+        if cu_seqlens is not None:  # the kernels take packed documents as one flattened row
+            q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
+                             output_final_state=cache is not None, cu_seqlens=cu_seqlens)
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
+        o = gated_rms_norm(o.reshape(B, T, H, D).to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
+                           self.output_gate)
+        o = self.o_proj(o.reshape(B, T, H * D))
+        if cache is not None:
+            context = torch.cat([q_ctx, k_ctx, v_ctx], dim=1)
+            cache.update_conv_state(context, self.layer_idx, conv_kernel_size=context.shape[-1])
+            cache.update_recurrent_state(state.float(), self.layer_idx)
+        return o, None
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
+    None when nothing is packed."""
+    step = torch.diff(position_ids, dim=-1) != 1
+    if not step.any():
+        return None
+    return F.pad(step, (1, 0), value=False)
+
+
+def packed_documents(position_ids: torch.Tensor):
+    """(cu_seqlens over the flattened [B * T] steps, each step's index inside its document [B, T]) for packed
+    documents, or (None, None) when nothing is packed."""
+    doc_start = document_starts(position_ids)
+    if doc_start is None:
+        return None, None
+    B, T = doc_start.shape
+    starts = doc_start.clone()
+    starts[:, 0] = True
+    cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1), torch.tensor([B * T], device=starts.device)])
+    idx = torch.arange(T, device=doc_start.device).expand_as(doc_start)
+    start_idx = torch.where(doc_start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return cu_seqlens, idx - start_idx
+
+
+class HybridKDADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: HybridKDAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class HybridKDAPreTrainedModel(PreTrainedModel):
+    config: HybridKDAConfig
+    config_class = HybridKDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridKDADecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]  # the decay gate is computed in fp32 whatever the dtype
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ShortConvolution):
+            # Identity init: only the last tap (the current step) is 1, so copied q/k/v pass through unchanged.
+            weight = torch.zeros_like(module.weight)
+            weight[..., -1] = 1.0
+            init.copy_(module.weight, weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, KDAMixer):
+            # Mamba-style: A ~ U[1, 16]; dt ~ logU[1e-3, 1e-1] stored as inverse softplus in dt_bias.
+            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            # Output gate starts constant: sigmoid(0) = 0.5, or silu(1.278) ~= 1 (identity gate).
+            init.zeros_(module.g_b_proj.weight)
+            init.constant_(module.g_b_proj.bias, 0.0 if module.output_gate == "sigmoid" else 1.278)
+
+
+class HybridKDAModel(HybridKDAPreTrainedModel):
+    def __init__(self, config: HybridKDAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HybridKDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def build_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        """Per layer type: the causal (block-diagonal when packed) mask for attention, the 2-D padding mask of the
+        current tokens for KDA (None when nothing is padded)."""
+        if isinstance(attention_mask, dict):  # prepared by generate()
+            return attention_mask
+        full = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        linear = None
+        if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+            linear = attention_mask[:, -inputs_embeds.shape[1]:]
+        return {FULL: full, LINEAR: linear}
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        # KDA layers restart at packed-document boundaries in the caller's position_ids. Finding them syncs with the
+        # device, so it is done once here (not in every KDA layer) and only where a layer would use them.
+        kda_position_ids = None
+        if (position_ids is not None and past_key_values is None and attention_mask is None
+                and inputs_embeds.shape[1] > 1
+                and document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
+            kda_position_ids = position_ids
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+        masks = self.build_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
+                                  position_embeddings=position_embeddings,
+                                  position_ids=kda_position_ids if layer.layer_type == LINEAR else position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states,
+                                       past_key_values=past_key_values if use_cache else None,
+                                       hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+
+
+class HybridKDAForCausalLM(HybridKDAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridKDAConfig):
+        super().__init__(config)
+        self.model = HybridKDAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
+                output_hidden_states=None, **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
