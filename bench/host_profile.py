@@ -29,7 +29,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.bench.measure import random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill import kda  # noqa: E402
 import gendistill.launch as launch  # noqa: E402
@@ -193,7 +194,8 @@ def main() -> int:
         return 2
     rows, profiles = [], {}
     with torch.no_grad():
-        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
+        pair = random_teacher_and_student("qwen3-0.6b", 0)
+        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in pair)
         ids = random_ids(teacher, 1, args.context, seed=0)
         variants = {
             "teacher": (teacher, contextlib.nullcontext),

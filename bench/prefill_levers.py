@@ -34,8 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
-                              start_peak, timed, weight_bytes)
+from gendistill.bench.checks import relative_error  # noqa: E402
+from gendistill.bench.measure import (peak_since, random_ids, release_memory, start_peak, timed,  # noqa: E402
+                                      weight_bytes)
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 import gendistill.fused as fused  # noqa: E402
 import gendistill.kda as kda  # noqa: E402
 import gendistill.kda.segments as segments  # noqa: E402
@@ -78,7 +80,8 @@ def main() -> int:
         print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
+        pair = random_teacher_and_student("qwen3-0.6b", 0)
+        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in pair)
         ids = random_ids(teacher, 1, args.context, seed=0)
         name = f"TTFT {args.context // 1024}K"
 
