@@ -1,12 +1,13 @@
 """Where the host's time goes in a short eager prefill, where the GPU waits on Python (the 4K TTFT target).
 
-    python bench/host_profile.py --context 4096 --out bench/results/host_profile.json
+    python bench/host_profile.py --context 4096 --out bench/results/h200/host_profile.json     (bench/gpu.sh host)
 
 Per model (teacher; student; the student with Triton's own launcher and fla's wrappers, gendistill.launch): the
 prefill's TTFT (CUDA events, as `gendistill bench`), the host's time to issue it (perf_counter, no synchronisation:
 when it is close to the TTFT the GPU waits on the host), and a cProfile of it: host ms per forward by package (where
-the Python frames live) and the functions with the most time of their own. Then the host cost of each call a KDA layer makes, one op at a time (mean issue time over repeated calls
-on the layer's own 4K shapes, and its device time beside it), and the same for a batch-1 decode step at 32K.
+the Python frames live) and the functions with the most time of their own. Then the host cost of each call a KDA
+layer makes, one op at a time (mean issue time over repeated calls on the layer's own 4K shapes, and its device time
+beside it), and the same for a batch-1 decode step at 32K.
 gendistill sets FLA_DISABLE_BACKEND_DISPATCH=1 unless it is set (read when fla is imported): run it with
 FLA_DISABLE_BACKEND_DISPATCH=0 too to see what fla's backend dispatch costs.
 """

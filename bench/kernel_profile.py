@@ -1,7 +1,7 @@
 """Where prefill and decode time goes: CUDA kernel time per category, launches, and the top kernels, teacher vs
 student.
 
-    python bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 --out bench/results/kernel_profile_h200.json
+    python bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 --out bench/results/h200/kernel_profile.json
 
 Prefill: one profiled forward per (model, context) -- the teacher, the same teacher with the student's fused
 kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a

@@ -392,3 +392,10 @@ def test_timed_calls_of_the_models_alternate_until_each_is_done():
                                                 "large": calls("l", 4, out_of_memory_at=1)})
     assert order == ["t", "s", "l", "t", "s", "t", "s", "s", "s"]
     assert results == {"teacher": [0, 1, 2], "student": [0, 1, 2, 3, 4], "large": [0]} and out_of_memory == {"large"}
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_named_with_its_role(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = cli.main(["bench", "--teacher", str(tmp_path / "empty"), "--student", str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "b")])
+    assert code == 2 and "teacher" in capsys.readouterr().err and not (tmp_path / "b").exists()

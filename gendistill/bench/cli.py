@@ -75,6 +75,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output directory (default bench/results/<shape or 'custom'>)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-plots", action="store_true", help="write bench.json and table.md only, no PNGs (as the "
+                   "committed results in bench/results/ are kept)")
     return p
 
 
@@ -146,8 +148,8 @@ def main(args) -> int:
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         atomic_write_json(Path(tmp) / "bench.json", result)
         atomic_write_text(Path(tmp) / "table.md", table)
-        plots = write_plots(result, Path(tmp))
+        plots = [] if args.no_plots else write_plots(result, Path(tmp))
     partial.unlink(missing_ok=True)
     print(table)
-    print(f"wrote {out}/: bench.json, table.md, {', '.join(plots)}")
+    print(f"wrote {out}/: " + ", ".join(["bench.json", "table.md", *plots]))
     return 0
