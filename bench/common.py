@@ -11,7 +11,7 @@ import torch
 
 def environment() -> dict:
     """gendistill bench's environment record (versions, device, date) plus the command line."""
-    from gendistill.bench import environment as bench_environment
+    from gendistill.bench.run import environment as bench_environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"command": " ".join(shlex.quote(a) for a in sys.argv), **bench_environment(device)}

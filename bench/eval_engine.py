@@ -1,7 +1,8 @@
 """Batched generation engine vs one-by-one `model.generate` on the same items (greedy, same max_new_tokens).
 
     python bench/eval_engine.py                                   # tiny teacher + student, CPU
-    python bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 --out bench/results/eval_engine_h200.json
+    python bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+        --out bench/results/h200/eval_engine.json
 Prompts are the chat-formatted multiple-choice items an eval runs (tiny shape: real text through the tiny tokenizer;
 0.6B shape: random token ids of the same lengths, as its vocabulary has no tokenizer here). Every batched output is
 checked against the one-by-one output. With `--check-dtype float32` (use it for 16-bit timing on GPU) that check runs
@@ -69,7 +70,7 @@ def main() -> int:
     p.add_argument("--check-dtype", help="dtype of the exactness check (default: --dtype, on the timed outputs)")
     p.add_argument("--check-items", type=int, default=16, help="items of the exactness check with --check-dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="bench/results/eval_engine_cpu.json")
+    p.add_argument("--out", default="bench/results/cpu/eval_engine.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

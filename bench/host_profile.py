@@ -1,12 +1,13 @@
 """Where the host's time goes in a short eager prefill, where the GPU waits on Python (the 4K TTFT target).
 
-    python bench/host_profile.py --context 4096 --out bench/results/host_profile.json
+    python bench/host_profile.py --context 4096 --out bench/results/h200/host_profile.json     (bench/gpu.sh host)
 
 Per model (teacher; student; the student with Triton's own launcher and fla's wrappers, gendistill.launch): the
 prefill's TTFT (CUDA events, as `gendistill bench`), the host's time to issue it (perf_counter, no synchronisation:
 when it is close to the TTFT the GPU waits on the host), and a cProfile of it: host ms per forward by package (where
-the Python frames live) and the functions with the most time of their own. Then the host cost of each call a KDA layer makes, one op at a time (mean issue time over repeated calls
-on the layer's own 4K shapes, and its device time beside it), and the same for a batch-1 decode step at 32K.
+the Python frames live) and the functions with the most time of their own. Then the host cost of each call a KDA
+layer makes, one op at a time (mean issue time over repeated calls on the layer's own 4K shapes, and its device time
+beside it), and the same for a batch-1 decode step at 32K.
 gendistill sets FLA_DISABLE_BACKEND_DISPATCH=1 unless it is set (read when fla is imported): run it with
 FLA_DISABLE_BACKEND_DISPATCH=0 too to see what fla's backend dispatch costs.
 """
@@ -29,7 +30,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.bench.measure import random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 import gendistill.modeling as modeling  # noqa: E402
 from gendistill import kda  # noqa: E402
 from gendistill.kda import heads  # noqa: E402
@@ -195,7 +197,8 @@ def main() -> int:
         return 2
     rows, profiles = [], {}
     with torch.no_grad():
-        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
+        pair = random_teacher_and_student("qwen3-0.6b", 0)
+        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in pair)
         ids = random_ids(teacher, 1, args.context, seed=0)
         variants = {
             "teacher": (teacher, contextlib.nullcontext),

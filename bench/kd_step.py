@@ -9,7 +9,7 @@ Hugging Face fine-tuning step (`model(input_ids, labels=...)`, full logits) for 
     python bench/kd_step.py --shape qwen3-0.6b               # one GPU, Qwen3-0.6B -> Hybrid-KDA (7 attention layers)
     torchrun --nproc-per-node 2 bench/kd_step.py --shape qwen3-0.6b   # FSDP2; tokens/s are per GPU
 
-Prints a table and writes bench/results/kd_step-<shape>-<device>[-wN].json.
+Prints a table and writes bench/results/<device>/kd_step[_xN].json (N GPUs) unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -224,8 +224,8 @@ def main(argv=None) -> int:
                                   "chunked": loss_memory("chunked", n, hidden, vocab, args.chunk_tokens, env.device),
                                   "full_logits": loss_memory("naive", n, hidden, vocab, args.chunk_tokens, env.device)}
         report(results)
-        name = f"kd_step-{args.shape}-{env.device.type}" + (f"-w{env.world}" if env.world > 1 else "") + ".json"
-        out = args.out or RESULTS / name
+        name = "kd_step" + (f"_x{env.world}" if env.world > 1 else "") + ".json"
+        out = args.out or RESULTS / env.device.type / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")

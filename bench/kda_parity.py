@@ -1,6 +1,6 @@
 """fla's Triton KDA kernels vs gendistill's PyTorch paths on the same inputs (fp32 and bf16), op and layer level.
 
-    python bench/kda_parity.py --out bench/results/kda_parity_h200.json     (needs CUDA + fla)
+    python bench/kda_parity.py --out bench/results/h200/kda_parity.json     (needs CUDA + fla)
 Reports max abs / relative errors of outputs, final states and gradients against the recurrent reference.
 """
 from __future__ import annotations

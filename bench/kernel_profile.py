@@ -1,7 +1,7 @@
 """Where prefill and decode time goes: CUDA kernel time per category, launches, and the top kernels, teacher vs
 student.
 
-    python bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 --out bench/results/kernel_profile_h200.json
+    python bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 --out bench/results/h200/kernel_profile.json
 
 Prefill: one profiled forward per (model, context) -- the teacher, the same teacher with the student's fused
 kernels (`teacher+fused`: how much of the student's lead is kernels, not architecture), the student -- after a
@@ -25,8 +25,9 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import (build_shape, fast_path, parse_list, parse_tokens, random_ids,  # noqa: E402
-                              synthetic_cache, timed)
+from gendistill.bench.measure import fast_path, random_ids, synthetic_cache, timed  # noqa: E402
+from gendistill.io import parse_size  # noqa: E402
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 from gendistill.fused import fuse_modules  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
 
@@ -86,7 +87,8 @@ def main() -> int:
         print("needs CUDA", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in build_shape(args.shape, 0))
+    pair = random_teacher_and_student(args.shape, 0)
+    teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in pair)
     # The stock teacher with the student's fused kernels (gendistill.fused): what the kernels alone are worth.
     fused_teacher = fuse_modules(copy.deepcopy(teacher))
     rows, results = [], []
@@ -99,14 +101,14 @@ def main() -> int:
         print_table(r["top_kernels"][:10], ["name", "launches", "ms"])
 
     with torch.no_grad(), use_backend(fast_path(device)):
-        for context in parse_list(args.contexts):
+        for context in [parse_size(c, "--contexts") for c in args.contexts.split(",")]:
             ids = random_ids(teacher, 1, context, seed=0)
             for name, model in (("teacher", teacher), ("teacher+fused", fused_teacher), ("student", student)):
                 forward = lambda: model(ids, use_cache=False, logits_to_keep=1).logits
                 add(name, f"prefill {context}", profile_call(forward, device))
         if args.decode:
             context, batch = args.decode.split("@")
-            context, batch = parse_tokens(context), int(batch)
+            context, batch = parse_size(context, "--decode"), int(batch)
             for cache_class, static in (("dynamic", False), ("static", True)):
                 for name, model in (("teacher", teacher), ("student", student)):
                     cache = synthetic_cache(model, batch, context, max_len=context + 8 if static else None)

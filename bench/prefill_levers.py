@@ -1,7 +1,7 @@
 """Which long-prefill levers pay on this GPU: each one alone, then the whole 128K prefill with each setting, in one
 process.
 
-    python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json
+    python bench/prefill_levers.py --out bench/results/h200/prefill_levers.json     (needs CUDA + fla)
 
 TTFT and peak memory at 128K (no cache, last-token logits, as `gendistill bench`): the teacher; the student as it is
 (the short conv folded into the Triton head split, `gendistill/kda/heads.py`; each KDA segment's state scan on a side
@@ -10,18 +10,7 @@ one-launch RMSNorms, `gendistill/norm.py`; direct Triton launches, `gendistill/l
 gated output norm (the path before); with Triton's own launcher and fla's wrappers (the path before); with fla's
 conv kernel then the split (the path before); the KDA stages in order on one stream; fla's whole chunk_kda per segment
 (the path before); segments of 16K (the default before) and 32K.
-Levers of earlier runs (their files keep the figures): the Triton head split and SwiGLU (runs 11-12, kept); a
-torch.compile'd split (run 9), pinned value blocks in fla's scan (run 10), the conv folded into the split and a side
-stream for the next segment's inputs (run 11), the chunk-state scan split into pieces scanned in parallel, fla's
-intra-card backend and our own with fla's scan kernel (runs 13-14: no faster at the model level; the scan is bound
-by the bytes it moves), 32K segments (run 14: no faster, 0.6 GiB more at its peak), the MLP's residual added in the
-down projection's GEMM (run 15: 1341 against 1335 ms; PyTorch copies the residual into the output first), fla's chunks
-of 32 tokens and segment outputs copied instead of written by their GEMM (run 16), the side stream at normal priority
-and 8K segments (run 18: 1313 and 1325 against 1310 ms), each scan issued right after its own segment's prepare, i.e.
-beside the next segment's GEMMs too (run 19: 1386 against 1354 ms), 32K segments (run 19: 1351 ms, no faster than 24K,
-peak 4.49 GiB over the teacher's 4.44), 32 or 128 steps per program of the folded conv (run 21: 1299 ms both, against
-1297 with 64), each scan issued right after the next segment's GEMMs rather than after its split too (run 21: 1297
-against 1295 ms, so the simpler schedule stays), all dropped.
+Levers measured before and dropped, with what each was worth: docs/PERF_LOG.md.
 """
 from __future__ import annotations
 
@@ -34,8 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import (build_shape, peak_since, random_ids, relative_error, release_memory,  # noqa: E402
-                              start_peak, timed, weight_bytes)
+from gendistill.bench.checks import relative_error  # noqa: E402
+from gendistill.bench.measure import (peak_since, random_ids, release_memory, start_peak, timed,  # noqa: E402
+                                      weight_bytes)
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 import gendistill.fused as fused  # noqa: E402
 import gendistill.kda as kda  # noqa: E402
 import gendistill.kda.segments as segments  # noqa: E402
@@ -78,7 +69,8 @@ def main() -> int:
         print(f"{lever:>22}  {variant:<44} {ms:9.3f} ms  {extra or ''}", flush=True)
 
     with torch.no_grad(), use_backend("fla"):
-        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in build_shape("qwen3-0.6b", 0))
+        pair = random_teacher_and_student("qwen3-0.6b", 0)
+        teacher, student = (m.to(device="cuda", dtype=torch.bfloat16).eval() for m in pair)
         ids = random_ids(teacher, 1, args.context, seed=0)
         name = f"TTFT {args.context // 1024}K"
 

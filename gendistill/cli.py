@@ -15,7 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("gendistill.evaluation.cli_report", "build report.json/.md/.html from eval outputs"),
     "world": ("gendistill.world.cli", "generate the synthetic knowledge world, its tokenizer and teacher"),
     "demo": ("gendistill.demo", "world -> teacher -> convert -> distill -> eval -> report, end to end"),
-    "bench": ("gendistill.bench", "KV/state memory, time-to-first-token and decode speed, teacher vs student"),
+    "bench": ("gendistill.bench.cli", "KV/state memory, time-to-first-token and decode speed, teacher vs student"),
 }
 
 

@@ -3,7 +3,7 @@
 world -> teacher (trained from scratch, or reused from the cache) -> convert -> the four GenDistill stages ->
 evaluate teacher and student both ways (log-likelihood and generation) -> report.html/.md -> a summary table.
 Each step is an existing piece: `world.build_world`, `distill.run_recipe` (twice: the teacher's recipe and the
-distillation recipe, both in recipes/demo/), `convert.convert`, `evaluation.evaluate`, `bench.analytic_cache_bytes`.
+distillation recipe, both in recipes/demo/), `convert.convert`, `evaluation.evaluate`, `modeling.cache_bytes`.
 """
 from __future__ import annotations
 
@@ -117,7 +117,9 @@ def distill_student(teacher_dir: Path, world_dir: Path, out: Path, scale: str) -
 
 def summary_rows(report: dict, student_config, teacher_config) -> list[dict]:
     """Teacher vs student on every world task: LL and generation accuracy, retention, LL-vs-generation gap."""
-    from gendistill.bench import analytic_cache_bytes
+    import torch
+
+    from gendistill.modeling import cache_bytes
 
     teacher, student = report["teacher"], report["students"][0]
     rows = []
@@ -130,7 +132,7 @@ def summary_rows(report: dict, student_config, teacher_config) -> list[dict]:
     # Growth per token (attention KV) and the fixed part (KDA state), bf16, from the configs.
     per_token = {}
     for name, cfg in (("teacher", teacher_config), ("student", student_config)):
-        at_1k, at_2k = (analytic_cache_bytes(cfg, n, 1, 2) for n in (1024, 2048))
+        at_1k, at_2k = (cache_bytes(cfg, n, 1, torch.bfloat16) for n in (1024, 2048))
         per_token[name] = {"per_token": (at_2k - at_1k) / 1024, "fixed": at_1k - (at_2k - at_1k)}
     return rows, per_token
 

@@ -1,11 +1,12 @@
-"""User-facing errors, atomic writes and the rules for replacing directories: nothing a command writes is ever left
-half-written, and nothing gendistill did not create is ever deleted."""
+"""User-facing errors, atomic writes, the rules for replacing directories (nothing a command writes is ever left
+half-written, and nothing gendistill did not create is ever deleted) and the one parser of sizes such as "4k" or "30M"."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -236,3 +237,28 @@ def check_model_ref(ref: str | os.PathLike, role: str, need_tokenizer: bool = Fa
     text = str(ref)
     if os.path.isabs(text) or text.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise UserError(f"could not load {role} {ref}: no such directory (and not a hub id such as Qwen/Qwen3-0.6B)")
+
+
+_SIZE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmbt]?)$")
+# k is 1024: context lengths are written that way ("a 128K context" holds 131072 tokens, "4k" prompts 4096).
+# M, B and T are decimal: token and document budgets are ("250M tokens", "1.5B"). No size in gendistill is written
+# both ways, so the one rule serves every option and recipe field.
+SIZE_UNITS = {"": 1, "k": 1024, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def parse_size(value, what: str = "a size") -> int:
+    """A positive whole count from an option or a recipe field: 300, "300", "4k" -> 4096, "128K" -> 131072,
+    "30M" -> 30_000_000, "1.5B" -> 1_500_000_000, 1e6 -> 1_000_000 (see SIZE_UNITS). `what` names the field in
+    the error."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        match = _SIZE.match(value.strip().lower())
+        if match:
+            number = float(match.group(1)) * SIZE_UNITS[match.group(2)]
+    whole = round(number) if number is not None and number == number and abs(number) != float("inf") else None
+    if whole is None or whole < 1 or abs(number - whole) > 1e-9 * whole:  # 1.1M is 1100000.0000000002 in floats
+        raise UserError(f"{what}: expected a positive whole count such as 300, 4k (= 4096) or 30M (= 30,000,000), "
+                        f"got {value!r}")
+    return int(whole)

@@ -28,7 +28,27 @@ from gendistill.modeling_hybrid_kda import MASKED, HybridKDAModel, HybridKDAPreT
 
 __all__ = ["HybridKDAConfig", "HybridKDAForCausalLM", "HybridKDAModel", "HybridKDAPreTrainedModel", "KDAMixer",
            "HybridKDADecoderLayer", "ShortConvolution", "FULL", "LINEAR", "fast_modules", "parameter_group",
-           "no_weight_decay"]
+           "no_weight_decay", "cache_bytes"]
+
+
+def cache_bytes(config, context: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the decoding cache after a prefill of `context` tokens, for a Qwen3 config (all layers attention) or
+    a HybridKDAConfig. Attention layer: K and V, 2 * Hkv * head_dim per token in `dtype`. KDA layer, independent of
+    the context: the fp32 recurrent state H * head_dim^2 and the short conv's last conv_size - 1 inputs of the
+    q, k, v channels ((H + 2 * Hkv) * head_dim: q at H heads, k/v at Hkv) in `dtype`. The bench checks these
+    against the bytes transformers' cache objects hold."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    types = list(getattr(config, "layer_types", None) or [FULL] * config.num_hidden_layers)
+    unknown = sorted(set(types) - {FULL, LINEAR})
+    if unknown:
+        raise ValueError(f"cache_bytes knows {FULL!r} and {LINEAR!r} layers only, the config has {unknown}")
+    total = types.count(FULL) * 2 * kv_heads * head_dim * context * dtype.itemsize
+    if LINEAR in types:
+        conv = (heads + 2 * kv_heads) * head_dim * (config.kda_conv_size - 1) * dtype.itemsize
+        total += types.count(LINEAR) * (heads * head_dim * head_dim * 4 + conv)
+    return batch * total
+
 
 
 class KDAMixer(reference.KDAMixer):

@@ -64,3 +64,24 @@ def qwen3_0_6b_config(**overrides) -> Qwen3Config:
     )
     kw.update(overrides)
     return Qwen3Config(**kw)
+
+
+SHAPES = ("tiny", "qwen3-0.6b")
+
+
+def random_teacher_and_student(shape: str, seed: int = 0):
+    """A teacher with random weights in a known shape ("tiny": 4 layers for CPU runs; "qwen3-0.6b": the published
+    shape, SDPA) and its student from `convert` (paper layer set), both fp32 on CPU: what benchmarks time when speed
+    and memory, not the weights' values, are the question."""
+    from gendistill.convert import convert
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: one of {', '.join(SHAPES)}")
+    if shape == "tiny":
+        teacher = tiny_qwen3(seed=seed, layers=4)
+    else:
+        torch.manual_seed(seed)
+        config = qwen3_0_6b_config()
+        config._attn_implementation = "sdpa"
+        teacher = Qwen3ForCausalLM(config).eval()
+    return teacher, convert(teacher, seed=seed)

@@ -141,7 +141,7 @@ def test_sliced_mlp_equals_whole(teacher, fused_path, batch):
 def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monkeypatch):
     """gendistill bench compares every fused module with transformers' on the inputs of one forward; a kernel that
     forgets the norm's weight, or rotates the wrong way, must fail exactly the checks of the modules it serves."""
-    from gendistill import bench
+    from gendistill.bench import checks
     from gendistill.kda import _backend
 
     student = convert(teacher, attention_layers=[0, 2])
@@ -152,7 +152,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     inference = lambda x, weight=None: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
     monkeypatch.setattr(fused, "kernel_inference", inference)
     with torch.no_grad():
-        good = bench.check_correctness(teacher, student)
+        good = checks.check_correctness(teacher, student)
     assert good["passed"]
     attention = "student attention (q/k norms and rotary in one kernel), fused path vs transformers"
     assert {c["name"] for c in good["checks"]} >= {"student RMSNorm, fused path vs transformers",
@@ -164,7 +164,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
 
     monkeypatch.setattr(fused, "rms_norm", no_weight)
     with torch.no_grad():
-        bad = bench.check_correctness(teacher, student)
+        bad = checks.check_correctness(teacher, student)
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
     assert failed == ["student RMSNorm with the residual add, fused path vs transformers",
                       "student RMSNorm, fused path vs transformers"]
@@ -175,7 +175,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     monkeypatch.setattr(fused, "rms_norm", norm.rms_norm)
     monkeypatch.setattr(fused, "qk_norm_rotary", backwards)
     with torch.no_grad():
-        bad = bench.check_correctness(teacher, student)
+        bad = checks.check_correctness(teacher, student)
     assert [c["name"] for c in bad["checks"] if not c["passed"]] == [attention]
 
 

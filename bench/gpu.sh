@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs gendistill's GPU benchmarks on this machine's first GPU and writes each one's latest result under
+# bench/results/<gpu>/ (<gpu>: the card's name, e.g. h200), replacing the previous one. Each result file records its
+# command, commit, versions and date; bench/results/<gpu>/RESULTS.md is the table to update from them.
+#   bash bench/gpu.sh                    # the default: bench and graphs
+#   bash bench/gpu.sh bench graphs host profile levers parity kd kd2 engine demo
+# Steps (run in the order given; one failing does not stop the others, the script exits non-zero at the end):
+#   bench    gendistill bench, eager, 4K-128K prefill (forward and generate()), decode at 32K    -> bench/
+#   graphs   the same at 4K/16K with the prefill and decode steps replayed as CUDA graphs       -> bench_graphs/
+#   host     bench/host_profile.py: where the host's time goes in a 4K prefill                    -> host_profile.json
+#   profile  bench/kernel_profile.py: kernel time per category at 4K and 128K, decode at 32K      -> kernel_profile.json
+#   levers   bench/prefill_levers.py: the long-prefill levers, each on and off, at 128K          -> prefill_levers.json
+#   parity   bench/kda_parity.py: fla's KDA kernels against the PyTorch paths                     -> kda_parity.json
+#   kd, kd2  bench/kd_step.py: the KD step on one GPU, and FSDP2 on two                            -> kd_step.json, kd_step_x2.json
+#   engine   bench/eval_engine.py: the batched generation engine against one-by-one generate     -> eval_engine.json
+#   demo     gendistill demo --scale gpu: the whole pipeline; its report                          -> demo/
+# Environment: GPU_NAME overrides <gpu>; GENDISTILL_COMMIT names the commit where the tree has no .git (a copy).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+export GENDISTILL_COMMIT=${GENDISTILL_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+# Triton's compile and autotune cache: fla's kernels take minutes to autotune on a fresh machine.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
+GPU=${GPU_NAME:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z' 'a-z' |
+                  sed -e 's/nvidia//' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')}
+R=bench/results/${GPU:?no GPU found (set GPU_NAME)}
+mkdir -p "$R" "$TRITON_CACHE_DIR"
+PY=${PYTHON:-python3}
+BENCH=("$PY" -m gendistill bench --shape qwen3-0.6b --decode-context 32k --batch 1 --repeats 3 --no-plots --overwrite)
+failed=()
+
+run() {  # run NAME command...: prints the command and its time, remembers a failure
+  local name=$1; shift
+  echo "== $(date -u +%T) $name: $*"
+  "$@"
+  local rc=$?
+  echo "== $(date -u +%T) $name: exit $rc"
+  [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+for step in "${@:-bench graphs}"; do
+  for s in $step; do
+    case $s in
+      # expandable segments: the 128K prefills and the largest decode batches fill the card without fragmenting it
+      bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run bench "${BENCH[@]}" \
+                 --contexts 4k,16k,32k,64k,128k --out "$R/bench" ;;
+      # SDPA replayed in a graph is slower than eagerly beyond 16K: graphs pay for short, host-bound prefills only
+      graphs)  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run graphs "${BENCH[@]}" \
+                 --contexts 4k,16k --generate-contexts none --cuda-graphs --out "$R/bench_graphs" ;;
+      host)    run host "$PY" bench/host_profile.py --out "$R/host_profile.json" ;;
+      profile) run profile "$PY" bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 \
+                 --out "$R/kernel_profile.json" ;;
+      levers)  run levers "$PY" bench/prefill_levers.py --out "$R/prefill_levers.json" ;;
+      parity)  run parity "$PY" bench/kda_parity.py --out "$R/kda_parity.json" ;;
+      kd)      run kd "$PY" bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step.json" ;;
+      kd2)     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} run kd2 torchrun --nproc-per-node 2 bench/kd_step.py \
+                 --shape qwen3-0.6b --out "$R/kd_step_x2.json" ;;
+      engine)  run engine "$PY" bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 --items 32 \
+                 --batch-sizes 8,32 --max-new-tokens 16 --check-dtype float32 --check-items 16 \
+                 --out "$R/eval_engine.json" ;;
+      demo)    D=${TMPDIR:-/tmp}/gendistill-gpu-demo  # the demo's models and data stay out of the results
+               run demo "$PY" -m gendistill demo --scale gpu --out "$D" && rm -rf "$R/demo" && mkdir -p "$R/demo" &&
+                 cp "$D"/eval/report.md "$D"/eval/report.json "$D"/summary.json "$R/demo/" ;;
+      *) echo "unknown step $s (see the head of $0)"; failed+=("$s") ;;
+    esac
+  done
+done
+[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }
