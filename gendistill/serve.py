@@ -99,6 +99,12 @@ def check_model_dir(model_dir: str) -> None:
                         "without '@' (a symlink will do)")
 
 
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(name)
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve a model directory over an OpenAI-compatible HTTP API "
                                 "(/v1/chat/completions, /v1/completions, streaming); the model id is MODEL_DIR as "
@@ -117,8 +123,22 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail before loading the model (minutes for a large one) if the address cannot be listened on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err}); choose another --port or --host") from err
+
+
 def main(args) -> int:
     check_model_dir(args.model_dir)
+    check_address(args.host, args.port)
     try:
         import uvicorn
         from transformers.utils.import_utils import is_serve_available
@@ -127,8 +147,12 @@ def main(args) -> int:
     if not is_serve_available():
         raise UserError("serving needs fastapi, uvicorn and openai: pip install 'gendistill[serve]' "
                         "(or the pinned lines of requirements.txt)")
-    app = build_app(args.model_dir, device=args.device, dtype=args.dtype,
-                    attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
+    try:
+        app = build_app(args.model_dir, device=args.device, dtype=args.dtype,
+                        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
+    except ImportError as err:  # transformers' serving modules are internal and may move between releases
+        raise UserError(f"transformers {_version('transformers')} lacks the serving module gendistill serve builds on "
+                        f"({err}); it is tested with transformers 5.23") from err
     print(f"serving {args.model_dir} at http://{args.host}:{args.port}/v1 (model id: {args.model_dir!r})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import gendistill
 from gendistill.cli import main as cli_main
-from gendistill.testing import tiny_qwen3, tiny_tokenizer
+from gendistill.testing import printable_outputs_only, tiny_qwen3, tiny_tokenizer
 
 STARTUP_S = 60  # importing torch + transformers on a busy 2-core CI machine; the model itself loads in < 1 s
 MAX_TOKENS = 12
@@ -23,18 +23,12 @@ MESSAGES = [{"role": "user", "content": "Where was Alice born?"}]
 PROMPT = "Bruno Keller works for"
 
 
-def ascii_student(out: Path):
-    """A converted tiny student that can only emit whole printable-ASCII tokens and no special token: random
-    weights otherwise pick lone UTF-8 continuation bytes (which a streamed decode holds back until they complete) and
-    end-of-turn tokens, and the comparison would then test little. The teacher's untied output rows of all other
-    tokens are zero, so their logit is 0 while the allowed ones vary around it."""
+def printable_student(out: Path):
+    """A converted tiny student whose greedy output is whole printable tokens and never ends early (a random model
+    otherwise picks lone UTF-8 bytes and end-of-turn tokens, and the comparison would test little)."""
     tokenizer = tiny_tokenizer()
     teacher = tiny_qwen3(seed=3, tie_word_embeddings=False)
-    banned = [i for i in range(teacher.config.vocab_size)
-              if i in tokenizer.all_special_ids or not (text := tokenizer.decode([i])).isascii()
-              or not text.isprintable()]
-    with torch.no_grad():
-        teacher.lm_head.weight[banned] = 0
+    printable_outputs_only(teacher, tokenizer)
     student = gendistill.convert(teacher, seed=0)
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -63,7 +57,7 @@ def wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
 
 def test_serve_student_end_to_end(tmp_path):
     model_dir = tmp_path / "student"
-    tokenizer = ascii_student(model_dir)
+    tokenizer = printable_student(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # what the server loads
     assert type(model).__name__ == "HybridKDAForCausalLM" and "linear_attention" in model.config.layer_types
 
@@ -129,9 +123,15 @@ def test_serve_student_end_to_end(tmp_path):
             proc.wait(timeout=5)
 
 
-def test_serve_refuses_a_directory_without_a_model(tmp_path, capsys):
+def test_serve_refuses_bad_input_before_loading(tmp_path, capsys):
     assert cli_main(["serve", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
     assert cli_main(["serve", str(tmp_path)]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli_main(["serve", str(tmp_path), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
