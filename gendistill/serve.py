@@ -114,7 +114,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="listen port (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (as saved), bfloat16, float16 or float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: as saved (default)")
     p.add_argument("--attn-implementation", help="for the attention layers: sdpa, flash_attention_2, eager, ...")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the directory's own modeling code (auto_map), as transformers' flag does")
@@ -140,19 +141,21 @@ def main(args) -> int:
     check_model_dir(args.model_dir)
     check_address(args.host, args.port)
     try:
-        import uvicorn
         from transformers.utils.import_utils import is_serve_available
     except ImportError:
-        is_serve_available = lambda: False  # noqa: E731
-    if not is_serve_available():
+        is_serve_available = None
+    if is_serve_available is not None and not is_serve_available():
         raise UserError("serving needs fastapi, uvicorn and openai: pip install 'gendistill[serve]' "
                         "(or the pinned lines of requirements.txt)")
-    try:
-        app = build_app(args.model_dir, device=args.device, dtype=args.dtype,
-                        attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
-    except ImportError as err:  # transformers' serving modules are internal and may move between releases
-        raise UserError(f"transformers {_version('transformers')} lacks the serving module gendistill serve builds on "
-                        f"({err}); it is tested with transformers 5.23") from err
+    try:  # transformers' serving modules are internal to it and may move between releases
+        import transformers.cli.serving.server  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"transformers {_version('transformers')} has no serving module where gendistill serve "
+                        f"expects one ({err}); it is tested with transformers 5.23") from err
+    import uvicorn
+
+    app = build_app(args.model_dir, device=args.device, dtype=args.dtype,
+                    attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code)
     print(f"serving {args.model_dir} at http://{args.host}:{args.port}/v1 (model id: {args.model_dir!r})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -73,8 +73,8 @@ def test_serve_student_end_to_end(tmp_path):
     assert expected_chat.strip() and expected_text.strip() and expected_chat != expected_text
 
     port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(gendistill.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # as conftest's set_num_threads(1): no spinning threads on 2 cores
+           "PYTHONPATH": os.pathsep.join([str(Path(gendistill.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "gendistill", "serve", str(model_dir), "--host", "127.0.0.1",
                                  "--port", str(port), "--device", "cpu"], stdout=log_file, stderr=subprocess.STDOUT,
@@ -114,6 +114,7 @@ def test_serve_student_end_to_end(tmp_path):
             events = [e for e in r.read().decode().split("\n\n") if e]
         assert all(e.startswith("data: ") for e in events)
         assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events)
+        assert "CB: False" in log.read_text() and "CB: True" not in log.read_text()  # sequential generate
     finally:
         proc.terminate()
         try:
@@ -135,3 +136,13 @@ def test_serve_refuses_bad_input_before_loading(tmp_path, capsys):
         taken.listen()
         assert cli_main(["serve", str(tmp_path), "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_transformers_continuous_batching_rejects_kda_layers():
+    """Why `gendistill serve` never turns on transformers' continuous batching. When this fails, transformers' paged
+    cache has learnt linear-attention layers, and the server could offer it (and docs/SERVING.md should say so)."""
+    from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+
+    student = gendistill.convert(tiny_qwen3(layers=2), attention_layers=[1], seed=0)
+    with pytest.raises(ValueError, match="linear_attention"):
+        group_layers_by_attn_type(student.config)
