@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "world": ("gendistill.world.cli", "generate the synthetic knowledge world, its tokenizer and teacher"),
     "demo": ("gendistill.demo", "world -> teacher -> convert -> distill -> eval -> report, end to end"),
     "bench": ("gendistill.bench.cli", "KV/state memory, time-to-first-token and decode speed, teacher vs student"),
+    "serve": ("gendistill.serve", "OpenAI-compatible HTTP server (chat/completions, streaming) for a model directory"),
 }
 
 

@@ -85,3 +85,13 @@ def random_teacher_and_student(shape: str, seed: int = 0):
         config._attn_implementation = "sdpa"
         teacher = Qwen3ForCausalLM(config).eval()
     return teacher, convert(teacher, seed=seed)
+def printable_outputs_only(model, tokenizer) -> None:
+    """Zero the output rows of every token that is special, outside `tokenizer`'s vocabulary, or does not decode on
+    its own to printable ASCII, so greedy decoding of random weights (whose logits then vary around the zero those
+    rows give) picks whole printable tokens only: no end-of-turn, and no lone UTF-8 bytes, which a streamed decode
+    holds back. Tied embeddings lose those rows too (fine for a random model: prompts are made of allowed tokens)."""
+    vocab = model.get_output_embeddings().weight
+    banned = [i for i in range(vocab.shape[0]) if i >= len(tokenizer) or i in tokenizer.all_special_ids
+              or not (text := tokenizer.decode([i])).isascii() or not text.isprintable()]
+    with torch.no_grad():
+        vocab[banned] = 0
