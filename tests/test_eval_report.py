@@ -2,6 +2,7 @@
 converted (not distilled) Hybrid-KDA students, through `gendistill eval` and `gendistill report`."""
 import base64
 import json
+import math
 import re
 
 import pytest
@@ -9,36 +10,12 @@ import pytest
 from gendistill.cli import main as cli
 from gendistill.convert import convert
 from gendistill.evaluation import build_report, evaluate
-from gendistill.evaluation.report import (
-    SECTION_TITLES, _pct, _pp, compare_rankings, compute_report, gap, kendall_tau, render_markdown, retention, tables)
+from gendistill.evaluation import stats
+from gendistill.evaluation.report import SECTION_TITLES, _ci, _est_pct, compute_report, plots, render_markdown, tables
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 
-# ---------------------------------------------------------------- constructed tables
-
-def test_retention_gap_and_reversals():
-    scores = {"T": {"ll_acc": 0.80, "gen_acc": 0.60}, "A": {"ll_acc": 0.79, "gen_acc": 0.40},
-              "B": {"ll_acc": 0.75, "gen_acc": 0.50}, "C": {"ll_acc": 0.70, "gen_acc": 0.30}}
-    kept = retention(scores, "T")
-    assert kept["A"] == pytest.approx({"ll_acc": 0.9875, "gen_acc": 0.40 / 0.60})
-    assert set(kept) == {"A", "B", "C"}
-    assert gap(scores["A"]) == pytest.approx({"ll_minus_gen_acc": 0.39})
-    assert gap({"ll_acc": 0.5}) == {}
-    students = {k: v for k, v in scores.items() if k != "T"}
-    ranked = compare_rankings(students, "ll_acc", "gen_acc")
-    assert ranked["order"] == {"ll_acc": ["A", "B", "C"], "gen_acc": ["B", "A", "C"]}
-    assert [(r["ahead_by_ll_acc"], r["ahead_by_gen_acc"]) for r in ranked["reversals"]] == [("A", "B")]
-    assert ranked["kendall_tau"] == pytest.approx(1 / 3)  # pairs: one discordant, two concordant
-    agree = compare_rankings({"A": {"x": 1, "y": 5}, "B": {"x": 2, "y": 6}}, "x", "y")
-    assert agree["reversals"] == [] and agree["kendall_tau"] == 1.0
-
-
-def test_kendall_tau_b_with_ties():
-    # pairs: 4 concordant, 1 discordant, 1 tied in x only -> (4 - 1) / sqrt((6 - 1) * (6 - 0))
-    assert kendall_tau([1, 2, 3, 3], [1, 3, 2, 4]) == pytest.approx(3 / 30 ** 0.5)
-    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert kendall_tau([1, 1], [1, 2]) is None
-
+# ---------------------------------------------------------------- constructed records
 
 def _records(n_ll_correct, extract, tokens, stopped=True):
     out = []
@@ -54,6 +31,16 @@ def _records(n_ll_correct, extract, tokens, stopped=True):
     return out
 
 
+def _loaded(records: dict, tasks: dict, groups: dict | None = None) -> dict:
+    models = {m: {"role": "teacher" if m == "T" else "student", "tokenizer": "same", "max_position_embeddings": 4096,
+                  **({"group": groups[m]} if groups and m in groups else {})} for m in records}
+    return {"models": models, "teacher": "T" if "T" in records else None, "records": records, "tasks": tasks,
+            "lm_eval": {}, "settings": [], "notes": []}
+
+
+MC_META = {"kind": "multiple_choice", "n_items": 20, "recall": None, "ll_target": "letter"}
+
+
 def constructed_report() -> dict:
     records = {
         "T": _records(16, lambda i, a: a if i < 12 else (a + 1) % 4, [1, 2, 3, 4]),
@@ -61,11 +48,7 @@ def constructed_report() -> dict:
         "B": _records(14, lambda i, a: a if i < 10 else None, [1, 2, 3, 4]),  # identical to the teacher's text
         "C": _records(12, lambda i, a: a if i < 4 else (a + 2) % 4, [1, 2, 3]),
     }
-    models = {m: {"role": "teacher" if m == "T" else "student", "tokenizer": "same", "max_position_embeddings": 4096}
-              for m in records}
-    return compute_report({"models": models, "teacher": "T", "records": {m: {"mc": r} for m, r in records.items()},
-                           "tasks": {"mc": {"kind": "multiple_choice", "n_items": 20, "recall": None}},
-                           "lm_eval": {}, "settings": [], "notes": []})
+    return compute_report(_loaded({m: {"mc": r} for m, r in records.items()}, {"mc": MC_META}))
 
 
 def test_report_on_constructed_records():
@@ -73,18 +56,39 @@ def test_report_on_constructed_records():
     avg = {m: report["scores"][m]["average"] for m in "TABC"}
     assert avg["T"]["ll_acc"] == 0.8 and avg["T"]["gen_acc"] == 0.6
     assert avg["A"]["ll_acc"] == 0.75 and avg["A"]["gen_acc"] == 0.25  # right only where the gold is A
-    assert avg["B"]["gen_acc"] == 0.5 and avg["B"]["no_answer"] == 0.5
-    assert report["retention"]["A"]["average"] == pytest.approx({"ll_acc": 0.9375, "ll_acc_norm": 0.9375,
-                                                                 "gen_acc": 0.25 / 0.6})
-    assert report["behind_teacher"]["A"]["average"]["gen_acc"] == pytest.approx(0.35)
-    assert report["gap"]["A"]["average"]["ll_minus_gen_acc"] == pytest.approx(0.5)
-    assert report["retention_gap"]["A"]["average"]["ll_acc_minus_gen_acc"] == pytest.approx(0.9375 - 0.25 / 0.6)
-    ranking = {tuple(c["modes"]): c for c in report["ranking"]["average"]}[("ll_acc", "gen_acc")]
-    assert [(r["ahead_by_ll_acc"], r["ahead_by_gen_acc"]) for r in ranking["reversals"]] == [("A", "B")]
-    assert ranking["kendall_tau"] == pytest.approx(1 / 3)
+    # B abstains on half the items and is right whenever it answers: abstention and wrong answers kept apart
+    b = report["scores"]["B"]["mc"]
+    assert b["gen_acc"] == 0.5 and b["no_answer"] == 0.5 and b["answer_rate"] == 0.5 and b["acc_when_answered"] == 1.0
+    assert b["ci"]["acc_when_answered"] == pytest.approx(list(stats.wilson(10, 10)))  # all right: Wilson, not a point
+    low, high = b["ci"]["gen_acc"]
+    assert low < 0.5 < high
+    # every accuracy, retention and gap carries its interval
+    kept = report["retention"]["A"]["mc"]
+    assert kept["ll_acc"]["value"] == pytest.approx(0.9375) and kept["gen_acc"]["value"] == pytest.approx(0.25 / 0.6)
+    assert kept["gen_acc"]["low"] < kept["gen_acc"]["value"] < kept["gen_acc"]["high"]
+    # chance-corrected, by hand: 4-way items, chance 1/4
+    assert report["chance"]["mc"] == 0.25
+    assert report["retention_chance"]["A"]["mc"]["ll_acc"]["value"] == pytest.approx((0.75 - 0.25) / (0.8 - 0.25))
+    assert report["retention_chance"]["A"]["mc"]["gen_acc"]["value"] == pytest.approx(0.0)
+    behind = report["behind_teacher"]["A"]["mc"]
+    assert behind["gen_acc"]["value"] == pytest.approx(0.35) and behind["ll_acc"]["value"] == pytest.approx(0.05)
+    # McNemar by hand: under generation T is right and A wrong on 9 items, A right and T wrong on 2
+    assert behind["gen_acc"]["test"] == "mcnemar_exact"
+    assert behind["gen_acc"]["p"] == pytest.approx(2 * sum(math.comb(11, i) for i in range(3)) / 2 ** 11)
+    head = report["headline"]["A"]["mc"]
+    assert head["ll_mode"] == "ll_acc" and head["difference"]["value"] == pytest.approx(0.30)
+    assert head["difference"]["p_holm"] == head["difference"]["p"]  # one task: Holm changes nothing
+
+    ranking = report["ranking"]["all"]["mc"]
+    assert ranking["order"] == {"ll_acc": ["A", "B", "C"], "gen_acc": ["B", "A", "C"]}
+    pair = next(p for p in ranking["pairs"] if p["models"] == ["A", "B"])
+    assert pair["reversed"] and not pair["significant"]
+    assert ranking["kendall_tau"]["value"] == pytest.approx(1 / 3)  # three students: one discordant pair of three
+    assert ranking["kendall_tau"]["low"] <= 1 / 3 <= ranking["kendall_tau"]["high"]
 
     p = report["pathologies"]
     assert p["A"]["letters"]["collapse"] and p["A"]["letters"]["chosen"] == {"A": 1.0}
+    assert p["B"]["letters"]["of_all"] == {"A": 0.15, "B": 0.15, "C": 0.1, "D": 0.1, "none": 0.5}
     assert not p["T"]["letters"]["collapse"] and p["T"]["letters"]["gold"] == {k: 0.25 for k in "ABCD"}
     assert p["A"]["never_stop_rate"] == 1.0 and p["T"]["never_stop_rate"] == 0.0
     assert p["A"]["repetition_rate"] == pytest.approx(1 - 3 / 14) and p["A"]["looping_share"] == 1.0
@@ -93,11 +97,135 @@ def test_report_on_constructed_records():
     assert p["B"]["first_departure"]["identical_share"] == 1.0 and p["B"]["first_departure"]["median"] is None
     assert p["C"]["first_departure"]["positions"] == [3] * 20  # a shorter output departs where it ends
     text = " ".join(report["findings"])
-    assert "Ranking reversal" in text and "'always A' collapse" in text and "A never stops" in text
+    assert "Ranking reversal" not in text and "A and B swap places" in text and "the data cannot tell" in text
+    assert "'always A' collapse" in text and "A never stops" in text
+    assert "LL hides the gap" not in text  # 30 pp on 20 items: p = 0.08, not significant
 
+    # example outputs: B's abstentions are shown as "no answer"
+    assert any(e["student"]["answer"] == "no answer" for e in report["examples"]["mc"]["B"])
+    sections = tables(report)
+    md = render_markdown(report, sections)
+    row = next(line for line in md.splitlines() if line.startswith("| B | student |"))
+    assert "| 50.0% [" in row  # answer rate with its interval
+    assert "no answer ✗" in md and "A:100% B:0% C:0% D:0% none:0%" in md
+    assert "| A:15% B:15% C:10% D:10% none:50% |" in md  # the table counts "none" as the chart does
+
+
+def _pair_records(task, n, right, kind="multiple_choice"):
+    """Records of one model on `n` items: `right` = (LL-right item indices, generation-right item indices)."""
+    ll_right, gen_right = right
+    return [{"id": f"{task}-{i}", "task": task, "kind": kind, "answer": 0, "n_choices": 4, "meta": {}, "ll": [0.0] * 4,
+             "ll_pred": 0 if i in ll_right else 1, "ll_pred_norm": 0 if i in ll_right else 1,
+             "ll_pred_bytes": 0 if i in ll_right else 1,
+             "gen": {"greedy": {"text": "x", "extracted": 0 if i in gen_right else 1, "correct": i in gen_right,
+                                "n_tokens": 1, "stopped": True, "tokens": [1]}}} for i in range(n)]
+
+
+def test_one_item_apart_is_not_a_reversal():
+    """The issue's case: two students one item apart on a 60-item task, in opposite directions under the two modes."""
+    n = 60
+    records = {"T": {"t": _pair_records("t", n, (range(50), range(50)))},
+               "A": {"t": _pair_records("t", n, (range(31), range(30)))},
+               "B": {"t": _pair_records("t", n, (range(30), range(31)))}}
+    report = compute_report(_loaded(records, {"t": {**MC_META, "n_items": n}}))
+    comp = report["ranking"]["all"]["t"]
+    pair = comp["pairs"][0]
+    assert pair["reversed"] and pair["ll_acc"]["p"] == 1.0 and pair["gen_acc"]["p"] == 1.0  # McNemar: 1 vs 0
+    assert not pair["significant"] and comp["kendall_tau"] is None  # two students: no tau
+    text = " ".join(report["findings"])
+    assert "Ranking reversal" not in text and "the data cannot tell" in text
     md = render_markdown(report, tables(report))
-    row = next(line for line in md.splitlines() if line.startswith("| A | student |"))
-    assert _pct(0.25 / 0.6) in row and _pp(0.5) in row and "| 75.0% |" in row
+    assert "Kendall τ – (needs ≥ 3 students in the group)" in md
+
+
+def test_significant_reversal_and_hidden_gap():
+    """A clearly ahead under LL and B clearly ahead under generation on two tasks: a reversal after Holm. The
+    teacher is 100 % both ways; A's generation gap is much larger than its LL gap: LL hides the gap."""
+    n = 60
+    tasks = {t: {**MC_META, "n_items": n} for t in ("t1", "t2")}
+    records = {"T": {t: _pair_records(t, n, (range(n), range(n))) for t in tasks},
+               "A": {t: _pair_records(t, n, (range(55), range(20))) for t in tasks},
+               "B": {t: _pair_records(t, n, (range(30), range(50))) for t in tasks}}
+    report = compute_report(_loaded(records, tasks))
+    for t in tasks:
+        pair = report["ranking"]["all"][t]["pairs"][0]
+        assert pair["reversed"] and pair["significant"] and pair["p_holm"] <= 0.05
+        # McNemar by hand under LL: A alone right on 25 items, B alone on none -> p = 2 / 2^25; Holm over 2 tasks
+        assert pair["ll_acc"]["p"] == pytest.approx(2 / 2 ** 25)
+        assert pair["p_holm"] == pytest.approx(2 * max(pair["ll_acc"]["p"], pair["gen_acc"]["p"]))
+    text = " ".join(report["findings"])
+    assert "Ranking reversal on t1: LL acc puts A ahead of B" in text
+    assert "LL hides the gap on t1: A" in text
+    head = report["headline"]["A"]["t1"]
+    assert head["ll"]["value"] == pytest.approx(5 / 60) and head["gen"]["value"] == pytest.approx(40 / 60)
+    assert head["difference"]["significant"]
+
+
+def test_groups_rank_only_within_a_group_and_cloze_uses_acc_norm():
+    n = 40
+    meta = {"kind": "multiple_choice", "n_items": n, "recall": None, "ll_target": "text"}
+    records = {"T": {"t": _pair_records("t", n, (range(n), range(n)))},
+               "A": {"t": _pair_records("t", n, (range(30), range(10)))},
+               "B": {"t": _pair_records("t", n, (range(10), range(30)))},
+               "C": {"t": _pair_records("t", n, (range(20), range(20)))}}
+    report = compute_report(_loaded(records, {"t": meta}, groups={"A": "ratio", "B": "recipe", "C": "recipe"}))
+    assert report["groups"] == {"ratio": ["A"], "recipe": ["B", "C"]}
+    assert set(report["ranking"]) == {"recipe"}  # A is alone in its group: ranked against nobody
+    assert report["ranking"]["recipe"]["t"]["models"] == ["B", "C"]
+    assert report["ll_mode"]["t"] == "ll_acc_norm" and report["headline"]["A"]["t"]["ll_mode"] == "ll_acc_norm"
+    assert "cloze" in render_markdown(report, tables(report))
+
+
+def test_teacher_at_zero_has_no_retention_and_plots_say_why():
+    n = 20
+    records = {"T": {"t": _pair_records("t", n, (range(n), []))},
+               "A": {"t": _pair_records("t", n, (range(10), range(3)))}}
+    report = compute_report(_loaded(records, {"t": {**MC_META, "n_items": n}}))
+    kept = report["retention"]["A"]["t"]["gen_acc"]
+    assert kept["value"] is None and "not above chance" in kept["why"]
+    assert any("No retention for A on t under Gen acc (greedy)" in f for f in report["findings"])
+    images = plots(report)
+    assert len(images["scores"]) == 2 and "n/a" in render_markdown(report, tables(report))
+
+
+def write_eval_dir(root, records: dict, tasks: dict, run=None, groups=None):
+    """A constructed eval directory (manifest + records), as `gendistill eval` writes it."""
+    manifest = {"created": "2026-12-01T00:00:00", "tasks": tasks,
+                "settings": {"decode": "greedy", "seeds": [], "sampling": None, "batch_size": 16, "limit": None,
+                             "dtype": "float32", "lm_eval_tasks": []},
+                "models": {m: {"role": "teacher" if m == "T" else "student", "tokenizer": "same", "source": f"/m/{m}",
+                               "class": "X", "max_position_embeddings": 4096,
+                               **({"group": groups[m]} if groups and m in groups else {})} for m in records}}
+    if run:
+        manifest["run"] = str(run)
+    for m, per_task in records.items():
+        for t, recs in per_task.items():
+            (root / "records" / m).mkdir(parents=True, exist_ok=True)
+            (root / "records" / m / f"{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_training_curves_and_settings_table(tmp_path):
+    run = tmp_path / "run"
+    for k, stage in enumerate(("attn_align", "kd")):
+        (run / f"0{k + 1}-{stage}").mkdir(parents=True)
+        (run / f"0{k + 1}-{stage}" / "metrics.jsonl").write_text("".join(json.dumps(
+            {"stage": stage, "step": i, "loss": 1 / i, "lr": 1e-3, "tokens_per_s": 1000.0 + i}) + "\n"
+            for i in range(1, 6)))
+    n = 20
+    records = {"T": {"t": _pair_records("t", n, (range(18), range(16)))},
+               "A": {"t": _pair_records("t", n, (range(15), range(9)))}}
+    eval_dir = write_eval_dir(tmp_path / "eval", records, {"t": {**MC_META, "n_items": n}}, run=run)
+    paths = build_report([eval_dir])
+    report = json.loads(paths["json"].read_text())
+    assert list(report["training"][str(run)]) == ["attn_align", "kd"]
+    assert report["training"][str(run)]["kd"]["loss"][0] == 1.0
+    md = paths["md"].read_text()
+    assert "| decode | greedy |" in md and "`{" not in md  # settings as a table, not raw JSON
+    assert f"**{run}: kd**" in md
+    page = paths["html"].read_text()
+    assert len(re.findall(r"data:image/png;base64,", page)) == 5  # headline, scores x2, letters, training
 
 
 # ---------------------------------------------------------------- end to end
