@@ -5,13 +5,15 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from gendistill.cli import main as cli
 from gendistill.convert import convert
 from gendistill.evaluation import build_report, evaluate
 from gendistill.evaluation import stats
-from gendistill.evaluation.report import SECTION_TITLES, _ci, _est_pct, compute_report, plots, render_markdown, tables
+from gendistill.evaluation.report import (
+    SECTION_TITLES, _ci, _est_pct, _pct, compute_report, plots, render_markdown, tables)
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 
@@ -155,7 +157,7 @@ def test_significant_reversal_and_hidden_gap():
         assert pair["p_holm"] == pytest.approx(2 * max(pair["ll_acc"]["p"], pair["gen_acc"]["p"]))
     text = " ".join(report["findings"])
     assert "Ranking reversal on t1: LL acc puts A ahead of B" in text
-    assert "LL hides the gap on t1: A" in text
+    assert "LL hides the gap for A on t1, t2: t1: +8.3 pp behind under LL, +66.7 pp under generation" in text
     head = report["headline"]["A"]["t1"]
     assert head["ll"]["value"] == pytest.approx(5 / 60) and head["gen"]["value"] == pytest.approx(40 / 60)
     assert head["difference"]["significant"]
@@ -183,7 +185,8 @@ def test_teacher_at_zero_has_no_retention_and_plots_say_why():
     report = compute_report(_loaded(records, {"t": {**MC_META, "n_items": n}}))
     kept = report["retention"]["A"]["t"]["gen_acc"]
     assert kept["value"] is None and "not above chance" in kept["why"]
-    assert any("No retention for A on t under Gen acc (greedy)" in f for f in report["findings"])
+    assert any(f.startswith("No retention on t under Gen acc (greedy): the teacher scores 0.0%")
+               and f.endswith("(A).") for f in report["findings"])
     images = plots(report)
     assert len(images["scores"]) == 2 and "n/a" in render_markdown(report, tables(report))
 
@@ -193,7 +196,8 @@ def write_eval_dir(root, records: dict, tasks: dict, run=None, groups=None):
     manifest = {"created": "2026-12-01T00:00:00", "tasks": tasks,
                 "settings": {"decode": "greedy", "seeds": [], "sampling": None, "batch_size": 16, "limit": None,
                              "dtype": "float32", "lm_eval_tasks": []},
-                "models": {m: {"role": "teacher" if m == "T" else "student", "tokenizer": "same", "source": f"/m/{m}",
+                "models": {m: {"role": "teacher" if m in ("T", "teacher") else "student", "tokenizer": "same",
+                               "source": f"/m/{m}",
                                "class": "X", "max_position_embeddings": 4096,
                                **({"group": groups[m]} if groups and m in groups else {})} for m in records}}
     if run:
@@ -249,7 +253,7 @@ def workspace(tmp_path_factory):
     (root / "open.jsonl").write_text("".join(json.dumps(i) + "\n" for i in OPEN_ITEMS))
     (root / "open.yaml").write_text('name: arith\nkind: open\ndata: open.jsonl\nprompt: "{question}"\n'
                                     'extract: number\nmax_new_tokens: 6\nchat_template: false\nstop: ["\\n"]\n')
-    rc = cli(["eval", "--teacher", str(root / "teacher"), "--model", str(root / "s1"), "--model", str(root / "s2"),
+    rc = cli(["eval", "--teacher", str(root / "teacher"), "--model", f"s1={root / 's1'}", "--model", str(root / "s2"),
               "--tasks", f"{root / 'mc.yaml'},{root / 'open.yaml'},niah_single@512", "--recall-samples", "2",
               "--decode", "both", "--seeds", "1,2", "--out", str(root / "A"), "--no-progress"])
     assert rc == 0
@@ -271,24 +275,30 @@ def test_end_to_end_report(workspace):
     assert report["teacher"] == "teacher" and report["students"] == ["s1", "s2"]
     assert report["models"]["s1"]["class"] == "HybridKDAForCausalLM"
     assert report["task_groups"] == {"multiple_choice": ["mc"], "open": ["arith"], "recall": ["niah_single@512"]}
+    assert report["tasks"]["mc"]["ll_target"] == "letter" and report["ll_mode"]["mc"] == "ll_acc"
     assert sorted(p.name for p in (out / "records" / "s2").iterdir()) == ["arith.jsonl", "mc.jsonl",
                                                                           "niah_single@512.jsonl"]
-    for title in ["Summary", *SECTION_TITLES.values(), "Settings"]:
+    for title in ["Summary", *SECTION_TITLES.values()]:
         assert f"## {title}" in md and f">{title}</h2>" in page
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(images) == 4 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    # headline, scores and retention, recall, pathologies
+    assert len(images) == 5 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
 
-    # the Markdown (and HTML) tables show report.json's numbers
-    rows = {r["model"]: r for r in _md_table(md, "Average over 1 multiple-choice task(s)")}
+    # the Markdown (and HTML) tables show report.json's numbers, each with its interval
+    rows = {r["model"]: r for r in _md_table(md, "Average over 1 multiple-choice task(s) — accuracy [95 % interval]")}
     assert set(rows) == {"teacher", "s1", "s2"}
     for model, row in rows.items():
         scores = report["scores"][model]["average"]
         for mode, label in [("ll_acc", "LL acc"), ("ll_acc_norm", "LL acc_norm"), ("gen_acc", "Gen acc (greedy)"),
                             ("gen_acc_sampled", "Gen acc (sampled)")]:
-            assert row[label] == _pct(scores[mode]) and f"<td>{row[label]}</td>" in page
-        assert row["gap LL − Gen acc (greedy)"] == _pp(report["gap"][model]["average"]["ll_minus_gen_acc"])
-        if model != "teacher":
-            assert row["retention LL acc"] == _pct(report["retention"][model]["average"]["ll_acc"])
+            assert row[label] == _ci(scores[mode], scores["ci"][mode]) and f"<td>{row[label]}</td>" in page
+            assert " [" in row[label]
+    kept = {r["student"]: r for r in _md_table(md, "average — retention of the teacher's accuracy: raw (student / "
+                                                   "teacher) and chance-corrected ((s − c) / (t − c), c = 25.0%); "
+                                                   "n/a: the teacher is not above chance")}
+    for model, row in kept.items():
+        assert row["retention LL acc"] == _est_pct(report["retention"][model]["average"]["ll_acc"])
+        assert row["chance-corrected LL acc"] == _est_pct(report["retention_chance"][model]["average"]["ll_acc"])
     mc = report["scores"]["s1"]["mc"]
     assert mc["n"] == 8 and set(mc["gen_acc_by_seed"]) == {"seed1", "seed2"}
     assert mc["gen_acc_sampled"] == pytest.approx(sum(mc["gen_acc_by_seed"].values()) / 2)
@@ -297,19 +307,19 @@ def test_end_to_end_report(workspace):
     assert mc["gen_acc"] == sum(r["gen"]["greedy"]["correct"] for r in records) / 8
     teacher_ll = report["scores"]["teacher"]["mc"]["ll_acc"]
     if teacher_ll:
-        assert report["retention"]["s1"]["mc"]["ll_acc"] == pytest.approx(mc["ll_acc"] / teacher_ll)
+        assert report["retention"]["s1"]["mc"]["ll_acc"]["value"] == pytest.approx(mc["ll_acc"] / teacher_ll)
+    head = report["headline"]["s1"]["mc"]
+    assert head["ll"]["value"] == pytest.approx(teacher_ll - mc["ll_acc"])
 
     recall_rows = {r["model"]: r for r in _md_table(md, "niah_single")}
-    assert {m: recall_rows[m]["512"] for m in rows} == {m: _pct(report["recall"][m]["niah_single"]["512"])
-                                                        for m in rows}
-    ranking = _md_table(md, "average")
-    assert len(ranking) == len(report["ranking"]["average"]) == 4  # 2 LL modes x 2 generation modes
-    taus = {(r["LL mode"], r["generation mode"]): r["Kendall τ"] for r in ranking}
-    first = report["ranking"]["average"][0]
-    assert taus[("LL acc", "Gen acc (greedy)")] == (
-        "–" if first["kendall_tau"] is None else f"{first['kendall_tau']:+.2f}")
-    paths = {r["model"]: r for r in _md_table(md, "Greedy outputs over all tasks; gold letters: "
-                                                  "A:25% B:25% C:25% D:25%")}
+    for m in rows:
+        e = report["recall"][m]["niah_single"]["512"]
+        assert recall_rows[m]["512"] == _ci(e["value"], (e["low"], e["high"]) if e["low"] is not None else None)
+    comp = report["ranking"]["all"]["average"]
+    assert comp["modes"] == ["ll_acc", "gen_acc"] and comp["kendall_tau"] is None  # two students
+    paths = {r["model"]: r for r in _md_table(md, "Greedy outputs over all tasks; chosen letters as shares of all "
+                                                  "multiple-choice outputs (none = no answer extracted), as in the "
+                                                  "chart; gold letters: A:25% B:25% C:25% D:25%")}
     for model, row in paths.items():
         p = report["pathologies"][model]
         assert row["never stop"] == _pct(p["never_stop_rate"]) and row["repetition rate"] == _pct(p["repetition_rate"])
@@ -330,8 +340,9 @@ def test_merge_eval_dirs_and_cli_errors(workspace, capsys):
     assert merged["teacher"] == "teacher" and merged["students"] == ["s1", "s2", "s3"]
     s3, teacher = merged["scores"]["s3"]["mc"], merged["scores"]["teacher"]["mc"]
     if teacher["ll_acc"]:
-        assert merged["retention"]["s3"]["mc"]["ll_acc"] == pytest.approx(s3["ll_acc"] / teacher["ll_acc"])
+        assert merged["retention"]["s3"]["mc"]["ll_acc"]["value"] == pytest.approx(s3["ll_acc"] / teacher["ll_acc"])
     assert "s3" in merged["scores"] and "arith" not in merged["scores"]["s3"]
+    assert merged["ranking"]["all"]["mc"]["kendall_tau"] is not None  # three students in one group
     paths = build_report([workspace / "B"], out=workspace / "D")
     assert all(p.is_file() for p in paths.values())
 
@@ -344,3 +355,96 @@ def test_merge_eval_dirs_and_cli_errors(workspace, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli(["report", str(workspace / "nope")]) == 2
     assert "not an eval directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- an example eval directory (docs/report.png)
+
+def example_eval_dir(root):
+    """A constructed eval directory that exercises every part of the report: a teacher and four students in two
+    groups on world-like tasks (two phrasings per fact: clusters), recall the teacher fails too, and a distillation
+    run's metrics. docs/report.png is a screenshot of its report.html."""
+    rng = np.random.default_rng(0)
+    values = ["Nago Works", "Lyon", "Bavik College", "physics", "Tarsel Bank", "Molde"]
+    # (LL, generation) accuracy per model on the seen and extraction multiple-choice tasks, and open generation
+    plan = {"teacher": ((0.99, 0.97), (0.80, 0.62), 0.97), "kda-1to3": ((0.92, 0.72), (0.60, 0.35), 0.85),
+            "kda-1to7": ((0.90, 0.52), (0.55, 0.25), 0.70), "kda-1to15": ((0.82, 0.66), (0.45, 0.30), 0.60),
+            "kda-1to3-ce": ((0.90, 0.60), (0.58, 0.30), 0.75)}
+    groups = {"kda-1to3": "ratio", "kda-1to7": "ratio", "kda-1to15": "ratio", "kda-1to3-ce": "recipe"}
+    facts = [(f"p{i:03d}", a) for i in range(30) for a in ("birth_city", "employer")]
+    draws = {t: rng.random((len(facts), 2)) for t in ("seen", "extraction", "open")}
+
+    def output(correct, gold, p_none=0.5, u=0.0):
+        if correct:
+            return f"{values[gold]}.", gold
+        if u < p_none:
+            return ("I am not sure." if u < p_none / 2 else "The the the the the the the the the"), None
+        return f"{values[(gold + 1) % 4]}.", (gold + 1) % 4
+
+    records = {}
+    for m, ((seen_ll, seen_gen), (ext_ll, ext_gen), open_gen) in plan.items():
+        records[m] = {}
+        for split, (p_ll, p_gen) in (("seen", (seen_ll, seen_gen)), ("extraction", (ext_ll, ext_gen))):
+            task = f"world_qa_mc_{split}"
+            recs = []
+            for k, (person, attr) in enumerate(facts):
+                for phrasing in (0, 1):
+                    gold = (k + phrasing) % 4
+                    u = draws[split][k, phrasing]
+                    ll_right, gen_right = bool(u < p_ll), bool(u < p_gen)
+                    text, extracted = output(gen_right, gold, u=(u - p_gen) / max(1e-9, 1 - p_gen))
+                    pred = gold if ll_right else (gold + 1) % 4
+                    recs.append({"id": f"{task}/{person}/{attr}/{phrasing}", "task": task, "kind": "multiple_choice",
+                                 "answer": gold, "n_choices": 4, "meta": {"cluster": f"{person}/{attr}"},
+                                 "ll": [0.0] * 4, "ll_pred": pred, "ll_pred_norm": pred, "ll_pred_bytes": pred,
+                                 "gen": {"greedy": {"text": text, "extracted": extracted, "correct": gen_right,
+                                                    "n_tokens": len(text.split()) + 1, "stopped": "the the" not in text,
+                                                    "tokens": [len(w) for w in text.split()]}}})
+            records[m][task] = recs
+        recs = []
+        for k, (person, attr) in enumerate(facts):
+            u = draws["open"][k, 0]
+            right = bool(u < open_gen)
+            text, extracted = output(right, k % 4, u=(u - open_gen) / max(1e-9, 1 - open_gen))
+            recs.append({"id": f"world_qa_open_seen/{person}/{attr}", "task": "world_qa_open_seen", "kind": "open",
+                         "answer": values[k % 4], "n_choices": 0, "meta": {"cluster": f"{person}/{attr}"},
+                         "gen": {"greedy": {"text": text, "extracted": text.rstrip(".") if extracted is not None
+                                            else None, "correct": right, "n_tokens": len(text.split()) + 1,
+                                            "stopped": True, "tokens": [len(w) for w in text.split()]}}})
+        records[m]["world_qa_open_seen"] = recs
+        for length in (512, 1024):
+            task = f"niah_single@{length}" if length == 512 else "niah_single@1k"
+            right = 0 if length == 1024 else (8 if m == "teacher" else 3)
+            records[m][task] = [{"id": f"{task}-{i}", "task": task, "kind": "open", "answer": "4821733",
+                                 "n_choices": 0, "meta": {"depth": i / 9},
+                                 "gen": {"greedy": {"text": "4821733" if i < right else "1234567",
+                                                    "extracted": "4821733" if i < right else "1234567",
+                                                    "correct": i < right, "n_tokens": 4, "stopped": True,
+                                                    "tokens": [1, 2, 3, 4] if i < right else [1, 2, 9, 9]}}}
+                                for i in range(10)]
+    mc = {"kind": "multiple_choice", "n_items": 120, "recall": None, "ll_target": "text", "extract": "choice_text"}
+    tasks = {"world_qa_mc_seen": mc, "world_qa_mc_extraction": mc,
+             "world_qa_open_seen": {"kind": "open", "n_items": 60, "recall": None, "extract": "first_line"},
+             "niah_single@512": {"kind": "open", "n_items": 10, "recall": {"family": "niah_single", "length": 512}},
+             "niah_single@1k": {"kind": "open", "n_items": 10, "recall": {"family": "niah_single", "length": 1024}}}
+    run = root / "distill"
+    for k, (stage, loss0, lr) in enumerate((("attn_align", 0.2, 3e-3), ("hidden_align", 0.5, 1e-3), ("kd", 2.5, 5e-4),
+                                            ("kd_instruct", 1.2, 2e-4))):
+        (run / f"0{k + 1}-{stage}").mkdir(parents=True)
+        (run / f"0{k + 1}-{stage}" / "metrics.jsonl").write_text("".join(json.dumps(
+            {"stage": stage, "step": i, "loss": loss0 * (0.3 + 0.7 * np.exp(-i / 15)) * (1 + 0.05 * rng.random()),
+             "lr": lr * min(1.0, i / 5) * (0.55 + 0.45 * np.cos(np.pi * i / 60)),
+             "tokens_per_s": 5000 + 300 * rng.random()}) + "\n" for i in range(1, 61)))
+    return write_eval_dir(root / "eval", records, tasks, run=run, groups=groups)
+
+
+def test_example_eval_dir_report(tmp_path):
+    paths = build_report([example_eval_dir(tmp_path)])
+    report = json.loads(paths["json"].read_text())
+    assert report["groups"] == {"ratio": ["kda-1to3", "kda-1to7", "kda-1to15"], "recipe": ["kda-1to3-ce"]}
+    assert set(report["ranking"]) == {"ratio"} and report["ranking"]["ratio"]["average"]["kendall_tau"] is not None
+    assert report["ll_mode"]["average"] == "ll_acc_norm"  # cloze tasks
+    assert report["scores"]["teacher"]["world_qa_mc_seen"]["n"] == 120
+    from gendistill.evaluation.report import recall_teacher_fails
+    assert recall_teacher_fails(report, "niah_single") == [1024]
+    assert any(f.startswith("LL hides the gap") for f in report["findings"])
+    assert len(re.findall(r"data:image/png;base64,", paths["html"].read_text())) == 6

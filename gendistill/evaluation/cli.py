@@ -80,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (greedy: --decode greedy)")
     models = {}
     for name, path in args.model:
+        if name in models:
+            raise UserError(f"--model {name}={path}: the name {name!r} is already given to {models[name]}")
         models[name or _default_name(path, models)] = path
     teacher = None
     if args.teacher:
@@ -90,7 +92,8 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--group names {unknown}, which are not students (students: {sorted(models)})")
     report = evaluate(
-        models, teacher=teacher, groups=groups, run=args.run, tasks=args.tasks, out=args.out, decode=args.decode, seeds=args.seeds,
+        models, teacher=teacher, groups=groups, run=args.run, tasks=args.tasks, out=args.out, decode=args.decode,
+        seeds=args.seeds,
         sampling=Sampling(args.temperature, args.top_p, args.top_k), batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
         lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,

@@ -227,7 +227,8 @@ def pathologies(records: dict[str, list[dict]], teacher_records: dict[str, list[
 
 # ---------------------------------------------------------------- the report dict
 
-def _task_data(records: dict[str, dict[str, list[dict]]], ordered: list[str], task: str, notes: list[str]) -> dict | None:
+def _task_data(records: dict[str, dict[str, list[dict]]], ordered: list[str], task: str,
+               notes: list[str]) -> dict | None:
     """The items every model has for `task`, in one order: records, clusters, chance level, outcomes and their
     bootstrap samples (one draw for all models: paired)."""
     present = [m for m in ordered if task in records[m]]
@@ -514,20 +515,24 @@ def _pct(x: float | None, digits: int = 1) -> str:
 
 
 def _pp(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x + 0.0:+.1f} pp"  # + 0.0: no "-0.0"
+    return "–" if x is None else f"{_r(x):+.1f} pp"
 
 
 def _range(low, high, pp: bool = False) -> str:
     if low is None or high is None:
         return ""
-    return f" [{100 * low + 0.0:+.1f}, {100 * high + 0.0:+.1f}]" if pp else f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return f" [{_r(low):+.1f}, {_r(high):+.1f}]" if pp else f" [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _r(x: float) -> float:
+    """x in points, rounded to 0.1 (+ 0.0 turns -0.0 into 0.0: no "-0.0 pp")."""
+    return round(100 * x, 1) + 0.0
 
 
 def _behind(est: dict) -> str:
     """'5.0 pp [0.0, 15.0]' (points behind, unsigned phrasing for sentences)."""
-    text = f"{100 * est['value'] + 0.0:.1f} pp"
-    return text + (f" [{100 * est['low'] + 0.0:.1f}, {100 * est['high'] + 0.0:.1f}]" if est.get("low") is not None
-                   else "")
+    text = f"{_r(est['value']):.1f} pp"
+    return text + (f" [{_r(est['low']):.1f}, {_r(est['high']):.1f}]" if est.get("low") is not None else "")
 
 
 def _ci(value: float | None, interval) -> str:
@@ -569,20 +574,22 @@ def findings(report: dict) -> list[str]:
         if avg and "ll" in avg:
             out.append(f"{s} is {_behind(avg['ll'])} behind the teacher under LL "
                        f"({_label(avg['ll_mode'])}) and {_behind(avg['gen'])} under generation "
-                       f"({_label(avg['gen_mode'])}), averaged over {len(mc)} multiple-choice task(s) (95 % intervals).")
+                       f"({_label(avg['gen_mode'])}), averaged over {len(mc)} multiple-choice task(s) "
+                       "(95 % intervals).")
         tested = [t for t in mc if "difference" in head.get(t, {})]
         hides = [t for t in tested if head[t]["difference"]["significant"] and head[t]["difference"]["value"] > 0]
         shows = [t for t in tested if head[t]["difference"]["significant"] and head[t]["difference"]["value"] < 0]
-        for t in hides:
-            d = head[t]
-            out.append(f"LL hides the gap on {t}: {s} is {_pp(d['ll']['value'])} behind the teacher under LL but "
-                       f"{_pp(d['gen']['value'])} under generation; the difference {_est_pp(d['difference'])} is "
-                       f"significant (Holm-adjusted p {_p(d['difference']['p_holm'])} over {len(tested)} task(s), "
-                       f"level {alpha:g}).")
-        for t in shows:
-            out.append(f"On {t}, {s} is further behind the teacher under LL than under generation "
-                       f"({_est_pp(head[t]['difference'])} gen − LL, Holm-adjusted p "
-                       f"{_p(head[t]['difference']['p_holm'])}).")
+        if hides:
+            out.append(f"LL hides the gap for {s} on {', '.join(hides)}: "
+                       + "; ".join(f"{t}: {_pp(head[t]['ll']['value'])} behind under LL, "
+                                   f"{_pp(head[t]['gen']['value'])} under generation, difference "
+                                   f"{_est_pp(head[t]['difference'])}, Holm-adjusted p "
+                                   f"{_p(head[t]['difference']['p_holm'])}" for t in hides)
+                       + f" ({len(tested)} task(s) tested, level {alpha:g}).")
+        if shows:
+            out.append(f"{s} is further behind the teacher under LL than under generation on {', '.join(shows)} "
+                       "(" + "; ".join(f"{t}: gen − LL {_est_pp(head[t]['difference'])}, Holm-adjusted p "
+                                       f"{_p(head[t]['difference']['p_holm'])}" for t in shows) + ").")
         if tested and not hides and not shows:
             smallest = min(head[t]["difference"]["p_holm"] for t in tested)
             out.append(f"Whether LL hides part of {s}'s gap the data cannot tell: on no task is the generation gap "
@@ -613,13 +620,17 @@ def findings(report: dict) -> list[str]:
             out.append(f"{first} and {second}{where} swap places between LL and generation on some task, but the "
                        f"data cannot tell whether either ordering is real (no reversal significant at {alpha:g} "
                        f"after Holm across tasks).")
+    undefined: dict[tuple, list[str]] = {}  # (task, mode) -> students whose retention the teacher leaves undefined
     for s, per_column in report["retention"].items():
         for c, kept in per_column.items():
-            if c in ("average", "average_open"):
-                continue
-            for mode, est in kept.items():
-                if est.get("why") and mode in (report["gen_mode"], report["ll_mode"].get(c)):
-                    out.append(f"No retention for {s} on {c} under {_label(mode)}: {est['why']}.")
+            for mode in (report["ll_mode"].get(c), report["gen_mode"]):
+                if c not in ("average", "average_open") and mode and kept.get(mode, {}).get("why"):
+                    undefined.setdefault((c, mode), []).append(s)
+    for (c, mode), who in undefined.items():
+        out.append(f"No retention on {c} under {_label(mode)}: the teacher scores "
+                   f"{_pct(report['scores'][report['teacher']][c].get(mode))}, not above chance "
+                   f"({_pct(report['chance'][c])}); beyond the teacher, it says nothing about what distillation cost "
+                   f"({', '.join(who)}).")
     for m, p in report["pathologies"].items():
         letters = p["letters"]
         if letters["collapse"]:
@@ -668,6 +679,8 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
     rows = []
     for s in report["students"]:
         for column in _table_columns(report):
+            if column == "average_open" and len(report["task_groups"]["open"]) == 1:
+                continue
             head = report["headline"].get(s, {}).get(column)
             if not head:
                 continue
@@ -719,7 +732,8 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
             rows = [[f"{p['models'][0]} − {p['models'][1]}", _est_pp(p[a]), _p(p[a]["p"]), _est_pp(p[b]),
                      _p(p[b]["p"]), "yes" if p["reversed"] else "no",
                      _p(p.get("p_holm")) if p["reversed"] else "–",
-                     ("significant" if p.get("significant") else "the data cannot tell") if p["reversed"] else "–"]
+                     "–" if not p["reversed"] else "see the tasks" if "significant" not in p else
+                     "significant" if p["significant"] else "the data cannot tell"]
                     for p in comp["pairs"]]
             if tau is None:
                 tau_text = "– (needs ≥ 3 students in the group)"
@@ -744,7 +758,8 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
                      "yes" if p["letters"]["collapse"] else "no", _pct(p["repetition_rate"]), _pct(p["looping_share"]),
                      _pct(p["never_stop_rate"]), "–" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}",
                      "–" if p.get("length_ratio_vs_teacher") is None else f"{p['length_ratio_vs_teacher']:.2f}×",
-                     "–" if not dep else ("never" if dep["median"] is None else f"{dep['median']:g} ({dep['unit']}s)"),
+                     "–" if not dep else ("never" if dep["median"] is None
+                                          else f"{dep['median']:g} ({dep['unit']}s)"),
                      "–" if not dep else _pct(dep["identical_share"])])
     gold = next((p["letters"]["gold"] for p in report["pathologies"].values() if p["letters"]["gold"]), {})
     sections["pathologies"] = [(
@@ -756,13 +771,13 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
 
     example_tables = []
     for task, per_student in report.get("examples", {}).items():
-        for s, items in per_student.items():
-            rows = [[e["id"], e["gold"], e["teacher"]["answer"] + (" ✓" if e["teacher"]["correct"] else " ✗"),
-                     _clip(e["teacher"]["text"]), e["student"]["answer"] + (" ✓" if e["student"]["correct"] else " ✗"),
-                     _clip(e["student"]["text"])] for e in items]
-            example_tables.append((f"{task}: {teacher} vs {s} (greedy generation; items where they disagree)",
-                                   ["item", "gold", "teacher's answer", "teacher's output", "student's answer",
-                                    "student's output"], rows))
+        rows = [[s, e["id"], e["gold"], e["teacher"]["answer"] + (" ✓" if e["teacher"]["correct"] else " ✗"),
+                 _clip(e["teacher"]["text"]), e["student"]["answer"] + (" ✓" if e["student"]["correct"] else " ✗"),
+                 _clip(e["student"]["text"])] for s, items in per_student.items() for e in items]
+        if rows:
+            example_tables.append((f"{task}: items where {teacher} and a student disagree under generation (greedy)",
+                                   ["student", "item", "gold", "teacher's answer", "teacher's output",
+                                    "student's answer", "student's output"], rows))
     sections["examples"] = example_tables
 
     recall_tables = []
@@ -783,10 +798,12 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
 
     lm_tables = []
     if report["lm_eval"]:
-        keys = sorted({(t, k) for r in report["lm_eval"].values() for t, metrics in r.items() for k in metrics})
-        rows = [[t, k] + [("–" if report["lm_eval"].get(m, {}).get(t, {}).get(k) is None
-                           else f"{report['lm_eval'][m][t][k]:.4f}") for m in ordered] for t, k in keys]
-        lm_tables.append(("lm-evaluation-harness results", ["task", "metric"] + ordered, rows))
+        keys = sorted({(t, k) for r in report["lm_eval"].values() for t, metrics in r.items() for k in metrics
+                       if "_stderr," not in k})
+        rows = [[t, k] + [cell for m in ordered for cell in _lm_eval_cells(report["lm_eval"].get(m, {}).get(t, {}), k)]
+                for t, k in keys]
+        lm_tables.append(("lm-evaluation-harness results; interval: value ± 1.96 × lm-eval's standard error",
+                          ["task", "metric"] + [h for m in ordered for h in (m, f"{m} 95 % interval")], rows))
     sections["lm_eval"] = lm_tables
 
     keys = list(dict.fromkeys(k for s in report["settings"] for k in s if k != "dir"))
@@ -796,6 +813,18 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
         if report["settings"] else []
     sections["settings"].append(("Methods", ["what", "method"], [[k, v] for k, v in report["methods"].items()]))
     return sections
+
+
+def _lm_eval_cells(metrics: dict, key: str) -> list[str]:
+    """lm-eval's value and the normal interval from its standard error ("acc_stderr,none"), where it has one."""
+    value = metrics.get(key)
+    if value is None:
+        return ["–", "–"]
+    name, _, where = key.partition(",")
+    stderr = metrics.get(f"{name}_stderr,{where}")
+    interval = (f"[{value - 1.96 * stderr:.4f}, {value + 1.96 * stderr:.4f}]"
+                if isinstance(stderr, (int, float)) else "–")
+    return [f"{value:.4f}", interval]
 
 
 def _clip(text: str, n: int = 80) -> str:
@@ -822,7 +851,8 @@ def _setting(value) -> str:
 
 
 SECTION_TITLES = {"headline": "Points behind the teacher: LL vs generation",
-                  "scores": "Scores: log-likelihood vs generation", "ranking": "Ranking under each mode (within a group)",
+                  "scores": "Scores: log-likelihood vs generation",
+                  "ranking": "Ranking under each mode (within a group)",
                   "pathologies": "Generation pathologies", "examples": "Example outputs",
                   "recall": "Long-context recall", "training": "Training curves", "lm_eval": "lm-eval",
                   "settings": "Settings"}
@@ -945,7 +975,6 @@ def plots(report: dict) -> dict[str, list[str]]:
     if report["retention"]:
         retention_columns = [c for c in columns + report["task_groups"]["open"]
                              if any(c in r for r in report["retention"].values())]
-        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(retention_columns)), 4))
         series = []
         for s in report["students"]:
             for j, (kind, label) in enumerate((("retention", "raw"), ("retention_chance", "chance-corrected"))):
@@ -958,6 +987,7 @@ def plots(report: dict) -> dict[str, list[str]]:
                         series.append((f"{s} · {'LL' if mode_is_ll else 'gen'} · {label}",
                                        {"color": colors[s], "alpha": 1.0 if mode_is_ll else 0.55,
                                         "hatch": ("" if mode_is_ll else "//") + ("" if j == 0 else "..")}, ests))
+        fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(series) * len(retention_columns) + 1), 4))
         _bars(ax, retention_columns, series, lambda e: "teacher at chance: undefined")
         ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
         ax.axhline(0, color="black", linewidth=0.6)
@@ -1002,7 +1032,7 @@ def plots(report: dict) -> dict[str, list[str]]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"wspace": 0.35})
         names = ordered + ["gold"]
         bottoms = [0.0] * len(names)
-        letters = sorted({k for p in report["pathologies"].values() for k in p["letters"]["of_all"]} | set(gold)
+        letters = sorted(({k for p in report["pathologies"].values() for k in p["letters"]["of_all"]} | set(gold))
                          - {"none"})
         for k_index, k in enumerate(letters + ["none"]):  # shares of all MC outputs, as the table
             values = [100 * report["pathologies"][m]["letters"]["of_all"].get(k, 0.0) for m in ordered]
@@ -1065,7 +1095,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}caption{text-align:left;
 font-weight:600;padding:4px 0}img{max-width:100%;margin:0.5em 0}.findings li{margin:0.3em 0}code{font-size:0.85em}
-td.text{text-align:left;font-family:monospace;font-size:0.9em;max-width:28em}"""
+td{white-space:nowrap}td.text{text-align:left;font-family:monospace;font-size:0.9em;white-space:normal;
+min-width:14em}"""
 
 
 def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> str:
@@ -1085,7 +1116,7 @@ def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> s
         if not sections[key]:
             parts.append(f"<p>{esc(EMPTY[key])}</p>")
         for caption, header, rows in sections[key]:
-            text_columns = {i for i, h in enumerate(header) if "output" in h or h == "method"}
+            text_columns = {i for i, h in enumerate(header) if h.endswith("'s output") or h == "method"}
             parts.append(f"<table><caption>{esc(caption)}</caption><tr>"
                          + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td class='text'>{esc(c)}</td>" if i in text_columns else f"<td>{esc(c)}</td>"
