@@ -1080,7 +1080,7 @@ def plots(report: dict) -> dict[str, list[str]]:
             ax.set_title(title)
             ax.set_xlabel("step (stages one after another)")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"Training curves: {run}", fontsize=9)
+        fig.suptitle(f"Training curves: {run}", fontsize=9, y=1.04)
         out.setdefault("training", []).append(_png(fig))
     return out
 
