@@ -122,6 +122,19 @@ def item_outcomes(records: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
+def task_scores(records: list[dict]) -> dict:
+    """Point metrics of one model on one task from its records (no intervals): the accuracies under each mode,
+    answer rate, no-answer share and accuracy when answered."""
+    outcomes = item_outcomes(records)
+    scores: dict = {"n": len(records)}
+    scores.update({k: float(v.mean()) for k, v in outcomes.items() if k in MODES + ("ll_acc_bytes",)})
+    if "answered" in outcomes:
+        answered = outcomes["answered"].sum()
+        scores.update(answer_rate=float(outcomes["answered"].mean()), no_answer=float(1 - outcomes["answered"].mean()),
+                      acc_when_answered=float(outcomes["answered_correct"].sum() / answered) if answered else None)
+    return scores
+
+
 def chance_level(records: list[dict]) -> float:
     """Accuracy of a uniform guess that always answers: mean 1/k over k-way multiple-choice items, 0 for open ones."""
     return float(np.mean([1 / r["n_choices"] if r.get("n_choices") else 0.0 for r in records])) if records else 0.0
