@@ -22,9 +22,10 @@ TEACHER_TARGET = 0.9  # generation accuracy the teacher should reach on the seen
 EVAL_TASKS = ("world_qa_mc_seen", "world_qa_open_seen", "world_qa_mc_extraction", "world_qa_open_extraction")
 # scale -> world preset, eval item cap per task (None: all), long-context recall tasks, recall items per length,
 # eval batch size. The noise budget: every item of the world's eval tasks is scored, so the seen tasks' 95 % intervals
-# stay within about +-5 pp on CPU (336 items in 168 facts per task: each fact in both held-out phrasings) and +-3 pp
-# at GPU scale (1,200 items); the 60 and 200 items of earlier demos gave +-7 to +-12 pp and +-4 to +-7 pp, which is
-# how two machines came to report figures 10-17 pp apart (issue 20).
+# stay within about +-5 pp on CPU (336 items per seen task: 168 facts, each in both held-out phrasings; 192 per
+# extraction task) and +-3 pp at GPU scale (1,200 items per task, +-2.8 pp at worst); the 60 and 200 items of earlier
+# demos gave up to +-12 and +-7 pp, which is how two machines came to report figures 10-17 pp apart (issue 20). On
+# CPU that is 3.7x the items of the 60-item demo, whose evaluation took ~15 s of its 3.6 min.
 EVAL_SETTINGS = {
     "mini": dict(world="tiny", limit=16, recall="niah_single@256", recall_samples=4, batch_size=16),
     "cpu": dict(world="cpu", limit=None, recall="niah_single@512,1k", recall_samples=10, batch_size=32),
@@ -158,16 +159,16 @@ def _with_ci(value: float | None, interval, signed: bool = False) -> str:
 
 
 def print_summary(rows: list[dict], per_token: dict, seconds: float, paths: dict) -> None:
-    width = 132
+    width = 140
     print("\n" + "=" * width)
-    print("accuracy % [95 % interval]; behind = points the student is behind the teacher (paired interval); "
-          "retention, chance-corrected retention and the tests: the report")
+    print("accuracy % [95 % interval]; behind = points the student is behind the teacher (paired interval)\n"
+          "retention, chance-corrected retention, answer rates and the significance tests: the report")
     print(f"{'task':24s} {'teacher LL':>19s} {'student LL':>19s} {'teacher gen':>19s} {'student gen':>19s} "
-          f"{'behind LL':>14s} {'behind gen':>14s}")
+          f"{'behind LL':>18s} {'behind gen':>18s}")
     for r in rows:
         cells = [_with_ci(r[k], r[k + "_ci"]) for k in ("teacher_ll", "student_ll", "teacher_gen", "student_gen")]
         behind = [_with_ci(r[k], r[k + "_ci"]) for k in ("behind_ll", "behind_gen")]
-        print(f"{r['task']:24s} " + " ".join(f"{c:>19s}" for c in cells) + " " + " ".join(f"{c:>14s}" for c in behind))
+        print(f"{r['task']:24s} " + " ".join(f"{c:>19s}" for c in cells) + " " + " ".join(f"{c:>18s}" for c in behind))
     metrics = sorted({r["ll_metric"] for r in rows if r["ll_metric"]})
     if metrics:
         print(f"LL metric: {', '.join(metrics)} (acc_norm: log-likelihood per character, lm-eval's cloze metric)")

@@ -355,6 +355,16 @@ def test_merge_eval_dirs_and_cli_errors(workspace, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli(["report", str(workspace / "nope")]) == 2
     assert "not an eval directory" in capsys.readouterr().err
+    assert cli(["eval", "--model", f"a={workspace / 's1'}", "--group", "b=ratio", "--tasks", str(workspace / "mc.yaml"),
+                "--out", str(workspace / "F")]) == 2
+    assert "--group names ['b'], which are not students" in capsys.readouterr().err
+    assert cli(["eval", "--model", f"a={workspace / 's1'}", "--model", f"a={workspace / 's2'}", "--tasks",
+                str(workspace / "mc.yaml"), "--out", str(workspace / "F")]) == 2
+    assert "the name 'a' is already given" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the message
+        cli(["eval", "--model", str(workspace / "s1"), "--group", "s1", "--tasks", str(workspace / "mc.yaml")])
+    assert exit_info.value.code == 2 and "MODEL=GROUP" in capsys.readouterr().err
+    assert not (workspace / "F").exists()
 
 
 # ---------------------------------------------------------------- an example eval directory (docs/report.png)

@@ -108,3 +108,12 @@ def test_bootstrap_p_and_seeds():
     assert stats.bootstrap_p(np.zeros(100)) == 1.0
     assert stats.bootstrap_p(np.ones(9999)) == pytest.approx(1 / 10000)
     assert stats.task_seed("a") == stats.task_seed("a") != stats.task_seed("b")
+
+
+def test_resamples_do_not_depend_on_how_many_rows_are_drawn():
+    """Paired by construction: one model's resampled means are the same whether drawn alone or with others."""
+    rng = np.random.default_rng(3)
+    rows = (rng.random((12, 700)) < 0.6).astype(float)
+    together = stats.bootstrap_means(rows, iters=2000, seed=7)
+    alone = stats.bootstrap_means(rows[:1], iters=2000, seed=7)
+    assert np.array_equal(together[0], alone[0])

@@ -38,7 +38,7 @@ METHODS = {
                 "then Holm across tasks",
     "kendall_tau": "Kendall's tau-b over >= 3 models of one group, bootstrap interval over items",
 }
-_CHUNK_CELLS = 2_000_000  # resample indices drawn per block: iterations x clusters, bounded for memory
+_CHUNK_CELLS = 4_000_000  # values gathered per block of resamples (rows x resamples x clusters): ~32 MB
 
 
 def _cluster_index(n: int, clusters: Sequence | None) -> tuple[np.ndarray, int]:
@@ -64,7 +64,9 @@ def resampled_sums(values, clusters: Sequence | None = None, iters: int = ITERS,
     counts = np.bincount(inverse, minlength=n_clusters).astype(np.float64)
     rng = np.random.default_rng(seed)
     out, out_counts = np.empty((k, iters)), np.empty(iters)
-    step = max(1, _CHUNK_CELLS // n_clusters)
+    # Blocks of resamples bound the memory of the gather (rows x block x clusters); numpy's Generator draws the
+    # same integers in any block sizes, so the resamples do not depend on the number of rows.
+    step = max(1, _CHUNK_CELLS // (n_clusters * k))
     for start in range(0, iters, step):
         idx = rng.integers(0, n_clusters, size=(min(step, iters - start), n_clusters))
         out[:, start:start + len(idx)] = sums[:, idx].sum(-1)

@@ -77,9 +77,9 @@ class Preset:
     eval_entities_per_split: int | None  # cap on people per eval split (all attributes each); None = all
     fewshot_entities: int  # seen people whose facts serve as few-shot examples (kept out of the eval items)
     vocab_size: int
-    # Held-out phrasings each eval fact is asked with (at most len(EVAL_QUESTIONS[attr]) = 2). Items of one fact share
-    # meta.cluster, and the report resamples them together: a second phrasing adds what a model's answers vary by
-    # phrasing, not a second independent fact.
+    # Held-out phrasings each fact of the seen split is asked with (at most len(EVAL_QUESTIONS[attr]) = 2; the
+    # extraction split always one). Items of one fact share meta.cluster and the report resamples them together: a
+    # second phrasing adds how a model's answers vary by phrasing, not a second independent fact.
     eval_phrasings: int = 1
 
 
@@ -96,8 +96,9 @@ PRESETS: dict[str, Preset] = {
     # optimizer steps more than by tokens, so the teacher wants small batches and many steps. Six open questions
     # per fact (of ~30-50 phrasings per attribute) rather than two or three: held-out phrasings 85-90 % -> 93-96 %
     # on the seen people with the same teacher recipe.
-    # Eval: both held-out phrasings of every fact of the 28 seen (and 32 extraction) eval people, 336 (384) items per
-    # task in 168 (192) clusters: the demo's noise budget (seen-task intervals within about +-5 pp; docs in demo.py).
+    # Eval: both held-out phrasings of every fact of the 28 seen eval people, 336 items per seen task in 168 clusters,
+    # and the 32 extraction people's 192 facts once: the demo's noise budget (seen-task intervals within about +-5 pp;
+    # gendistill/demo.py).
     "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 6, 0.25, 40, 4, 1536, 2),
     # One GPU: 1,000 people, 6,000 biographies = 0.34M pretraining tokens, 0.55M chat tokens (noisy 0.66M), six open
     # questions per fact as on CPU. With 3,000 people (three questions per fact) the 28-layer teacher's 24M
@@ -536,7 +537,8 @@ def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person]
     specs: dict[str, dict] = {}
     items: dict[str, list[dict]] = {}
     for split, people in eval_people.items():
-        facts = [(p, attr, q) for p in people for attr in ATTRIBUTES for q in _eval_phrasings(rng, attr, preset)]
+        phrasings = preset.eval_phrasings if split == "seen" else 1
+        facts = [(p, attr, q) for p in people for attr in ATTRIBUTES for q in _eval_phrasings(rng, attr, phrasings)]
         questions = [q.format(n=p.name) for p, _, q in facts]
         # Balanced answer positions: each letter within one of every other, in random order.
         positions = [i % 4 for i in range(len(facts))]
@@ -544,7 +546,7 @@ def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person]
         for kind in ("mc", "open"):
             name = f"world_qa_{kind}_{split}"
             items[name] = [_item(rng, name, kind, p, attr, q, pos, pools,
-                                 phrasing=(EVAL_QUESTIONS[attr].index(template) if preset.eval_phrasings > 1 else None))
+                                 phrasing=EVAL_QUESTIONS[attr].index(template) if phrasings > 1 else None)
                            for (p, attr, template), q, pos in zip(facts, questions, positions)]
             specs[name] = _spec(name, kind)
     # Few-shot examples: facts of seen people kept out of the eval items, asked with training phrasings.
@@ -558,11 +560,11 @@ def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person]
     return specs, items
 
 
-def _eval_phrasings(rng: random.Random, attribute: str, preset: Preset) -> list[str]:
-    """The held-out phrasings one fact is asked with (one drawn at random, or the first `eval_phrasings`)."""
-    if preset.eval_phrasings <= 1:
+def _eval_phrasings(rng: random.Random, attribute: str, n: int) -> list[str]:
+    """The held-out phrasings one fact is asked with: one drawn at random, or the first `n`."""
+    if n <= 1:
         return [rng.choice(EVAL_QUESTIONS[attribute])]
-    return EVAL_QUESTIONS[attribute][: preset.eval_phrasings]
+    return EVAL_QUESTIONS[attribute][:n]
 
 
 def _item(rng: random.Random, task: str, kind: str, person: Person, attribute: str, question: str, position: int,
