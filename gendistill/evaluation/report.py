@@ -252,10 +252,12 @@ def _task_data(records: dict[str, dict[str, list[dict]]], ordered: list[str], ta
         return None
     if any(len(records[m][task]) != len(ids) for m in present):
         notes.append(f"{task}: only the {len(ids)} items every model has are compared")
-    recs = {m: [{r["id"]: r for r in records[m][task]}[i] for i in ids] for m in present}
+    by_id = {m: {r["id"]: r for r in records[m][task]} for m in present}
+    recs = {m: [by_id[m][i] for i in ids] for m in present}
     labels = [(r.get("meta") or {}).get("cluster") for r in recs[present[0]]]
-    clusters = None if all(c is None for c in labels) else [
-        f"cluster:{c}" if c is not None else f"item:{i}" for c, i in zip(labels, ids)]
+    clusters = [f"cluster:{c}" if c is not None else f"item:{i}" for c, i in zip(labels, ids)]
+    if len(set(clusters)) == len(clusters):  # every item its own cluster: independent items (McNemar applies)
+        clusters = None
     outcomes = {m: item_outcomes(recs[m]) for m in present}
     keys = [(m, k) for m in present for k in outcomes[m]]
     seed = stats.task_seed(task)
@@ -267,9 +269,7 @@ def _task_data(records: dict[str, dict[str, list[dict]]], ordered: list[str], ta
     for m in present:  # accuracy when answered: a ratio of sums on each resample
         if "answered" in outcomes[m]:
             answered = samples[m]["answered"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                samples[m]["acc_when_answered"] = np.where(answered > 0, samples[m]["answered_correct"] / answered,
-                                                           np.nan)
+            samples[m]["acc_when_answered"] = stats.ratio_samples(samples[m]["answered_correct"], answered)
             n_answered = outcomes[m]["answered"].sum()
             points[m]["acc_when_answered"] = (float(outcomes[m]["answered_correct"].sum() / n_answered)
                                               if n_answered else None)
@@ -986,7 +986,7 @@ def plots(report: dict) -> dict[str, list[str]]:
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         out.setdefault("scores", []).append(_png(fig))
     if report["retention"]:
-        retention_columns = [c for c in columns + report["task_groups"]["open"]
+        retention_columns = [c for c in columns + report["task_groups"]["open"] + report["task_groups"]["recall"]
                              if any(c in r for r in report["retention"].values())]
         series = []
         for s in report["students"]:
@@ -1001,7 +1001,7 @@ def plots(report: dict) -> dict[str, list[str]]:
                                        {"color": colors[s], "alpha": 1.0 if mode_is_ll else 0.55,
                                         "hatch": ("" if mode_is_ll else "//") + ("" if j == 0 else "..")}, ests))
         fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(series) * len(retention_columns) + 1), 4))
-        _bars(ax, retention_columns, series, lambda e: "teacher at chance: undefined")
+        _bars(ax, retention_columns, series, lambda e: "teacher not above chance: no retention")
         ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(retention_columns)), retention_columns, rotation=20, ha="right")

@@ -212,14 +212,19 @@ def gap_difference(teacher_ll, student_ll, teacher_gen, student_gen, clusters: S
     return difference_from(float(m[2] - m[3]), float(m[0] - m[1]), means[2] - means[3], means[0] - means[1], level)
 
 
+def ratio_samples(numerator, denominator) -> np.ndarray:
+    """numerator / denominator on each resample, NaN (undefined, left out of intervals) where the denominator is 0."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
 def answer_stats(answered, correct, clusters: Sequence | None = None, iters: int = ITERS, seed: int = SEED,
                  level: float = LEVEL) -> dict:
     """Answer rate (share of items with an extracted answer) and accuracy when answered (correct / answered), each
     with its bootstrap interval, so abstaining and answering wrongly are told apart."""
     answered, correct = np.asarray(answered, dtype=np.float64), np.asarray(correct, dtype=np.float64)
     sums, counts = resampled_sums(np.stack([answered, answered * correct]), clusters, iters, seed)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        when = np.where(sums[0] > 0, sums[1] / np.where(sums[0] > 0, sums[0], 1.0), np.nan)
+    when = ratio_samples(sums[1], sums[0])
     n_answered = answered.sum()
     return {"answer_rate": estimate(float(answered.mean()), sums[0] / counts, level),
             "acc_when_answered": estimate(float((answered * correct).sum() / n_answered) if n_answered else None,
