@@ -64,6 +64,8 @@ def test_report_on_constructed_records():
     assert b["ci"]["acc_when_answered"] == pytest.approx(list(stats.wilson(10, 10)))  # all right: Wilson, not a point
     low, high = b["ci"]["gen_acc"]
     assert low < 0.5 < high
+    w_low, w_high = b["wilson"]["gen_acc"]  # the closed-form cross-check agrees with the bootstrap
+    assert w_low == pytest.approx(stats.wilson(10, 20)[0]) and abs(w_low - low) < 0.06 and abs(w_high - high) < 0.06
     # every accuracy, retention and gap carries its interval
     kept = report["retention"]["A"]["mc"]
     assert kept["ll_acc"]["value"] == pytest.approx(0.9375) and kept["gen_acc"]["value"] == pytest.approx(0.25 / 0.6)

@@ -304,6 +304,9 @@ def _scores(records: list[dict] | None, points: dict, samples: dict, outcomes: d
     if "answer_rate" in points:
         out["no_answer"] = 1 - points["answer_rate"]
     out["ci"] = {k: _interval(points, samples, k, outcomes, clusters) for k in SCORE_KEYS if k in points}
+    if outcomes is not None and clusters is None:  # the closed-form cross-check of the bootstrap (independent items)
+        out["wilson"] = {k: list(stats.wilson(int(v.sum()), len(v))) for k, v in outcomes.items()
+                         if k in MODES and np.isin(v, (0, 1)).all()}
     if records:
         seeds = sorted({label for r in records for label in r.get("gen", {}) if label != "greedy"})
         if seeds:
