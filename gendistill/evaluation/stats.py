@@ -29,8 +29,10 @@ SEED = 0
 LEVEL = 0.95
 ALPHA = 0.05
 METHODS = {
-    "interval": f"{LEVEL:.0%} percentile bootstrap over items ({ITERS:,} resamples, seed {SEED}); items that share "
-                "meta.cluster (one fact asked several ways) are resampled together",
+    "interval": f"{LEVEL:.0%} percentile bootstrap over items ({ITERS:,} resamples, seed fixed per task, so all "
+                "models of a task share the resamples and differences and ratios are paired); items that share "
+                "meta.cluster (one fact asked several ways) are resampled together; Wilson's interval where every "
+                "item has the same outcome (the bootstrap would collapse to a point)",
     "paired_test": "McNemar's exact test (two-sided binomial on the discordant items); paired bootstrap p-value when "
                    "items come in clusters",
     "multiple_comparisons": f"Holm-Bonferroni across tasks, family-wise level {ALPHA:g}",
