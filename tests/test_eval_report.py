@@ -359,7 +359,7 @@ def test_merge_eval_dirs_and_cli_errors(workspace, capsys):
     assert "not an eval directory" in capsys.readouterr().err
     assert cli(["eval", "--model", f"a={workspace / 's1'}", "--group", "b=ratio", "--tasks", str(workspace / "mc.yaml"),
                 "--out", str(workspace / "F")]) == 2
-    assert "--group names ['b'], which are not students" in capsys.readouterr().err
+    assert "groups name ['b'], which are not students (students: ['a'])" in capsys.readouterr().err
     assert cli(["eval", "--model", f"a={workspace / 's1'}", "--model", f"a={workspace / 's2'}", "--tasks",
                 str(workspace / "mc.yaml"), "--out", str(workspace / "F")]) == 2
     assert "the name 'a' is already given" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gendistill.evaluation.engine import Sampling
 from gendistill.io import UserError
@@ -87,15 +88,10 @@ def main(args: argparse.Namespace) -> int:
     if args.teacher:
         name, path = args.teacher
         teacher = {name: path} if name else path
-    groups = dict(args.group)
-    unknown = sorted(set(groups) - set(models))
-    if unknown:
-        raise UserError(f"--group names {unknown}, which are not students (students: {sorted(models)})")
     report = evaluate(
-        models, teacher=teacher, groups=groups, run=args.run, tasks=args.tasks, out=args.out, decode=args.decode,
-        seeds=args.seeds,
-        sampling=Sampling(args.temperature, args.top_p, args.top_k), batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
+        models, teacher=teacher, groups=dict(args.group), run=args.run, tasks=args.tasks, out=args.out,
+        decode=args.decode, seeds=args.seeds, sampling=Sampling(args.temperature, args.top_p, args.top_k),
+        batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
         lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,
         lm_eval_chat_template=False if args.lm_eval_no_chat else None, device=args.device, dtype=args.dtype,
         overwrite=args.overwrite, progress=not args.no_progress)
@@ -107,8 +103,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _default_name(path: str, taken: dict) -> str:
     """The directory's name, made unique with -2, -3 ... (two runs' final models are often both called 'model')."""
-    from pathlib import Path
-
     base = Path(path).name or "student"
     name, k = base, 1
     while name in taken:

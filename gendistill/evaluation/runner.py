@@ -125,6 +125,11 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     `seeds`). Returns the report dict (or the manifest when `report` is False)."""
     resolved = resolve_tasks(tasks)
     entries = _named_models(models, teacher)
+    groups = dict(groups or {})
+    students = [name for name, role, _ in entries if role == "student"]
+    if set(groups) - set(students):
+        raise UserError(f"groups name {sorted(set(groups) - set(students))}, which are not students "
+                        f"(students: {students})")
     if lm_eval_tasks:
         from gendistill.evaluation.lmeval import import_lm_eval, run_lm_eval
 
@@ -137,7 +142,6 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings, "models": {}, "tasks": {}}
     if run is not None:
         manifest["run"] = str(Path(run).resolve())
-    groups = dict(groups or {})
     recall_cache: dict[tuple, Task] = {}  # recall items depend on the tokenizer only: build once per tokenizer
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, role, ref in entries:
