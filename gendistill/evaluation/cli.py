@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate(
         models, teacher=teacher, groups=dict(args.group), run=args.run, tasks=args.tasks, out=args.out,
         decode=args.decode, seeds=args.seeds, sampling=Sampling(args.temperature, args.top_p, args.top_k),
-        batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
+        batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
+        recall_samples=args.recall_samples,
         lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,
         lm_eval_chat_template=False if args.lm_eval_no_chat else None, device=args.device, dtype=args.dtype,
         overwrite=args.overwrite, progress=not args.no_progress)
