@@ -278,7 +278,8 @@ def _task_data(records: dict[str, dict[str, list[dict]]], ordered: list[str], ta
             "outcomes": outcomes, "points": points, "samples": samples}
 
 
-def _interval(points: dict, samples: dict, key: str, outcomes: dict | None = None, clusters=None) -> list | None:
+def _interval(points: dict, samples: dict, key: str, outcomes: dict | None = None, clusters=None,
+              n_items: int | None = None) -> list | None:
     """The 95 % interval of one score: the percentile bootstrap, or Wilson's where every item (cluster) has the same
     outcome and the bootstrap would collapse to a point."""
     if points.get(key) is None or key not in samples:
@@ -292,6 +293,9 @@ def _interval(points: dict, samples: dict, key: str, outcomes: dict | None = Non
         n = len(values) if clusters is None or key == "acc_when_answered" else len(set(clusters))
         return list(stats.wilson(round(points[key] * n), n))
     interval = stats.percentile_interval(samples[key])
+    if interval and interval[0] == interval[1] and n_items and key in ("answer_rate",) + MODES:
+        # an average whose every task had one outcome throughout: Wilson over all its items
+        return list(stats.wilson(round(points[key] * n_items), n_items))
     return list(interval) if interval else None
 
 
@@ -303,7 +307,7 @@ def _scores(records: list[dict] | None, points: dict, samples: dict, outcomes: d
     out.update({k: points[k] for k in SCORE_KEYS if k in points})
     if "answer_rate" in points:
         out["no_answer"] = 1 - points["answer_rate"]
-    out["ci"] = {k: _interval(points, samples, k, outcomes, clusters) for k in SCORE_KEYS if k in points}
+    out["ci"] = {k: _interval(points, samples, k, outcomes, clusters, n) for k in SCORE_KEYS if k in points}
     if outcomes is not None and clusters is None:  # the closed-form cross-check of the bootstrap (independent items)
         out["wilson"] = {k: list(stats.wilson(int(v.sum()), len(v))) for k, v in outcomes.items()
                          if k in MODES and np.isin(v, (0, 1)).all()}
@@ -597,7 +601,8 @@ def findings(report: dict) -> list[str]:
         shows = [t for t in tested if head[t]["difference"]["significant"] and head[t]["difference"]["value"] < 0]
         if hides:
             out.append(f"LL hides the gap for {s} on {', '.join(hides)}: "
-                       + "; ".join(f"{t}: {_pp(head[t]['ll']['value'])} behind under LL, "
+                       + "; ".join(f"{t + ': ' if len(hides) > 1 else ''}"
+                                   f"{_pp(head[t]['ll']['value'])} behind under LL, "
                                    f"{_pp(head[t]['gen']['value'])} under generation, difference "
                                    f"{_est_pp(head[t]['difference'])}, Holm-adjusted p "
                                    f"{_p(head[t]['difference']['p_holm'])}" for t in hides)
@@ -1087,7 +1092,7 @@ def plots(report: dict) -> dict[str, list[str]]:
             steps = [offset + s for s in c["step"]]
             color = plt.cm.tab10(i % 10)
             for ax, key in zip(axes, ("loss", "lr", "tokens_per_s")):
-                ax.plot(steps, c[key], color=color, label=stage, linewidth=1)
+                ax.plot(steps, c[key], color=color, label=stage, linewidth=1, marker="o", markersize=2.5)
             offset = steps[-1] if steps else offset
             for ax in axes:
                 ax.axvline(offset, color="grey", linewidth=0.5, linestyle=":")
