@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gendistill.evaluation.engine import Sampling
 from gendistill.io import UserError
@@ -14,11 +15,33 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
 
 
+def _named(text: str) -> tuple[str | None, str]:
+    """'name=DIR' -> (name, DIR); 'DIR' -> (None, DIR): the name defaults to the directory's name."""
+    name, sep, path = text.partition("=")
+    if sep and name and path and "/" not in name:
+        return name, path
+    return None, text
+
+
+def _group(text: str) -> tuple[str, str]:
+    name, sep, axis = text.partition("=")
+    if not (sep and name and axis):
+        raise argparse.ArgumentTypeError(f"--group takes MODEL=GROUP (e.g. s1=ratio), got {text!r}")
+    return name, axis
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--model", action="append", required=True, metavar="DIR",
-                   help="model directory to evaluate (repeat for several students)")
-    p.add_argument("--teacher", metavar="DIR", help="teacher directory: retention is student / teacher")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR", type=_named,
+                   help="model directory to evaluate, optionally named (default name: the directory's name); "
+                        "repeat for several students")
+    p.add_argument("--teacher", metavar="[NAME=]DIR", type=_named,
+                   help="teacher directory: retention is student / teacher")
+    p.add_argument("--group", action="append", default=[], metavar="MODEL=GROUP", type=_group,
+                   help="put student MODEL in group GROUP (an ablation axis, e.g. ratio or recipe): the report ranks "
+                        "students only within a group (default: one group); repeat per student")
+    p.add_argument("--run", metavar="DIR", help="the distillation run the students come from (its */metrics.jsonl "
+                                                "become the report's training curves)")
     p.add_argument("--tasks", required=True, metavar="TASKS",
                    help="comma-separated task YAML files or directories, and recall tasks with lengths, "
                         "e.g. tasks/,niah_single@1k,4k,niah_multikey@4k,assoc_recall@2k")
@@ -59,10 +82,20 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--decode sample needs at least one seed")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (greedy: --decode greedy)")
+    models = {}
+    for name, path in args.model:
+        if name in models:
+            raise UserError(f"--model {name}={path}: the name {name!r} is already given to {models[name]}")
+        models[name or _default_name(path, models)] = path
+    teacher = None
+    if args.teacher:
+        name, path = args.teacher
+        teacher = {name: path} if name else path
     report = evaluate(
-        args.model, teacher=args.teacher, tasks=args.tasks, out=args.out, decode=args.decode, seeds=args.seeds,
-        sampling=Sampling(args.temperature, args.top_p, args.top_k), batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens, limit=args.limit, recall_samples=args.recall_samples,
+        models, teacher=teacher, groups=dict(args.group), run=args.run, tasks=args.tasks, out=args.out,
+        decode=args.decode, seeds=args.seeds, sampling=Sampling(args.temperature, args.top_p, args.top_k),
+        batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
+        recall_samples=args.recall_samples,
         lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,
         lm_eval_chat_template=False if args.lm_eval_no_chat else None, device=args.device, dtype=args.dtype,
         overwrite=args.overwrite, progress=not args.no_progress)
@@ -70,3 +103,13 @@ def main(args: argparse.Namespace) -> int:
     for finding in report["findings"]:
         print(f"  - {finding}")
     return 0
+
+
+def _default_name(path: str, taken: dict) -> str:
+    """The directory's name, made unique with -2, -3 ... (two runs' final models are often both called 'model')."""
+    base = Path(path).name or "student"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    return name

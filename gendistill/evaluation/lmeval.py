@@ -113,7 +113,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str | Path | Task], *, export_
     merged: dict = {"results": {}, "configs": {}, "samples": {}}
     for chat, names in by_chat.items():
         out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                      apply_chat_template=chat, fewshot_as_multiturn=chat, bootstrap_iters=0,
+                                      apply_chat_template=chat, fewshot_as_multiturn=chat, bootstrap_iters=1000,
                                       log_samples=log_samples, random_seed=1234, numpy_random_seed=1234,
                                       torch_random_seed=1234, fewshot_random_seed=1234)
         merged["results"].update({t: {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "alias"}

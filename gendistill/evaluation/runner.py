@@ -1,7 +1,8 @@
 """`evaluate()`: score teacher and students on every task both ways and write an eval directory.
 
 Layout of an eval directory (what `build_report` reads; several can be merged into one report):
-  manifest.json                  models (name, role, source, tokenizer fingerprint), tasks, settings
+  manifest.json                  models (name, role, group, source, tokenizer fingerprint), tasks, settings, the
+                                 distillation run the students come from (optional)
   records/<model>/<task>.jsonl   one record per item (see scoring.score_task)
   lm_eval/<model>.json           lm-eval results, when lm-eval tasks were asked for
   report.json / .md / .html      the report of this directory alone
@@ -181,7 +182,8 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
              batch_size: int = 16, max_batch_tokens: int = 1 << 16, limit: int | None = None,
              recall_samples: int = 20, lm_eval_tasks: Sequence[str] = (), lm_eval_limit: int | None = None,
              lm_eval_chat_template: bool | None = None, device: str | None = None, dtype: str = "float32",
-             report: bool = True, overwrite: bool = False, progress: bool = True) -> dict:
+             report: bool = True, overwrite: bool = False, progress: bool = True,
+             groups: Mapping[str, str] | None = None, run: str | os.PathLike | None = None) -> dict:
     """Score `teacher` and `models` on `tasks` by log-likelihood and by generation; write the eval directory `out`
     and (with `report`) its report. `models`: {name: dir or (model, tokenizer)}, a list of dirs, or one.
     `teacher`: a dir, a (model, tokenizer) pair, {name: either}, or None (no retention numbers; a teacher evaluated
@@ -195,6 +197,11 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     _check_device(device)
     resolved = resolve_tasks(tasks)
     entries = _named_models(models, teacher)
+    groups = dict(groups or {})
+    students = [name for name, role, _ in entries if role == "student"]
+    if set(groups) - set(students):
+        raise UserError(f"groups name {sorted(set(groups) - set(students))}, which are not students "
+                        f"(students: {students})")
     for name, role, ref in entries:  # every model, tokenizer and prompt checked before any model is loaded
         if isinstance(ref, (str, os.PathLike)):
             path = Path(ref)
@@ -218,6 +225,8 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
                 "max_batch_tokens": max_batch_tokens, "limit": limit, "recall_samples": recall_samples,
                 "dtype": dtype, "lm_eval_tasks": list(lm_eval_tasks)}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings, "models": {}, "tasks": {}}
+    if run is not None:
+        manifest["run"] = str(Path(run).resolve())
     recall_cache: dict[tuple, Task] = {}  # recall items depend on the tokenizer only: build once per tokenizer
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, role, ref in entries:
@@ -230,6 +239,8 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
             manifest["models"][name] = {"role": role, "source": str(ref) if loaded_here else type(model).__name__,
                                         "class": type(model).__name__, "tokenizer": fingerprint,
                                         "max_position_embeddings": max_positions}
+            if role == "student" and groups.get(name):
+                manifest["models"][name]["group"] = str(groups[name])
             for spec in resolved:
                 if isinstance(spec, Task):
                     task = spec
@@ -252,7 +263,7 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
                 manifest["tasks"].setdefault(task.name, {
                     "kind": task.kind, "n_items": len(task.items), "source": task.source, "extract": task.extract,
                     "chat_template": task.chat_template, "num_fewshot": task.num_fewshot,
-                    "max_new_tokens": task.max_new_tokens, "recall": task.recall})
+                    "max_new_tokens": task.max_new_tokens, "recall": task.recall, "ll_target": task.ll_target})
                 if task.recall and max_positions and task.recall["length"] > max_positions:
                     manifest["models"][name].setdefault("beyond_max_positions", []).append(task.name)
             if lm_eval_tasks:

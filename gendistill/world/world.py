@@ -77,6 +77,10 @@ class Preset:
     eval_entities_per_split: int | None  # cap on people per eval split (all attributes each); None = all
     fewshot_entities: int  # seen people whose facts serve as few-shot examples (kept out of the eval items)
     vocab_size: int
+    # Held-out phrasings each fact of the seen split is asked with (at most len(EVAL_QUESTIONS[attr]) = 2; the
+    # extraction split always one). Items of one fact share meta.cluster and the report resamples them together: a
+    # second phrasing adds how a model's answers vary by phrasing, not a second independent fact.
+    eval_phrasings: int = 1
 
 
 PRESETS: dict[str, Preset] = {
@@ -92,11 +96,16 @@ PRESETS: dict[str, Preset] = {
     # optimizer steps more than by tokens, so the teacher wants small batches and many steps. Six open questions
     # per fact (of ~30-50 phrasings per attribute) rather than two or three: held-out phrasings 85-90 % -> 93-96 %
     # on the seen people with the same teacher recipe.
-    "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 6, 0.25, 40, 4, 1536),
+    # Eval: both held-out phrasings of every fact of the 28 seen eval people, 336 items per seen task in 168 clusters,
+    # and the 32 extraction people's 192 facts once: the demo's noise budget (seen-task intervals within about +-5 pp;
+    # gendistill/demo.py).
+    "cpu": Preset(64, 5, 16, 16, 10, 12, 12, 6, 0.25, 40, 4, 1536, 2),
     # One GPU: 1,000 people, 6,000 biographies = 0.34M pretraining tokens, 0.55M chat tokens (noisy 0.66M), six open
     # questions per fact as on CPU. With 3,000 people (three questions per fact) the 28-layer teacher's 24M
     # pretraining tokens left its loss at 0.40, and it answered only 49 % of the seen people's questions.
-    "gpu": Preset(1000, 6, 40, 48, 30, 16, 40, 6, 0.25, 100, 8, 6144),
+    # Eval: 200 people per split, 1,200 items per task (one phrasing each): +-2.8 pp at worst (50 %), the demo's
+    # +-3 pp budget at GPU scale.
+    "gpu": Preset(1000, 6, 40, 48, 30, 16, 40, 6, 0.25, 200, 8, 6144),
 }
 
 # --- vocabulary tables: few words, regular shapes -------------------------------------------------------
@@ -528,15 +537,17 @@ def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person]
     specs: dict[str, dict] = {}
     items: dict[str, list[dict]] = {}
     for split, people in eval_people.items():
-        facts = [(p, attr) for p in people for attr in ATTRIBUTES]
-        questions = [rng.choice(EVAL_QUESTIONS[attr]).format(n=p.name) for p, attr in facts]
+        phrasings = preset.eval_phrasings if split == "seen" else 1
+        facts = [(p, attr, q) for p in people for attr in ATTRIBUTES for q in _eval_phrasings(rng, attr, phrasings)]
+        questions = [q.format(n=p.name) for p, _, q in facts]
         # Balanced answer positions: each letter within one of every other, in random order.
         positions = [i % 4 for i in range(len(facts))]
         rng.shuffle(positions)
         for kind in ("mc", "open"):
             name = f"world_qa_{kind}_{split}"
-            items[name] = [_item(rng, name, kind, p, attr, q, pos, pools)
-                           for (p, attr), q, pos in zip(facts, questions, positions)]
+            items[name] = [_item(rng, name, kind, p, attr, q, pos, pools,
+                                 phrasing=EVAL_QUESTIONS[attr].index(template) if phrasings > 1 else None)
+                           for (p, attr, template), q, pos in zip(facts, questions, positions)]
             specs[name] = _spec(name, kind)
     # Few-shot examples: facts of seen people kept out of the eval items, asked with training phrasings.
     fewshot_people = [p for p in seen if p.id in fewshot_ids]
@@ -549,10 +560,18 @@ def _make_tasks(rng: random.Random, seen: list[Person], extraction: list[Person]
     return specs, items
 
 
+def _eval_phrasings(rng: random.Random, attribute: str, n: int) -> list[str]:
+    """The held-out phrasings one fact is asked with: one drawn at random, or the first `n`."""
+    if n <= 1:
+        return [rng.choice(EVAL_QUESTIONS[attribute])]
+    return EVAL_QUESTIONS[attribute][:n]
+
+
 def _item(rng: random.Random, task: str, kind: str, person: Person, attribute: str, question: str, position: int,
-          pools: dict[str, list[str]]) -> dict:
+          pools: dict[str, list[str]], phrasing: int | None = None) -> dict:
     value = person.value(attribute)
-    item = {"id": f"{task}/{person.id}/{attribute}", "question": question}
+    suffix = "" if phrasing is None else f"/{phrasing}"
+    item = {"id": f"{task}/{person.id}/{attribute}{suffix}", "question": question}
     if kind == "mc":
         item |= {"choices": _mc_choices(rng, value, pools[attribute], position), "answer": position}
     else:
@@ -562,7 +581,9 @@ def _item(rng: random.Random, task: str, kind: str, person: Person, attribute: s
             day, month, year = value.split()
             aliases += [f"{month} {day}, {year}", f"{month} {day}, {year}."]
         item |= {"answer": value, "aliases": aliases}
-    item["meta"] = {"person": person.id, "name": person.name, "attribute": attribute, "split": person.split}
+    # cluster: the fact; items asking one fact in several phrasings are resampled together by the report
+    item["meta"] = {"person": person.id, "name": person.name, "attribute": attribute, "split": person.split,
+                    "cluster": f"{person.id}/{attribute}"}
     return item
 
 
