@@ -143,8 +143,8 @@ def test_offline_without_cache_fails_before_any_model_loads(task_dir, tmp_path, 
         evaluate(["unused"], tasks="lm-eval:gd_geo,lm-eval:gd_remote", out=out, lm_eval_include=[str(task_dir)],
                  progress=False)
     message = str(err.value)
-    assert "lm-eval:gd_remote" in message and "gd_geo" not in message and "cache" in message
-    with pytest.raises(UserError, match="gd_remote.*cache"):
+    assert "lm-eval:gd_remote" in message and "gd_geo" not in message and "(offline)" in message and "cache" in message
+    with pytest.raises(UserError, match=r"(?s)--lm-eval tasks.*gd_remote.*\(offline\).*cache"):
         evaluate(["unused"], tasks="lm-eval:gd_geo", out=out,
                  lm_eval_include=[str(task_dir)], lm_eval_tasks=[str(task_dir / "remote.yaml")], progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -75,7 +75,7 @@ def import_lm_eval():
 def check_harness_tasks(tasks: Sequence[str | Path | Task]) -> None:
     """Load the lm-eval tasks (and so their datasets) that `run_lm_eval` will run, before any model is scored:
     offline without a cached dataset, an unknown name or a missing package is one UserError naming them all."""
-    from gendistill.evaluation.lmeval_tasks import _explain
+    from gendistill.evaluation.lmeval_tasks import _explain, load_errors
     from gendistill.evaluation.tasks import load_task
 
     _, _, TaskManager = import_lm_eval()
@@ -108,7 +108,7 @@ def check_harness_tasks(tasks: Sequence[str | Path | Task]) -> None:
         except Exception as err:  # noqa: BLE001 -- dataset download, unknown name, missing package
             errors.append(_explain(name, err))
     if errors:
-        raise UserError("cannot run these --lm-eval tasks (nothing was evaluated):\n  " + "\n  ".join(errors))
+        raise load_errors("--lm-eval tasks", errors)
 
 
 def run_lm_eval(model, tokenizer, tasks: Sequence[str | Path | Task], *, export_dir: str | Path,

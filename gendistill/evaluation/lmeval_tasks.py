@@ -227,18 +227,26 @@ def _task_manager(names: list[str], include: Sequence[str]):
     return TaskManager(include_path=include or None)
 
 
+OFFLINE_HINT = ("a dataset that is neither in the datasets cache nor reachable (HF_HUB_OFFLINE=1 or no network): "
+                "run once with network access to fill the cache (HF_HOME / HF_DATASETS_CACHE), or evaluate a local "
+                "copy through an lm-eval YAML with `dataset_path: json` (--lm-eval-include DIR)")
+
+
 def _explain(name: str, err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
+    """One line per task that cannot be built; an offline dataset is marked `(offline)` (see `load_errors`)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
     if isinstance(err, KeyError):
         return (f"lm-eval:{name} is not a task, group or tag of lm-eval's registry (list them: `lm-eval ls tasks`) "
-                f"nor an lm-eval YAML file; local tasks: --lm-eval-include DIR")
+                f"nor an lm-eval YAML file; local tasks: --lm-eval-include DIR ({text[:200]})")
     if isinstance(err, ImportError):
         return f"lm-eval:{name} needs a package that is not installed ({text}); e.g. pip install 'lm-eval[{name}]'"
     offline = isinstance(err, ConnectionError) or any(w in text.lower() for w in ("offline", "connect", "resolve"))
-    hint = (" -- its dataset is neither in the datasets cache nor reachable (HF_HUB_OFFLINE=1 or no network): "
-            "run once with network access to fill the cache (HF_HOME / HF_DATASETS_CACHE), or evaluate a local "
-            "copy through an lm-eval YAML with `dataset_path: json` (--lm-eval-include DIR)") if offline else ""
-    return f"lm-eval:{name}: cannot load it: {text[:400]}{hint}"
+    return f"lm-eval:{name}: cannot load it{' (offline)' if offline else ''}: {text[:300]}"
+
+
+def load_errors(what: str, errors: list[str]) -> UserError:
+    hint = f"\n(offline) = {OFFLINE_HINT}" if any("(offline)" in e for e in errors) else ""
+    return UserError(f"cannot build these {what} (nothing was evaluated):\n  " + "\n  ".join(errors) + hint)
 
 
 def _gold_index(lm_task, doc, choices: list[str]) -> int:
@@ -397,5 +405,5 @@ def build_lm_eval_tasks(refs: Sequence[str], *, include: Sequence[str] = (), lim
         except Exception as err:  # noqa: BLE001 -- dataset download, unknown name, missing package
             errors.append(_explain(name, err))
     if errors:
-        raise UserError("cannot build these lm-eval tasks (nothing was evaluated):\n  " + "\n  ".join(errors))
+        raise load_errors("lm-eval tasks", errors)
     return tasks, refused
