@@ -217,3 +217,20 @@ def test_humaneval_judge_executes_tests():
     wrong = source.judge(item, "    return a * b\n```\nmore text")
     assert wrong["correct"] is False and wrong["extracted"] == "failed"
     assert source.prompts([item], tiny_tokenizer()) == ["def add(a, b):\n"]
+
+
+def test_shipped_world_tasks(monkeypatch):
+    """recipes/lm_eval_tasks (the GPU demo world's QA as lm-eval tasks) build from the repository root; the open
+    task's regex filter takes the teacher's "Lyon." as "Lyon"."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    (mc, open_qa), _ = build_lm_eval_tasks(["lm-eval:world_lm_mc", "lm-eval:world_lm_open"],
+                                           include=[root / "recipes" / "lm_eval_tasks"], limit=3)
+    assert (mc.kind, open_qa.kind, len(mc.items), open_qa.max_new_tokens) == ("multiple_choice", "open", 3, 24)
+    prompt = mc.adapter.prompts(mc.items[:1], tiny_tokenizer())[0]
+    assert "D. " + mc.items[0]["choices"][3] in prompt
+    item = open_qa.items[0]
+    assert open_qa.adapter.judge(item, f"{item['answer']}.")["correct"] is True
+    assert open_qa.adapter.judge(item, "Somewhere else.")["correct"] is False
