@@ -234,3 +234,9 @@ def test_shipped_world_tasks(monkeypatch):
     item = open_qa.items[0]
     assert open_qa.adapter.judge(item, f"{item['answer']}.")["correct"] is True
     assert open_qa.adapter.judge(item, "Somewhere else.")["correct"] is False
+
+
+def test_lm_eval_yaml_path(task_dir):
+    """`lm-eval:path/to/task.yaml` loads that file, without indexing lm-eval's registry."""
+    (task,), _ = build_lm_eval_tasks([f"lm-eval:{task_dir / 'arith.yaml'}"], limit=2)
+    assert task.name == "gd_arith" and len(task.items) == 2

@@ -220,9 +220,10 @@ def _task_manager(names: list[str], include: Sequence[str]):
     for p in include:
         if not Path(p).is_dir():
             raise UserError(f"--lm-eval-include {p}: not a directory of lm-eval task YAML files")
-    if include:
-        manager = TaskManager(include_path=include, include_defaults=False)
-        if all(n in manager.all_tasks or n.endswith((".yaml", ".yml")) for n in names):
+    local = [n for n in names if n.endswith((".yaml", ".yml"))]  # lm-eval YAML files, loaded by path
+    if include or len(local) == len(names):
+        manager = TaskManager(include_path=include or None, include_defaults=False)
+        if all(n in manager.all_tasks or n in local for n in names):
             return manager
     return TaskManager(include_path=include or None)
 
