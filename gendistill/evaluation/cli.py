@@ -27,7 +27,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval", metavar="OUT", help="eval directory to write (default: runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
-                   help="a folder of lm-eval task YAML files for lm-eval:NAME (repeatable; as lm-eval's --include_path)")
+                   help="a folder of lm-eval task YAML files for lm-eval:NAME (repeatable; lm-eval's --include_path)")
     p.add_argument("--lm-eval-no-chat", action="store_true",
                    help="do not apply the chat template to lm-eval tasks (default: apply when the tokenizer has one, "
                         "as the paper)")

@@ -365,7 +365,8 @@ def humaneval_task(entry: SuiteEntry | None, limit: int | None, chat: bool) -> T
 
     return Task(name="humaneval", kind="open", prompt="lm-eval:humaneval", items=items, chat_template=chat,
                 max_new_tokens=entry.max_new_tokens if entry else HUMANEVAL["max_gen_toks"], extract="execution",
-                stop=list(HUMANEVAL["until"]), source=f"datasets:{HUMANEVAL['dataset']}", adapter=CodeSource(docs, chat),
+                stop=list(HUMANEVAL["until"]), source=f"datasets:{HUMANEVAL['dataset']}",
+                adapter=CodeSource(docs, chat),
                 lm_eval={"task": "humaneval", "group": None, "output_type": "generate_until", "num_fewshot": 0,
                          "paper": entry.label if entry else None, "sandbox": isolation(),
                          "timeout_s": CODE_TIMEOUT_S})

@@ -137,7 +137,7 @@ def resolve_tasks(refs: str | Sequence[str | Task], *, limit: int | None = None,
     if duplicates:
         raise UserError(f"task names must be unique; repeated: {duplicates}")
     if not out:
-        raise UserError("no tasks to run" + "".join(f"; {r['error']}" for r in refused) if refused else "no tasks given")
+        raise UserError("; ".join(["no tasks to run"] + [r["error"] for r in refused]) if refused else "no tasks given")
     return out, refused
 
 
