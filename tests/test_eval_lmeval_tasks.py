@@ -240,3 +240,21 @@ def test_lm_eval_yaml_path(task_dir):
     """`lm-eval:path/to/task.yaml` loads that file, without indexing lm-eval's registry."""
     (task,), _ = build_lm_eval_tasks([f"lm-eval:{task_dir / 'arith.yaml'}"], limit=2)
     assert task.name == "gd_arith" and len(task.items) == 2
+
+
+def test_cli_lm_eval_tasks_and_refusal(task_dir, tmp_path, capsys):
+    """The CLI: --lm-eval-include and lm-eval: tasks run; a code task without --allow-code-execution is refused and
+    listed; a hub id that is neither cached nor reachable is an error before any task is scored."""
+    from gendistill.cli import main as cli
+
+    model_dir = tmp_path / "student"
+    tiny_qwen3(seed=2).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert cli(["eval", "--model", str(model_dir), "--tasks", "lm-eval:gd_arith,lm-eval:humaneval",
+                "--lm-eval-include", str(task_dir), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "not run: humaneval" in printed and (out / "records" / "student" / "gd_arith.jsonl").is_file()
+    assert cli(["eval", "--model", str(model_dir), "--teacher", "gendistill-test/not-a-model", "--tasks",
+                "lm-eval:gd_arith", "--lm-eval-include", str(task_dir), "--out", str(tmp_path / "o2")]) == 2
+    assert "gendistill-test/not-a-model" in capsys.readouterr().err and not (tmp_path / "o2").exists()
