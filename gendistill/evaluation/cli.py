@@ -43,15 +43,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="DIR", help="the distillation run the students come from (its */metrics.jsonl "
                                                 "become the report's training curves)")
     p.add_argument("--tasks", required=True, metavar="TASKS",
-                   help="comma-separated task YAML files or directories, and recall tasks with lengths, "
-                        "e.g. tasks/,niah_single@1k,4k,niah_multikey@4k,assoc_recall@2k")
+                   help="comma-separated task YAML files or directories, recall tasks with lengths, lm-eval tasks "
+                        "(lm-eval:NAME: a task, group or tag of lm-eval's registry or --lm-eval-include folders, "
+                        "scored both ways on the same items) and `paper` (the paper's suite, docs/EVAL.md), e.g. "
+                        "tasks/,niah_single@1k,4k,assoc_recall@2k,lm-eval:arc_challenge,lm-eval:mmlu")
     p.add_argument("--out", default="runs/eval", metavar="OUT", help="eval directory to write (default: runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--lm-eval", default="", metavar="TASKS",
-                   help="also run lm-evaluation-harness on these comma-separated tasks (names or YAML files)")
-    p.add_argument("--lm-eval-limit", type=int, help="items per lm-eval task")
+    p.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAML files for lm-eval:NAME (repeatable; lm-eval's --include_path)")
     p.add_argument("--lm-eval-no-chat", action="store_true",
-                   help="do not apply the chat template to standard lm-eval tasks (default: apply when present)")
+                   help="do not apply the chat template to lm-eval tasks (default: apply when the tokenizer has one, "
+                        "as the paper)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run code benchmarks (lm-eval:humaneval, in `paper`): model-written programs execute in a "
+                        "sandboxed subprocess (no network, temp dir, rlimits, time limit); without it they are refused")
+    p.add_argument("--lm-eval", default="", metavar="TASKS",
+                   help="also run lm-eval's own harness on these comma-separated tasks (names or YAML files): a raw "
+                        "cross-check table beside the report; for item-paired two-way scores use --tasks lm-eval:NAME")
+    p.add_argument("--lm-eval-limit", type=int, help="items per task of --lm-eval")
     p.add_argument("--decode", choices=("greedy", "sample", "both"), default="greedy",
                    help="generation: greedy (default), sampling averaged over --seeds, or both")
     p.add_argument("--seeds", type=_seeds, default=[1, 2, 3], help="sampling seeds, averaged (default: 1,2,3)")
@@ -69,6 +78,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="float32 (the paper's default), bfloat16 or float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _failed(out: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    manifest = Path(out) / "manifest.json"
+    return json.loads(manifest.read_text()).get("failed", []) if manifest.is_file() else []
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,9 +114,13 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, limit=args.limit,
         recall_samples=args.recall_samples,
         lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()], lm_eval_limit=args.lm_eval_limit,
-        lm_eval_chat_template=False if args.lm_eval_no_chat else None, device=args.device, dtype=args.dtype,
+        lm_eval_chat_template=False if args.lm_eval_no_chat else None, lm_eval_include=args.lm_eval_include,
+        allow_code_execution=args.allow_code_execution, device=args.device, dtype=args.dtype,
         overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.out}/report.json, report.md, report.html")
+    failed = report.get("failed") or _failed(args.out)
+    for failure in failed:  # listed in the manifest's `failed`
+        print(f"  ! {failure.get('model') or 'not run'}: {failure['task']}: {failure['error'][:200]}")
     for finding in report["findings"]:
         print(f"  - {finding}")
     return 0

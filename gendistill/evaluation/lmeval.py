@@ -72,6 +72,45 @@ def import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+def check_harness_tasks(tasks: Sequence[str | Path | Task]) -> None:
+    """Load the lm-eval tasks (and so their datasets) that `run_lm_eval` will run, before any model is scored:
+    offline without a cached dataset, an unknown name or a missing package is one UserError naming them all."""
+    from gendistill.evaluation.lmeval_tasks import _explain, load_errors
+    from gendistill.evaluation.tasks import load_task
+
+    _, _, TaskManager = import_lm_eval()
+    names: list[str] = []
+    include: set[str] = set()
+    standard = False
+    for ref in tasks:
+        if isinstance(ref, Task):
+            continue
+        if str(ref).endswith((".yaml", ".yml")):
+            try:
+                spec = yaml.safe_load(Path(ref).read_text()) or {}
+            except (OSError, yaml.YAMLError) as err:
+                raise UserError(f"--lm-eval {ref}: cannot read it: {err}") from None
+            if "task" not in spec:  # a gendistill task: exported, its items are local
+                load_task(ref)
+                continue
+            include.add(str(Path(ref).resolve().parent))
+            names.append(str(spec["task"]))
+        else:
+            standard = True
+            names.append(str(ref))
+    if not names:
+        return
+    manager = TaskManager(include_path=sorted(include) or None, include_defaults=standard)
+    errors = []
+    for name in names:
+        try:
+            manager.load([name])
+        except Exception as err:  # noqa: BLE001 -- dataset download, unknown name, missing package
+            errors.append(_explain(name, err))
+    if errors:
+        raise load_errors("--lm-eval tasks", errors)
+
+
 def run_lm_eval(model, tokenizer, tasks: Sequence[str | Path | Task], *, export_dir: str | Path,
                 batch_size: int = 16, limit: int | None = None, chat_template: bool | None = None,
                 log_samples: bool = False) -> dict:

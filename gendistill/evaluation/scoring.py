@@ -81,30 +81,39 @@ def score_task(model, tokenizer, task: Task, modes: Sequence[tuple[str, Sampling
                batch_size: int = 16, max_batch_tokens: int = 1 << 16, progress: bool = True) -> list[dict]:
     """One record per item: LL of every choice and the LL predictions (multiple choice), and for each generation
     mode the output text, extracted answer, correctness, length and whether it stopped."""
-    contexts = [build_context(task, item, tokenizer) for item in task.items]
+    adapter = task.adapter  # a task from elsewhere (lm-eval) renders its own prompts and LL requests
+    contexts = (adapter.prompts(task.items, tokenizer) if adapter is not None
+                else [build_context(task, item, tokenizer) for item in task.items])
     records = [{"id": item["id"], "task": task.name, "kind": task.kind, "answer": item["answer"],
                 "n_choices": len(item.get("choices") or []), "meta": item.get("meta") or {}, "gen": {}}
                for item in task.items]
     if task.is_mc:
-        delimiter = target_delimiter(task, tokenizer)
-        pairs = [(context, delimiter + choice) for item, context in zip(task.items, contexts)
-                 for choice in choice_targets(task, item)]
-        lls = loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                             progress=progress, desc=f"{task.name} LL")
+        if adapter is not None:
+            requests = adapter.ll_requests(task.items, tokenizer)
+        else:
+            delimiter = target_delimiter(task, tokenizer)
+            requests = [[(context, delimiter + choice) for choice in choice_targets(task, item)]
+                        for item, context in zip(task.items, contexts)]
+        lls = loglikelihoods(model, tokenizer, [pair for item_pairs in requests for pair in item_pairs],
+                             batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress,
+                             desc=f"{task.name} LL")
         start = 0
-        for item, record in zip(task.items, records):
-            targets = choice_targets(task, item)
-            record["ll"] = lls[start: start + len(targets)]
-            record.update(mc_predictions(record["ll"], targets))
-            start += len(targets)
+        for item, record, item_pairs in zip(task.items, records, requests):
+            record["ll"] = lls[start: start + len(item_pairs)]
+            record.update(mc_predictions(record["ll"], choice_targets(task, item)))
+            start += len(item_pairs)
     for label, sampling, seed in modes:
         outputs = generate(model, tokenizer, contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                            sampling=sampling, seed=seed, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                            progress=progress, desc=f"{task.name} gen {label}")
+        judge = getattr(adapter, "judge", None)
         for item, record, out in zip(task.items, records, outputs):
-            extracted = extract_answer(task, item, out.text)
-            entry = {"text": out.text, "extracted": extracted, "correct": is_correct(task, item, extracted),
-                     "n_tokens": len(out.token_ids), "stopped": out.stopped}
+            if judge is not None:  # {"extracted", "correct", ...}: e.g. lm-eval's filters and metrics
+                entry = {"text": out.text, **judge(item, out.text)}
+            else:
+                extracted = extract_answer(task, item, out.text)
+                entry = {"text": out.text, "extracted": extracted, "correct": is_correct(task, item, extracted)}
+            entry.update(n_tokens=len(out.token_ids), stopped=out.stopped)
             if sampling is None:  # greedy tokens let the report find where a student departs from its teacher
                 entry["tokens"] = out.token_ids
             record["gen"][label] = entry

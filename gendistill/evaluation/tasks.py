@@ -43,6 +43,11 @@ class Task:
     ll_target: str = "letter"
     source: str = ""  # where the task came from (a YAML path or a built-in generator)
     recall: dict | None = None  # built-in long-context tasks: {"family", "length", "depths"}
+    # A task defined elsewhere that renders its own inputs and judges its own outputs (lm-eval tasks:
+    # gendistill.evaluation.lmeval_tasks.LmEvalSource): `prompts(items, tokenizer)`, `ll_requests(items, tokenizer)`
+    # and optionally `judge(item, text)`; None for gendistill's own YAML tasks.
+    adapter: object | None = None
+    lm_eval: dict | None = None  # an lm-eval task's origin (task, group, shots, paper label), kept in the manifest
 
     @property
     def is_mc(self) -> bool:
@@ -244,16 +249,30 @@ def parse_length(text: str) -> int:
     return int(match.group(1)) * (1024 if match.group(2) else 1)
 
 
+LM_EVAL_PREFIX = "lm-eval:"
+NAMED_SETS = ("paper",)  # suites of lm-eval tasks (gendistill.evaluation.lmeval_tasks.PAPER_SUITE)
+
+
+def is_lm_eval_ref(ref) -> bool:
+    """`lm-eval:NAME` (a task, group or tag of lm-eval's registry, or an lm-eval YAML path) or a named set."""
+    return isinstance(ref, str) and (ref.startswith(LM_EVAL_PREFIX) or ref in NAMED_SETS)
+
+
 def parse_task_list(spec: str | list[str]) -> list[str | tuple[str, list[int]]]:
     """'a.yaml,dir/,niah_single@1k,4k,assoc_recall@2k' -> ['a.yaml', 'dir/', ('niah_single', [1024, 4096]), ...].
-    Bare lengths after a recall task belong to it; YAML files and directories (all *.yaml inside) are task specs."""
+    Bare lengths after a recall task belong to it; YAML files and directories (all *.yaml inside) are task specs;
+    `lm-eval:NAME` and `paper` stay strings (see `is_lm_eval_ref`)."""
     from gendistill.evaluation.recall import FAMILIES
 
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else
                                  [q for s in spec for q in s.split(",")]) if p.strip()]
     out: list = []
     for part in parts:
-        if "@" in part:
+        if is_lm_eval_ref(part):
+            if part == LM_EVAL_PREFIX:
+                raise UserError("lm-eval: needs a task name, e.g. lm-eval:arc_challenge")
+            out.append(part)
+        elif "@" in part:
             family, length = part.split("@", 1)
             if family not in FAMILIES:
                 raise UserError(f"unknown recall task {family!r}; built-in: {', '.join(FAMILIES)}")
