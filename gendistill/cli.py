@@ -16,6 +16,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "world": ("gendistill.world.cli", "generate the synthetic knowledge world, its tokenizer and teacher"),
     "demo": ("gendistill.demo", "world -> teacher -> convert -> distill -> eval -> report, end to end"),
     "bench": ("gendistill.bench", "KV/state memory, time-to-first-token and decode speed, teacher vs student"),
+    "ablate": ("gendistill.ablate", "run an ablation: recipe variants over axes and seeds, shared stages, one report"),
+    "select-layers": ("gendistill.select_layers", "beam search for the layers that keep softmax attention"),
 }
 
 
