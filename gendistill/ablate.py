@@ -264,7 +264,7 @@ def build_plan(spec: dict) -> dict:
 
 
 def waves(plan: dict, out: Path) -> list[list[dict]]:
-    """Jobs not done yet, by depth: stage jobs of depth 0, 1, ..., then the evals (each job needs only earlier waves)."""
+    """Jobs not done yet, by depth: stage jobs of depth 0, 1, ..., then the evals (a job needs only earlier waves)."""
     depth = max(node["index"] for node in plan["stages"].values()) + 1
     result = [[{"kind": "stage", "key": k} for k, node in plan["stages"].items()
                if node["index"] == d and not (out / "stages" / k / "stage.json").is_file()] for d in range(depth)]

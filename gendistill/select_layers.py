@@ -291,6 +291,9 @@ def plot_search(result: dict, path: Path, title: str) -> None:
     if baselines.get("random"):
         ax.scatter([last] * len(baselines["random"]), [r["score"] for r in baselines["random"]], marker="x",
                    color="C3", label="random", zorder=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step (layers added)" if result["direction"] == "add" else "step (layers removed)")
     ax.set_ylabel(f"probe score ({result['probe']['name']})")
     ax.set_title(title)

@@ -108,3 +108,47 @@ def test_bad_specs_fail_clearly(tmp_path):
         p = tmp_path / "env.yaml"
         p.write_text("base: ${NO_SUCH_VARIABLE_I24}\naxes: {}\n")
         load_spec(p)
+
+
+def test_local_gpu_queue_runs_one_job_per_gpu_at_a_time_and_reports_failures(tmp_path, monkeypatch):
+    import subprocess
+    import threading
+    import time
+
+    from gendistill import ablate
+
+    running, seen, lock = {}, [], threading.Lock()
+
+    def fake_run(cmd, env, stdout, stderr):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert gpu not in running  # never two jobs on one GPU
+            running[gpu] = cmd
+            seen.append((gpu, json.loads(cmd[-1])["key"]))
+        time.sleep(0.05)
+        with lock:
+            del running[gpu]
+        assert cmd[1:4] == ["-m", "gendistill.ablate", str(tmp_path)]
+        return subprocess.CompletedProcess(cmd, 1 if json.loads(cmd[-1])["key"] == "k3" else 0)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    jobs = [{"kind": "stage", "key": f"k{i}"} for i in range(6)]
+    with pytest.raises(UserError, match=r"(?s)1 job\(s\) failed.*stage-k3: exit 1"):
+        ablate.run_wave(tmp_path, jobs, "local", {})
+    assert sorted(k for _, k in seen) == [f"k{i}" for i in range(6)] and {g for g, _ in seen} == {"0", "1"}
+
+
+def test_a_job_runs_as_a_worker_subprocess(tmp_path):
+    import subprocess
+    import sys
+
+    path = _spec(tmp_path, {"masking": AXES["masking"]}, name="sub", steps=1)
+    out = tmp_path / "sub"
+    out.mkdir()
+    plan = build_plan(load_spec(path))
+    (out / "plan.json").write_text(json.dumps(plan))
+    job = {"kind": "teacher", "key": plan["teacher_eval"]["key"]}
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-m", "gendistill.ablate", str(out), json.dumps(job)], check=True, env=env)
+    assert (out / "evals" / job["key"] / "records" / "teacher" / "mc.jsonl").is_file()

@@ -79,7 +79,7 @@ class Stage:
     def math_keys(self) -> dict:
         """The fields that change what is computed (a resumed stage must not change these)."""
         operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
-        later = {"freeze": [], "count": "packed"}  # fields added later: at their defaults, checkpoints without them match
+        later = {"freeze": [], "count": "packed"}  # added later: at these defaults, older checkpoints still match
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
 
 

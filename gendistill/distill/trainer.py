@@ -194,8 +194,8 @@ def scored_position(stream: PackedStream, budget: int) -> int:
         per_doc = stream.lengths - 1
     per_epoch = int(per_doc.sum())
     if per_epoch == 0:
-        raise UserError(f"data source {corpus.meta['source'].get('path')!r} has no token to score "
-                        f"({'no assistant token after a document start' if stream.completion_only else 'one-token documents'})")
+        why = "no assistant token after a document start" if stream.completion_only else "one-token documents"
+        raise UserError(f"data source {corpus.meta['source'].get('path')!r} has no token to score ({why})")
     epoch, rest = divmod(int(budget), per_epoch)
     if rest == 0:
         epoch, rest = epoch - 1, per_epoch
