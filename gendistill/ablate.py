@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -204,11 +205,16 @@ def fingerprint(path: str) -> dict | str:
     out = {}
     for f in files:
         stat = f.stat()
-        if stat.st_size <= _HASH_FILE_LIMIT:
-            out[str(f.relative_to(p) if p.is_dir() else f.name)] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-        else:
-            out[str(f.relative_to(p) if p.is_dir() else f.name)] = [stat.st_size, stat.st_mtime_ns]
+        out[str(f.relative_to(p) if p.is_dir() else f.name)] = _file_digest(str(f), stat.st_size, stat.st_mtime_ns)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int):
+    """Content hash (cached per size and mtime: a plan reads each data file once, not once per run and stage)."""
+    if size > _HASH_FILE_LIMIT:
+        return [size, mtime_ns]
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _spec_fingerprint(spec) -> object:
@@ -352,8 +358,13 @@ def run_job(out: str, job: dict) -> str:
     if job["kind"] == "eval":
         model = {"student": str(out / "stages" / plan["evals"][job["key"]]["stage"] / "model")}
     else:  # the teacher, scored as a model of its own eval directory (evaluate needs one non-teacher model)
+        import torch
+
         recipe = run_recipe_of(spec, runs[plan["teacher_eval"]["run"]])
-        model = {"teacher": (load_model(recipe.teacher, role="teacher"), load_tokenizer(recipe))}
+        teacher = load_model(recipe.teacher, role="teacher")  # any spec (hub id, factory): placed as evaluate would
+        device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        teacher = teacher.to(device=device, dtype=getattr(torch, settings.get("dtype", "float32")))
+        model = {"teacher": (teacher, load_tokenizer(recipe))}
     evaluate(model, teacher=None, out=target, overwrite=True, report=False, **settings)
     return job["key"]
 

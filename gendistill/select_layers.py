@@ -262,10 +262,10 @@ def beam_search(score: Callable[[Key], dict], num_layers: int, budget: int, beam
 
 
 def evenly_spaced(num_layers: int, budget: int) -> list[int]:
-    from gendistill.convert import default_attention_layers
-
-    return default_attention_layers(num_layers, budget / num_layers) if budget < num_layers else \
-        list(range(num_layers))
+    """`budget` layers spread evenly, ending on the last (convert's spacing, without its 28-layer paper special case:
+    the baseline must not be the paper's searched set)."""
+    step = num_layers / budget
+    return sorted({min(num_layers - 1, round(num_layers - 1 - i * step)) for i in range(budget)})
 
 
 def plot_search(result: dict, path: Path, title: str) -> None:
