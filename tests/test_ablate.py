@@ -152,3 +152,18 @@ def test_a_job_runs_as_a_worker_subprocess(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-m", "gendistill.ablate", str(out), json.dumps(job)], check=True, env=env)
     assert (out / "evals" / job["key"] / "records" / "teacher" / "mc.jsonl").is_file()
+
+
+def test_grid_mode_reports_each_run_once_per_axis_holding_the_other_axes_fixed(tmp_path):
+    from gendistill.ablate import expand
+
+    spec = load_spec(_spec(tmp_path, AXES))
+    spec["mode"] = "grid"
+    spec["variants"] = {"named": ["kd.lr=0.01"]}
+    runs = {r.name: r for r in expand(spec)}
+    assert len(runs) == 5
+    run = runs["lr-0.003_masking-all.s0"]
+    assert run.overrides == ['kd.lr=0.003', 'kd_instruct.loss_mask="all"']
+    assert run.groups == [{"group": "lr|masking-all", "axis": "lr", "value": "0.003"},
+                          {"group": "masking|lr-0.003", "axis": "masking", "value": "all"}]
+    assert runs["named.s0"].groups == [{"group": "variants", "axis": "variants", "value": "named"}]
