@@ -52,7 +52,7 @@ from pathlib import Path
 
 import yaml
 
-from gendistill.io import UserError, atomic_dir, atomic_write_json
+from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
 
 SPEC_KEYS = {"name", "base", "set", "out_dir", "mode", "axes", "variants", "seeds", "eval", "executor", "estimate"}
 MODES = ("sweep", "grid")
@@ -457,6 +457,56 @@ def merge_evals(plan: dict, out: Path) -> Path:
     return out / "report"
 
 
+SUMMARY_COLUMNS = (("average", "ll_acc"), ("average", "gen_acc"), ("average_open", "gen_acc"))
+
+
+def by_axis(plan: dict, report: dict) -> dict:
+    """{group: [{"value", "runs", column/mode: {"mean", "min", "max", "n"}}]}: each value's score over its seeds
+    (min-max is the seed spread; item-level intervals and tests are the report's). Values in the spec's order."""
+    names = {n: m for n, m in report["models"].items() if m.get("role") == "student"}
+    tables: dict[str, list] = {}
+    for name, info in names.items():
+        rows = tables.setdefault(info["group"], [])
+        row = next((r for r in rows if r["value"] == info["value"]), None)
+        if row is None:
+            row = {"value": info["value"], "runs": []}
+            rows.append(row)
+        row["runs"].append(name)
+    for rows in tables.values():
+        for row in rows:
+            for column, mode in SUMMARY_COLUMNS:
+                values = [report["scores"][n].get(column, {}).get(mode) for n in row["runs"]]
+                values = [v for v in values if isinstance(v, (int, float))]
+                if values:
+                    row[f"{column}/{mode}"] = {"mean": sum(values) / len(values), "min": min(values),
+                                               "max": max(values), "n": len(values)}
+    return tables
+
+
+def render_axes(tables: dict, report: dict) -> str:
+    """ablation.md: one table per group, the teacher's scores on top."""
+    teacher = report["scores"].get(report.get("teacher") or "", {})
+    lines = []
+    for group, rows in tables.items():
+        keys = [f"{c}/{m}" for c, m in SUMMARY_COLUMNS if any(f"{c}/{m}" in r for r in rows)]
+        lines += [f"## {group}", "", "| value | seeds | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        if teacher:
+            cells = [teacher.get(k.split("/")[0], {}).get(k.split("/")[1]) for k in keys]
+            lines.append("| teacher | - | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in cells) + " |")
+        for row in rows:
+            cells = []
+            for key in keys:
+                s = row.get(key)
+                cells.append("-" if s is None else f"{100 * s['mean']:.1f}% [{100 * s['min']:.1f}-{100 * s['max']:.1f}]"
+                             if s["n"] > 1 else f"{100 * s['mean']:.1f}%")
+            lines.append(f"| {row['value']} | {len(row['runs'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    note = ("Mean over seeds [min-max over seeds]. Compare values within a table only; item-level intervals and "
+            "paired tests: report/report.md.")
+    return "# Ablation by axis\n\n" + note + "\n\n" + "\n".join(lines)
+
+
 def summarize(plan: dict, out: Path, report: dict) -> dict:
     stage_info = {k: json.loads((out / "stages" / k / "stage.json").read_text()) for k in plan["stages"]}
     runs = []
@@ -471,7 +521,9 @@ def summarize(plan: dict, out: Path, report: dict) -> dict:
     summary = {"name": plan["name"], "runs": runs, "unique_stages": len(plan["stages"]),
                "stage_runs_without_sharing": sum(len(r["stages"]) for r in plan["runs"]),
                "train_time_s": sum(s.get("train_time_s") or 0 for s in stage_info.values()),
-               "report": str(out / "report" / "report.json"), "findings": report.get("findings", [])}
+               "report": str(out / "report" / "report.json"), "by_axis": by_axis(plan, report),
+               "findings": report.get("findings", [])}
+    atomic_write_text(out / "ablation.md", render_axes(summary["by_axis"], report))
     atomic_write_json(out / "ablation.json", summary)
     return summary
 
@@ -521,8 +573,9 @@ def run_ablation(spec_path: str | Path, *, resume: bool = False, check: bool = F
         report_dir = merge_evals(plan, out)
         paths = build_report([report_dir], out=report_dir)
         summary = summarize(plan, out, json.loads(paths["json"].read_text()))
+    print((out / "ablation.md").read_text())
     print(f"[ablate] {len(plan['runs'])} runs, {summary['unique_stages']} unique stages "
-          f"(of {summary['stage_runs_without_sharing']}); report {paths['html']}", flush=True)
+          f"(of {summary['stage_runs_without_sharing']}); {out / 'ablation.md'}, report {paths['html']}", flush=True)
     return summary
 
 

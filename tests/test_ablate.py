@@ -75,6 +75,12 @@ def test_sweep_shares_stages_resumes_and_reports_by_axis(tmp_path, capsys):
         "masking-all.s0": ("masking", "masking", "all", 0)}
     report = json.loads((out / "report" / "report.json").read_text())
     assert set(report["students"]) == set(students) and report["teacher"] == "teacher"
+    tables = summary["by_axis"]
+    assert [r["value"] for r in tables["masking"]] == ["completion_only", "all"]
+    cell = tables["lr"][1]["average/gen_acc"]
+    assert cell["n"] == 1 and cell["mean"] == report["scores"]["lr-0.003.s0"]["average"]["gen_acc"]
+    md = (out / "ablation.md").read_text()
+    assert "## masking" in md and "| teacher |" in md and "| all | 1 |" in md
 
     # A shared stage is what the variant's own run trains: the same weights as run_recipe of that recipe.
     run = next(r for r in plan["runs"] if r["name"] == "masking-all.s0")
