@@ -239,3 +239,25 @@ def test_scored_budget_takes_the_fewest_steps_whose_scored_tokens_reach_it(tmp_p
         scored = lambda n: int(stream.batch(0, n * 3)["loss_mask"].sum()) if n else 0
         assert scored(steps) >= budget > scored(steps - 1), (budget, steps)
     assert isinstance(stream, PackedStream)
+
+
+def test_a_scored_budget_stage_trains_until_its_scored_tokens_reach_the_budget(tmp_path):
+    import json
+    from pathlib import Path
+
+    from gendistill.distill import train_stage
+    from gendistill.distill.data import build_corpus
+    from gendistill.distill.recipe import DataSource
+    from gendistill.testing import tiny_tokenizer
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+    tok = tiny_tokenizer()
+    corpus = build_corpus(DataSource(path=str(data)), "chat", tok, tmp_path / "cache", 10**9)
+    teacher, student = _tiny_pair()
+    stage = {"name": "kd_instruct", "objective": "kd", "loss_mask": "completion_only", "tokens": 300,
+             "count": "scored", "seq_len": 32, "batch_size": 2, "train": ["kda"], "checkpoint_every": 0}
+    summary = train_stage(stage, student, teacher=teacher, tokenizer=tok, data=corpus, out_dir=tmp_path / "s",
+                          progress=False, tensorboard=False, save=False)
+    per_step = [json.loads(line)["scored_tokens"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["scored_tokens"] == sum(per_step) >= 300 > sum(per_step[:-1])
+    assert summary["tokens"] == summary["steps"] * 64 > 300  # the packed tokens are more: prompts are not scored
