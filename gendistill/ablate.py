@@ -13,7 +13,7 @@ A spec names a base recipe, axes (each value a set of `--set` overrides of the r
           attention: {kd_instruct.train: [kda, mlp, norms]}
           none: {kd_instruct.train: all}
     variants: {name: {overrides...}}       # or/and named variants (reported in the group "variants")
-    seeds: [0, 1]                          # recipe seed, and the conversion seed of a converted student
+    seeds: [0, 1]                          # recipe seed (stages without their own), a converted student's seed
     eval: {tasks: "...", limit: 200}       # keyword arguments of gendistill.evaluation.evaluate
     executor: {timeout_min: 60, slurm_partition: gpu, gpus_per_node: 1}   # submitit parameters (--cluster)
     estimate: {tokens_per_s: 400000}       # optional: --check's time estimate before anything has run
@@ -148,6 +148,8 @@ def _axis_values(raw, where: str) -> dict[str, list[str]]:
         if not isinstance(values, dict) or not values or not all(isinstance(v, dict) for v in values.values()):
             raise UserError(f"{where}.values: expected a mapping name -> {{override path: value}}")
         out = {_safe(k): _overrides(v) for k, v in values.items()}
+    if len(out) < len(values):
+        raise UserError(f"{where}: values {list(values)} give repeated names; name them ({{values: {{name: ...}}}})")
     if len(out) < 2:
         raise UserError(f"{where}: an axis needs at least two distinct values")
     return out
@@ -181,9 +183,9 @@ def run_recipe_of(spec: dict, run: Run):
 
     out = Path(spec["out_dir"])
     common = list(spec["set"]) + [f"cache_dir={out / 'token_cache'}", f"out_dir={out / 'runs' / run.name}"]
-    recipe = load_recipe(spec["base"], common + run.overrides)
-    seeded = [f"seed={run.seed}"] + ([f"student.convert.seed={run.seed}"] if "convert" in recipe.student else [])
     try:
+        recipe = load_recipe(spec["base"], common + run.overrides)
+        seeded = [f"seed={run.seed}"] + ([f"student.convert.seed={run.seed}"] if "convert" in recipe.student else [])
         return load_recipe(spec["base"], common + run.overrides + seeded)
     except UserError as err:
         raise UserError(f"variant {run.variant}: {err}") from err
