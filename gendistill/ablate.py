@@ -76,7 +76,8 @@ class Run:
 # ------------------------------------------------------------------------------------------------------------------
 # the spec
 
-def load_spec(path: str | Path, out_dir: str | None = None) -> dict:
+def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Read and check a spec; `overrides` (`--set`) are appended to its `set` list (they apply to every variant)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ablation spec {path} does not exist")
@@ -98,7 +99,7 @@ def load_spec(path: str | Path, out_dir: str | None = None) -> dict:
     spec["base"] = str((path.resolve().parent / spec["base"]).resolve())
     spec.setdefault("name", path.stem)
     spec["out_dir"] = out_dir or spec.get("out_dir") or f"runs/ablations/{spec['name']}"
-    spec["set"] = list(spec.get("set") or [])
+    spec["set"] = list(spec.get("set") or []) + list(overrides)
     if not all(isinstance(s, str) and "=" in s for s in spec["set"]):
         raise UserError(f"{path}.set: expected a list of KEY=VALUE strings, got {spec['set']!r}")
     spec["mode"] = spec.get("mode", "sweep")
@@ -547,12 +548,12 @@ def _sweep_lock(out: Path):
 
 
 def run_ablation(spec_path: str | Path, *, resume: bool = False, check: bool = False, cluster: str = "local",
-                 out_dir: str | None = None, on_job=None) -> dict:
+                 out_dir: str | None = None, overrides=(), on_job=None) -> dict:
     """Plan, then run every missing stage and eval, then merge and report. Returns ablation.json's content (or, with
     `check`, {"plan": ..., "text": ...}). `on_job(job)` is called before each local job (tests stop a sweep with it)."""
     if cluster not in CLUSTERS:
         raise UserError(f"--cluster: expected one of {CLUSTERS}, got {cluster!r}")
-    spec = load_spec(spec_path, out_dir)
+    spec = load_spec(spec_path, out_dir, overrides)
     out = Path(spec["out_dir"])
     plan = build_plan(spec)
     if check:
@@ -624,11 +625,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="local: the visible GPUs (one job each) or CPU; slurm: submitit's SLURM executor with the "
                         "spec's `executor` parameters; debug: submitit's in-process executor")
     p.add_argument("--out", help="output directory (default: the spec's out_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every variant (after the spec's `set`), e.g. '*.seq_len=256'")
     return p
 
 
 def main(args) -> int:
-    run_ablation(args.spec, resume=args.resume, check=args.check, cluster=args.cluster, out_dir=args.out)
+    run_ablation(args.spec, resume=args.resume, check=args.check, cluster=args.cluster, out_dir=args.out,
+                 overrides=args.overrides)
     return 0
 
 
