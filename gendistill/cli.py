@@ -17,6 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("gendistill.demo", "world -> teacher -> convert -> distill -> eval -> report, end to end"),
     "bench": ("gendistill.bench.cli", "KV/state memory, time-to-first-token and decode speed, teacher vs student"),
     "serve": ("gendistill.serve", "OpenAI-compatible HTTP server (chat/completions, streaming) for a model directory"),
+    "ablate": ("gendistill.ablate", "run an ablation: recipe variants over axes and seeds, shared stages, one report"),
+    "select-layers": ("gendistill.select_layers", "beam search for the layers that keep softmax attention"),
 }
 
 

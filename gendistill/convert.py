@@ -143,8 +143,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="hub id or local directory of a Qwen3 checkpoint")
     p.add_argument("--out", required=True, help="output directory for the student (HF format, safetensors)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--attention-layers", help="comma-separated layer indices that keep softmax attention "
-                                                  "(default: 0,2,6,11,13,18,21 for 28 layers, else 1:3 evenly)")
+    group.add_argument("--attention-layers", help="comma-separated layer indices that keep softmax attention, or a "
+                                                  "`gendistill select-layers` selection.json (default: "
+                                                  "0,2,6,11,13,18,21 for 28 layers, else 1:3 evenly)")
     group.add_argument("--ratio", type=float, help="share of layers kept as attention, spread evenly (e.g. 0.25)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--conv-activation", choices=["identity", "silu"], default=None)
@@ -160,7 +161,11 @@ def main(args) -> int:
     if args.ratio is not None:
         _check_ratio(args.ratio)  # the form now (before loading the teacher); the layer count in convert()
     layers = None
-    if args.attention_layers:
+    if args.attention_layers and (args.attention_layers.endswith(".json") or Path(args.attention_layers).is_file()):
+        from gendistill.select_layers import read_selection
+
+        layers = read_selection(args.attention_layers)
+    elif args.attention_layers:
         try:
             layers = [int(x) for x in args.attention_layers.split(",") if x.strip()]
         except ValueError:

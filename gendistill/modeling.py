@@ -228,6 +228,20 @@ def parameter_group(model: nn.Module, name: str) -> str:
     raise ValueError(f"parameter {name!r} belongs to no known group {PARAMETER_GROUPS}")
 
 
+ATTENTION_BLOCK = "attention_block"  # overlaps the groups above: see block_groups
+
+
+def block_groups(model: nn.Module, name: str) -> tuple[str, ...]:
+    """The overlapping groups a parameter is also in: ("attention_block",) for a softmax-attention layer's self_attn
+    and its input_layernorm (that norm feeds only the attention; post_attention_layernorm feeds the MLP), else ().
+    Freezing `attention` leaves the input_layernorm training (it is in `norms`); freezing `attention_block` does not."""
+    parts = name.split(".")
+    if "layers" not in parts or not ({"self_attn", "input_layernorm"} & set(parts)):
+        return ()
+    layer_types = getattr(model.config, "layer_types", None) or [FULL] * model.config.num_hidden_layers
+    return (ATTENTION_BLOCK,) if layer_types[int(parts[parts.index("layers") + 1])] == FULL else ()
+
+
 def no_weight_decay(name: str) -> bool:
     """A_log, dt_bias, every norm weight and every bias are excluded from weight decay."""
     parts = name.split(".")

@@ -116,3 +116,148 @@ def test_under_bf16_autocast_the_projections_run_in_bf16_and_match_full_logits()
     torch.testing.assert_close(results[0][1], results[1][1], rtol=5e-2, atol=5e-3)
     fp32, _ = chunked_head_loss(hidden, weight, t_hidden, t_weight, targets, spec, scale=1 / 37)
     assert results[0][0].item() != fp32.item()  # the bf16 path really ran
+
+
+# ---- stage-1 Q/K alignment, attention-block freezing, scored-token budgets (issue 24) ----
+
+def _tiny_pair(layers=(0, 2)):
+    from gendistill.convert import convert
+    from gendistill.testing import tiny_qwen3
+
+    teacher = tiny_qwen3()
+    with torch.no_grad():  # trained teachers have non-unit q/k norm scales; the tiny one starts at 1
+        for layer in teacher.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.2, 2.0)
+            layer.self_attn.k_norm.weight.uniform_(0.2, 2.0)
+    return teacher, convert(teacher, attention_layers=list(layers))
+
+
+def test_qk_align_is_the_distance_between_normalised_teacher_and_kda_query_key_directions():
+    from gendistill.distill.losses import kda_query_key, qk_distance_sum, teacher_query_key
+    from gendistill.kda.heads import l2norm
+
+    teacher, student = _tiny_pair()
+    x = torch.randn(2, 9, 64)
+    position_ids = torch.arange(9)[None].expand(2, 9)
+    attn, mixer = teacher.model.layers[1].self_attn, student.model.layers[1].self_attn
+    q_t, k_t = teacher_query_key(attn, x)
+    q_s, k_s = kda_query_key(mixer, x, position_ids)
+    assert q_s.shape == q_t.shape == (2, 9, 4, 16) and k_s.shape == k_t.shape == (2, 9, 2, 16)
+    # Conversion copies q/k_proj and the conv starts as identity: the student's q/k are the teacher's before q_norm.
+    torch.testing.assert_close(k_s, attn.k_proj(x).view(2, 9, 2, 16))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    by_hand = 0.0
+    q_s, k_s, q_t, k_t = (t.detach() for t in (q_s, k_s, q_t, k_t))
+    for s, t in ((q_s, q_t), (k_s, k_t)):
+        for b, i in mask.nonzero().tolist():
+            by_hand += sum(float(((l2norm(s[b, i, h]) - l2norm(t[b, i, h])) ** 2).sum()) for h in range(s.shape[2])) \
+                / s.shape[2]
+    assert float(qk_distance_sum((q_s, k_s), (q_t, k_t), mask)) == pytest.approx(by_hand / 2, rel=1e-5)
+    assert by_hand > 1e-3  # the dropped q/k norm scales are the gap at the start
+    # Folding the teacher's norm scales into the student's projections closes it exactly.
+    with torch.no_grad():
+        mixer.q_proj.weight.mul_(attn.q_norm.weight.repeat(4)[:, None])
+        mixer.k_proj.weight.mul_(attn.k_norm.weight.repeat(2)[:, None])
+    q_s, k_s = kda_query_key(mixer, x, position_ids)
+    assert float(qk_distance_sum((q_s.detach(), k_s.detach()), (q_t, k_t), mask)) < 1e-9
+
+
+def test_qk_align_stage_trains_kda_q_k_and_falls(tmp_path):
+    from gendistill.distill import load_recipe, train_stage
+    from gendistill.distill.data import PackedStream, build_corpus
+    from gendistill.distill.recipe import DataSource
+    from gendistill.distill.trainer import stage_loss
+    from gendistill.testing import tiny_tokenizer
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_text.jsonl"
+    tok = tiny_tokenizer()
+    corpus = build_corpus(DataSource(path=str(data)), "text", tok, tmp_path / "cache", 10**9)
+    stage = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+                        ["attn_align.objective=qk_align", "*.steps=10", "*.checkpoint_every=0"]).stage("attn_align")
+    teacher, student = _tiny_pair()
+    held_out = PackedStream(corpus, stage.seq_len, seed=5, loss_mask="all").batch(50, 4)
+    before = stage_loss(stage, student, teacher, held_out)["qk_align"]
+    train_stage(stage, student, teacher=teacher, tokenizer=tok, data=corpus, out_dir=tmp_path / "s", progress=False,
+                tensorboard=False, save=False)
+    after = stage_loss(stage, student, teacher, held_out)["qk_align"]
+    assert after < 0.5 * before
+
+
+def test_qk_align_refuses_attention_layers():
+    from gendistill.distill import load_recipe
+    from gendistill.distill.trainer import align_layers
+    from gendistill.io import UserError
+    from pathlib import Path
+
+    stage = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+                        ["attn_align.objective=qk_align", "attn_align.layers=all"]).stage("attn_align")
+    with pytest.raises(UserError, match="not KDA"):
+        align_layers(stage, _tiny_pair()[1])
+
+
+def test_attention_block_freezes_the_attention_layers_input_norm_too():
+    from gendistill.distill.trainer import trainable_groups
+    from gendistill.io import UserError
+
+    student = _tiny_pair()[1]  # layers 0 and 2 attention
+    trainable_groups(student, ["kda", "mlp", "norms"])  # "attention frozen" as S2 reads the paper
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert "model.layers.0.input_layernorm.weight" in trained
+    assert not any(".self_attn." in n for n in trained if n.startswith(("model.layers.0.", "model.layers.2.")))
+    counts = trainable_groups(student, ["kda", "mlp", "norms"], freeze=["attention_block"])
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert {"model.layers.0.input_layernorm.weight", "model.layers.2.input_layernorm.weight"}.isdisjoint(trained)
+    assert {"model.layers.1.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+            "model.norm.weight", "model.layers.1.self_attn.q_proj.weight"} <= trained
+    assert set(counts) == {"kda", "mlp", "norms"}
+    trainable_groups(student, ["attention_block"])
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in student.named_parameters()
+                       if n.startswith(("model.layers.0.", "model.layers.2."))
+                       and (".self_attn." in n or "input_layernorm" in n)}
+    with pytest.raises(UserError, match="leaves no parameter"):
+        trainable_groups(student, ["attention"], freeze=["attention_block"])
+
+
+@pytest.mark.parametrize("loss_mask,kind", [("completion_only", "chat"), ("all", "text")])
+def test_scored_budget_takes_the_fewest_steps_whose_scored_tokens_reach_it(tmp_path, loss_mask, kind):
+    from gendistill.distill.data import PackedStream, build_corpus
+    from gendistill.distill.recipe import DataSource, _stage
+    from gendistill.distill.trainer import _stream, stage_steps
+    from gendistill.testing import tiny_tokenizer
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / f"tiny_{kind}.jsonl"
+    corpus = build_corpus(DataSource(path=str(data)), kind, tiny_tokenizer(), tmp_path, 10**9)
+    for budget in (1, 37, 500, 3 * corpus.num_tokens):  # the last spans several epochs
+        stage = _stage({"name": "s", "objective": "kd", "data": "d", "tokens": budget, "count": "scored",
+                        "seq_len": 16, "batch_size": 3, "loss_mask": loss_mask}, {}, 0, {"d": None}, 0)
+        steps = stage_steps(stage, corpus)
+        stream = _stream(stage, corpus)
+        scored = lambda n: int(stream.batch(0, n * 3)["loss_mask"].sum()) if n else 0
+        assert scored(steps) >= budget > scored(steps - 1), (budget, steps)
+    assert isinstance(stream, PackedStream)
+
+
+def test_a_scored_budget_stage_trains_until_its_scored_tokens_reach_the_budget(tmp_path):
+    import json
+    from pathlib import Path
+
+    from gendistill.distill import train_stage
+    from gendistill.distill.data import build_corpus
+    from gendistill.distill.recipe import DataSource
+    from gendistill.testing import tiny_tokenizer
+
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+    tok = tiny_tokenizer()
+    corpus = build_corpus(DataSource(path=str(data)), "chat", tok, tmp_path / "cache", 10**9)
+    teacher, student = _tiny_pair()
+    stage = {"name": "kd_instruct", "objective": "kd", "loss_mask": "completion_only", "tokens": 300,
+             "count": "scored", "seq_len": 32, "batch_size": 2, "train": ["kda"], "checkpoint_every": 0}
+    summary = train_stage(stage, student, teacher=teacher, tokenizer=tok, data=corpus, out_dir=tmp_path / "s",
+                          progress=False, tensorboard=False, save=False)
+    per_step = [json.loads(line)["scored_tokens"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["scored_tokens"] == sum(per_step) >= 300 > sum(per_step[:-1])
+    assert summary["tokens"] == summary["steps"] * 64 > 300  # the packed tokens are more: prompts are not scored

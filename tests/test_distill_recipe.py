@@ -63,7 +63,7 @@ def test_overrides_target_one_stage_every_stage_or_top_level():
     ("kd.lr=fast", "stages[2] (kd).lr: expected a number"),
     ("kd.divergence=kl", "stages[2] (kd).divergence: expected one of fkl, rkl, jsd"),
     ("kd.jsd_beta=1", "stages[2] (kd).jsd_beta: must be < 1"),
-    ("kd.objective=distill", "stages[2] (kd).objective: expected one of attn_align, hidden_align, kd, ce"),
+    ("kd.objective=distill", "stages[2] (kd).objective: expected one of attn_align, qk_align, hidden_align, kd, ce"),
     ("kd.objective={kd: 0}", "stages[2] (kd).objective: at least one term needs a positive weight"),
     ("kd.train=[kda, attn]", "stages[2] (kd).train: unknown parameter group 'attn'"),
     ("kd.schedule=linear", "stages[2] (kd).schedule: expected one of constant, cosine, wsd"),

@@ -59,7 +59,9 @@ def main(args) -> int:
         for i, s in enumerate(recipe.stages, 1):
             steps = total_steps(s)
             print(f"  {i}. {s.name}: {s.objective} on {s.data} ({s.loss_mask}); train {s.train}; "
-                  f"{steps} steps x {s.batch_size} x {s.seq_len} = {steps * s.batch_size * s.seq_len:,} tokens; "
+                  f"{'at least ' if s.count == 'scored' else ''}{steps} steps x {s.batch_size} x {s.seq_len} = "
+                  f"{steps * s.batch_size * s.seq_len:,} tokens"
+                  f"{f' (budget: {s.tokens:,} scored tokens)' if s.count == 'scored' else ''}; "
                   f"lr {s.lr} {s.schedule}")
         refused = dict(untrusted_code(recipe))
         for where, spec in code_entries(recipe):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FULL, LINEAR = "full_attention", "linear_attention"
+ALIGN_TERMS = ("attn_align", "qk_align", "hidden_align")  # per-layer terms: they read `layers` and the token mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,6 +182,42 @@ def relative_mse_sum(student_out: torch.Tensor, teacher_out: torch.Tensor, mask:
     return (s - t).pow(2).sum() / scale
 
 
+# Stage 1 of the paper is "Q/K projection alignment via L2 hidden-state distance". gendistill's reading (`qk_align`):
+# for each aligned KDA layer i, both models read the teacher's layer-i attention input x (its input_layernorm
+# output, as attn_align). The target is the teacher attention's query and key *after* q_norm/k_norm and *before*
+# RoPE (the KDA student has no positional encoding, so a rotated target is unreachable); the student's side is what
+# KDA's kernel takes: q/k projections after the short conv, before the kernel's L2 normalisation. The kernel
+# L2-normalises q and k, so only their directions reach KDA: the term is the squared L2 distance between the
+# L2-normalised per-head vectors (= 2 - 2 cos), averaged over heads and over {q, k}, per token (range [0, 4]).
+# Conversion copies q_proj/k_proj but drops q_norm/k_norm, so at the start the gap is exactly the teacher's
+# per-channel q/k norm scales; k is compared at the teacher's KV heads (before KDA's GQA repeat).
+
+def teacher_query_key(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Qwen3 attention's q [B, T, H, D] and k [B, T, Hkv, D] after q_norm/k_norm, before RoPE."""
+    shape = (*x.shape[:-1], -1, attention.head_dim)
+    return attention.q_norm(attention.q_proj(x).view(shape)), attention.k_norm(attention.k_proj(x).view(shape))
+
+
+def kda_query_key(mixer: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
+    """A KDA mixer's q [B, T, H, D] and k [B, T, Hkv, D] as its kernel takes them, before the L2 norm (projection
+    and short conv, restarting at packed-document starts as the mixer's own forward does)."""
+    from gendistill.modeling import _document_starts
+
+    B, T, _ = x.shape
+    doc_start = _document_starts(position_ids.expand(B, T)) if T > 1 else None
+    (q, k, *_), *_ = mixer._inputs(x, None, doc_start, None, mixer._merged_params(), False, False)
+    q, k = q.reshape(B, T, *q.shape[-2:]), k.reshape(B, T, *k.shape[-2:])
+    return q, k[:, :, ::mixer.num_heads // mixer.num_kv_heads]  # undo kda_heads' repeat_interleave
+
+
+def qk_distance_sum(student_qk, teacher_qk, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked tokens of the mean over heads and over (q, k) of ||l2n(student) - l2n(teacher)||^2."""
+    from gendistill.kda.heads import l2norm
+
+    return sum((l2norm(s[mask]) - l2norm(t[mask])).pow(2).sum(-1).mean(-1).sum()
+               for s, t in zip(student_qk, teacher_qk)) / len(student_qk)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the teacher pass: final hidden states and per-layer inputs/outputs, captured with hooks in one forward
 
@@ -191,10 +228,13 @@ class _StopForward(Exception):
 class TeacherCapture:
     """Registers forward hooks on the teacher's layers once per stage; `run(batch)` does one no-grad teacher forward
     and returns what the stage's terms read: `hidden` (final hidden states), and for each aligned layer i
-    `mixer_in/mixer_out[i]` (input to / output of layers[i].self_attn) and `block_in/block_out[i]`."""
+    `mixer_in/mixer_out[i]` (input to / output of layers[i].self_attn), `block_in/block_out[i]`, and for qk_layers
+    `qk[i]` = (q, k) of the teacher attention on mixer_in[i] (`teacher_query_key`)."""
 
-    def __init__(self, teacher: nn.Module, mixer_layers=(), block_layers=(), need_hidden: bool = False):
-        self.teacher, self.need_hidden = teacher, need_hidden
+    def __init__(self, teacher: nn.Module, mixer_layers=(), block_layers=(), need_hidden: bool = False,
+                 qk_layers=()):
+        self.teacher, self.need_hidden, self.qk_layers = teacher, need_hidden, sorted(set(qk_layers))
+        mixer_layers = set(mixer_layers) | set(qk_layers)
         self.captured: dict = {}
         self.handles = []
         layers = teacher.model.layers
@@ -232,6 +272,9 @@ class TeacherCapture:
             self.captured["hidden"] = out.last_hidden_state
         except _StopForward:
             pass
+        layers = self.teacher.model.layers
+        self.captured["qk"] = {i: teacher_query_key(layers[i].self_attn, self.captured["mixer_in"][i])
+                               for i in self.qk_layers}
         self.captured["head"] = self.teacher.lm_head.weight
         return self.captured
 
@@ -293,7 +336,7 @@ class StudentObjective(nn.Module):
         loss = 0.0
         position_ids = batch["position_ids"]
         align_scale = norms["world"] / max(norms["align"], 1)
-        if "attn_align" in self.objective or "hidden_align" in self.objective:
+        if any(t in self.objective for t in ALIGN_TERMS):
             x0 = teacher_out.get("mixer_in", teacher_out.get("block_in", {}))[self.align_layers[0]]
             context = _layer_context(self.student, x0, position_ids)
             mask = batch["token_mask"]
@@ -305,6 +348,12 @@ class StudentObjective(nn.Module):
                                              teacher_out[out][i], mask) for i in self.align_layers)
                 terms[term] = total * align_scale
                 loss = loss + self.objective[term] * terms[term]
+            if "qk_align" in self.objective:
+                mixers = [self.student.model.layers[i].self_attn for i in self.align_layers]
+                total = sum(qk_distance_sum(kda_query_key(m, teacher_out["mixer_in"][i], position_ids),
+                                            teacher_out["qk"][i], mask) for m, i in zip(mixers, self.align_layers))
+                terms["qk_align"] = total * align_scale
+                loss = loss + self.objective["qk_align"] * terms["qk_align"]
         if self.head.weights:
             hidden = self.student.model(input_ids=batch["input_ids"], position_ids=position_ids,
                                         use_cache=False).last_hidden_state

@@ -19,11 +19,13 @@ import yaml
 
 from gendistill.io import UserError
 
-OBJECTIVE_TERMS = ("attn_align", "hidden_align", "kd", "ce")
-TEACHER_TERMS = ("attn_align", "hidden_align", "kd")  # terms that read the teacher
+OBJECTIVE_TERMS = ("attn_align", "qk_align", "hidden_align", "kd", "ce")  # qk_align: see losses.py (stage 1's Q/K form)
+TEACHER_TERMS = ("attn_align", "qk_align", "hidden_align", "kd")  # terms that read the teacher
 DIVERGENCES = ("fkl", "rkl", "jsd")
 LOSS_MASKS = ("all", "completion_only")
-PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings")  # = gendistill.modeling.PARAMETER_GROUPS
+# gendistill.modeling.PARAMETER_GROUPS (each parameter is in one) + ATTENTION_BLOCK (attention + its input_layernorm)
+PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings", "attention_block")
+BUDGET_COUNTS = ("packed", "scored")
 SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "fsdp", "ddp")
@@ -42,12 +44,14 @@ class Stage:
     objective: dict[str, float]  # term -> weight, e.g. {"kd": 1.0} or {"kd": 1.0, "ce": 0.1}
     data: str  # name of an entry in Recipe.data
     tokens: int | None = None  # token budget (sequences x seq_len); or give `steps`
+    count: str = "packed"  # what `tokens` counts: packed (every token, prompts too) | scored (loss-masked tokens)
     steps: int | None = None
     divergence: str = "fkl"  # fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD(beta)
     jsd_beta: float = 0.5  # mixture weight of the teacher in jsd (0 < beta < 1)
     temperature: float = 1.0  # softens both distributions in kd (no T^2 rescaling, as TRL)
     loss_mask: str = "all"  # all | completion_only (assistant tokens of chat data)
     train: str | list[str] = "all"  # parameter groups that train (all = every parameter); everything else is frozen
+    freeze: list[str] = dataclasses.field(default_factory=list)  # groups frozen even where `train` covers them
     layers: str | list[int] = "linear"  # layers aligned by attn_align/hidden_align: linear (KDA) | all | [i, ...]
     seq_len: int = 2048
     batch_size: int = 8  # global sequences per optimiser step, whatever the number of processes
@@ -79,7 +83,8 @@ class Stage:
     def math_keys(self) -> dict:
         """The fields that change what is computed (a resumed stage must not change these)."""
         operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational}
+        later = {"freeze": [], "count": "packed"}  # added later: at these defaults, older checkpoints still match
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
 
 
 @dataclasses.dataclass
@@ -416,6 +421,14 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
             if group not in PARAMETER_GROUPS:
                 _fail(f"{where}.train", f"unknown parameter group {group!r}; groups: {', '.join(PARAMETER_GROUPS)}")
         s.train = sorted(set(s.train), key=PARAMETER_GROUPS.index)
+    if isinstance(s.freeze, str):
+        s.freeze = [s.freeze]
+    if not isinstance(s.freeze, list) or any(g not in PARAMETER_GROUPS for g in s.freeze):
+        _fail(f"{where}.freeze", f"expected a list of groups from {', '.join(PARAMETER_GROUPS)}, got {s.freeze!r}")
+    s.freeze = sorted(set(s.freeze), key=PARAMETER_GROUPS.index)
+    _choice(s.count, BUDGET_COUNTS, f"{where}.count")
+    if s.count == "scored" and s.tokens is None:
+        _fail(f"{where}.count", "`count: scored` applies to a `tokens` budget, not to `steps`")
     if isinstance(s.layers, list):
         s.layers = [int(_number(i, f"{where}.layers", lo=0, integer=True)) for i in s.layers]
         if not s.layers:

@@ -32,13 +32,14 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 
 from gendistill.distill import checkpoint, parallel
 from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _local_files, build_corpus,
                                      cached_corpus_dir, detect_kind)
-from gendistill.distill.losses import LINEAR, HeadLoss, StudentObjective, TeacherCapture
+from gendistill.distill.losses import ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture
 from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
                                        resolve_callable)
 from gendistill.hub import write_student_files
@@ -102,23 +103,28 @@ def load_tokenizer(recipe: Recipe):
 # ----------------------------------------------------------------------------------------------------------------
 # stage setup helpers
 
-def trainable_groups(student, groups: str | list[str]) -> dict[str, int]:
-    """Freeze everything outside `groups` ("all" or a list); return parameter counts per trained group.
-    A listed group the student does not have (e.g. kda in a plain Qwen3) is a UserError."""
-    from gendistill.modeling import PARAMETER_GROUPS, parameter_group
+def trainable_groups(student, groups: str | list[str], freeze=()) -> dict[str, int]:
+    """Freeze everything outside `groups` ("all" or a list) and everything in `freeze`; return the trained parameter
+    counts per group (`modeling.PARAMETER_GROUPS`). A parameter is in its group and in any overlapping group
+    (`modeling.block_groups`: attention_block). A listed group the student does not have (e.g. kda in a plain Qwen3)
+    or a selection that trains nothing is a UserError."""
+    from gendistill.modeling import PARAMETER_GROUPS, block_groups, parameter_group
 
-    counts = {g: 0 for g in PARAMETER_GROUPS}
+    present, trained = set(), {g: 0 for g in PARAMETER_GROUPS}
     for name, param in student.named_parameters():
         group = parameter_group(student, name)
-        param.requires_grad_(groups == "all" or group in groups)
-        counts[group] += param.numel()
-    if groups == "all":
-        return {g: n for g, n in counts.items() if n}
-    empty = [g for g in groups if counts.get(g, 0) == 0]
+        member = (group, *block_groups(student, name))
+        trains = (groups == "all" or any(g in groups for g in member)) and not any(g in freeze for g in member)
+        param.requires_grad_(trains)
+        present.update(member)
+        trained[group] += param.numel() if trains else 0
+    empty = [g for g in (list(groups) if groups != "all" else []) + list(freeze) if g not in present]
     if empty:
         raise UserError(f"parameter group(s) {empty} match no parameter of the student ({type(student).__name__}); "
-                        f"non-empty groups: {[g for g, n in counts.items() if n]}")
-    return {g: counts[g] for g in groups}
+                        f"non-empty groups: {sorted(present)}")
+    if not any(trained.values()):
+        raise UserError(f"train {groups} minus freeze {list(freeze)} leaves no parameter of the student to train")
+    return {g: n for g, n in trained.items() if n}
 
 
 def _all_groups(student) -> list[str]:
@@ -128,7 +134,7 @@ def _all_groups(student) -> list[str]:
 
 
 def align_layers(stage: Stage, student) -> list[int]:
-    if not any(t in stage.objective for t in ("attn_align", "hidden_align")):
+    if not any(t in stage.objective for t in ALIGN_TERMS):
         return []
     types = list(getattr(student.config, "layer_types", None) or [])
     n = student.config.num_hidden_layers
@@ -144,6 +150,10 @@ def align_layers(stage: Stage, student) -> list[int]:
         if bad:
             raise UserError(f"stage {stage.name}.layers: {bad} out of range (the student has {n} layers)")
         layers = sorted(set(stage.layers))
+    not_kda = [i for i in layers if i >= len(types) or types[i] != LINEAR]
+    if "qk_align" in stage.objective and not_kda:
+        raise UserError(f"stage {stage.name}: qk_align aligns KDA layers' q/k with the teacher's; layers {not_kda} of "
+                        "the student are not KDA (use `layers: linear`)")
     return layers
 
 
@@ -166,7 +176,63 @@ def lr_factor(step: int, total: int, stage: Stage) -> float:
 
 
 def total_steps(stage: Stage) -> int:
+    """Steps from `steps` or a packed-token budget; for a `count: scored` budget a lower bound (`stage_steps` is
+    exact: it needs the data)."""
     return stage.steps or max(1, math.ceil(stage.tokens / (stage.batch_size * stage.seq_len)))
+
+
+def stage_steps(stage: Stage, corpus: TokenCorpus) -> int:
+    """The stage's optimiser steps on `corpus`; with `count: scored`, the fewest steps whose loss-masked tokens reach
+    the `tokens` budget. Exact, since the packed stream is a pure function of the corpus, seq_len and stage seed."""
+    if stage.count != "scored":
+        return total_steps(stage)
+    return max(1, math.ceil(scored_position(_stream(stage, corpus), stage.tokens) / (stage.batch_size * stage.seq_len)))
+
+
+def _stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
+    return PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
+                        shuffle=corpus.meta["source"].get("shuffle", True))
+
+
+def scored_position(stream: PackedStream, budget: int) -> int:
+    """The stream position at which the scored tokens reach `budget`. Window k reads positions kL..kL+L and scores
+    position p (as the target of p-1) unless p opens a document or, completion_only, p is a prompt token; windows
+    0..N-1 thus score exactly the positions 1..NL. Per-document counts, then one search in the last epoch."""
+    corpus, first = stream.corpus, stream.corpus.offsets[:-1]
+    if stream.completion_only:
+        per_doc = np.add.reduceat(corpus.assistant, first, dtype=np.int64) - corpus.assistant[first]
+    else:
+        per_doc = stream.lengths - 1
+    per_epoch = int(per_doc.sum())
+    if per_epoch == 0:
+        why = "no assistant token after a document start" if stream.completion_only else "one-token documents"
+        raise UserError(f"data source {corpus.meta['source'].get('path')!r} has no token to score ({why})")
+    epoch, rest = divmod(int(budget), per_epoch)
+    if rest == 0:
+        epoch, rest = epoch - 1, per_epoch
+    order, starts = stream._epoch(epoch)
+    cumulative = np.cumsum(per_doc[order])
+    d = int(np.searchsorted(cumulative, rest))  # the document holding the budget's last scored token
+    k = rest - (int(cumulative[d - 1]) if d else 0)  # its k-th scored token (k >= 1)
+    doc = int(order[d])
+    within = k
+    if stream.completion_only:
+        lo, hi = int(corpus.offsets[doc]), int(corpus.offsets[doc + 1])
+        within = int(np.flatnonzero(corpus.assistant[lo + 1:hi])[k - 1]) + 1
+    return epoch * corpus.num_tokens + int(starts[d]) + within
+
+
+def sized_corpus(source: DataSource, tokenizer, cache_dir, stages: list[Stage], env: parallel.Env) -> TokenCorpus:
+    """The tokenised source, long enough for every stage in `stages` without wrapping into a second epoch early.
+    A scored budget's length in packed tokens is known only from the data: tokenise, count, grow if short."""
+    need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in stages)
+    for _ in range(8):
+        corpus = prepare_corpus(source, tokenizer, cache_dir, need, env)
+        exact = max(stage_steps(s, corpus) * s.batch_size * s.seq_len + 1 for s in stages)
+        if corpus.meta["exhausted"] or corpus.num_tokens >= exact:
+            return corpus
+        need = math.ceil(exact * 1.1)  # the scored share of a longer prefix differs a little
+    return corpus
 
 
 def micro_batch(stage: Stage, world: int) -> int:
@@ -186,7 +252,8 @@ def build_objective(stage: Stage, student, teacher, layers: list[int]):
     if stage.needs_teacher:
         capture = TeacherCapture(teacher, mixer_layers=layers if "attn_align" in stage.objective else (),
                                  block_layers=layers if "hidden_align" in stage.objective else (),
-                                 need_hidden="kd" in stage.objective)
+                                 need_hidden="kd" in stage.objective,
+                                 qk_layers=layers if "qk_align" in stage.objective else ())
     head = HeadLoss(weights={t: w for t, w in stage.objective.items() if t in ("kd", "ce")},
                     divergence=stage.divergence, beta=stage.jsd_beta, temperature=stage.temperature,
                     chunk_tokens=stage.chunk_tokens)
@@ -297,14 +364,13 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
         if tokenizer is None:
             raise UserError(f"stage {stage.name}: a tokenizer is needed to tokenise the data")
         source = data if isinstance(data, DataSource) else _data_source(data, f"stage {stage.name}.data")
-        corpus = prepare_corpus(source, tokenizer, cache_dir or out_dir / "token_cache",
-                                total_steps(stage) * stage.batch_size * stage.seq_len + 1, env)
+        corpus = sized_corpus(source, tokenizer, cache_dir or out_dir / "token_cache", [stage], env)
     if stage.loss_mask == "completion_only" and corpus.kind != "chat":
         raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with `messages`); "
                         f"the data source {corpus.meta['source']['path']!r} holds plain text")
-    stage_groups = trainable_groups(student, stage.train)
+    stage_groups = trainable_groups(student, stage.train, stage.freeze)
     layers = align_layers(stage, student)
-    steps, micro = total_steps(stage), micro_batch(stage, env.world)
+    steps, micro = stage_steps(stage, corpus), micro_batch(stage, env.world)
     if teacher is not None and stage.needs_teacher and teacher.config.vocab_size != student.config.vocab_size:
         raise UserError(f"stage {stage.name}: teacher vocabulary ({teacher.config.vocab_size}) differs from the "
                         f"student's ({student.config.vocab_size})")
@@ -377,8 +443,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         out_dir.mkdir(parents=True, exist_ok=True)
     parallel.barrier(env)
 
-    stream = PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
-                          shuffle=corpus.meta["source"].get("shuffle", True))
+    stream = _stream(stage, corpus)
     frozen = sorted(set(_all_groups(student)) - set(groups))
     banner = (f"stage {stage.name}: {'+'.join(f'{w:g}*{t}' for t, w in stage.objective.items())}, "
               f"{stage.loss_mask} tokens, {steps} steps x {stage.batch_size} x {stage.seq_len}; trains "
@@ -390,10 +455,11 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     tokens_per_step = stage.batch_size * stage.seq_len
     term_names = list(stage.objective)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    record, first_loss, t_stage = None, None, time.perf_counter()
+    record, first_loss, t_stage, scored = None, None, time.perf_counter(), 0
     last_good = last
     if last is not None:  # a resumed stage reports its whole history
         record = json.loads((last / "trainer_state.json").read_text())
+        scored = record.get("scored_tokens_total", 0)
         lines = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
         first_loss = json.loads(lines[0])["loss"] if lines else None
     try:
@@ -429,10 +495,11 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
+            scored += int(counts[0])
             record = {"stage": stage.name, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
                       "loss": values[0], **{f"loss/{t}": v for t, v in zip(term_names, values[1:])},
                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
-                      "step_time_s": elapsed, "scored_tokens": int(counts[0])}
+                      "step_time_s": elapsed, "scored_tokens": int(counts[0]), "scored_tokens_total": scored}
             first_loss = values[0] if first_loss is None else first_loss
             if (step + 1) % stage.log_every == 0 or step + 1 == steps:
                 logger.log(record)
@@ -447,7 +514,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             capture.close()
 
     model_dir = out_dir / "model"
-    summary = {"stage": stage.name, "steps": steps, "tokens": steps * tokens_per_step,
+    summary = {"stage": stage.name, "steps": steps, "tokens": steps * tokens_per_step, "scored_tokens": scored,
                "model_dir": str(model_dir) if save else None, "trainable": groups, "aligned_layers": layers,
                "first_loss": first_loss, "final": record, "train_time_s": time.perf_counter() - t_stage,
                "resumed_from_step": start or None, "world_size": env.world,
@@ -545,7 +612,7 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         teacher.eval().requires_grad_(False)
     initial = student if student is not None else load_model(recipe.student, teacher=teacher, role="student")
     for stage in recipe.stages:  # every stage's groups and layers exist in this architecture
-        trainable_groups(initial, stage.train)
+        trainable_groups(initial, stage.train, stage.freeze)
         align_layers(stage, initial)
         micro_batch(stage, env.world)
         if stage.needs_teacher and teacher.config.vocab_size != initial.config.vocab_size:
@@ -604,9 +671,8 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
     corpora = {}
     try:  # every data source tokenised (and each record checked) before the first step of the first stage
         for name in dict.fromkeys(s.data for s in recipe.stages):
-            need = max(total_steps(s) * s.batch_size * s.seq_len + 1 for s in recipe.stages if s.data == name)
-            corpora[name] = prepare_corpus(dataclasses.replace(recipe.data[name], kind=kinds[name]), tokenizer,
-                                           cache_dir, need, env)
+            corpora[name] = sized_corpus(dataclasses.replace(recipe.data[name], kind=kinds[name]), tokenizer,
+                                         cache_dir, [s for s in recipe.stages if s.data == name], env)
     except BaseException:  # e.g. a bad record: a fresh run this call created leaves nothing behind (a run dir
         if env.is_main and created and not _stage_dirs(out):  # that existed stays, marked and without stages,
             remove_tree(out)                                    # which a plain rerun starts afresh)
