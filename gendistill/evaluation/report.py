@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from gendistill.evaluation import stats
+from gendistill.evaluation.runner import read_manifest
 from gendistill.evaluation.tasks import LETTERS
 from gendistill.io import UserError, atomic_write_json, atomic_write_text
 
@@ -55,13 +56,13 @@ def load_eval_dirs(dirs: Sequence[str | Path]) -> dict:
     settings, notes, runs = [], [], []
     teacher = None
     for d in map(Path, dirs):
-        manifest_path = d / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(f"{d} is not an eval directory (no manifest.json); run `gendistill eval --out {d}` first")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(d)  # names checked before they are used as paths
         settings.append({"dir": str(d), "created": manifest.get("created"), **manifest.get("settings", {})})
         if manifest.get("run"):
             runs.append({"dir": str(d), "run": manifest["run"]})
+        for failure in manifest.get("failed") or []:  # tasks refused or failed while scoring: said, not dropped
+            who = f"{failure['model']}: " if failure.get("model") else ""
+            notes.append(f"{d}: {who}task {failure.get('task')} not scored: {failure.get('error')}")
         for name, info in manifest["models"].items():
             new_name = name
             if info["role"] == "teacher":
