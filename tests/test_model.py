@@ -411,7 +411,7 @@ def test_generate_builds_nothing_at_full_length(student):
             hook.remove()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla and the Triton kernels on the GPU)")
+@pytest.mark.gpu
 @torch.no_grad()
 def test_cuda_fast_path_equals_the_reference_model(teacher):
     """On the GPU: gendistill's classes (Triton head split, segments, fused norms) against the shipped reference model

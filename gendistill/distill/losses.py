@@ -201,18 +201,19 @@ def teacher_query_key(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 def kda_query_key(mixer: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
     """A KDA mixer's q [B, T, H, D] and k [B, T, Hkv, D] as its kernel takes them, before the L2 norm (projection
     and short conv, restarting at packed-document starts as the mixer's own forward does)."""
-    from gendistill.modeling import _document_starts
+    from gendistill.modeling_hybrid_kda import packed_documents
 
     B, T, _ = x.shape
-    doc_start = _document_starts(position_ids.expand(B, T)) if T > 1 else None
-    (q, k, *_), *_ = mixer._inputs(x, None, doc_start, None, mixer._merged_params(), False, False)
-    q, k = q.reshape(B, T, *q.shape[-2:]), k.reshape(B, T, *k.shape[-2:])
-    return q, k[:, :, ::mixer.num_heads // mixer.num_kv_heads]  # undo kda_heads' repeat_interleave
+    cu_seqlens, pos_in_doc = packed_documents(position_ids.expand(B, T)) if T > 1 else (None, None)
+    # module calls, as the reference mixer makes them: adapters on q_proj/k_proj or the convs count here too
+    q, _ = mixer.q_conv1d(mixer.q_proj(x), None, cu_seqlens, pos_in_doc)
+    k, _ = mixer.k_conv1d(mixer.k_proj(x), None, cu_seqlens, pos_in_doc)
+    return q.reshape(B, T, -1, mixer.head_dim), k.reshape(B, T, -1, mixer.head_dim)  # k at the Hkv heads
 
 
 def qk_distance_sum(student_qk, teacher_qk, mask: torch.Tensor) -> torch.Tensor:
     """Sum over masked tokens of the mean over heads and over (q, k) of ||l2n(student) - l2n(teacher)||^2."""
-    from gendistill.kda.heads import l2norm
+    from gendistill.kda import l2norm
 
     return sum((l2norm(s[mask]) - l2norm(t[mask])).pow(2).sum(-1).mean(-1).sum()
                for s, t in zip(student_qk, teacher_qk)) / len(student_qk)
