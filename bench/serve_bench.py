@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import environment, print_table, write_result  # noqa: E402
-from gendistill.bench import build_shape, parse_list  # noqa: E402
+from gendistill.io import parse_size  # noqa: E402
+from gendistill.testing import random_teacher_and_student  # noqa: E402
 from gendistill.io import UserError  # noqa: E402
 
 WORDS = ("Alice Moreau was born on 3 May 1971 in Lyon . She studied physics at the University of Geneva . Bruno Keller "
@@ -48,7 +49,7 @@ def build_models(shape: str, seed: int, dtype: torch.dtype, out: Path) -> dict[s
     from gendistill.testing import printable_outputs_only, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    teacher, _ = build_shape(shape, seed)
+    teacher, _ = random_teacher_and_student(shape, seed)
     printable_outputs_only(teacher, tokenizer)
     student = convert(teacher, seed=seed)
     dirs = {}
@@ -200,7 +201,7 @@ def main() -> int:
         if (args.teacher is None) != (args.student is None):
             raise UserError("--teacher and --student go together")
         shape = "tiny" if args.tiny else args.shape or (None if args.teacher else "qwen3-0.6b")
-        contexts = parse_list(args.contexts or ("256,1k" if shape == "tiny" else "4k,32k"))
+        contexts = [parse_size(c, "--contexts") for c in (args.contexts or ("256,1k" if shape == "tiny" else "4k,32k")).split(",")]
         max_tokens = args.max_tokens or (16 if shape == "tiny" else 128)
         if max_tokens < 2 or args.repeats < 1 or args.warmup < 0:
             raise UserError("--max-tokens must be >= 2, --repeats >= 1, --warmup >= 0")

@@ -51,7 +51,13 @@ sys.modules[__name__].__class__ = _Package
 
 
 def _register() -> None:
-    importlib.import_module("gendistill.modeling")  # registers the Auto classes when it is imported
+    """Import gendistill.modeling, which registers the Auto classes, unless a gendistill module is itself importing
+    transformers half-way through its own import (modeling would import it back, half-initialised): that module's
+    users reach modeling through their own imports (loading.load_model, convert, the trainer, the CLI verbs)."""
+    if any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+           for name, m in list(sys.modules.items()) if name.startswith("gendistill.")):
+        return
+    importlib.import_module("gendistill.modeling")
 
 
 class _RegisterAfterImport(importlib.abc.Loader):

@@ -533,7 +533,8 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             summary["eval"] = result
             if result is not None:
                 atomic_write_json(out_dir / "eval.json", result)
-        write_student_files(model_dir, student, stage=summary)  # model code + auto_map, gendistill.json, README.md
+        # model code + auto_map, gendistill.json, README.md; paths relative, as in stage.json (the run can move)
+        write_student_files(model_dir, student, stage={**summary, "model_dir": "model"})
     if env.is_main:  # on disk the model dir is relative (the run directory can move) and carries its checksums
         atomic_write_json(out_dir / "stage.json", {**summary, "model_dir": "model" if save else None,
                                                    "model_files": model_checksums(model_dir) if save else None})

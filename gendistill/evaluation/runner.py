@@ -150,7 +150,7 @@ def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks,
                       f"({max_positions}); scored anyway and marked in the manifest", file=sys.stderr)
             continue
         items = spec.items[:limit]
-        if not items or spec.lm_eval:  # lm-eval tasks bring their own prompts (lm-eval truncates them itself)
+        if not items or spec.adapter is not None:  # lm-eval tasks bring their own prompts (lm-eval truncates them)
             continue
         prompts = tokenizer([build_context(spec, item, tokenizer) for item in items],
                             add_special_tokens=False)["input_ids"]
