@@ -123,14 +123,13 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
 
 
 def load_teacher(path_or_id: str, dtype: str = "auto", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from gendistill.loading import load_model
 
     check_model_ref(path_or_id, "teacher")
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True,
-                                                       trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load teacher {path_or_id!r} (safetensors weights expected): {err}") from err
+    teacher = load_model(path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, role="teacher (safetensors "
+                         "weights expected)", use_safetensors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
