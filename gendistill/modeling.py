@@ -170,20 +170,8 @@ class HybridKDADecoderLayer(reference.HybridKDADecoderLayer):
     """The reference layer with the residual add folded into the post-attention norm (`FusedRMSNorm.add_and_norm`:
     one kernel on the GPU; elsewhere the same two steps as the reference)."""
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states, normed = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
-        return hidden_states + self.mlp(normed)
+    def residual_and_norm(self, hidden_states, residual):
+        return self.post_attention_layernorm.add_and_norm(hidden_states, residual)
 
 
 FAST_CLASSES = {**FUSED_CLASSES, reference.KDAMixer: KDAMixer, reference.HybridKDADecoderLayer: HybridKDADecoderLayer}

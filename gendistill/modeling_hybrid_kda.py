@@ -171,8 +171,13 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
+        hidden_states, normed = self.residual_and_norm(hidden_states, residual)
+        return hidden_states + self.mlp(normed)
+
+    def residual_and_norm(self, hidden_states, residual):
+        """(residual + attention output, its post-attention norm): one step, so a fused kernel can replace both."""
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, self.post_attention_layernorm(hidden_states)
 
 
 class HybridKDAPreTrainedModel(PreTrainedModel):

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Qwen3ForCausalLM
 
 import gendistill
@@ -359,18 +358,25 @@ def test_gendistill_classes_equal_the_reference_model(student, backend):
     student.zero_grad()
 
 
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor (bytes) any op creates inside the block."""
+class LargestTensor(TorchFunctionMode):
+    """The largest tensor (bytes) any torch function or tensor method returns inside the block (torch's public
+    function-mode hook: every Python-level call of an op, the mask builders' included)."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        stack = [out]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                self.bytes = max(self.bytes, item.numel() * item.element_size())
+            elif isinstance(item, (tuple, list)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
         return out
 
 

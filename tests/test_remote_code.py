@@ -39,7 +39,7 @@ LOADER = textwrap.dedent('''
     student_dir, inputs, out = sys.argv[1:4]
     model = AutoModelForCausalLM.from_pretrained(student_dir, trust_remote_code=True, dtype=torch.float32).eval()
     assert not any(name.startswith("gendistill") for name in sys.modules), "gendistill got imported"
-    x, rows, mask = torch.load(inputs)
+    x, rows, mask = torch.load(inputs, weights_only=True)
     with torch.no_grad():
         result = {"class": type(model).__module__ + "." + type(model).__name__, "logits": model(x).logits,
                   "padded": model(rows, attention_mask=mask).logits,
@@ -84,7 +84,7 @@ def test_loads_with_trust_remote_code_where_gendistill_is_not_installed(student_
                            str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith(".HybridKDAForCausalLM")
 
     ours = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()  # gendistill imported

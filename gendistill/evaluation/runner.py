@@ -65,22 +65,22 @@ def _keep_partial(tmp: Path, out: Path, manifest: dict) -> None:
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def check_model_available(ref: str | os.PathLike) -> None:
-    """A local model directory, or a hub id ("Qwen/Qwen3-0.6B") whose config is cached or reachable: checked for
-    every model before any is scored."""
+def check_model_available(ref: str | os.PathLike, role: str = "model") -> None:
+    """A local model directory (config and tokenizer), or a hub id ("Qwen/Qwen3-0.6B") whose config is cached or
+    reachable: checked for every model before any is scored."""
     path = Path(ref)
-    if (path / "config.json").is_file():
+    if path.exists() or not _HUB_ID.match(str(ref)):
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a model directory (no config.json)")
+        check_model_ref(path, role, need_tokenizer=True)
         return
-    if not path.exists() and _HUB_ID.match(str(ref)):
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        try:
-            AutoConfig.from_pretrained(str(ref))
-            return
-        except (OSError, ValueError) as err:
-            raise UserError(f"model {ref}: no such directory, and as a hub id it cannot be loaded "
-                            f"(offline and not cached?): {str(err).splitlines()[0]}") from None
-    raise UserError(f"{path} is not a model directory (no config.json)")
+    try:
+        AutoConfig.from_pretrained(str(ref))
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {ref}: no such directory, and as a hub id it cannot be loaded "
+                        f"(offline and not cached?): {str(err).splitlines()[0]}") from None
 
 
 def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
@@ -90,8 +90,6 @@ def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_available(path)
-    if Path(path).exists():
-        check_model_ref(path, "model", need_tokenizer=True)
     path = str(path)
     device = _check_device(device)
     if dtype not in DTYPES:
@@ -280,9 +278,7 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
                         f"(students: {students})")
     for name, role, ref in entries:  # every model, tokenizer and prompt checked before any model is loaded
         if isinstance(ref, (str, os.PathLike)):
-            check_model_available(ref)
-            if Path(ref).exists():
-                check_model_ref(ref, role, need_tokenizer=True)
+            check_model_available(ref, role)
             from transformers import AutoConfig, AutoTokenizer
 
             import gendistill.modeling  # noqa: F401  (the student's config class)
