@@ -3,13 +3,12 @@
 # bench/results/<gpu>/ (<gpu>: the card's name, e.g. h200), replacing the previous one. Each result file records its
 # command, commit, versions and date; bench/results/<gpu>/RESULTS.md is the table to update from them.
 #   bash bench/gpu.sh                    # the default: bench and graphs
-#   bash bench/gpu.sh bench graphs host profile levers parity kd kd2 engine demo
+#   bash bench/gpu.sh bench graphs host profile parity kd kd2 engine demo
 # Steps (run in the order given; one failing does not stop the others, the script exits non-zero at the end):
 #   bench    gendistill bench, eager, 4K-128K prefill (forward and generate()), decode at 32K    -> bench/
 #   graphs   the same at 4K/16K with the prefill and decode steps replayed as CUDA graphs       -> bench_graphs/
 #   host     bench/host_profile.py: where the host's time goes in a 4K prefill                    -> host_profile.json
 #   profile  bench/kernel_profile.py: kernel time per category at 4K and 128K, decode at 32K      -> kernel_profile.json
-#   levers   bench/prefill_levers.py: the long-prefill levers, each on and off, at 128K          -> prefill_levers.json
 #   parity   bench/kda_parity.py: fla's KDA kernels against the PyTorch paths                     -> kda_parity.json
 #   kd, kd2  bench/kd_step.py: the KD step on one GPU, and FSDP2 on two                            -> kd_step.json, kd_step_x2.json
 #   engine   bench/eval_engine.py: the batched generation engine against one-by-one generate     -> eval_engine.json
@@ -50,7 +49,6 @@ for step in "${@:-bench graphs}"; do
       host)    run host "$PY" bench/host_profile.py --out "$R/host_profile.json" ;;
       profile) run profile "$PY" bench/kernel_profile.py --contexts 4k,128k --decode 32k@16 \
                  --out "$R/kernel_profile.json" ;;
-      levers)  run levers "$PY" bench/prefill_levers.py --out "$R/prefill_levers.json" ;;
       parity)  run parity "$PY" bench/kda_parity.py --out "$R/kda_parity.json" ;;
       kd)      run kd "$PY" bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step.json" ;;
       kd2)     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} run kd2 torchrun --nproc-per-node 2 bench/kd_step.py \

@@ -2,7 +2,7 @@
 
     python bench/host_profile.py --context 4096 --out bench/results/h200/host_profile.json     (bench/gpu.sh host)
 
-Per model (teacher; student; the student with Triton's own launcher and fla's wrappers, gendistill.launch): the
+Per model (teacher; student; the student with Triton's own launcher and fla's wrappers, kernels.launch): the
 prefill's TTFT (CUDA events, as `gendistill bench`), the host's time to issue it (perf_counter, no synchronisation:
 when it is close to the TTFT the GPU waits on the host), and a cProfile of it: host ms per forward by package (where
 the Python frames live) and the functions with the most time of their own. Then the host cost of each call a KDA
@@ -32,12 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench.measure import random_ids, synthetic_cache, timed  # noqa: E402
 from gendistill.testing import random_teacher_and_student  # noqa: E402
-import gendistill.modeling as modeling  # noqa: E402
-from gendistill import kda  # noqa: E402
-from gendistill.kda import heads  # noqa: E402
-import gendistill.fused as fused  # noqa: E402
-import gendistill.launch as launch  # noqa: E402
-from gendistill.kda.segments import FlaKernels, FlaStages  # noqa: E402
+from gendistill import kda, kernels  # noqa: E402
+from gendistill.kernels import heads, hybrid  # noqa: E402
+from gendistill.kernels.segments import FlaKernels, FlaStages  # noqa: E402
 
 DEVICE = torch.device("cuda")
 PACKAGES = ("fla", "triton", "transformers", "gendistill", "torch")
@@ -101,7 +98,7 @@ def per_call_host_us(fn, calls: int = 50) -> tuple[float, float]:
 
 def kda_layer_ops(student, ids) -> list[dict]:
     """Each call one KDA layer makes on a 4K prefill, alone."""
-    mixer = next(m for m in student.modules() if isinstance(m, modeling.KDAMixer))
+    mixer = next(m for m in student.modules() if isinstance(m, hybrid.FusedKDAMixer))
     x = student.model.embed_tokens(ids)
     params = mixer._merged_params()
     kda_in, gate_low, _, _ = mixer._inputs(x, None, None, None, params, True, False)
@@ -137,13 +134,13 @@ def kda_layer_ops(student, ids) -> list[dict]:
                                                       scale=0.088, chunk_size=64),
         "FlaStages.scan": lambda: stages.scan(prepared, None),
         "FlaStages.output": lambda: stages.output(scanned),
-        "FlaKernels.prepare (gendistill.launch)": lambda: kernels.prepare(q, k, v, f, b),
+        "FlaKernels.prepare (kernels.launch)": lambda: kernels.prepare(q, k, v, f, b),
         "FlaKernels.scan": lambda: kernels.scan(prepared_k, None),
         "FlaKernels.output": lambda: kernels.output(scanned_k),
-        "gated_rms_norm (gendistill.norm)": lambda: fused.gated_output_norm(o4, o4, mixer.o_norm.weight, 1e-6),
+        "gated_rms_norm (kernels.norm)": lambda: hybrid.gated_output_norm(o4, o4, mixer.o_norm.weight, 1e-6),
         "fla's rms_norm_gated (before)": lambda: kda._fla_norm()(x=o4, g=o4, weight=mixer.o_norm.weight, bias=None,
                                                                  activation="sigmoid", eps=1e-6),
-        "RMSNorm with the residual (gendistill.norm)": lambda: norm.add_and_norm(x, x),
+        "RMSNorm with the residual (kernels.norm)": lambda: norm.add_and_norm(x, x),
         "RMSNorm with the residual (gendistill.norm, Triton's launcher)": lambda: with_triton_launcher(
             lambda: norm.add_and_norm(x, x)),
         "RMSNorm with the residual (transformers)": lambda: (lambda h: (h, Qwen3RMSNorm.forward(norm, h)))(x + x),
@@ -160,7 +157,7 @@ def kda_layer_ops(student, ids) -> list[dict]:
 
 
 def with_triton_launcher(fn):
-    with launch.triton_launches():
+    with kernels.use(direct_launch=False):
         return fn()
 
 
@@ -203,7 +200,7 @@ def main() -> int:
         variants = {
             "teacher": (teacher, contextlib.nullcontext),
             "student": (student, contextlib.nullcontext),
-            "student, Triton's launcher and fla's wrappers (before)": (student, launch.triton_launches),
+            "student, Triton's launcher and fla's wrappers (before)": (student, lambda: kernels.use(direct_launch=False)),
         }
         for model, regime in variants.values():  # autotuning, allocator
             with regime():

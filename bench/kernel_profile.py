@@ -28,7 +28,7 @@ from bench.common import environment, print_table, write_result  # noqa: E402
 from gendistill.bench.measure import fast_path, random_ids, synthetic_cache, timed  # noqa: E402
 from gendistill.io import parse_size  # noqa: E402
 from gendistill.testing import random_teacher_and_student  # noqa: E402
-from gendistill.fused import fuse_modules  # noqa: E402
+from gendistill.kernels import fuse as fuse_modules  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
 
 # First match wins; names are lower-cased kernel names.
@@ -89,7 +89,7 @@ def main() -> int:
     device = torch.device("cuda")
     pair = random_teacher_and_student(args.shape, 0)
     teacher, student = (m.to(device=device, dtype=torch.bfloat16).eval() for m in pair)
-    # The stock teacher with the student's fused kernels (gendistill.fused): what the kernels alone are worth.
+    # The stock teacher with the student's fused kernels (gendistill.kernels): what the kernels alone are worth.
     fused_teacher = fuse_modules(copy.deepcopy(teacher))
     rows, results = [], []
 

@@ -2,15 +2,16 @@
 
 This file is the reference model, in the style of transformers' modeling_qwen3.py and fla's layers/kda.py: every
 projection is a module whose forward is called (PEFT adapters and other wrappers take effect), no weight is merged
-or cached. Attention layers, MLPs, norms and embeddings are Qwen3's own modules (parameter names match Qwen3
-checkpoints); only the token mixer of `"linear_attention"` layers differs: `KDAMixer`, built as arXiv 2603.26556
-builds it (teacher-shaped q/k/v/o, k/v heads repeated to the q heads at run time, identity-initialised short convs
-with bias, channel-wise low-rank forget gate, per-head beta, gated RMSNorm output, NoPE).
+or cached. Attention layers, MLPs, norms and embeddings are Qwen3's own (parameter names match Qwen3 checkpoints;
+`HybridKDAAttention` is Qwen3's attention with its q/k norm + rotary step named); only the token mixer of
+`"linear_attention"` layers differs: `KDAMixer`, built as arXiv 2603.26556 builds it (teacher-shaped q/k/v/o, k/v
+heads repeated to the q heads at run time, identity-initialised short convs with bias, channel-wise low-rank forget
+gate, per-head beta, gated RMSNorm output, NoPE).
 
 It is shipped unchanged inside every student directory (`gendistill.hub`), beside configuration_hybrid_kda.py and
 the KDA ops (kda.py, naive.py, chunk.py: pure PyTorch, fla's kernels on CUDA when fla is installed), so it imports
-only torch, transformers and its siblings. gendistill's own classes (`gendistill.modeling`) subclass these with the
-fast inference paths; their outputs are tested equal.
+only torch, transformers and its siblings. gendistill's inference kernels (`gendistill.kernels`) subclass these,
+overriding only their hot steps; their outputs are tested equal.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, Qwen3RMSNorm,
-                                                      Qwen3RotaryEmbedding)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding,
+                                                      apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
 from .kda import gated_rms_norm, kda_gated, short_conv
@@ -150,11 +152,38 @@ def packed_documents(position_ids: torch.Tensor):
     return cu_seqlens, idx - start_idx
 
 
+class HybridKDAAttention(Qwen3Attention):
+    """Qwen3's attention (same parameters, same computation as transformers' modeling_qwen3.py), with the q/k norms
+    and the rotary embedding as one step, `norm_and_rotate`, so that a fused kernel can replace that step alone."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states, key_states = self.norm_and_rotate(self.q_proj(hidden_states).view(hidden_shape),
+                                                        self.k_proj(hidden_states).view(hidden_shape),
+                                                        position_embeddings)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                    eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+    def norm_and_rotate(self, q, k, position_embeddings):
+        """q and k as projected ([B, T, heads, head_dim]) -> normed and rotated, [B, heads, T, head_dim]."""
+        cos, sin = position_embeddings
+        return apply_rotary_pos_emb(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), cos, sin)
+
+
 class HybridKDADecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridKDAConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = (Qwen3Attention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
+        self.self_attn = (HybridKDAAttention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gendistill import convert
-from gendistill.modeling import KDAMixer
+from gendistill.modeling_hybrid_kda import KDAMixer
 from gendistill.testing import tiny_qwen3
 
 peft = pytest.importorskip("peft")  # pinned in requirements.txt: CI always runs these

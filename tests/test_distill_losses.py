@@ -134,7 +134,7 @@ def _tiny_pair(layers=(0, 2)):
 
 def test_qk_align_is_the_distance_between_normalised_teacher_and_kda_query_key_directions():
     from gendistill.distill.losses import kda_query_key, qk_distance_sum, teacher_query_key
-    from gendistill.kda.heads import l2norm
+    from gendistill.kda import l2norm
 
     teacher, student = _tiny_pair()
     x = torch.randn(2, 9, 64)

@@ -1,4 +1,4 @@
-"""gendistill.fused: the fused inference path (gendistill.norm's Triton RMSNorm and q/k norm + rotary kernel, the
+"""gendistill.kernels: the fused inference path (kernels.norm's Triton RMSNorm and q/k norm + rotary kernel, the
 SwiGLU kernel and the KDA mixer's Triton head split, run in Triton's interpreter; MLPs in slices) against the
 transformers modules. CI has no GPU, so the path is switched on for CPU tensors; what is tested is the kernels'
 numerics and everything around them: which module calls what, the residual wiring, the MLP's slicing beyond the
@@ -11,12 +11,12 @@ from transformers import DynamicCache
 from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding,
                                                       apply_rotary_pos_emb)
 
-import gendistill.fused as fused
 import gendistill.kda as kda
-import gendistill.modeling as modeling
-from gendistill import convert, norm
-from gendistill.fused import FusedMLP, FusedRMSNorm, fuse_modules
-from gendistill.modeling import KDAMixer
+from gendistill import convert
+from gendistill.kernels import fuse as fuse_modules
+from gendistill.kernels import hybrid, norm, policy, qwen3
+from gendistill.kernels.hybrid import FusedKDAMixer
+from gendistill.kernels.qwen3 import FusedMLP, FusedRMSNorm
 from gendistill.testing import tiny_qwen3
 
 CALLS = {"rms_norm": 0, "qk_norm_rotary": 0}
@@ -33,11 +33,13 @@ def counted(name, fn):
 def fused_path(monkeypatch):
     """The fused path switched on for CPU tensors under no_grad: gendistill's Triton kernels in the interpreter."""
     inference = lambda x, weight=None: not torch.is_grad_enabled()  # noqa: E731
-    monkeypatch.setattr(fused, "kernel_inference", inference)  # also KDA's gated output norm (fused.gated_output_norm)
+    monkeypatch.setattr(policy, "enabled", inference)  # the one switch every fused module asks
     # The KDA mixer as on the fla path: q/k/v from the Triton split (in Triton's interpreter), q/k normalised there
-    monkeypatch.setattr(modeling, "resolve_backend", lambda x, n: "fla")
-    monkeypatch.setattr(fused, "rms_norm", counted("rms_norm", norm.rms_norm))
-    monkeypatch.setattr(fused, "qk_norm_rotary", counted("qk_norm_rotary", norm.qk_norm_rotary))
+    monkeypatch.setattr(hybrid, "resolve_backend", lambda x, n: "fla")
+    rms = counted("rms_norm", norm.rms_norm)
+    monkeypatch.setattr(qwen3, "rms_norm", rms)
+    monkeypatch.setattr(hybrid, "rms_norm", rms)  # KDA's gated output norm
+    monkeypatch.setattr(hybrid, "qk_norm_rotary", counted("qk_norm_rotary", norm.qk_norm_rotary))
     CALLS.update(rms_norm=0, qk_norm_rotary=0)
     return CALLS
 
@@ -76,14 +78,15 @@ def test_student_fused_path_matches_reference(teacher, fused_path, monkeypatch):
     assert fused_path["rms_norm"] == 0
     student.config.kda_prefill_chunk = 16  # 40 tokens: three MLP slices; KDA layers in three segments too
     for mixer in student.modules():
-        if isinstance(mixer, KDAMixer):
+        if isinstance(mixer, FusedKDAMixer):
             mixer.prefill_chunk = 16
-    slices, swiglu = [], fused.swiglu
-    monkeypatch.setattr(fused, "swiglu", lambda gate, up: slices.append(gate.shape[-2]) or swiglu(gate, up))
+    slices, swiglu = [], qwen3.swiglu
+    monkeypatch.setattr(qwen3, "swiglu", lambda gate, up: slices.append(gate.shape[-2]) or swiglu(gate, up))
     out = student(x).logits
-    monkeypatch.setattr(fused, "swiglu", swiglu)
-    # 4 layers x 2 norms + final; q/k norms and rotary in the 2 attention layers; 4 MLPs x 3 slices
-    assert fused_path["rms_norm"] == 4 * 2 + 1 and fused_path["qk_norm_rotary"] == 2
+    monkeypatch.setattr(qwen3, "swiglu", swiglu)
+    # 4 layers x 2 norms + final, and the gated output norm of 2 KDA layers x 3 segments; q/k norms and rotary in the
+    # 2 attention layers; 4 MLPs x 3 slices
+    assert fused_path["rms_norm"] == 4 * 2 + 1 + 2 * 3 and fused_path["qk_norm_rotary"] == 2
     assert slices == [16, 16, 8] * 4
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=0)
     cache = DynamicCache(config=student.config)
@@ -98,12 +101,12 @@ def test_one_segment_prefill_takes_the_stages_path(teacher, fused_path, monkeypa
     without its autograd wrapper; on CPU the same schedule over kda_gated): same logits as the reference, uncached and
     cached (the conv context is kept only for a cache) + decode steps."""
     student = convert(teacher, attention_layers=[0, 2])
-    x = ids(2, modeling.RECURRENT_MAX_STEPS + 6)
+    x = ids(2, hybrid.RECURRENT_MAX_STEPS + 6)
     with torch.enable_grad():
         reference = student(x).logits.detach()
     added = []
-    add = modeling.SegmentedKDA.add
-    monkeypatch.setattr(modeling.SegmentedKDA, "add", lambda self, inputs, tag: added.append(1) or add(self, inputs, tag))
+    add = hybrid.SegmentedKDA.add
+    monkeypatch.setattr(hybrid.SegmentedKDA, "add", lambda self, inputs, tag: added.append(1) or add(self, inputs, tag))
     torch.testing.assert_close(student(x).logits, reference, atol=2e-5, rtol=0)
     assert len(added) == 2  # one segment in each of the two KDA layers
     cache = DynamicCache(config=student.config)
@@ -116,13 +119,15 @@ def test_one_segment_prefill_takes_the_stages_path(teacher, fused_path, monkeypa
 
 @torch.no_grad()
 def test_fuse_modules_on_a_stock_qwen3(teacher, fused_path):
-    """The swap keeps parameter names and values (checkpoints load either way) and the outputs."""
+    """The swap keeps parameter names and values (checkpoints load either way) and the outputs. Qwen3's own attention
+    stays as it is (its q/k norm + rotary step is fused in the Hybrid-KDA attention only, which names that step)."""
     fast = fuse_modules(copy.deepcopy(teacher))
     assert fast.state_dict().keys() == teacher.state_dict().keys()
-    assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP, Qwen3Attention) for m in fast.modules())
+    assert not any(type(m) in (Qwen3RMSNorm, Qwen3MLP) for m in fast.modules())
+    assert sum(type(m) is Qwen3Attention for m in fast.modules()) == 4
     x = ids(2, 19)
     torch.testing.assert_close(fast(x).logits, teacher(x).logits, atol=2e-5, rtol=0)
-    assert fused_path["rms_norm"] > 0 and fused_path["qk_norm_rotary"] == 4
+    assert fused_path["rms_norm"] > 0 and fused_path["qk_norm_rotary"] == 0
 
 
 @torch.no_grad()
@@ -142,15 +147,15 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     """gendistill bench compares every fused module with transformers' on the inputs of one forward; a kernel that
     forgets the norm's weight, or rotates the wrong way, must fail exactly the checks of the modules it serves."""
     from gendistill.bench import checks
-    from gendistill.kda import _backend
+    from gendistill.kda import current_backend
 
     student = convert(teacher, attention_layers=[0, 2])
     with torch.no_grad():
         for m in student.modules():
             if isinstance(m, Qwen3RMSNorm):
                 m.weight.normal_(1.0, 0.3)
-    inference = lambda x, weight=None: not torch.is_grad_enabled() and _backend.get() != "recurrent"  # noqa: E731
-    monkeypatch.setattr(fused, "kernel_inference", inference)
+    inference = lambda x, weight=None: not torch.is_grad_enabled() and current_backend() != "recurrent"  # noqa: E731
+    monkeypatch.setattr(policy, "enabled", inference)
     with torch.no_grad():
         good = checks.check_correctness(teacher, student)
     assert good["passed"]
@@ -162,7 +167,7 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     def no_weight(x, weight, eps, **kw):
         return norm.rms_norm(x, torch.ones_like(weight), eps, **kw)
 
-    monkeypatch.setattr(fused, "rms_norm", no_weight)
+    monkeypatch.setattr(qwen3, "rms_norm", no_weight)
     with torch.no_grad():
         bad = checks.check_correctness(teacher, student)
     failed = sorted(c["name"] for c in bad["checks"] if not c["passed"])
@@ -172,8 +177,8 @@ def test_bench_checks_the_fused_modules_and_refuses_a_wrong_kernel(teacher, monk
     def backwards(q, k, q_weight, k_weight, eps, cos, sin):  # a plausible rotary bug: the sine's sign
         return norm.qk_norm_rotary(q, k, q_weight, k_weight, eps, cos, -sin)
 
-    monkeypatch.setattr(fused, "rms_norm", norm.rms_norm)
-    monkeypatch.setattr(fused, "qk_norm_rotary", backwards)
+    monkeypatch.setattr(qwen3, "rms_norm", norm.rms_norm)
+    monkeypatch.setattr(hybrid, "qk_norm_rotary", backwards)
     with torch.no_grad():
         bad = checks.check_correctness(teacher, student)
     assert [c["name"] for c in bad["checks"] if not c["passed"]] == [attention]
@@ -184,7 +189,7 @@ def test_swiglu_kernel_matches_the_eager_form(shape, dtype):
     """The Triton SwiGLU (in Triton's interpreter) against SiLU(gate) * up, over sizes that are no multiple of its
     blocks; bf16 within one rounding of the eager form, which rounds SiLU's output first."""
     gate, up = (torch.randn(*shape, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (1, 2))
-    got = fused.swiglu(gate, up)
+    got = qwen3.swiglu(gate, up)
     assert got.dtype == dtype and got.shape == gate.shape
     once = (torch.nn.functional.silu(gate.float()) * up.float()).to(dtype)  # rounded once, as the kernel
     # one bf16 ulp: Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest)

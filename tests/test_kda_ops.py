@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from gendistill import kda
 from gendistill.kda import chunk_kda, kda_gate, kda_gated, l2norm, recurrent_kda, resolve_backend, use_backend
-from gendistill.kda.heads import Conv, kda_heads, kda_heads_fused
+from gendistill.kernels.heads import Conv, kda_heads, kda_heads_fused
 
 
 def make_inputs(B, T, H, HV, K, V, strong_decay=False, seed=0):

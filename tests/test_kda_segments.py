@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from gendistill.kda import segments
+from gendistill.kernels import segments
 
 
 class Log(list):

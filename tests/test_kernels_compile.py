@@ -9,15 +9,15 @@ import sys
 
 BF16 = "*bf16"
 KERNELS = {  # name: (module, kernel factory, argument types, constexprs)
-    "rms_norm": ("gendistill.norm", "_kernel", dict(x=BF16, residual=BF16, gate=BF16, weight=BF16, out=BF16,
+    "rms_norm": ("gendistill.kernels.norm", "_kernel", dict(x=BF16, residual=BF16, gate=BF16, weight=BF16, out=BF16,
                                                     residual_out=BF16, rows="i32", width="i32", eps="fp32"),
                  dict(HAS_RESIDUAL=True, GATE=1, ROWS=4, BLOCK=1024)),
-    "qk_norm_rotary": ("gendistill.norm", "_qk_kernel", dict(q=BF16, k=BF16, q_weight=BF16, k_weight=BF16, cos=BF16,
+    "qk_norm_rotary": ("gendistill.kernels.norm", "_qk_kernel", dict(q=BF16, k=BF16, q_weight=BF16, k_weight=BF16, cos=BF16,
                                                              sin=BF16, q_out=BF16, k_out=BF16, T="i32", eps="fp32"),
                        dict(HQ=16, HK=8, D=128, COS_PER_ROW=True, ROWS=16)),
-    "swiglu": ("gendistill.fused", "_swiglu_kernel", dict(gate=BF16, up=BF16, out=BF16, rows="i32", width="i32"),
+    "swiglu": ("gendistill.kernels.qwen3", "_swiglu_kernel", dict(gate=BF16, up=BF16, out=BF16, rows="i32", width="i32"),
                dict(ROWS=4, BLOCK=1024)),
-    "kda_heads with the conv": ("gendistill.kda.heads", "_kernel",
+    "kda_heads with the conv": ("gendistill.kernels.heads", "_kernel",
                                 dict(x=BF16, q=BF16, k=BF16, v=BF16, conv_w=BF16, conv_b=BF16, ctx=BF16, T="i32",
                                      eps="fp32"),
                                 dict(H=16, HKV=8, D=128, W=4, CONV=True, HAS_BIAS=True, HAS_CTX=True, SILU=False,

@@ -1,12 +1,15 @@
-"""gendistill.launch's bookkeeping, with a stand-in for Triton's compiled kernel (CI has no GPU; the GPU benchmark
+"""kernels.launch's bookkeeping, with a stand-in for Triton's compiled kernel (CI has no GPU; the GPU benchmark
 checks the direct launches against Triton's own, `bench.direct_launch_check`)."""
+import warnings
+
 import pytest
 import torch
 import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
-from gendistill import launch
+from gendistill import kernels
+from gendistill.kernels import launch
 
 
 def kernel_fn(x, out, n, width, scale, BLOCK: tl.constexpr, CHOSEN: tl.constexpr):
@@ -128,7 +131,7 @@ def test_triton_s_path_whenever_the_fast_one_would_skip_something(monkeypatch):
     kernel = Kernel()
     run = launch.Launcher(kernel)
     call(run, x)
-    with launch.triton_launches():
+    with kernels.use(direct_launch=False):
         call(run, x)
     profiler = lambda metadata: None  # noqa: E731
     knobs.runtime.launch_exit_hook.add(profiler)  # as proton adds its hooks
@@ -151,3 +154,38 @@ def test_the_cache_starts_over_when_full(monkeypatch):
     for width in (16, 32, 48, 16):
         call(run, x, width=width)
     assert kinds(kernel) == ["triton"] * 4 and len(run.compiled) == 2
+
+
+def test_an_unverified_triton_turns_direct_launches_off_with_one_warning(monkeypatch):
+    """The launcher drives Triton 3.6's internals: with any other Triton every call takes Triton's own path, and one
+    warning (per process) names what was turned off and the versions involved."""
+    from gendistill.kernels import compat
+
+    monkeypatch.setattr(compat, "installed_version", lambda module: "9.9.9" if module == "triton" else "0.6.0")
+    compat.supported.cache_clear()
+    try:
+        kernel = Kernel()
+        run = launch.Launcher(kernel)
+        x = torch.zeros(100)
+        with pytest.warns(RuntimeWarning, match=r"direct_launch turned off.*triton 3\.6\.0, found 9\.9\.9"):
+            call(run, x)
+            call(run, x)
+        assert kinds(kernel) == ["triton", "triton"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process: no second warning
+            call(run, x)
+        assert compat.supported("fla_kernels")  # the other gate is independent
+    finally:
+        compat.supported.cache_clear()
+
+
+def test_the_verified_versions_are_what_the_gpu_extra_pins():
+    """The `gpu` extra installs exactly the fla release the direct fla-kernel path was verified on."""
+    import tomllib
+    from pathlib import Path
+
+    from gendistill.kernels import compat
+
+    extra = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pins = extra["project"]["optional-dependencies"]["gpu"]
+    assert all(f"{name}=={compat.VERIFIED['fla_kernels'][1][-1]}" in pins for name in ("fla-core", "flash-linear-attention"))

@@ -13,7 +13,8 @@ import gendistill
 from gendistill import convert
 from gendistill.convert import default_attention_layers
 from gendistill.kda import use_backend
-from gendistill.modeling import HybridKDAForCausalLM, KDAMixer, no_weight_decay, parameter_group
+from gendistill.kernels.hybrid import FusedKDAMixer as KDAMixer
+from gendistill.modeling import HybridKDAForCausalLM, no_weight_decay, parameter_group
 from gendistill.testing import qwen3_0_6b_config, tiny_qwen3
 
 

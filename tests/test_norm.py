@@ -1,11 +1,11 @@
-"""gendistill.norm: the one-launch Triton RMSNorm (in Triton's interpreter on CPU) against its definition, which is
+"""gendistill.kernels.norm: the one-launch Triton RMSNorm (in Triton's interpreter on CPU) against its definition, which is
 transformers' Qwen3RMSNorm and the KDA reference path's gated norm."""
 import pytest
 import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from gendistill import kda
-from gendistill.norm import rms_norm, rms_norm_reference
+from gendistill.kernels.norm import rms_norm, rms_norm_reference
 
 ULP = {torch.float32: 1e-6, torch.bfloat16: 2**-7}  # Triton's interpreter rounds fp32 -> bf16 toward zero
 

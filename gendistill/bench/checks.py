@@ -2,7 +2,7 @@
 
 On a short input, every KDA layer of the student must give the same output by the fast path (`fast_path`: fla on
 CUDA, the chunked PyTorch form elsewhere) as by the recurrent reference (uncached, in segments, cached + decode,
-left-padded batch), every fused module (gendistill.fused) the same as transformers', cached decoding must match the
+left-padded batch), every fused module (gendistill.kernels) the same as transformers', cached decoding must match the
 uncached forward on the logits (teacher and student), and with CUDA graphs graph-replayed prefills (and decode steps)
 must match eager ones. `check_correctness` runs them all; `WrongModelError` stops a run whose student fails one.
 """
@@ -15,12 +15,12 @@ from transformers import DynamicCache
 
 from gendistill.bench import measure
 from gendistill.bench.measure import fast_path, random_ids, synthetic_cache
-from gendistill.fused import FUSED_CLASSES, FusedMLP, FusedRMSNorm
+from gendistill import kernels
 from gendistill.kda import use_backend
-from gendistill.launch import triton_launches
-from gendistill.modeling import KDAMixer
+from gendistill.kernels.hybrid import FusedAttention, FusedKDAMixer
+from gendistill.kernels.qwen3 import FusedMLP, FusedRMSNorm
 
-FUSED_TYPES = tuple(FUSED_CLASSES.values())
+FUSED_TYPES = (FusedRMSNorm, FusedMLP, FusedAttention)
 
 # Correctness. Why per layer and not on the logits: a random-weight model amplifies rounding ~20x from layer to layer
 # (measured on the Qwen3-0.6B shape: 5e-3 relative noise on the KDA outputs gives 9.5e-2 on the logits, and the bf16
@@ -76,7 +76,7 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
     """Each KDA layer on the input it sees in one fast forward: fast path vs reference for an uncached prefill, a
     prefill in segments, a cached prefill followed by single-token decode steps, and a batch whose second row is
     left-padded (its real tokens against that row alone, unpadded). Reports the worst layer."""
-    mixers = [m for m in student.modules() if isinstance(m, KDAMixer)]
+    mixers = [m for m in student.modules() if isinstance(m, FusedKDAMixer)]
     inputs = {}
 
     def capture(module, args, kwargs):
@@ -129,7 +129,7 @@ def kda_layer_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
 
 
 def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
-    """The fused norms, sliced MLPs and attention's q/k norm and rotary kernel (gendistill.fused) on the inputs they
+    """The fused norms, sliced MLPs and attention's q/k norm and rotary kernel (gendistill.kernels) on the inputs they
     see in one reference forward (so that each check stands alone): fused path vs the transformers modules (the
     reference); also the norm's residual-add form."""
     modules = [m for m in student.modules() if isinstance(m, FUSED_TYPES)]
@@ -172,11 +172,11 @@ def fused_module_checks(student, ids: torch.Tensor, rtol: float) -> list[dict]:
 
 
 def direct_launch_check(student, ids: torch.Tensor) -> dict:
-    """The student's logits with gendistill.launch's direct launches (the default) vs with Triton's own launcher and
+    """The student's logits with kernels.launch's direct launches (the default) vs with Triton's own launcher and
     fla's own wrappers around KDA's kernels: the same kernels, so the same numbers."""
     with use_backend(fast_path(ids.device)):
         direct = student(ids, use_cache=False).logits
-        with triton_launches():
+        with kernels.use(direct_launch=False):
             reference = student(ids, use_cache=False).logits
     return {"name": "student: logits with direct Triton launches vs Triton's launcher and fla's wrappers",
             "rtol": DIRECT_LAUNCH_RTOL, "rel_err": relative_error(direct, reference)}

@@ -9,15 +9,17 @@
 
 This file, naive.py and chunk.py ship inside every student directory (as kda.py, naive.py, chunk.py, beside
 modeling_hybrid_kda.py: `gendistill.hub`), so they import only torch and each other (relative imports), and fla
-inside `try` blocks. gendistill's own inference kernels (heads.py, segments.py, ../norm.py, ../fused.py) build on
-these and are not shipped.
+inside `try` blocks. gendistill's own inference kernels (`gendistill.kernels`) build on these and are
+not shipped.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from .naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "rms_norm_reference",
            "short_conv", "causal_conv", "use_backend", "resolve_backend", "fla_available", "next_conv_context",
-           "fla_import", "RECURRENT_MAX_STEPS", "EPS"]
+           "fla_import", "current_backend", "RECURRENT_MAX_STEPS", "EPS"]
 
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
@@ -45,6 +47,11 @@ def use_backend(name: str):
         yield
     finally:
         _backend.reset(token)
+
+
+def current_backend() -> str:
+    """The KDA path `use_backend` forces here ("auto" outside any)."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
@@ -75,24 +82,27 @@ def _fla_ops():
     return fla_chunk, fla_recurrent
 
 
-@functools.cache
-def _fla_norm():
+def _fla_module_function(module: str, name: str):
+    """fla's `module.name`, or None without fla; where fla's KDA ops import but this function does not (fla moves
+    modules between releases: written against fla 0.6.0), a warning names the PyTorch path taken instead."""
     try:
         with fla_import():
-            from fla.modules.norm.fused_norm_gate import rms_norm_gated
+            return getattr(importlib.import_module(module), name)
     except Exception:
+        if _fla_ops() is not None:
+            warnings.warn(f"gendistill: fla is installed but {module}.{name} did not import (written against fla "
+                          f"0.6.0); the PyTorch form runs instead (same results, slower)", RuntimeWarning)
         return None
-    return rms_norm_gated
+
+
+@functools.cache
+def _fla_norm():
+    return _fla_module_function("fla.modules.norm.fused_norm_gate", "rms_norm_gated")
 
 
 @functools.cache
 def _fla_conv():
-    try:
-        with fla_import():
-            from fla.modules.causal_conv1d import causal_conv1d
-    except Exception:
-        return None
-    return causal_conv1d
+    return _fla_module_function("fla.modules.causal_conv1d", "causal_conv1d")
 
 
 def fla_available() -> bool:
@@ -122,7 +132,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
                        gate: torch.Tensor | None = None, activation: str = "sigmoid"):
     """weight * normalise(residual + x) over the last dim, times act(gate) if given; returns (y, residual + x) when
     `residual` is given, else y. Rounded to x's dtype after the add, the normalisation, the weight and the gate (as
-    transformers' Qwen3RMSNorm; gendistill.norm's kernels are tested against it)."""
+    transformers' Qwen3RMSNorm; gendistill.kernels.norm's kernels are tested against it)."""
     h = x if residual is None else residual + x
     hf = h.float()
     y = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from gendistill.kda import EPS, l2norm
-from gendistill.launch import Launcher
+from gendistill.kernels.launch import Launcher
 
 ROWS = 32  # tokens per program
 CONV_ROWS = 64  # tokens per program with the conv folded in (each block re-reads the W-1 steps before it)

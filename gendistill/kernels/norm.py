@@ -16,19 +16,10 @@ import functools
 import torch
 
 from gendistill.kda import rms_norm_reference  # noqa: F401  (the definition, re-exported beside the kernels)
-from gendistill.launch import Launcher
+from gendistill.kernels.launch import Launcher
 
 GATES = {None: 0, "sigmoid": 1, "silu": 2}
 
-
-@functools.cache
-def available() -> bool:
-    """Whether triton imports (it ships with torch's CUDA builds on Linux)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 @functools.cache

@@ -4,13 +4,12 @@ fla's chunked KDA runs in three stages:
 - prepare: beta's sigmoid, the gate and its chunk-local cumsum, the intra-chunk solve (w, u, A_qk): parallel over
   chunks, thousands of thread blocks;
 - scan: the state handed from chunk to chunk, sequential; at batch 1 one thread block per head and 64 values, so 32
-  of an H200's 132 SMs, 64 tokens per step (73 of the 128K student prefill's 1337 ms, run 16 profile);
+  of an H200's 132 SMs, 64 tokens per step;
 - output: parallel again.
 On CUDA, `SegmentedKDA` issues segment s's scan on a high-priority side stream only once the main stream has issued
-segment s+1's projections (the GEMMs, which take every SM: a scan issued before them made the 128K prefill 32 ms
-slower, run 19), so the scan shares the GPU with s+1's head split and prepare kernels; the main stream then waits for
-the scan and runs s's output. 128K prefill on an H200 (run 21): 1297 ms, against 1329 with the stages in order on one
-stream. Elsewhere (CPU, the PyTorch paths) the stages run in order on one stream and the scan stage is the whole of
+segment s+1's projections (the GEMMs take every SM: a scan issued before them waits for them), so the scan shares the
+GPU with s+1's head split and prepare kernels; the main stream then waits for the scan and runs s's output (the 128K
+prefill ~2.5 % faster than the stages in order on one stream: docs/PERF_LOG.md). Elsewhere (CPU, the PyTorch paths) the stages run in order on one stream and the scan stage is the whole of
 `kda_gated`: same results; tests/test_kda_segments.py checks the CUDA schedule with logging fake streams.
 """
 from __future__ import annotations
@@ -21,7 +20,8 @@ from types import SimpleNamespace
 import torch
 
 from gendistill.kda import fla_import, kda_gated
-from gendistill.launch import Launcher, direct_launches
+from gendistill.kernels import policy
+from gendistill.kernels.launch import Launcher
 
 CHUNK = 64  # fla's KDA chunk size (its default; 32 was slower on the H200)
 
@@ -74,24 +74,18 @@ class FlaStages:
                               chunk_size=CHUNK).type_as(q)
 
 
-FLA_KERNELS_VERSION = "0.6.0"  # the fla release whose wrappers FlaKernels repeats
-
-
 @functools.cache
 def _fla_kernels():
-    """fla's kernels behind the stages, each behind a gendistill.launch.Launcher; None without fla, or with a release
-    other than FLA_KERNELS_VERSION (its kernels may take other arguments)."""
+    """fla's kernels behind the stages, each behind a kernels.launch.Launcher; None without fla. Called only where
+    `policy.fla_kernels()` holds (fla 0.6.0: its kernels take other arguments in other releases)."""
     try:
         with fla_import():
-            import fla
-        if fla.__version__ != FLA_KERNELS_VERSION:
-            return None
-        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as scan
-        from fla.ops.gla.chunk import chunk_gla_fwd_kernel_o as output
-        from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused as inter_solve
-        from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_kernel_intra_token_parallel as intra
-        from fla.ops.kda.gate import kda_gate_chunk_cumsum_vector_kernel as gate
-        from fla.ops.kda.wy_fast import recompute_w_u_fwd_kda_kernel as w_u
+            from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as scan
+            from fla.ops.gla.chunk import chunk_gla_fwd_kernel_o as output
+            from fla.ops.kda.chunk_intra import chunk_kda_fwd_kernel_inter_solve_fused as inter_solve
+            from fla.ops.kda.chunk_intra_token_parallel import chunk_kda_fwd_kernel_intra_token_parallel as intra
+            from fla.ops.kda.gate import kda_gate_chunk_cumsum_vector_kernel as gate
+            from fla.ops.kda.wy_fast import recompute_w_u_fwd_kda_kernel as w_u
     except Exception:  # ImportError, or triton failing to initialise
         return None
     return SimpleNamespace(gate=Launcher(gate), intra=Launcher(intra), inter_solve=Launcher(inter_solve),
@@ -105,7 +99,7 @@ def _cdiv(a: int, b: int) -> int:
 class FlaKernels(FlaStages):
     """FlaStages with fla's wrappers unrolled: the kernels, arguments and buffers fla 0.6.0's `kda_gate_chunk_cumsum`,
     `chunk_kda_fwd_intra` (its default, token-parallel path), `chunk_gated_delta_rule_fwd_h` and `chunk_gla_fwd_o_gk`
-    launch, each kernel through gendistill.launch (a 4K prefill's KDA layer: ~0.3 ms less host time). Two buffers
+    launch, each kernel through kernels.launch (a 4K prefill's KDA layer: ~0.3 ms less host time). Two buffers
     that fla zero-fills are left empty where the kernel writes every element: the output, the final state."""
 
     BC = 16  # fla's sub-chunk in the intra-chunk solve
@@ -196,14 +190,14 @@ class SegmentedKDA:
     `tag` rides along with its segment (the caller's output slice and gate). Outputs come back in segment order, one
     segment late. One segment is a whole prefill on fla's kernels without fla's autograd wrapper and stage functions
     (`FlaKernels`; their Python costs the host more than the kernels take the GPU at a few thousand tokens);
-    `launch.triton_launches()` takes fla's stage functions (`FlaStages`) instead."""
+    `policy.use(direct_launch=False)`, or an fla release other than 0.6.0, takes fla's stage functions (`FlaStages`)."""
 
     def __init__(self, A_log, dt_bias, state, qk_normalized: bool, like: torch.Tensor):
         fla = qk_normalized and like.is_cuda and _fla_stages() is not None  # q/k normalised: fla inference
         if not fla:
             self.stages = WholeStages(A_log, dt_bias, qk_normalized)
         else:
-            direct = direct_launches() and _fla_kernels() is not None
+            direct = policy.fla_kernels() and _fla_kernels() is not None
             self.stages = (FlaKernels if direct else FlaStages)(A_log, dt_bias)
         self.side = _side_stream(like.device) if fla else None
         self.state = None if state is None else state.float()

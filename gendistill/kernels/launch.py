@@ -5,7 +5,7 @@ the autotuner's and heuristics' bookkeeping, fla's Python wrappers around its ke
 student issues ~260 of them. `Launcher(kernel)(grid, **kwargs)` sends the first call of each specialization through
 Triton (compiling, autotuning: the reference path), keeps the compiled kernel and the meta-parameters Triton chose for
 it, and sends later calls with the same specialization straight to the compiled kernel's C launch function. Host time
-on an H200's host (`bench/host_profile.py`, run 30): a gendistill RMSNorm call 34 against 46 µs, fla's KDA scan stage
+on an H200's host (`bench/host_profile.py`): a gendistill RMSNorm call 34 against 46 µs, fla's KDA scan stage
 29 against 85 µs (with fla's wrapper), a student 4K prefill 25.0 against 38.9 ms.
 
 The specialization key holds what Triton compiles or chooses a config on: each tensor's dtype and 16-byte alignment,
@@ -14,39 +14,23 @@ which arguments are None, the value of every other argument (ints exactly, excep
 heuristics that look at arguments' None-ness or sizes given as ints (every kernel routed here; heuristics reading the
 data of a tensor argument or a `do_not_specialize` int would not be covered: don't route such kernels here).
 Triton's path is taken for every call when the first one returned no compiled kernel (TRITON_INTERPRET, the CPU
-tests), a launch hook is set (profilers), a config has a pre-hook, inside `triton_launches()`, or everywhere with
-GENDISTILL_TRITON_LAUNCHER=triton in the environment (read at import).
+tests), a launch hook is set (profilers), a config has a pre-hook, inside `policy.use(direct_launch=False)`, or where
+the installed Triton is not a version this was verified on (`compat`: it drives Triton 3.6's launcher internals).
+
+Kept over CUDA graphs (docs/PERF_LOG.md, "Direct launches or CUDA graphs"): graphs need fixed shapes and static
+buffers, which `generate()`, serving and the evaluation engine do not have; direct launches make every eager call
+cheaper on the host, at every shape.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
 import types
 
 import torch
 
+from gendistill.kernels import policy
+
 INT32 = range(-2**31, 2**31)
 MAX_SPECIALIZATIONS = 256  # per kernel; beyond, the cache starts over
-
-
-_direct = contextvars.ContextVar("gendistill_direct_launches",
-                                 default=os.environ.get("GENDISTILL_TRITON_LAUNCHER", "direct") != "triton")
-
-
-def direct_launches() -> bool:
-    return _direct.get()
-
-
-@contextlib.contextmanager
-def triton_launches():
-    """Inside the block every launch takes Triton's own path, and KDA's stages fla's own wrappers (the reference the
-    benchmark checks the direct launches against)."""
-    token = _direct.set(False)
-    try:
-        yield
-    finally:
-        _direct.reset(token)
 
 
 class Launcher:
@@ -75,7 +59,7 @@ class Launcher:
             for k, v in kwargs.items()])
 
     def __call__(self, grid, **kwargs) -> None:
-        if not (self.compiles and _direct.get()):
+        if not (self.compiles and policy.direct_launch()):
             self.kernel[grid](**kwargs)
             return
         device = torch._C._cuda_getDevice()
