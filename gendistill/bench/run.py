@@ -32,8 +32,10 @@ def describe_model(model) -> dict:
 
 
 def source_commit() -> str | None:
-    """The git commit of the code that ran (`+dirty` with uncommitted changes), or GENDISTILL_COMMIT where the tree
-    is a copy without its .git (as on a rented GPU machine: bench/gpu.sh sets it)."""
+    """GENDISTILL_COMMIT where it is set (a copy of the tree on a rented GPU machine, whose .git may be missing or
+    stale: bench/gpu.sh sets it), else the git commit of the code that ran (`+dirty` with uncommitted changes)."""
+    if os.environ.get("GENDISTILL_COMMIT"):
+        return os.environ["GENDISTILL_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -42,9 +44,7 @@ def source_commit() -> str | None:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = dirty = ""
-    if commit:
-        return commit + ("+dirty" if dirty else "")
-    return os.environ.get("GENDISTILL_COMMIT") or None
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
 def environment(device: torch.device) -> dict:
