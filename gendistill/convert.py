@@ -79,10 +79,10 @@ def _check_mixer(mixer, num_layers: int, attention_layers: list[int]) -> dict:
         raise UserError(f"mixer {mixer!r}: give one name of {', '.join(MIXERS)}, or a list of one entry per layer "
                         f"({num_layers})")
     for i, name in enumerate(mixer):
-        allowed = (ATTENTION,) if i in attention_layers else MIXERS
+        kind, allowed = ("an attention", (ATTENTION,)) if i in attention_layers else ("a linear", MIXERS)
         if name not in allowed:
-            raise UserError(f"mixer[{i}] = {name!r}: layer {i} is {'an attention' if i in attention_layers else 'a linear'}"
-                            f" layer, its entry must be one of {', '.join(allowed)}")
+            raise UserError(f"mixer[{i}] = {name!r}: layer {i} is {kind} layer, its entry must be one of "
+                            f"{', '.join(allowed)}")
     return {"mixer_types": list(mixer)}
 
 
@@ -171,8 +171,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                                   "no attention layer, a pure-linear student)")
     group.add_argument("--ratio", type=float, help="share of layers kept as attention, spread evenly (e.g. 0.25)")
     p.add_argument("--mixer", choices=MIXERS, default="kda",
-                   help="the linear layers' token mixer: kda (Kimi Delta Attention), gdn (Gated DeltaNet), gla (Gated "
-                        "Linear Attention) or mamba2 (Mamba2's SSD); default kda")
+                   help="the linear layers' token mixer: kda (Kimi Delta Attention), gdn (Gated DeltaNet), gla "
+                        "(Gated Linear Attention) or mamba2 (Mamba2's SSD); default kda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--conv-activation", choices=["identity", "silu"], default=None)
     p.add_argument("--output-gate", choices=["sigmoid", "silu"], default=None)
