@@ -8,7 +8,8 @@ and gated RMSNorm (`kda_gate_rank`, `kda_output_gate`), no positional encoding; 
 - `gdn`, Gated DeltaNet (arXiv 2412.06464, fla's GatedDeltaNet): KDA's delta rule with one forget gate per head,
   g = -exp(A_log) * softplus(a_proj(x) + dt_bias); q and k L2-normalised; beta = sigmoid(b_proj(x)).
 - `gla`, Gated Linear Attention (arXiv 2312.06635, fla's GatedLinearAttention): no delta rule,
-  S <- Diag(exp(g)) S + k v^T, with the channel-wise gate g = logsigmoid(f_b_proj(f_a_proj(x))) / gla_gate_normalizer;
+  S <- Diag(exp(g)) S + k v^T, with the channel-wise gate g = logsigmoid(f_b_proj(f_a_proj(x)) + gate_bias) /
+  gla_gate_normalizer (fla's low-rank gate, its bias held by the mixer as KDA holds dt_bias);
   q and k as projected (fla's default: no feature map, no normalisation).
 - `mamba2`, Mamba2's SSD (arXiv 2405.21060) in attention's terms, C = q, B = k, x = v (as MambaInLlama maps them): one
   decay per head exp(-exp(A_log) * dt), dt = softplus(dt_proj(x) + dt_bias), values scaled by dt, plus Mamba2's D skip;
@@ -112,7 +113,9 @@ class LinearMixer(nn.Module):
 
     def init_mixer_weights(self) -> None:
         """Called by HybridKDAPreTrainedModel._init_weights (after the projections' own initialisation): the output
-        gate starts constant as KDA's (sigmoid(0) = 0.5, or silu(1.278) ~= 1), then the recurrence's gates."""
+        gate starts constant as KDA's (sigmoid(0) = 0.5, or silu(1.278) ~= 1), then the recurrence's gates.
+        transformers initialises a custom-code module only if it holds parameters of its own (not only in
+        submodules): every mixer here does (its gates' A_log, dt_bias, gate_bias)."""
         init.zeros_(self.g_b_proj.weight)
         init.constant_(self.g_b_proj.bias, 0.0 if self.output_gate == "sigmoid" else 1.278)
         self.init_gates()
@@ -161,12 +164,13 @@ class GLAMixer(LinearMixer):
         super().__init__(config, layer_idx)
         self.gate_normalizer = config.gla_gate_normalizer
         self.f_a_proj = nn.Linear(config.hidden_size, self.gate_rank, bias=False)
-        self.f_b_proj = nn.Linear(self.gate_rank, self.num_heads * self.head_dim, bias=True)
+        self.f_b_proj = nn.Linear(self.gate_rank, self.num_heads * self.head_dim, bias=False)
+        self.gate_bias = nn.Parameter(torch.empty(self.num_heads * self.head_dim))
 
     def gates(self, x, pad):
         B, T, _ = x.shape
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
-        g = F.logsigmoid(f.float()) / self.gate_normalizer
+        f = self.f_b_proj(self.f_a_proj(x)).float() + self.gate_bias.float()
+        g = F.logsigmoid(f).reshape(B, T, self.num_heads, self.head_dim) / self.gate_normalizer
         if pad is not None:  # no decay (the forward zeroes v there: no write)
             g = g.masked_fill(~pad[..., None, None], 0.0)
         return [g]
@@ -174,6 +178,9 @@ class GLAMixer(LinearMixer):
     def recurrence(self, q, k, v, gates, state, output_final_state, cu_seqlens):
         return gla_gated(q, k, v, gates[0], initial_state=state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens)
+
+    def init_gates(self):
+        init.zeros_(self.gate_bias)  # logsigmoid(0) / 16: a decay of 0.958 per step, as fla's zero-bias init
 
 
 class Mamba2Mixer(LinearMixer):
