@@ -137,9 +137,9 @@ def model_card(config, provenance: dict) -> str:
              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)", "```", "",
              "`trust_remote_code=True` runs the model code shipped here (modeling_hybrid_kda.py and what it "
              "imports: kda.py, naive.py, chunk.py, linear_mixers.py; read them first). It needs only torch and "
-             "transformers; on CUDA it uses flash-linear-attention's kernels when `fla` is installed. With `import gendistill` first, the "
-             "directory loads gendistill's own classes instead (no `trust_remote_code`), with its inference kernels; "
-             "the outputs are the same.", "",
+             "transformers; on CUDA it uses flash-linear-attention's kernels when `fla` is installed. With "
+             "`import gendistill` first, the directory loads gendistill's own classes instead (no "
+             "`trust_remote_code`), with its inference kernels; the outputs are the same.", "",
              "## How it was made", ""]
     if teacher:
         lines.append(f"- converted from `{teacher}` (seed {provenance.get('seed', '?')}): attention layers "

@@ -11,9 +11,8 @@ the same frame in linear_mixers.py (`linear_mixer_class`).
 
 It is shipped unchanged inside every student directory (`gendistill.hub`), beside configuration_hybrid_kda.py and
 the KDA ops (kda.py, naive.py, chunk.py: pure PyTorch, fla's kernels on CUDA when fla is installed) and
-linear_mixers.py, so it imports
-only torch, transformers and its siblings. gendistill's own classes (`gendistill.modeling`) subclass these with the
-fast inference paths; their outputs are tested equal.
+linear_mixers.py, so it imports only torch, transformers and its siblings. gendistill's own classes
+(`gendistill.modeling`) subclass these with the fast inference paths; their outputs are tested equal.
 """
 from __future__ import annotations
 
@@ -287,9 +286,9 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
                 and inputs_embeds.shape[1] > 1
                 and document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
             kda_position_ids = position_ids
-        if position_ids is None:  # RoPE's: a cache of linear layers alone has no length (and no layer reads them)
-            past_seen = 0 if past_key_values is None or FULL not in self.config.layer_types else \
-                past_key_values.get_seq_length()
+        if position_ids is None:  # for RoPE: a cache of linear layers alone has no length (and nothing reads them)
+            has_length = past_key_values is not None and FULL in self.config.layer_types
+            past_seen = past_key_values.get_seq_length() if has_length else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         masks = self.build_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds

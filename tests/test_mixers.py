@@ -126,7 +126,8 @@ def gdn_by_hand(q, k, v, a, b, A_log, dt_bias, h0):
     S, outs = h0.clone(), []
     for t in range(q.shape[1]):
         S = S * g[:, t].exp()[:, :, None, None]
-        S = S + beta[:, t, :, None, None] * k[:, t, :, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))[:, :, None]
+        error = v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t])
+        S = S + beta[:, t, :, None, None] * k[:, t, :, :, None] * error[:, :, None]
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     return torch.stack(outs, 1), S
 
