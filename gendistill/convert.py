@@ -1,5 +1,6 @@
-"""Qwen3 -> Hybrid-KDA conversion: keep a few attention layers, give every other layer a KDA mixer that starts from
-the teacher attention's own Q/K/V/O weights. Everything else (embeddings, norms, MLPs) is copied unchanged."""
+"""Qwen3 -> Hybrid-KDA conversion: keep a few attention layers (or none), give every other layer a linear mixer (KDA;
+or Gated DeltaNet, GLA, Mamba2's SSD: `mixer`) that starts from the teacher attention's own Q/K/V/O weights.
+Everything else (embeddings, norms, MLPs) is copied unchanged."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,11 @@ import torch
 
 from gendistill.hub import write_student_files
 from gendistill.io import UserError, atomic_dir, check_model_ref, check_output_dir
+from gendistill.configuration_hybrid_kda import ATTENTION, MIXERS
 from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausalLM
 
 PAPER_ATTENTION_LAYERS = (0, 2, 6, 11, 13, 18, 21)  # beam-searched set of arXiv 2603.26556 for 28-layer Qwen3
-KDA_FROM_TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")
+KDA_FROM_TEACHER = ("q_proj", "k_proj", "v_proj", "o_proj")  # every linear mixer has the teacher's q/k/v/o shapes
 FP32_PARAMETERS = ("A_log", "dt_bias")  # the decay gate is computed in fp32 (paper; fla keeps them fp32)
 
 
@@ -66,13 +68,32 @@ def _check_layers(attention_layers, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def student_config(teacher_config, attention_layers, **kda_options) -> HybridKDAConfig:
+def _check_mixer(mixer, num_layers: int, attention_layers: list[int]) -> dict:
+    """The config fields for `mixer`: one name of MIXERS for every linear layer, or a list with one entry per layer
+    ("attention" at the attention layers)."""
+    if isinstance(mixer, str):
+        if mixer not in MIXERS:
+            raise UserError(f"--mixer {mixer!r}: the linear mixer must be one of {', '.join(MIXERS)}")
+        return {"linear_mixer": mixer}
+    if not isinstance(mixer, (list, tuple)) or len(mixer) != num_layers:
+        raise UserError(f"mixer {mixer!r}: give one name of {', '.join(MIXERS)}, or a list of one entry per layer "
+                        f"({num_layers})")
+    for i, name in enumerate(mixer):
+        kind, allowed = ("an attention", (ATTENTION,)) if i in attention_layers else ("a linear", MIXERS)
+        if name not in allowed:
+            raise UserError(f"mixer[{i}] = {name!r}: layer {i} is {kind} layer, its entry must be one of "
+                            f"{', '.join(allowed)}")
+    return {"mixer_types": list(mixer)}
+
+
+def student_config(teacher_config, attention_layers, mixer="kda", **kda_options) -> HybridKDAConfig:
     fields = teacher_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_types", "use_sliding_window",
                 "sliding_window", "max_window_layers", "dtype", "torch_dtype"):
         fields.pop(key, None)
     n = teacher_config.num_hidden_layers
     fields["layer_types"] = [FULL if i in attention_layers else LINEAR for i in range(n)]
+    fields.update(_check_mixer(mixer, n, attention_layers))
     fields.update({k: v for k, v in kda_options.items() if v is not None})
     config = HybridKDAConfig(**fields)
     config.architectures = ["HybridKDAForCausalLM"]
@@ -80,16 +101,18 @@ def student_config(teacher_config, attention_layers, **kda_options) -> HybridKDA
 
 
 @torch.no_grad()
-def convert(teacher, attention_layers=None, ratio: float | None = None, seed: int = 0,
+def convert(teacher, attention_layers=None, ratio: float | None = None, seed: int = 0, mixer="kda",
             **kda_options) -> HybridKDAForCausalLM:
     """Build the Hybrid-KDA student of a Qwen3-like `teacher` (a loaded model). `attention_layers` lists the layers
-    that keep softmax attention; default: the paper's set for 28 layers, else `ratio` (1:3) spread evenly."""
+    that keep softmax attention (empty: a pure-linear student); default: the paper's set for 28 layers, else `ratio`
+    (1:3) spread evenly. `mixer`: the linear layers' mixer (configuration_hybrid_kda.MIXERS), or one entry per
+    layer ("attention" at the attention layers)."""
     _check_teacher(teacher)
     n = teacher.config.num_hidden_layers
     if attention_layers is None:
         attention_layers = default_attention_layers(n, 0.25 if ratio is None else _check_ratio(ratio, n))
     attention_layers = _check_layers(attention_layers, n)
-    config = student_config(teacher.config, attention_layers, **kda_options)
+    config = student_config(teacher.config, attention_layers, mixer, **kda_options)
     config._attn_implementation = getattr(teacher.config, "_attn_implementation", None) or "sdpa"
     torch.manual_seed(seed)
     dtype = next(teacher.parameters()).dtype
@@ -106,7 +129,7 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
         if "layers" in parts and "self_attn" in parts:
             layer = int(parts[parts.index("layers") + 1])
             if config.layer_types[layer] == LINEAR and parts[-2] not in KDA_FROM_TEACHER:
-                continue  # q_norm/k_norm: KDA L2-normalises q/k instead (no learnable scale)
+                continue  # q_norm/k_norm: no linear mixer has them (KDA and GDN L2-normalise q/k instead)
         if name not in student_state:
             continue
         if student_state[name].shape != tensor.shape:
@@ -144,8 +167,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--attention-layers", help="comma-separated layer indices that keep softmax attention, or a "
                                                   "`gendistill select-layers` selection.json (default: "
-                                                  "0,2,6,11,13,18,21 for 28 layers, else 1:3 evenly)")
+                                                  "0,2,6,11,13,18,21 for 28 layers, else 1:3 evenly; `none`: "
+                                                  "no attention layer, a pure-linear student)")
     group.add_argument("--ratio", type=float, help="share of layers kept as attention, spread evenly (e.g. 0.25)")
+    p.add_argument("--mixer", choices=MIXERS, default="kda",
+                   help="the linear layers' token mixer: kda (Kimi Delta Attention), gdn (Gated DeltaNet), gla "
+                        "(Gated Linear Attention) or mamba2 (Mamba2's SSD); default kda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--conv-activation", choices=["identity", "silu"], default=None)
     p.add_argument("--output-gate", choices=["sigmoid", "silu"], default=None)
@@ -160,7 +187,9 @@ def main(args) -> int:
     if args.ratio is not None:
         _check_ratio(args.ratio)  # the form now (before loading the teacher); the layer count in convert()
     layers = None
-    if args.attention_layers and (args.attention_layers.endswith(".json") or Path(args.attention_layers).is_file()):
+    if args.attention_layers is not None and args.attention_layers.strip().lower() in ("none", ""):
+        layers = []
+    elif args.attention_layers and (args.attention_layers.endswith(".json") or Path(args.attention_layers).is_file()):
         from gendistill.select_layers import read_selection
 
         layers = read_selection(args.attention_layers)
@@ -170,17 +199,18 @@ def main(args) -> int:
         except ValueError:
             raise UserError(f"--attention-layers must be comma-separated integers, got {args.attention_layers!r}")
     teacher, tokenizer = load_teacher(args.teacher, args.dtype, args.trust_remote_code)
-    student = convert(teacher, attention_layers=layers, ratio=args.ratio, seed=args.seed,
+    student = convert(teacher, attention_layers=layers, ratio=args.ratio, seed=args.seed, mixer=args.mixer,
                       kda_conv_activation=args.conv_activation, kda_output_gate=args.output_gate)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (Path(tmp) / "gendistill.json").write_text(json.dumps({
-            "teacher": args.teacher, "attention_layers": student.config.attention_layers, "seed": args.seed}, indent=2))
+            "teacher": args.teacher, "attention_layers": student.config.attention_layers, "mixer": args.mixer,
+            "seed": args.seed}, indent=2))
         write_student_files(tmp, student)  # model code + auto_map (loads without gendistill), README.md
     n = student.config.num_hidden_layers
     print(f"converted {args.teacher} -> {args.out}: attention layers {student.config.attention_layers}, "
-          f"{n - len(student.config.attention_layers)} of {n} layers KDA, "
+          f"{n - len(student.config.attention_layers)} of {n} layers {args.mixer.upper()}, "
           f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
     return 0

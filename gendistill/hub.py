@@ -2,7 +2,8 @@
 
 `write_student_files(directory, model)` makes a saved student directory self-contained, following the hub convention
 for custom architectures: it copies gendistill's reference model files into it, unchanged (`SHIPPED`: the model,
-its configuration, the KDA ops: pure PyTorch, fla's kernels on CUDA when fla is installed; relative imports only),
+its configuration, the KDA ops and the other linear mixers: pure PyTorch, fla's kernels on CUDA when fla is
+installed; relative imports only),
 points `auto_map` in config.json at them, and writes a model card (README.md) from the provenance kept in
 gendistill.json (teacher, layer set, stages run, tokens, evals). Then
 
@@ -29,6 +30,7 @@ SHIPPED = {
     "kda.py": "kda/__init__.py",
     "naive.py": "kda/naive.py",
     "chunk.py": "kda/chunk.py",
+    "linear_mixers.py": "linear_mixers.py",
 }
 AUTO_MAP = {"AutoConfig": "configuration_hybrid_kda.HybridKDAConfig",
             "AutoModelForCausalLM": "modeling_hybrid_kda.HybridKDAForCausalLM"}
@@ -102,37 +104,49 @@ def _eval_lines(result) -> list[str]:
     return ["```json", *lines, "```"]
 
 
+MIXER_NAMES = {"kda": "Kimi Delta Attention", "gdn": "Gated DeltaNet", "gla": "Gated Linear Attention",
+               "mamba2": "Mamba2's SSD"}
+
+
 def model_card(config, provenance: dict) -> str:
     """README.md of a student directory: base model, layer set, stages run and tokens, evals when there are any."""
     teacher = provenance.get("teacher")
     attention = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
     n = config.num_hidden_layers
+    layer_mixers = getattr(config, "layer_mixers", None) or ["kda"] * n  # written by older gendistill: all KDA
+    mixers = sorted({m for i, m in enumerate(layer_mixers) if i not in attention}, key=list(MIXER_NAMES).index)
+    mixer_text = " or ".join(MIXER_NAMES[m] for m in mixers) or "Kimi Delta Attention"
+    mixer_short = "/".join(m.upper() for m in mixers) or "KDA"
+    mixer_tags = {"kda": "kimi-delta-attention", "gdn": "gated-deltanet", "gla": "gated-linear-attention",
+                  "mamba2": "mamba2"}
     stages = provenance.get("stages", [])
     header = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     if teacher:
         header.append(f"base_model: {teacher}")
-    header += ["tags:", "- gendistill", "- hybrid-kda", "- kimi-delta-attention", "- distillation", "---", ""]
+    header += ["tags:", "- gendistill", "- hybrid-kda", *(f"- {mixer_tags[m]}" for m in mixers), "- distillation",
+               "---", ""]
     lines = [f"# Hybrid-KDA student{f' of {teacher}' if teacher else ''}", "",
              f"A Hybrid-KDA student{f' of `{teacher}`' if teacher else ''}, made with "
              "gendistill (GenDistill, arXiv 2603.26556): a Qwen3 decoder "
              f"of {n} layers in which {len(attention)} keep softmax attention (layers {attention}) and the other "
-             f"{n - len(attention)} use Kimi Delta Attention, a linear-attention mixer with a fixed-size state "
+             f"{n - len(attention)} use {mixer_text}, a linear-attention mixer with a fixed-size state "
              "(no KV cache growing with the context).", "",
              "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              'path = "PATH/TO/THIS/DIRECTORY"  # or its hub id',
              "tokenizer = AutoTokenizer.from_pretrained(path)",
              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)", "```", "",
-             "`trust_remote_code=True` runs the model code shipped here (modeling_hybrid_kda.py and the KDA ops it "
-             "imports: kda.py, naive.py, chunk.py; read them first). It needs only torch and transformers; on CUDA it "
-             "uses flash-linear-attention's kernels when `fla` is installed. With `import gendistill` first, the "
-             "directory loads gendistill's own classes instead (no `trust_remote_code`), with its inference kernels; "
-             "the outputs are the same.", "",
+             "`trust_remote_code=True` runs the model code shipped here (modeling_hybrid_kda.py and what it "
+             "imports: kda.py, naive.py, chunk.py, linear_mixers.py; read them first). It needs only torch and "
+             "transformers; on CUDA it uses flash-linear-attention's kernels when `fla` is installed. With "
+             "`import gendistill` first, the directory loads gendistill's own classes instead (no "
+             "`trust_remote_code`), with its inference kernels; the outputs are the same.", "",
              "## How it was made", ""]
     if teacher:
         lines.append(f"- converted from `{teacher}` (seed {provenance.get('seed', '?')}): attention layers "
-                     f"{attention}, KDA q/k/v/o initialised from the teacher's attention weights")
+                     f"{attention}, {mixer_short} q/k/v/o initialised from the "
+                     "teacher's attention weights")
     else:
-        lines.append(f"- attention layers {attention}; the other layers KDA")
+        lines.append(f"- attention layers {attention}; the other layers {mixer_short}")
     if stages:
         total = sum(int(s.get("tokens") or 0) for s in stages)
         lines += [f"- {len(stages)} distillation stage(s), {_number(total)} training tokens in all", "",

@@ -52,11 +52,12 @@ AutoModelForCausalLM.register(HybridKDAConfig, HybridKDAForCausalLM, exist_ok=Tr
 
 # ---- parameter groups (used by the distillation stages to freeze/train parts of any Qwen3-like model) ----
 PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings")
-_NO_DECAY_SUFFIXES = ("A_log", "dt_bias", "bias")
+_NO_DECAY_SUFFIXES = ("A_log", "dt_bias", "bias", ".D")  # .D: Mamba2's skip (linear_mixers.py)
 
 
 def parameter_group(model: nn.Module, name: str) -> str:
-    """Which trainable group a parameter belongs to: kda | attention | mlp | norms | embeddings."""
+    """Which trainable group a parameter belongs to: kda | attention | mlp | norms | embeddings. `kda` holds every
+    linear mixer's parameters, whichever the mixer (KDA, GDN, GLA, Mamba2: configuration_hybrid_kda.MIXERS)."""
     parts = name.split(".")
     if "embed_tokens" in parts or parts[0] == "lm_head":
         return "embeddings"
@@ -87,7 +88,7 @@ def block_groups(model: nn.Module, name: str) -> tuple[str, ...]:
 
 
 def no_weight_decay(name: str) -> bool:
-    """A_log, dt_bias, every norm weight and every bias are excluded from weight decay."""
+    """A_log, dt_bias, Mamba2's D, every norm weight and every bias are excluded from weight decay."""
     parts = name.split(".")
     return name.endswith(_NO_DECAY_SUFFIXES) or any(p.endswith("norm") or p.endswith("layernorm") for p in parts[:-1])
 

@@ -6,12 +6,14 @@ or cached. Attention layers, MLPs, norms and embeddings are Qwen3's own (paramet
 `HybridKDAAttention` is Qwen3's attention with its q/k norm + rotary step named); only the token mixer of
 `"linear_attention"` layers differs: `KDAMixer`, built as arXiv 2603.26556 builds it (teacher-shaped q/k/v/o, k/v
 heads repeated to the q heads at run time, identity-initialised short convs with bias, channel-wise low-rank forget
-gate, per-head beta, gated RMSNorm output, NoPE).
+gate, per-head beta, gated RMSNorm output, NoPE). A config may give linear layers another mixer
+(`HybridKDAConfig.linear_mixer` / `mixer_types`: Gated DeltaNet, GLA, Mamba2's SSD), built in the same frame in
+linear_mixers.py (`linear_mixer_class`).
 
 It is shipped unchanged inside every student directory (`gendistill.hub`), beside configuration_hybrid_kda.py and
-the KDA ops (kda.py, naive.py, chunk.py: pure PyTorch, fla's kernels on CUDA when fla is installed), so it imports
-only torch, transformers and its siblings. gendistill's inference kernels (`gendistill.kernels`) subclass these,
-overriding only their hot steps; their outputs are tested equal.
+the KDA ops (kda.py, naive.py, chunk.py: pure PyTorch, fla's kernels on CUDA when fla is installed) and
+linear_mixers.py, so it imports only torch, transformers and its siblings. gendistill's inference kernels
+(`gendistill.kernels`) subclass these, overriding only their hot steps; their outputs are tested equal.
 """
 from __future__ import annotations
 
@@ -179,11 +181,22 @@ class HybridKDAAttention(Qwen3Attention):
         return apply_rotary_pos_emb(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), cos, sin)
 
 
+def linear_mixer_class(name: str) -> type[nn.Module]:
+    """The token-mixer class of a linear layer whose mixer is `name` (configuration_hybrid_kda.MIXERS): KDAMixer, or
+    one of linear_mixers.py's, imported on use (they build on this module's ShortConvolution)."""
+    if name == "kda":
+        return KDAMixer
+    from .linear_mixers import LINEAR_MIXERS
+
+    return LINEAR_MIXERS[name]
+
+
 class HybridKDADecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridKDAConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = (HybridKDAAttention if self.layer_type == FULL else KDAMixer)(config, layer_idx)
+        mixer = HybridKDAAttention if self.layer_type == FULL else linear_mixer_class(config.layer_mixers[layer_idx])
+        self.self_attn = mixer(config, layer_idx)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -207,6 +220,24 @@ class HybridKDADecoderLayer(GradientCheckpointingLayer):
         """(residual + attention output, its post-attention norm): one step, so a fused kernel can replace both."""
         hidden_states = residual + hidden_states
         return hidden_states, self.post_attention_layernorm(hidden_states)
+
+
+class LinearStateCache(DynamicCache):
+    """The DynamicCache of a model without attention layers. transformers' DynamicCache reads its length from an
+    attention layer (a pure-linear one raises), and generate() needs it: this one counts the steps the model has run
+    through it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.steps
+
+
+def new_cache(config: HybridKDAConfig) -> DynamicCache:
+    """An empty decoding cache for `config`: DynamicCache, or LinearStateCache when no layer is attention."""
+    return (DynamicCache if FULL in config.layer_types else LinearStateCache)(config=config)
 
 
 class HybridKDAPreTrainedModel(PreTrainedModel):
@@ -239,6 +270,8 @@ class HybridKDAPreTrainedModel(PreTrainedModel):
             # Output gate starts constant: sigmoid(0) = 0.5, or silu(1.278) ~= 1 (identity gate).
             init.zeros_(module.g_b_proj.weight)
             init.constant_(module.g_b_proj.bias, 0.0 if module.output_gate == "sigmoid" else 1.278)
+        elif hasattr(module, "init_mixer_weights"):  # linear_mixers.py's mixers initialise their own gates
+            module.init_mixer_weights()
 
 
 class HybridKDAModel(HybridKDAPreTrainedModel):
@@ -258,8 +291,9 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
         current tokens for KDA (None when nothing is padded)."""
         if isinstance(attention_mask, dict):  # prepared by generate()
             return attention_mask
-        full = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        full = None if FULL not in self.config.layer_types else create_causal_mask(  # none in a pure-linear model
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids)
         linear = None
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             linear = attention_mask[:, -inputs_embeds.shape[1]:]
@@ -273,7 +307,7 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = new_cache(self.config)
         # KDA layers restart at packed-document boundaries in the caller's position_ids. Finding them syncs with the
         # device, so it is done once here (not in every KDA layer) and only where a layer would use them.
         kda_position_ids = None
@@ -281,8 +315,9 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
                 and inputs_embeds.shape[1] > 1
                 and document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
             kda_position_ids = position_ids
-        if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:  # for RoPE: a cache of linear layers alone has no length (and nothing reads them)
+            has_length = past_key_values is not None and FULL in self.config.layer_types
+            past_seen = past_key_values.get_seq_length() if has_length else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         masks = self.build_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
@@ -296,6 +331,8 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
                                   position_ids=kda_position_ids if layer.layer_type == LINEAR else position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         hidden_states = self.norm(hidden_states)
+        if isinstance(past_key_values, LinearStateCache):
+            past_key_values.steps += inputs_embeds.shape[1]
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states,
@@ -312,6 +349,13 @@ class HybridKDAForCausalLM(HybridKDAPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate()'s cache: transformers' choice, except a LinearStateCache for its default DynamicCache when no
+        layer is attention (generate() reads the cache's length)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if FULL not in self.config.layer_types and type(model_kwargs.get("past_key_values")) is DynamicCache:
+            model_kwargs["past_key_values"] = new_cache(self.config)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,

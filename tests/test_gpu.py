@@ -92,3 +92,115 @@ def test_fast_bf16_fidelity_on_trained_weights():
     print(f"per-token KL(fp32 || bf16): teacher {teacher_kl:.3g} (argmax agreement {teacher_agree:.2%}), "
           f"student fast path {student_kl:.3g} ({student_agree:.2%})")
     assert student_kl <= 2 * teacher_kl, (student_kl, teacher_kl)
+
+
+# ---- the other linear mixers (gendistill.linear_mixers): fla's kernels against the PyTorch recurrences ----
+
+MIXERS = ("gdn", "gla", "mamba2")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _mixer_call(mixer, seed, B, T, H=4, D=32, dtype=torch.float32):
+    """(fn, differentiable inputs) for `mixer`'s op: fn(*inputs, **kw) -> (o, state); gates and their parameters
+    drawn in the ranges the mixers produce."""
+    from gendistill.kda import gdn_gated, gla_gated, ssd_gated
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dt)
+
+    q, k, v = r(B, T, H, D), r(B, T, H, D), r(B, T, H, D)
+    A_log = torch.empty(H, device="cuda").uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.empty(H, device="cuda").uniform_(-7, -2, generator=gen)
+    if mixer == "gdn":
+        return (lambda q, k, v, a, b, **kw: gdn_gated(q, k, v, a, b, A_log, dt_bias, **kw)), [q, k, v, r(B, T, H),
+                                                                                               r(B, T, H)]
+    if mixer == "gla":
+        return gla_gated, [q * D ** -0.25, k * D ** -0.25, v, F.logsigmoid(r(B, T, H, D, dt=torch.float32)) / 16]
+    return (lambda q, k, v, dt, **kw: ssd_gated(q, k, v, dt, A_log, dt_bias, scale=1.0, **kw)), [
+        q * D ** -0.5, k * D ** -0.5, v, r(B, T, H)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [7, 200])  # fla's fused recurrent kernel (a decode-sized call), its chunked one
+@pytest.mark.parametrize("mixer", MIXERS)
+@torch.no_grad()
+def test_mixer_ops_fla_equal_the_reference(mixer, T, dtype):
+    """kda.gdn_gated / gla_gated / ssd_gated on fla's kernels against the PyTorch recurrence (fp32), with an initial
+    state and the final state, equal-length rows and packed documents (cu_seqlens)."""
+    from gendistill.kda import use_backend
+
+    tol = 5e-3 if dtype == torch.float32 else 3e-2
+    fn, inputs = _mixer_call(mixer, 0, 2, T, dtype=dtype)
+    h0 = torch.randn(2, 4, 32, 32, device="cuda")
+    got = fn(*inputs, initial_state=h0, output_final_state=True)
+    with use_backend("recurrent"):
+        want = fn(*(x.float() for x in inputs), initial_state=h0, output_final_state=True)
+    assert _rel(got[0], want[0]) < tol and _rel(got[1], want[1]) < tol, (_rel(got[0], want[0]), _rel(got[1], want[1]))
+    cu = torch.tensor([0, 3, T, T + T // 2, 2 * T], device="cuda")
+    flat = [x.reshape(1, 2 * T, *x.shape[2:]) for x in inputs]
+    h0s = torch.randn(4, 4, 32, 32, device="cuda")
+    got = fn(*flat, initial_state=h0s, output_final_state=True, cu_seqlens=cu)
+    with use_backend("recurrent"):
+        want = fn(*(x.float() for x in flat), initial_state=h0s, output_final_state=True, cu_seqlens=cu)
+    assert _rel(got[0], want[0]) < tol and _rel(got[1], want[1]) < tol
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_mixer_ops_fla_gradients_equal_the_reference(mixer):
+    """Training on CUDA runs fla's chunked kernels' backward: gradients of every input and of the initial state
+    against autograd through the PyTorch recurrence, fp32."""
+    from gendistill.kda import use_backend
+
+    fn, inputs = _mixer_call(mixer, 1, 2, 150)
+    h0 = torch.randn(2, 4, 32, 32, device="cuda")
+    grads = []
+    for backend in ("auto", "recurrent"):
+        leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
+        with use_backend(backend):
+            o, s = fn(*leaves[:-1], initial_state=leaves[-1], output_final_state=True)
+        ((o * torch.linspace(-1, 1, o.shape[-1], device="cuda")).sum() + s.square().sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for i, (got, want) in enumerate(zip(*grads)):
+        assert _rel(got, want) < 1e-2, (i, _rel(got, want))
+
+
+@pytest.mark.parametrize("attention_layers", [[0, 2], []])
+@pytest.mark.parametrize("mixer", MIXERS)
+@torch.no_grad()
+def test_mixer_students_on_cuda_equal_the_reference(mixer, attention_layers):
+    """A student of each mixer (hybrid and pure-linear) on CUDA, fp32: fla's kernels (conv, recurrence, gated norm)
+    against the PyTorch reference; cached prefill + decode, left padding and packed documents against the uncached
+    reference forward."""
+    from transformers import DynamicCache
+
+    from gendistill.convert import convert
+    from gendistill.kda import use_backend
+    from gendistill.modeling_hybrid_kda import new_cache
+    from gendistill.testing import tiny_qwen3
+
+    student = convert(tiny_qwen3(layers=4), attention_layers=attention_layers, mixer=mixer).cuda().float().eval()
+    x = torch.randint(3, 384, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
+    with use_backend("recurrent"):
+        want = student(x).logits
+    assert _rel(student(x).logits, want) < 1e-2
+    cache = new_cache(student.config)
+    assert isinstance(cache, DynamicCache)
+    pieces = [student(x[:, :190], past_key_values=cache, use_cache=True).logits]
+    pieces += [student(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(190, 200)]
+    assert _rel(torch.cat(pieces, 1), want) < 1e-2
+    mask = torch.ones_like(x)
+    mask[1, :50] = 0
+    padded = student(x.masked_fill(mask == 0, 0), attention_mask=mask).logits
+    with use_backend("recurrent"):
+        alone = student(x[1:, 50:]).logits
+    assert _rel(padded[1, 50:], alone[0]) < 1e-2
+    docs = torch.cat([torch.arange(70), torch.arange(130)])[None].expand(2, 200).cuda()
+    packed = student(x, position_ids=docs, use_cache=False).logits
+    with use_backend("recurrent"):
+        first, second = student(x[:, :70]).logits, student(x[:, 70:]).logits
+    assert _rel(packed, torch.cat([first, second], 1)) < 1e-2

@@ -57,6 +57,19 @@ def student_dir(tmp_path_factory):
     return root / "student"
 
 
+@pytest.fixture(scope="module")
+def mixer_student_dir(tmp_path_factory):
+    """A pure-linear student with every linear mixer (mixer_types): no attention layer, so generate() needs the
+    shipped LinearStateCache, and every shipped mixer runs."""
+    from gendistill.convert import convert
+
+    directory = tmp_path_factory.mktemp("mixers") / "student"
+    student = convert(tiny_qwen3(layers=4), attention_layers=[], mixer=["gdn", "gla", "mamba2", "kda"])
+    student.save_pretrained(directory)
+    hub.write_student_files(directory, student)
+    return directory
+
+
 def test_the_shipped_files_are_gendistills_reference_files(student_dir):
     """Byte for byte the package's own reference model and KDA ops, closed under their relative imports, importing
     nothing beyond torch, transformers and the standard library (transformers checks exactly this list)."""
@@ -72,6 +85,16 @@ def test_the_shipped_files_are_gendistills_reference_files(student_dir):
 
 
 def test_loads_with_trust_remote_code_where_gendistill_is_not_installed(student_dir, tmp_path):
+    remote_equals_local(student_dir, tmp_path)
+
+
+def test_other_mixers_load_with_trust_remote_code_where_gendistill_is_not_installed(mixer_student_dir, tmp_path):
+    remote_equals_local(mixer_student_dir, tmp_path)
+
+
+def remote_equals_local(student_dir, tmp_path):
+    """The shipped code, loaded where gendistill is not importable, computes what gendistill's classes compute:
+    logits, left-padded logits, greedy generate."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(3, 384, (2, 21), generator=gen)
     rows, mask = x.clone(), torch.ones_like(x)

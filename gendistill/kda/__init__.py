@@ -6,6 +6,10 @@
   so that on CUDA, with fla installed, normalisation, gate and sigmoid run fused inside fla's Triton kernels; elsewhere
   it computes them in fp32 and calls the PyTorch ops. fla is imported lazily (it needs triton even to import).
 - `short_conv`, `gated_rms_norm`: the short convolution and the gated output norm (fla's kernels on CUDA).
+- `gdn_gated`, `gla_gated`, `ssd_gated`: the other linear mixers' recurrences, called as `kda_gated` is (fla's
+  chunk and fused-recurrent kernels on CUDA: gated_delta_rule, gla, simple_gla). Their PyTorch forms are KDA's ops
+  (Gated DeltaNet: the delta rule with one gate per head, broadcast over K) and `recurrent_gla` / `chunk_gla` (GLA;
+  Mamba2's SSD is GLA with one gate per head and dt-scaled values).
 
 This file, naive.py and chunk.py ship inside every student directory (as kda.py, naive.py, chunk.py, beside
 modeling_hybrid_kda.py: `gendistill.hub`), so they import only torch and each other (relative imports), and fla
@@ -24,12 +28,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .chunk import chunk_kda
-from .naive import recurrent_kda
+from .chunk import chunk_gla, chunk_kda
+from .naive import recurrent_gla, recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "rms_norm_reference",
            "short_conv", "causal_conv", "use_backend", "resolve_backend", "fla_available", "next_conv_context",
-           "fla_import", "current_backend", "RECURRENT_MAX_STEPS", "EPS"]
+           "fla_import", "current_backend", "RECURRENT_MAX_STEPS", "EPS", "chunk_gla", "recurrent_gla", "gdn_gate",
+           "gdn_gated", "gla_gated", "ssd_gated"]
 
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
@@ -167,6 +172,86 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
         q, k = l2norm(q), l2norm(k)
     return op(q, k, v, kda_gate(f, A_log, dt_bias), b.float().sigmoid(), scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+@functools.cache
+def _fla_mixer_ops(mixer: str):
+    """fla's (chunk, fused recurrent) kernels of a linear mixer other than KDA, or None."""
+    try:
+        with fla_import():
+            if mixer == "gdn":
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk
+                from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as recurrent
+            elif mixer == "gla":
+                from fla.ops.gla import chunk_gla as chunk, fused_recurrent_gla as recurrent
+            else:
+                from fla.ops.simple_gla import chunk_simple_gla as chunk, fused_recurrent_simple_gla as recurrent
+    except Exception:  # ImportError, or triton failing to initialise
+        return None
+    return chunk, recurrent
+
+
+def _fla_mixer(mixer: str, seq_len: int):
+    """fla's kernel for `mixer` on a call of `seq_len` steps: fused recurrent for short inference (decoding), else
+    chunked (as `kda_gated` picks)."""
+    ops = _fla_mixer_ops(mixer)
+    if ops is None:
+        raise RuntimeError(f"flash-linear-attention's {mixer} kernels failed to import (pip install gendistill[gpu])")
+    return ops[1] if seq_len <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled() else ops[0]
+
+
+def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Per-head log-decay g = -exp(A_log[h]) * softplus(a + dt_bias[h]), a: [..., HV], in fp32 (fla's GDN gate,
+    and Mamba2's dt * A with dt = softplus(a + dt_bias))."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+
+
+def gdn_gated(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None):
+    """Gated DeltaNet from raw projections: KDA's contract with one forget gate per head. q, k [B,T,H,K] (not
+    normalised); v [B,T,HV,V]; a [B,T,HV] gate pre-activation; b [B,T,HV] beta logits; A_log, dt_bias [HV]. Skipped
+    positions carry a = b = -1e4 (no decay, no write). Returns (o [B,T,HV,V], final state fp32 or None)."""
+    backend = resolve_backend(q, q.shape[1])
+    if backend == "fla":
+        return _fla_mixer("gdn", q.shape[1])(  # g, beta by name: fused_recurrent's fifth argument is gk
+            q, k, v, g=a, beta=b, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+            use_beta_sigmoid_in_kernel=True, cu_seqlens=cu_seqlens)
+    op = recurrent_kda if backend == "recurrent" else chunk_kda
+    g = gdn_gate(a, A_log, dt_bias)
+    return op(l2norm(q), l2norm(k), v, g[..., None].expand(*g.shape, q.shape[-1]), b.float().sigmoid(),
+              scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def gla_gated(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated linear attention: q, k [B,T,H,K]; v [B,T,H,V]; g [B,T,H,K] the log forget gate (<= 0; 0 at skipped
+    positions, whose v is 0). Returns (o [B,T,H,V], final state fp32 or None)."""
+    backend = resolve_backend(q, q.shape[1])
+    if backend == "fla":
+        # the gate is the fourth argument of both kernels (chunk_gla's g, fused_recurrent_gla's gk)
+        return _fla_mixer("gla", q.shape[1])(q, k, v, g, scale=scale, initial_state=initial_state,
+                                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    op = recurrent_gla if backend == "recurrent" else chunk_gla
+    return op(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens)
+
+
+def ssd_gated(q, k, v, dt, A_log, dt_bias, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None):
+    """Mamba2's SSD from raw projections, q = C, k = B, v = x (heads as Mamba2's, one state [K, V] per head):
+        dt_t = softplus(dt + dt_bias);  S <- exp(-exp(A_log) dt_t) S + k_t (dt_t v_t)^T;  o_t = S^T (scale * q_t)
+    (Mamba2's D skip is the caller's.) q, k [B,T,H,K]; v [B,T,H,V]; dt [B,T,H] pre-activation, -1e4 at skipped
+    positions (no decay, no write). Returns (o [B,T,H,V], final state fp32 or None)."""
+    step = F.softplus(dt.float() + dt_bias.float())
+    g = -A_log.float().exp() * step
+    v = (v.float() * step[..., None]).to(v.dtype)
+    backend = resolve_backend(q, q.shape[1])
+    if backend == "fla":
+        return _fla_mixer("mamba2", q.shape[1])(q, k, v, g=g, scale=scale, initial_state=initial_state,
+                                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    op = recurrent_gla if backend == "recurrent" else chunk_gla
+    return op(q, k, v, g[..., None].expand(*g.shape, q.shape[-1]), scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):

@@ -6,6 +6,10 @@ Per value head and step t, with state S of shape [K, V]:
     o_t = S^T (scale * q_t)
 Layout follows flash-linear-attention: q, k [B,T,H,K]; v [B,T,HV,V]; g [B,T,HV,K]; beta [B,T,HV]; state [B,HV,K,V].
 HV must be a multiple of H; value head hv reads q/k head hv // (HV // H) (fla's "GVA").
+
+`recurrent_gla` is the same without the delta rule (gated linear attention: S <- Diag(exp(g_t)) S + k_t v_t^T), the
+specification of the GLA and Mamba2 (SSD: a gate equal across K) mixers; Gated DeltaNet is KDA with a gate equal
+across K.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def expand_qk_heads(q: torch.Tensor, k: torch.Tensor, num_v_heads: int) -> tuple
 
 
 def check_shapes(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> None:
+    """The layout above; `beta` None for the recurrences without a delta rule."""
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -32,7 +37,7 @@ def check_shapes(q, k, v, g, beta, initial_state=None, cu_seqlens=None) -> None:
     HV = v.shape[2]
     if g.shape != (B, T, HV, K):
         raise ValueError(f"g must be [B,T,HV,K]={(B, T, HV, K)}, got {tuple(g.shape)}")
-    if beta.shape != (B, T, HV):
+    if beta is not None and beta.shape != (B, T, HV):
         raise ValueError(f"beta must be [B,T,HV]={(B, T, HV)}, got {tuple(beta.shape)}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs the sequences flattened into batch 1, got batch {B}")
@@ -46,7 +51,7 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     """KDA one token at a time. Returns (o [B,T,HV,V] in q's dtype, final state [N,HV,K,V] fp32 or None)."""
     check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
     if cu_seqlens is not None:
-        return _per_sequence(recurrent_kda, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        return _per_sequence(recurrent_kda, (q, k, v, g, beta), scale, initial_state, output_final_state, cu_seqlens)
     dtype = q.dtype
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -66,14 +71,38 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     return o.to(dtype), (S if output_final_state else None)
 
 
-def _per_sequence(fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-    """Run `fn` on each packed sequence separately: the state restarts at every boundary of cu_seqlens."""
+def recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated linear attention one token at a time, per value head and step:
+        S <- Diag(exp(g_t)) S + k_t v_t^T;   o_t = S^T (scale * q_t)
+    Same layout and returns as `recurrent_kda` (no beta)."""
+    check_shapes(q, k, v, g, None, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _per_sequence(recurrent_gla, (q, k, v, g), scale, initial_state, output_final_state, cu_seqlens)
+    dtype = q.dtype
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    scale = K**-0.5 if scale is None else scale
+    q, k = expand_qk_heads(q, k, HV)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    q = q * scale
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, HV, V)
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def _per_sequence(fn, inputs, scale, initial_state, output_final_state, cu_seqlens):
+    """Run `fn` on each packed sequence separately (`inputs`: its per-step tensors, [1, total, ...]): the state
+    restarts at every boundary of cu_seqlens."""
     bounds = cu_seqlens.tolist()
     outs, states = [], []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         h0 = None if initial_state is None else initial_state[i : i + 1]
-        o, s = fn(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], beta[:, start:end],
-                  scale=scale, initial_state=h0, output_final_state=output_final_state)
+        o, s = fn(*(x[:, start:end] for x in inputs), scale=scale, initial_state=h0,
+                  output_final_state=output_final_state)
         outs.append(o)
         states.append(s)
     o = torch.cat(outs, dim=1)
