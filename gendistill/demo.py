@@ -3,7 +3,7 @@
 world -> teacher (trained from scratch, or reused from the cache) -> convert -> the four GenDistill stages ->
 evaluate teacher and student both ways (log-likelihood and generation) -> report.html/.md -> a summary table.
 Each step is an existing piece: `world.build_world`, `distill.run_recipe` (twice: the teacher's recipe and the
-distillation recipe, both in recipes/demo/), `convert.convert`, `evaluation.evaluate`, `modeling.cache_bytes`.
+distillation recipe, both bundled in gendistill/recipes/demo/), `convert.convert`, `evaluation.evaluate`, `modeling.cache_bytes`.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from gendistill.io import UserError, atomic_write_json
+from gendistill.recipes import ROOT as RECIPES
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 SCALES = ("mini", "cpu", "gpu")  # mini: the CI-sized miniature of the cpu demo
 TEACHER_TARGET = 0.9  # generation accuracy the teacher should reach on the seen-entity open QA
 EVAL_TASKS = ("world_qa_mc_seen", "world_qa_open_seen", "world_qa_mc_extraction", "world_qa_open_extraction")
@@ -39,7 +39,7 @@ def default_cache_dir() -> Path:
 
 
 def _recipe(kind: str, scale: str) -> Path:
-    return RECIPES / f"{kind}-{'cpu' if scale == 'mini' else scale}.yaml"
+    return RECIPES / "demo" / f"{kind}-{'cpu' if scale == 'mini' else scale}.yaml"
 
 
 def _world_overrides(world_dir: Path) -> list[str]:
@@ -66,7 +66,7 @@ def build_world_dir(out: Path, seed: int, preset: str) -> Path:
 
 
 def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int = 0) -> Path:
-    """Train the world's Qwen3 teacher from scratch with recipes/demo/teacher-<scale>.yaml; `out_dir` appears whole
+    """Train the world's Qwen3 teacher from scratch with the bundled demo/teacher-<scale>.yaml; `out_dir` appears whole
     (HF format + tokenizer) or not at all."""
     from transformers import AutoTokenizer
 

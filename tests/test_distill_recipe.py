@@ -1,7 +1,6 @@
 """Recipes: the shipped ones validate; overrides land where they say; every bad key/value is a UserError naming it,
 raised before anything is written (no output directory, no token cache)."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,11 +9,39 @@ from gendistill.distill import load_recipe, run_recipe
 from gendistill.distill.recipe import parse_count
 from gendistill.distill.trainer import lr_factor, total_steps
 from gendistill.io import UserError
+from gendistill.recipes import ROOT as RECIPES
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny.yaml"
 
 
+def test_bundled_recipes_by_name(tmp_path, monkeypatch):
+    """A recipe argument is a file, else a bundled recipe's name (`.yaml` and a leading `recipes/` optional); a local
+    file of that name wins; an unknown name lists the bundled ones."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny", "tiny.yaml", "recipes/tiny.yaml"):
+        assert load_recipe(name).source == str(TINY)
+    assert load_recipe("demo/teacher-cpu").name == "world-teacher-cpu"
+    (tmp_path / "tiny.yaml").write_text(TINY.read_text().replace("name: tiny", "name: mine"))
+    assert load_recipe("tiny.yaml").name == "mine" and load_recipe("tiny").name == "tiny"
+    with pytest.raises(UserError, match=r"no bundled recipe has that name; bundled: .*demo/distill-cpu.yaml"):
+        load_recipe("tinny")
+    with pytest.raises(UserError, match="bundled"):
+        load_recipe("../recipes/tiny")
+
+
+def test_every_bundled_file_is_package_data():
+    """pyproject's package-data globs cover every file under gendistill/recipes/, so the wheel carries them all (CI
+    installs the wheel and runs the demo from it; this catches a new file type or folder depth sooner)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((RECIPES.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "gendistill.recipes"]
+    files = [p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.name != "__init__.py"]
+    assert len(files) > 15
+    missed = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert not missed, f"not in pyproject's package-data for gendistill.recipes: {missed}"
 
 
 def test_paper_recipe_is_the_papers_four_stages():

@@ -15,9 +15,9 @@ from gendistill.distill.data import PackedStream, build_corpus
 from gendistill.distill.recipe import DataSource
 from gendistill.distill.trainer import stage_loss
 from gendistill.modeling import parameter_group
+from gendistill.recipes import ROOT as RECIPES
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny.yaml"
 QUIET = ["progress=false", "tensorboard=false"]
 

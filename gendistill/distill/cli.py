@@ -13,11 +13,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Run a GenDistill recipe: its stages in order, each leaving a Hugging Face model dir.",
         epilog="examples:\n"
-               "  %(prog)s recipes/paper.yaml\n"
-               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
-               "  %(prog)s recipes/paper.yaml --resume\n"
-               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --from-stage kd\n"
-               "  torchrun --nproc-per-node 8 -m gendistill distill recipes/paper.yaml",
+               "  %(prog)s paper.yaml\n"
+               "  %(prog)s paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
+               "  %(prog)s paper.yaml --resume\n"
+               "  %(prog)s paper.yaml --set kd.lr=1e-5 --from-stage kd\n"
+               "  torchrun --nproc-per-node 8 -m gendistill distill paper.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (teacher, student, data, stages)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -133,7 +133,7 @@ TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) |
 
 def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (),
                 allow_code: bool = False, *, import_code: bool | None = None) -> Recipe:
-    """Read a recipe (YAML path, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing.
+    """Read a recipe (YAML path or bundled name, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing.
 
     allow_code: accept "module:function" entries outside BUILTIN_CALLABLES (code named by the recipe); without it
     they are a UserError naming them. import_code (default: allow_code) imports every such entry now, so a typo
@@ -144,9 +144,9 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple
         return recipe
     source = None
     if isinstance(recipe, (str, Path)):
-        path = Path(recipe)
-        if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist")
+        from gendistill.recipes import resolve
+
+        path = resolve(recipe, "recipe")  # a file, or a bundled recipe's name ("tiny", "demo/teacher-cpu")
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

@@ -21,6 +21,7 @@ import html
 import io
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -939,9 +940,19 @@ def _bars(ax, groups: list[str], series: list[tuple[str, dict, list[dict | None]
                 ax.text(x, 2, missing_text(e), rotation=90, ha="center", va="bottom", fontsize=6, color="dimgray")
 
 
-def plots(report: dict) -> dict[str, list[str]]:
-    """Section -> base64 PNGs."""
-    import matplotlib
+PLOTS_NEED = "the plots need matplotlib (pip install 'gendistill[eval]'); the tables hold every number"
+
+
+def plots(report: dict) -> dict[str, list[str]] | None:
+    """Section -> base64 PNGs; None without matplotlib (the `eval` extra), which the core install lacks: the report
+    is complete without its plots, so their absence is said in the page rather than failing the evaluation."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        print(f"[report] {PLOTS_NEED}", file=sys.stderr, flush=True)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1121,7 +1132,7 @@ td{white-space:nowrap}td.text{text-align:left;font-family:monospace;font-size:0.
 min-width:14em}"""
 
 
-def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> str:
+def render_html(report: dict, sections: dict, images: dict[str, list[str]] | None) -> str:
     esc = html.escape
     groups = "" if list(report["groups"]) in ([], [DEFAULT_GROUP]) else \
         " (groups: " + "; ".join(f"{g}: {', '.join(ms)}" for g, ms in report["groups"].items()) + ")"
@@ -1132,6 +1143,9 @@ def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> s
              "<h2 id='summary'>Summary</h2><ul class='findings'>"]
     parts += [f"<li>{esc(f)}</li>" for f in report["findings"]] or ["<li>Nothing stands out.</li>"]
     parts.append("</ul>")
+    if images is None:
+        parts.append(f"<p><i>No plots: {esc(PLOTS_NEED)}.</i></p>")
+        images = {}
     for key, title in SECTION_TITLES.items():
         parts.append(f"<h2 id='{key}'>{esc(title)}</h2>")
         parts += [f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>" for png in images.get(key, [])]

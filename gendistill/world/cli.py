@@ -20,7 +20,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     build.add_argument("--entities", type=int, default=None, help="number of people (overrides the preset's)")
     build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher from scratch (recipes/demo/teacher-*.yaml)")
+    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher from scratch (the bundled demo/teacher-*.yaml)")
     teacher.add_argument("--world", required=True, help="a world directory made by `gendistill world build`")
     teacher.add_argument("--out", required=True, help="teacher output directory (HF format + tokenizer)")
     teacher.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="which teacher recipe (default cpu)")
