@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from gendistill.hub import write_student_files
-from gendistill.io import UserError, atomic_dir, check_model_ref, check_output_dir
+from gendistill.io import UserError, atomic_dir, check_output_dir
 from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausalLM
 
 PAPER_ATTENTION_LAYERS = (0, 2, 6, 11, 13, 18, 21)  # beam-searched set of arXiv 2603.26556 for 28-layer Qwen3
@@ -127,7 +127,6 @@ def load_teacher(path_or_id: str, dtype: str = "auto", trust_remote_code: bool =
 
     from gendistill.loading import load_model
 
-    check_model_ref(path_or_id, "teacher")
     teacher = load_model(path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, role="teacher (safetensors "
                          "weights expected)", use_safetensors=True)
     try:

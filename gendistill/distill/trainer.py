@@ -55,15 +55,16 @@ class TrainingDiverged(UserError):
 # models and tokenizer from recipe specs
 
 def load_model(spec: dict, *, teacher=None, role: str = "model"):
-    """Build a model from a recipe spec: {path, dtype} | {config, seed} | {factory, kwargs} | {convert} (student)."""
+    """Build a model from a recipe spec: {path, dtype} | {config, seed} | {factory, kwargs} | {convert} (student).
+    A checkpoint is read by `gendistill.loading.load_model`, like every other command's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import gendistill  # noqa: F401  (registers HybridKDA with the Auto classes)
+    import gendistill.modeling  # noqa: F401  (registers HybridKDA with the Auto classes, for `config:` specs)
+    from gendistill.loading import load_model as load_checkpoint
 
     try:
         if "path" in spec:
-            check_model_ref(spec["path"], role)
-            return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=spec.get("dtype", "auto"))
+            return load_checkpoint(spec["path"], dtype=spec.get("dtype", "auto"), role=role)
         if "config" in spec:
             config = dict(spec["config"] or {})
             if "model_type" not in config:

@@ -83,20 +83,19 @@ def check_model_available(ref: str | os.PathLike, role: str = "model") -> None:
                         f"(offline and not cached?): {str(err).splitlines()[0]}") from None
 
 
-def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
-    """AutoModelForCausalLM + AutoTokenizer from a local directory or a hub id (`import gendistill` registers the
-    student)."""
-    import gendistill.modeling  # noqa: F401  (registers HybridKDAForCausalLM with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32", role: str = "model"):
+    """The model (through `gendistill.loading.load_model`, as every command loads one) and its tokenizer, from a
+    local directory with both or a hub id; on `device` (default: CUDA if present) in `dtype`."""
+    from transformers import AutoTokenizer
 
-    check_model_available(path)
-    path = str(path)
+    from gendistill.loading import load_model as load_checkpoint
+
+    check_model_available(path, role)
     device = _check_device(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_checkpoint(path, dtype=dtype, device=device, role=role)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(str(path)))
     return model, tokenizer
 
 
@@ -304,7 +303,7 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
         try:
             for name, role, ref in entries:
                 loaded_here = isinstance(ref, (str, os.PathLike))
-                model, tokenizer = load_model(ref, device, dtype) if loaded_here else ref
+                model, tokenizer = load_model(ref, device, dtype, role) if loaded_here else ref
                 was_training = model.training  # a model handed over mid-training goes back to train mode afterwards
                 model.eval()
                 max_positions = getattr(model.config, "max_position_embeddings", None)
