@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from gendistill.distill import load_recipe, run_recipe
-from gendistill.distill.recipe import parse_count
 from gendistill.distill.trainer import lr_factor, total_steps
 from gendistill.io import UserError
 from gendistill.recipes import ROOT as RECIPES
@@ -75,13 +74,17 @@ def test_wsd_and_cosine_schedules():
 
 def test_overrides_target_one_stage_every_stage_or_top_level():
     r = load_recipe(TINY, ["kd.lr=5e-4", "*.seq_len=16", "out_dir=/x/y", "data.text.shuffle=false",
-                           "kd.objective={kd: 1.0, ce: 0.1}", "hidden_align.tokens=2k", "hidden_align.steps=null"])
+                           "kd.objective={kd: 1.0, ce: 0.1}", "hidden_align.tokens=2k", "hidden_align.steps=null",
+                           "kd.tokens=1.5M", "kd.steps=null"])
     kd = r.stage("kd")
     assert kd.lr == 5e-4 and kd.objective == {"kd": 1.0, "ce": 0.1}
     assert r.stage("attn_align").lr == 3e-3  # untouched
     assert all(s.seq_len == 16 for s in r.stages) and r.out_dir == "/x/y" and r.data["text"].shuffle is False
-    assert r.stage("hidden_align").tokens == 2000 and total_steps(r.stage("hidden_align")) == 2000 // (4 * 16) + 1
-    assert parse_count("1.5B", "x") == 1_500_000_000 and parse_count(30e6, "x") == 30_000_000
+    # the one size rule (gendistill.io.parse_size): k = 1024, M/B/T decimal, as context lengths and budgets are written
+    assert r.stage("hidden_align").tokens == 2048 and total_steps(r.stage("hidden_align")) == 2048 // (4 * 16)
+    assert kd.tokens == 1_500_000
+    with pytest.raises(UserError, match=r"stages\[2\] \(kd\).tokens: expected a positive whole count such as 300, 4k"):
+        load_recipe(TINY, ["kd.tokens=1.5x", "kd.steps=null"])
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -24,6 +24,7 @@ import torch
 
 from gendistill.distill.recipe import DataSource
 from gendistill.io import UserError, atomic_dir
+from gendistill.tokenizer import tokenizer_fingerprint
 
 CACHE_VERSION = 1
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -123,14 +124,6 @@ def render_chat(messages: list[dict], tokenizer,
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokenised corpus (on-disk cache)
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
-    h.update(repr((getattr(tokenizer, "chat_template", None), tokenizer.eos_token)).encode())
-    return h.hexdigest()[:16]
-
 
 def _source_fingerprint(src: DataSource, kind: str, tokenizer) -> str:
     spec = asdict(src)

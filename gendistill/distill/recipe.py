@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from gendistill.io import UserError
+from gendistill.io import UserError, parse_size
 
 OBJECTIVE_TERMS = ("attn_align", "qk_align", "hidden_align", "kd", "ce")  # qk_align: see losses.py (stage 1's Q/K form)
 TEACHER_TERMS = ("attn_align", "qk_align", "hidden_align", "kd")  # terms that read the teacher
@@ -43,7 +43,7 @@ class Stage:
     name: str
     objective: dict[str, float]  # term -> weight, e.g. {"kd": 1.0} or {"kd": 1.0, "ce": 0.1}
     data: str  # name of an entry in Recipe.data
-    tokens: int | None = None  # token budget (sequences x seq_len); or give `steps`
+    tokens: int | None = None  # token budget (sequences x seq_len): 400000, "30M", "1.5B" (io.parse_size); or `steps`
     count: str = "packed"  # what `tokens` counts: packed (every token, prompts too) | scored (loss-masked tokens)
     steps: int | None = None
     divergence: str = "fkl"  # fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD(beta)
@@ -246,24 +246,6 @@ def _check_keys(raw: dict, allowed, where: str) -> None:
             _fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
-
-
-def parse_count(value, where: str) -> int:
-    """1000, 1e6, "30M", "1.5B" -> int."""
-    if isinstance(value, bool):
-        _fail(where, f"expected a count such as 1000 or '30M', got {value!r}")
-    if isinstance(value, (int, float)) and value == value and value >= 1 and float(value).is_integer():
-        return int(value)
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            number = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
-            if number >= 1:
-                return int(round(number))
-    _fail(where, f"expected a positive count such as 1000 or '30M', got {value!r}")
-
-
 def _number(value, where: str, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False,
             integer=False) -> float:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -374,7 +356,7 @@ def _data_source(raw, where: str) -> DataSource:
     if not isinstance(src.chat_template_kwargs, dict):
         _fail(f"{where}.chat_template_kwargs", "expected a mapping")
     if src.max_documents is not None:
-        src.max_documents = parse_count(src.max_documents, f"{where}.max_documents")
+        src.max_documents = parse_size(src.max_documents, f"{where}.max_documents")
     return src
 
 
@@ -402,7 +384,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if (s.tokens is None) == (s.steps is None):
         _fail(where, "give exactly one of `tokens` (a budget such as '30M') or `steps`")
     if s.tokens is not None:
-        s.tokens = parse_count(s.tokens, f"{where}.tokens")
+        s.tokens = parse_size(s.tokens, f"{where}.tokens")  # k = 1024; M, B, T decimal
     if s.steps is not None:
         s.steps = int(_number(s.steps, f"{where}.steps", lo=1, integer=True))
     _choice(s.divergence, DIVERGENCES, f"{where}.divergence")

@@ -800,7 +800,7 @@ def _hub_revision(dataset_id: str) -> str | None:
 
 def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
     """What each stage depends on, as flat `key: value` pairs (`teacher.kwargs.seed`, `kd.lr`, `data.text.files.x`)."""
-    from gendistill.distill.data import tokenizer_fingerprint
+    from gendistill.tokenizer import tokenizer_fingerprint
 
     common = {"seed": recipe.seed, "tokenizer.sha256": tokenizer_fingerprint(tokenizer)}
     for role, spec, model in (("teacher", recipe.teacher, teacher), ("student", recipe.student, student)):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import (Task, build_context, choice_targets, is_lm_eval_ref, load_task_files,
                                         parse_task_list)
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_model_ref, check_output_dir
+from gendistill.tokenizer import tokenizer_fingerprint
 
 _SAFE_NAME = re.compile(r"^[\w.@-]+$")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -160,12 +160,6 @@ def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks,
                 raise UserError(f"task {spec.name}, item {item.get('id')!r}: the prompt ({prompt} tokens) plus its "
                                 f"answer ({answer}) exceeds {name}'s max_position_embeddings ({max_positions}); "
                                 "shorten the prompt or drop the item")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Equal fingerprints: token ids mean the same text, so greedy outputs can be compared token by token."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def resolve_tasks(refs: str | Sequence[str | Task], *, limit: int | None = None, lm_eval_include: Sequence[str] = (),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from gendistill.io import UserError
+from gendistill.io import UserError, parse_size
 
 LETTERS = string.ascii_uppercase
 KINDS = ("multiple_choice", "open")
@@ -240,13 +240,8 @@ _LENGTH = re.compile(r"^(\d+)([kK]?)$")
 
 
 def parse_length(text: str) -> int:
-    """'4k' -> 4096, '1000' -> 1000 (tokens)."""
-    match = _LENGTH.match(text.strip())
-    if not match:
-        raise UserError(f"bad context length {text!r}: write e.g. 1k, 4k, 128k or a token count")
-    if int(match.group(1)) < 1:
-        raise UserError(f"bad context length {text!r}: a recall task needs at least one token, e.g. 1k")
-    return int(match.group(1)) * (1024 if match.group(2) else 1)
+    """'4k' -> 4096, '1000' -> 1000 (tokens): `gendistill.io.parse_size`, whose k is 1024."""
+    return parse_size(text, f"bad context length {text!r}")
 
 
 LM_EVAL_PREFIX = "lm-eval:"
