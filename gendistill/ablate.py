@@ -228,14 +228,12 @@ def _spec_fingerprint(spec) -> object:
 
 def stage_keys(recipe) -> list[str]:
     """key_k = hash(key_{k-1}, stage k's settings, its data); key_{-1} = hash(teacher, student, tokenizer)."""
-    from gendistill.distill.trainer import _plain
-
     key = _digest({"teacher": _spec_fingerprint(recipe.teacher), "student": _spec_fingerprint(recipe.student),
                    "tokenizer": _spec_fingerprint(recipe.tokenizer)})
     keys = []
     for stage in recipe.stages:
         source = dataclasses.asdict(recipe.data[stage.data])
-        key = _digest({"parent": key, "stage": _plain(stage.math_keys()),
+        key = _digest({"parent": key, "stage": stage.math_keys(),
                        "data": {**source, "content": fingerprint(source["path"])}})
         keys.append(key)
     return keys

@@ -66,6 +66,18 @@ def _check_layers(attention_layers, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
+def read_selection(path: str | Path) -> list[int]:
+    """The chosen layers of a `gendistill select-layers` selection.json (`convert --attention-layers FILE`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        layers = data["attention_layers"]
+        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+            raise ValueError("attention_layers is not a list of integers")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a `gendistill select-layers` result ({type(err).__name__}: {err})") from err
+    return layers
+
+
 def student_config(teacher_config, attention_layers, **kda_options) -> HybridKDAConfig:
     fields = teacher_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "layer_types", "use_sliding_window",
@@ -160,8 +172,6 @@ def main(args) -> int:
         _check_ratio(args.ratio)  # the form now (before loading the teacher); the layer count in convert()
     layers = None
     if args.attention_layers and (args.attention_layers.endswith(".json") or Path(args.attention_layers).is_file()):
-        from gendistill.select_layers import read_selection
-
         layers = read_selection(args.attention_layers)
     elif args.attention_layers:
         try:

@@ -3,7 +3,8 @@
 world -> teacher (trained from scratch, or reused from the cache) -> convert -> the four GenDistill stages ->
 evaluate teacher and student both ways (log-likelihood and generation) -> report.html/.md -> a summary table.
 Each step is an existing piece: `world.build_world`, `distill.run_recipe` (twice: the teacher's recipe and the
-distillation recipe, both bundled in gendistill/recipes/demo/), `convert.convert`, `evaluation.evaluate`, `modeling.cache_bytes`.
+distillation recipe, both bundled in gendistill/recipes/demo/), `convert.convert`, `evaluation.evaluate`,
+`modeling.cache_bytes`.
 """
 from __future__ import annotations
 

@@ -223,17 +223,17 @@ def test_attention_block_freezes_the_attention_layers_input_norm_too():
 @pytest.mark.parametrize("loss_mask,kind", [("completion_only", "chat"), ("all", "text")])
 def test_scored_budget_takes_the_fewest_steps_whose_scored_tokens_reach_it(tmp_path, loss_mask, kind):
     from gendistill.distill.data import PackedStream, build_corpus
-    from gendistill.distill.recipe import DataSource, _stage
-    from gendistill.distill.trainer import _stream, stage_steps
+    from gendistill.distill.recipe import DataSource, load_stage
+    from gendistill.distill.trainer import stage_steps, stage_stream
     from gendistill.testing import tiny_tokenizer
 
     data = BUNDLED / "data" / f"tiny_{kind}.jsonl"
     corpus = build_corpus(DataSource(path=str(data)), kind, tiny_tokenizer(), tmp_path, 10**9)
     for budget in (1, 37, 500, 3 * corpus.num_tokens):  # the last spans several epochs
-        stage = _stage({"name": "s", "objective": "kd", "data": "d", "tokens": budget, "count": "scored",
-                        "seq_len": 16, "batch_size": 3, "loss_mask": loss_mask}, {}, 0, {"d": None}, 0)
+        stage = load_stage({"name": "s", "objective": "kd", "tokens": budget, "count": "scored", "seq_len": 16,
+                            "batch_size": 3, "loss_mask": loss_mask})
         steps = stage_steps(stage, corpus)
-        stream = _stream(stage, corpus)
+        stream = stage_stream(stage, corpus)
         scored = lambda n: int(stream.batch(0, n * 3)["loss_mask"].sum()) if n else 0
         assert scored(steps) >= budget > scored(steps - 1), (budget, steps)
     assert isinstance(stream, PackedStream)

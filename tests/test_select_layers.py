@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gendistill.cli import main as cli
+from gendistill.convert import read_selection
 from gendistill.evaluation.engine import generate
 from gendistill.io import UserError
-from gendistill.select_layers import (beam_search, masked_attention, read_selection, recall_probe, select_layers,
+from gendistill.select_layers import (beam_search, masked_attention, recall_probe, select_layers,
                                       teacher_forced)
 from gendistill.recipes import ROOT as BUNDLED
 from gendistill.testing import tiny_qwen3, tiny_tokenizer

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import json
 import math
 import re
 from pathlib import Path
@@ -81,10 +82,12 @@ class Stage:
         return any(term in self.objective for term in TEACHER_TERMS)
 
     def math_keys(self) -> dict:
-        """The fields that change what is computed (a resumed stage must not change these)."""
+        """The fields that change what is computed (a resumed stage must not change these), as plain JSON data: they
+        are compared with what checkpoints, run.json and ablation keys stored."""
         operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
         later = {"freeze": [], "count": "packed"}  # added later: at these defaults, older checkpoints still match
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
+        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
+        return json.loads(json.dumps(keys, default=str))
 
 
 @dataclasses.dataclass
@@ -133,7 +136,8 @@ TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) |
 
 def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (),
                 allow_code: bool = False, *, import_code: bool | None = None) -> Recipe:
-    """Read a recipe (YAML path or bundled name, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing.
+    """Read a recipe (YAML path or bundled name, dict or Recipe), apply `--set key=value` overrides, validate.
+    Pure: writes nothing.
 
     allow_code: accept "module:function" entries outside BUILTIN_CALLABLES (code named by the recipe); without it
     they are a UserError naming them. import_code (default: allow_code) imports every such entry now, so a typo
@@ -335,7 +339,8 @@ def resolve_callable(spec, where: str) -> Callable:
     return fn
 
 
-def _data_source(raw, where: str) -> DataSource:
+def load_data_source(raw, where: str = "data") -> DataSource:
+    """A data source entry (a path/hub id, or a mapping with `path` and DataSource fields), validated."""
     if isinstance(raw, str):
         raw = {"path": raw}
     if not isinstance(raw, dict):
@@ -360,6 +365,12 @@ def _data_source(raw, where: str) -> DataSource:
     return src
 
 
+def load_stage(raw: dict) -> Stage:
+    """One stage outside a recipe (`train_stage` given a dict, layer-selection probes), validated as a recipe's
+    stages are; its data is handed over separately, so `data` names nothing."""
+    return _stage({**raw, "data": "data"}, {}, 0, {"data": None}, 0)
+
+
 def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Stage:
     where = f"stages[{index}]"
     if not isinstance(raw, dict):
@@ -374,7 +385,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if not isinstance(merged["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", merged["name"]):
         _fail(f"{where}.name", f"expected a name of letters, digits, '_', '-', '.', got {merged['name']!r}")
     if isinstance(merged["data"], dict):  # inline source
-        data[f"{merged['name']}_data"] = _data_source(merged["data"], f"{where}.data")
+        data[f"{merged['name']}_data"] = load_data_source(merged["data"], f"{where}.data")
         merged["data"] = f"{merged['name']}_data"
     if merged["data"] not in data:
         _fail(f"{where}.data", f"no data source {merged['data']!r}; defined: {', '.join(data) or 'none'}")
@@ -464,7 +475,7 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     data_raw = raw.get("data") or {}
     if not isinstance(data_raw, dict):
         _fail("data", "expected a mapping of name -> source")
-    data = {str(k): _data_source(v, f"data.{k}") for k, v in data_raw.items()}
+    data = {str(k): load_data_source(v, f"data.{k}") for k, v in data_raw.items()}
 
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):

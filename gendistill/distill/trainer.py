@@ -37,10 +37,10 @@ import torch
 import yaml
 
 from gendistill.distill import checkpoint, parallel
-from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _local_files, build_corpus,
+from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files,
                                      cached_corpus_dir, detect_kind)
 from gendistill.distill.losses import ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture
-from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
+from gendistill.distill.recipe import (Recipe, Stage, load_data_source, load_recipe, load_stage, recipe_to_dict,
                                        resolve_callable)
 from gendistill.hub import write_student_files
 from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
@@ -187,10 +187,12 @@ def stage_steps(stage: Stage, corpus: TokenCorpus) -> int:
     the `tokens` budget. Exact, since the packed stream is a pure function of the corpus, seq_len and stage seed."""
     if stage.count != "scored":
         return total_steps(stage)
-    return max(1, math.ceil(scored_position(_stream(stage, corpus), stage.tokens) / (stage.batch_size * stage.seq_len)))
+    position = scored_position(stage_stream(stage, corpus), stage.tokens)
+    return max(1, math.ceil(position / (stage.batch_size * stage.seq_len)))
 
 
-def _stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
+def stage_stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
+    """The packed stream a stage reads: its documents' order is seeded by the stage (seed and name)."""
     return PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
                         shuffle=corpus.meta["source"].get("shuffle", True))
 
@@ -354,7 +356,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
     env = env or parallel.setup()
     out_dir = Path(out_dir)
     if isinstance(stage, dict):
-        stage = _stage({**stage, "data": "data"}, {}, 0, {"data": None}, 0)
+        stage = load_stage(stage)
     if data is None:
         raise UserError(f"stage {stage.name}: no data given")
     if stage.needs_teacher and teacher is None:
@@ -364,7 +366,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
     else:
         if tokenizer is None:
             raise UserError(f"stage {stage.name}: a tokenizer is needed to tokenise the data")
-        source = data if isinstance(data, DataSource) else _data_source(data, f"stage {stage.name}.data")
+        source = data if isinstance(data, DataSource) else load_data_source(data, f"stage {stage.name}.data")
         corpus = sized_corpus(source, tokenizer, cache_dir or out_dir / "token_cache", [stage], env)
     if stage.loss_mask == "completion_only" and corpus.kind != "chat":
         raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with `messages`); "
@@ -427,7 +429,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     start = 0
     last, state = checkpoint.load_latest(out_dir) if resume else (None, None)
     if last is not None:
-        changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != _plain(v))
+        changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != v)
         if changed:
             raise UserError(f"stage {stage.name}: cannot resume from {last}: the recipe changed {changed} since the "
                             f"checkpoint was written (restore them, or retrain the stage with --from-stage "
@@ -444,7 +446,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         out_dir.mkdir(parents=True, exist_ok=True)
     parallel.barrier(env)
 
-    stream = _stream(stage, corpus)
+    stream = stage_stream(stage, corpus)
     frozen = sorted(set(_all_groups(student)) - set(groups))
     banner = (f"stage {stage.name}: {'+'.join(f'{w:g}*{t}' for t, w in stage.objective.items())}, "
               f"{stage.loss_mask} tokens, {steps} steps x {stage.batch_size} x {stage.seq_len}; trains "
@@ -553,16 +555,12 @@ def model_checksums(model_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
-def _plain(value):
-    return json.loads(json.dumps(value, default=str))
-
-
 def _save_checkpoint(out_dir, step, stage, model, optimizer, scheduler, record, env) -> Path | None:
     model_state, optim_state = parallel.full_state(model, optimizer, env)  # collective
     path = None
     if env.is_main:
         state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "step": step, "stage": _plain(stage.math_keys())}
+                 "rng": checkpoint.rng_state(), "step": step, "stage": stage.math_keys()}
         path = checkpoint.save(out_dir, step, state, record, keep=stage.keep_checkpoints)
     parallel.barrier(env)
     return path
@@ -780,7 +778,7 @@ def _data_fingerprint(src) -> dict:
     spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
     path = Path(os.path.expanduser(src.path))
     if src.format != "hub" and path.exists():  # local files: their contents, wherever they are
-        files = _local_files(path)
+        files = local_files(path)
         root = path if path.is_dir() else path.parent
         spec["files"] = {str(f.relative_to(root)): sha256_file(f) for f in files}
     else:
@@ -811,7 +809,7 @@ def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
             for name in dict.fromkeys(s.data for s in recipe.stages)}
     stages = []
     for stage in recipe.stages:
-        keys = _flatten(json.loads(json.dumps(stage.math_keys(), default=str)), stage.name, {})
+        keys = _flatten(stage.math_keys(), stage.name, {})
         stages.append({"name": stage.name, "keys": {**common, **data[stage.data], **keys}})
     return {"stages": stages}
 

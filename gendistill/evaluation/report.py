@@ -20,6 +20,7 @@ import base64
 import html
 import io
 import json
+import re
 import statistics
 import sys
 import time
@@ -30,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from gendistill.evaluation import stats
-from gendistill.evaluation.runner import read_manifest
 from gendistill.evaluation.tasks import LETTERS
 from gendistill.io import UserError, atomic_write_json, atomic_write_text
 
@@ -47,6 +47,34 @@ DEFAULT_GROUP = "all"  # students with no group form one group
 
 
 # ---------------------------------------------------------------- loading
+
+SAFE_NAME = re.compile(r"^[\w.@-]+$")  # model and task names: they become records/<model>/<task>.jsonl
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """An eval directory's manifest.json, checked: valid JSON with `models` (name -> {role, ...}) and `tasks`, and
+    every model and task name safe as a path component (names become records/<model>/<task>.jsonl)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{directory} is not an eval directory (no manifest.json); run `gendistill eval --out "
+                        f"{directory}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); rerun `gendistill eval` for this directory") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict) \
+            or not isinstance(manifest.get("tasks"), dict):
+        raise UserError(f"{path}: incomplete manifest (expected `models` and `tasks` mappings); rerun `gendistill "
+                        "eval` for this directory")
+    for kind, names in (("model", manifest["models"]), ("task", manifest["tasks"])):
+        for name, info in names.items():
+            if not SAFE_NAME.match(name) or name in (".", ".."):
+                raise UserError(f"{path}: {kind} name {name!r} is not a plain name (letters, digits, ._@-); it "
+                                "would be used as a path")
+            if not isinstance(info, dict) or (kind == "model" and info.get("role") not in ("teacher", "student")):
+                raise UserError(f"{path}: {kind} {name!r} has an incomplete entry: {info!r}")
+    return manifest
+
 
 def load_eval_dirs(dirs: Sequence[str | Path]) -> dict:
     """Merge eval directories: the first teacher found is the teacher; a student name seen twice gets @dir."""

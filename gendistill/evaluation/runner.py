@@ -30,13 +30,13 @@ import torch
 
 from gendistill.evaluation.engine import Sampling
 from gendistill.evaluation.recall import recall_task
+from gendistill.evaluation.report import SAFE_NAME, build_report
 from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import (Task, build_context, choice_targets, is_lm_eval_ref, load_task_files,
                                         parse_task_list)
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_model_ref, check_output_dir
 from gendistill.tokenizer import tokenizer_fingerprint
 
-_SAFE_NAME = re.compile(r"^[\w.@-]+$")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -108,31 +108,6 @@ def _check_device(device: str | None) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
     return device
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """An eval directory's manifest.json, checked: valid JSON with `models` (name -> {role, ...}) and `tasks`, and
-    every model and task name safe as a path component (names become records/<model>/<task>.jsonl)."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{directory} is not an eval directory (no manifest.json); run `gendistill eval --out "
-                        f"{directory}` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); rerun `gendistill eval` for this directory") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict) \
-            or not isinstance(manifest.get("tasks"), dict):
-        raise UserError(f"{path}: incomplete manifest (expected `models` and `tasks` mappings); rerun `gendistill "
-                        "eval` for this directory")
-    for kind, names in (("model", manifest["models"]), ("task", manifest["tasks"])):
-        for name, info in names.items():
-            if not _SAFE_NAME.match(name) or name in (".", ".."):
-                raise UserError(f"{path}: {kind} name {name!r} is not a plain name (letters, digits, ._@-); it "
-                                "would be used as a path")
-            if not isinstance(info, dict) or (kind == "model" and info.get("role") not in ("teacher", "student")):
-                raise UserError(f"{path}: {kind} {name!r} has an incomplete entry: {info!r}")
-    return manifest
 
 
 def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks, limit: int | None) -> None:
@@ -220,7 +195,7 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
         if name is None:  # resolved, so that "." or "run/model/" name the directory itself
             name = Path(ref).resolve().name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
         entries.append((str(name), "student", ref))
-    bad = [name for name, _, _ in entries if not _SAFE_NAME.match(name)]
+    bad = [name for name, _, _ in entries if not SAFE_NAME.match(name)]
     if bad:
         raise UserError(f"model names become directory names: use letters, digits and ._@- only, not {bad}")
     seen: dict[str, int] = {}
@@ -361,7 +336,6 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     if not report:
         return manifest
     # The report is derived data, built once the eval directory is complete (`gendistill report OUT` rebuilds it).
-    from gendistill.evaluation.report import build_report
 
     paths = build_report([out], out=out)
     return json.loads(paths["json"].read_text())

@@ -236,6 +236,7 @@ def target_delimiter(task: Task, tokenizer) -> str:
     return "" if uses_chat(task, tokenizer) else " "
 
 
+RECALL_FAMILIES = ("niah_single", "niah_multikey", "assoc_recall")  # built by gendistill.evaluation.recall
 _LENGTH = re.compile(r"^(\d+)([kK]?)$")
 
 
@@ -257,8 +258,6 @@ def parse_task_list(spec: str | list[str]) -> list[str | tuple[str, list[int]]]:
     """'a.yaml,dir/,niah_single@1k,4k,assoc_recall@2k' -> ['a.yaml', 'dir/', ('niah_single', [1024, 4096]), ...].
     Bare lengths after a recall task belong to it; YAML files and directories (all *.yaml inside) are task specs;
     `lm-eval:NAME` and `paper` stay strings (see `is_lm_eval_ref`)."""
-    from gendistill.evaluation.recall import FAMILIES
-
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else
                                  [q for s in spec for q in s.split(",")]) if p.strip()]
     out: list = []
@@ -269,12 +268,12 @@ def parse_task_list(spec: str | list[str]) -> list[str | tuple[str, list[int]]]:
             out.append(part)
         elif "@" in part:
             family, length = part.split("@", 1)
-            if family not in FAMILIES:
-                raise UserError(f"unknown recall task {family!r}; built-in: {', '.join(FAMILIES)}")
+            if family not in RECALL_FAMILIES:
+                raise UserError(f"unknown recall task {family!r}; built-in: {', '.join(RECALL_FAMILIES)}")
             out.append((family, [parse_length(length)]))
         elif _LENGTH.match(part) and out and isinstance(out[-1], tuple):
             out[-1][1].append(parse_length(part))
-        elif part in FAMILIES:
+        elif part in RECALL_FAMILIES:
             raise UserError(f"recall task {part!r} needs context lengths, e.g. {part}@1k,4k")
         else:
             out.append(part)
