@@ -134,6 +134,18 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
     return student.eval()
 
 
+def save_student(student, directory: str | Path, *, tokenizer=None, provenance: dict) -> None:
+    """A converted student as a self-contained directory: weights, the tokenizer, gendistill.json (`provenance`:
+    teacher, attention layers, seed) and the shipped model code with its model card. `gendistill convert` and a
+    recipe's conversion step (`distill.trainer.convert_step`) both write it."""
+    directory = Path(directory)
+    student.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / "gendistill.json").write_text(json.dumps(provenance, indent=2))
+    write_student_files(directory, student)  # model code + auto_map (loads without gendistill), README.md
+
+
 def load_teacher(path_or_id: str, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -182,12 +194,8 @@ def main(args) -> int:
     student = convert(teacher, attention_layers=layers, ratio=args.ratio, seed=args.seed,
                       kda_conv_activation=args.conv_activation, kda_output_gate=args.output_gate)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "gendistill.json").write_text(json.dumps({
-            "teacher": args.teacher, "attention_layers": student.config.attention_layers, "seed": args.seed}, indent=2))
-        write_student_files(tmp, student)  # model code + auto_map (loads without gendistill), README.md
+        save_student(student, tmp, tokenizer=tokenizer, provenance={
+            "teacher": args.teacher, "attention_layers": student.config.attention_layers, "seed": args.seed})
     n = student.config.num_hidden_layers
     print(f"converted {args.teacher} -> {args.out}: attention layers {student.config.attention_layers}, "
           f"{n - len(student.config.attention_layers)} of {n} layers KDA, "

@@ -9,6 +9,7 @@ from gendistill.distill import load_recipe, run_recipe
 from gendistill.distill.trainer import lr_factor, total_steps
 from gendistill.io import UserError
 from gendistill.recipes import ROOT as RECIPES
+from gendistill.testing import tiny_tokenizer
 
 TINY = RECIPES / "tiny.yaml"
 
@@ -26,6 +27,41 @@ def test_bundled_recipes_by_name(tmp_path, monkeypatch):
         load_recipe("tinny")
     with pytest.raises(UserError, match="bundled"):
         load_recipe("../recipes/tiny")
+
+
+def test_plain_training_names_its_model_model(tmp_path):
+    """The world teacher's recipe trains `model:` without a teacher; `model:` refuses a teacher (distillation trains a
+    `student:`), conversion, and `student:` beside it; run dirs keep the name (recipe.yaml, fingerprint keys)."""
+    from gendistill.distill.recipe import recipe_to_dict
+    from gendistill.distill.trainer import run_fingerprint
+
+    for scale in ("cpu", "gpu"):
+        recipe = load_recipe(RECIPES / "demo" / f"teacher-{scale}.yaml", ["model.seed=3"])
+        assert recipe.trained == "model" and recipe.teacher is None and recipe.student["seed"] == 3
+        assert all(s.objective == {"ce": 1.0} for s in recipe.stages)
+    written = recipe_to_dict(recipe)
+    assert "model" in written and "student" not in written
+    assert load_recipe(written).student == recipe.student  # recipe.yaml reads back the same
+    keys = run_fingerprint(recipe, None, None, tiny_tokenizer())["stages"][0]["keys"]
+    assert "model.seed" in keys and not any(k.startswith("student") for k in keys)
+    plain = yaml.safe_load(TINY.read_text().replace("${recipe_dir}", str(RECIPES)))
+    plain.pop("teacher")
+    plain.pop("student")
+    plain["stages"] = [{"name": "ce", "objective": "ce", "data": "text", "steps": 1}]
+    for model, needle in [({"config": {"model_type": "qwen3"}}, None),
+                          ({"convert": {}}, "model: only the student can be built by conversion"),
+                          ("some/dir", None)]:
+        if needle is None:
+            assert load_recipe({**plain, "model": model}).trained == "model"
+        else:
+            with pytest.raises(UserError, match=needle):
+                load_recipe({**plain, "model": model})
+    with pytest.raises(UserError, match="`model:` is plain training, without a teacher"):
+        load_recipe({**plain, "model": "some/dir", "teacher": "other/dir"})
+    with pytest.raises(UserError, match="give `student:` .* or `model:`"):
+        load_recipe({**plain, "model": "some/dir", "student": "some/dir"})
+    with pytest.raises(UserError, match="student: required: .* `model:`"):
+        load_recipe(plain)
 
 
 def test_every_bundled_file_is_package_data():
@@ -177,6 +213,8 @@ def test_cli_check_errors_and_a_run(tmp_path, capsys):
     assert main(["distill", str(RECIPES / "paper.yaml"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "3. kd: {'kd': 1.0} on pretrain (all); train ['kda', 'mlp', 'norms']; 3815 steps x 64 x 2048" in out
+    assert "0. convert: the teacher -> Hybrid-KDA student {'attention_layers': [0, 2, 6, 11, 13, 18, 21]} -> " \
+           "runs/paper/convert/model" in out
     assert main(["distill", str(TINY), "--set", "kd.lrr=1"]) == 2
     assert "gendistill distill: error: stages[2] (kd).lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
     out_dir = tmp_path / "run"

@@ -55,7 +55,11 @@ def main(args) -> int:
     if args.check:
         from gendistill.distill.trainer import total_steps
 
-        print(f"recipe {recipe.name}: teacher {recipe.teacher}, student {recipe.student}, out_dir {recipe.out_dir}")
+        print(f"recipe {recipe.name}: teacher {recipe.teacher}, {recipe.trained} {recipe.student}, "
+              f"out_dir {recipe.out_dir}")
+        if "convert" in recipe.student:
+            print(f"  0. convert: the teacher -> Hybrid-KDA student {recipe.student['convert'] or {}} -> "
+                  f"{recipe.out_dir}/convert/model")
         for i, s in enumerate(recipe.stages, 1):
             steps = total_steps(s)
             print(f"  {i}. {s.name}: {s.objective} on {s.data} ({s.loss_mask}); train {s.train}; "

@@ -1,4 +1,5 @@
 """Recipes: a teacher, a student, data sources and an ordered list of declarative stages, loaded from YAML.
+A recipe without a teacher trains its `model:` by plain training (e.g. the world's teacher, from scratch).
 
 Everything is checked here, before any work starts: an unknown key, a wrong type or an impossible value raises
 `UserError` naming the key (`stages[2] (kd).lr: ...`). A new stage is a new entry, never a new script; a new loss
@@ -110,7 +111,7 @@ class DataSource:
 class Recipe:
     name: str
     out_dir: str
-    student: Any  # dir | {path} | {convert: {...}} | {config: {...}} | {factory: "mod:fn", kwargs: {...}}
+    student: Any  # the trained model: dir | {path} | {convert: {...}} | {config: {...}} | {factory: "mod:fn", ...}
     stages: list[Stage]
     data: dict[str, DataSource]
     teacher: Any = None  # dir/hub id | {path, dtype} | {config} | {factory}; None only if every stage is ce-only
@@ -122,13 +123,14 @@ class Recipe:
     seed: int = 0
     source: str | None = None  # the YAML file, if any
     allow_code: bool = False  # "module:function" entries outside BUILTIN_CALLABLES may run (--allow-code)
+    trained: str = "student"  # what the YAML calls the trained model: student (distillation) | model (plain training)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
 
 
 # `defaults`: keys for every stage
-TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) | {"defaults"}
+TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code", "trained"}) | {"defaults", "model"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple
 def code_entries(recipe: Recipe) -> list[tuple[str, Any]]:
     """Every entry that names a callable: [(where, "module:function" or the callable)]."""
     found = [(f"{role}.factory", spec["factory"]) for role, spec in
-             (("teacher", recipe.teacher), ("student", recipe.student), ("tokenizer", recipe.tokenizer))
+             (("teacher", recipe.teacher), (recipe.trained, recipe.student), ("tokenizer", recipe.tokenizer))
              if isinstance(spec, dict) and "factory" in spec]
     found += [(f"{s.name}.eval", s.eval) for s in recipe.stages if s.eval is not None]
     return found
@@ -495,9 +497,16 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     needing = [s.name for s in stages if s.needs_teacher]
     if teacher is None and needing:
         _fail("teacher", f"required: stages {needing} use a teacher term ({'/'.join(TEACHER_TERMS)})")
-    if "student" not in raw:
-        _fail("student", "required: a converted model dir, or {convert: {attention_layers: [...]}}, or {config: {...}}")
-    student = _model_spec(raw["student"], "student", student=True)
+    if "student" in raw and "model" in raw:
+        _fail("model", "give `student:` (distillation from the teacher) or `model:` (plain training), not both")
+    trained = "model" if "model" in raw else "student"
+    if trained not in raw:
+        _fail("student", "required: a converted model dir, or {convert: {attention_layers: [...]}}, or "
+                         "{config: {...}}; or, to train a model without a teacher, `model:` ({config: {...}}, ...)")
+    student = _model_spec(raw[trained], trained, student=trained == "student")
+    if trained == "model" and teacher is not None:
+        _fail("model", "`model:` is plain training, without a teacher; a recipe that distils from a teacher names "
+                       "the model it trains `student:`")
     if "convert" in student and teacher is None:
         _fail("student.convert", "conversion needs a teacher")
     tokenizer = raw.get("tokenizer")
@@ -515,7 +524,7 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     return Recipe(name=name, out_dir=out_dir, student=student, stages=stages, data=data, teacher=teacher,
                   tokenizer=tokenizer, cache_dir=cache_dir, parallel=parallel,
                   tensorboard=raw.get("tensorboard", True), progress=raw.get("progress", True), seed=seed,
-                  source=source)
+                  source=source, trained=trained)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -531,4 +540,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     d = dataclasses.asdict(recipe)
     d.pop("source")
     d.pop("allow_code")
+    d = {(recipe.trained if k == "student" else k): v for k, v in d.items() if k != "trained"}
     return clean(d)

@@ -10,7 +10,10 @@ Outputs of a run (`out_dir`; every path inside is relative, so the directory can
     recipe.yaml                       the resolved recipe
     run.json                          the run record: a fingerprint of everything each stage depends on (resolved
                                       recipe, teacher/student weight and tokenizer hashes, data file hashes), the
-                                      history of starts/resumes, and when done the summary of the whole run
+                                      history of starts/resumes, the conversion step, and when done the summary
+    convert/model/, convert/convert.json
+                                      the conversion step (a `student: {convert: ...}` recipe): the initial student
+                                      converted from the teacher (HF format + tokenizer) and its record
     NN-<stage>/model/                 the finished stage's student (HF format, safetensors) + tokenizer
     NN-<stage>/metrics.jsonl          one line per logged step
     NN-<stage>/checkpoints/step-N/    resumable state (latest `keep_checkpoints`), with state.pt's sha256
@@ -610,7 +613,8 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         teacher = load_model(recipe.teacher, role="teacher")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    initial = student if student is not None else load_model(recipe.student, teacher=teacher, role="student")
+    converted = student is None and "convert" in recipe.student  # the run's conversion step (see convert_step)
+    initial = student if student is not None else load_model(recipe.student, teacher=teacher, role=recipe.trained)
     for stage in recipe.stages:  # every stage's groups and layers exist in this architecture
         trainable_groups(initial, stage.train, stage.freeze)
         align_layers(stage, initial)
@@ -639,14 +643,14 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         if env.is_main:  # again, under the lock: another run may have used the directory since the first check
             _check_run_dir(out, continuing, overwrite, from_stage)
         return _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds,
-                           tokenizer, teacher, initial, on_step)
+                           tokenizer, teacher, initial, on_step, converted)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds, tokenizer,
-                teacher, initial, on_step) -> dict:
+                teacher, initial, on_step, converted) -> dict:
     if env.is_main:
         stage_dirs = _stage_dirs(out)
         if not continuing:  # a fresh start: out was checked deletable (marked, or empty)
@@ -666,6 +670,9 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
         record = {"recipe": recipe.name, "status": "running", "fingerprint": fingerprint, "history": history}
         atomic_write_json(out / "run.json", record)
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if converted:  # the initial student on disk before any stage trains it (in place, in fp32)
+            record["convert"] = convert_step(out, recipe, initial, tokenizer, fingerprint)
+            atomic_write_json(out / "run.json", record)
     parallel.barrier(env)
     cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else out / "token_cache"
     corpora = {}
@@ -694,12 +701,52 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
                                    env=env))
         previous = Path(results[-1]["model_dir"])
         del current
-    summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results}
+    summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results,
+               **({"converted_model": str(out / CONVERT_DIR / "model")} if converted else {})}
     if env.is_main:  # on disk, paths relative to the run directory
         atomic_write_json(out / "run.json", {
             **record, "status": "done", "final_model": str(previous.relative_to(out)),
             "stages": [{**r, "model_dir": f"{i + 1:02d}-{r['stage']}/model"} for i, r in enumerate(results)]})
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the conversion step
+
+CONVERT_DIR = "convert"
+
+
+def convert_step(out: Path, recipe: Recipe, student, tokenizer, fingerprint: dict) -> dict:
+    """Write the run's conversion step: `student` (converted from the teacher while the run was checked, so that its
+    weights are in the fingerprint) as OUT/convert/model, a self-contained student directory with the tokenizer, and
+    its record OUT/convert/convert.json; returns the record run.json keeps. A continued run keeps an intact copy of
+    the same weights. Stage 1 then trains this student, whose conversion provenance its model card carries."""
+    from gendistill.convert import save_student
+
+    directory = out / CONVERT_DIR
+    weights = fingerprint["stages"][0]["keys"][f"{recipe.trained}.weights.sha256"]
+    teacher = recipe.teacher or {}
+    entry = {"model_dir": f"{CONVERT_DIR}/model", "teacher": teacher.get("path") or teacher.get("factory"),
+             "options": recipe.student["convert"] or {}, "attention_layers": list(student.config.attention_layers),
+             "weights_sha256": weights}
+    try:
+        kept = json.loads((directory / "convert.json").read_text())
+        intact = kept["weights_sha256"] == weights and kept["model_files"] == model_checksums(directory / "model")
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        start = time.perf_counter()
+        with atomic_dir(directory / "model", overwrite=True) as tmp:
+            save_student(student, tmp, tokenizer=tokenizer, provenance={
+                "teacher": entry["teacher"], "attention_layers": entry["attention_layers"],
+                "seed": entry["options"].get("seed", 0)})
+        atomic_write_json(directory / "convert.json", {**entry, "model_dir": "model",
+                                                      "model_files": model_checksums(directory / "model"),
+                                                      "seconds": round(time.perf_counter() - start, 3)})
+        print(f"[convert] {entry['teacher']} -> Hybrid-KDA student: attention layers {entry['attention_layers']} "
+              f"-> {directory / 'model'}", file=sys.stderr, flush=True)
+    student.name_or_path = str(directory / "model")  # stage 1's model card reads its provenance there
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -801,7 +848,7 @@ def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
     from gendistill.tokenizer import tokenizer_fingerprint
 
     common = {"seed": recipe.seed, "tokenizer.sha256": tokenizer_fingerprint(tokenizer)}
-    for role, spec, model in (("teacher", recipe.teacher, teacher), ("student", recipe.student, student)):
+    for role, spec, model in (("teacher", recipe.teacher, teacher), (recipe.trained, recipe.student, student)):
         _flatten({k: v for k, v in (spec or {}).items() if k != "path"}, role, common)
         if model is not None:
             common[f"{role}.weights.sha256"] = weights_sha256(model)
