@@ -78,9 +78,9 @@ class Run:
 
 def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str] | tuple = ()) -> dict:
     """Read and check a spec; `overrides` (`--set`) are appended to its `set` list (they apply to every variant)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ablation spec {path} does not exist")
+    from gendistill.recipes import resolve
+
+    path = resolve(path, "ablation spec")  # a file, or a bundled spec's name ("ablations/paper")
     text = os.path.expandvars(path.read_text().replace("${spec_dir}", str(path.resolve().parent)))
     unset = sorted(set(re.findall(r"\$\{(\w+)\}", text)))
     if unset:
@@ -228,14 +228,12 @@ def _spec_fingerprint(spec) -> object:
 
 def stage_keys(recipe) -> list[str]:
     """key_k = hash(key_{k-1}, stage k's settings, its data); key_{-1} = hash(teacher, student, tokenizer)."""
-    from gendistill.distill.trainer import _plain
-
     key = _digest({"teacher": _spec_fingerprint(recipe.teacher), "student": _spec_fingerprint(recipe.student),
                    "tokenizer": _spec_fingerprint(recipe.tokenizer)})
     keys = []
     for stage in recipe.stages:
         source = dataclasses.asdict(recipe.data[stage.data])
-        key = _digest({"parent": key, "stage": _plain(stage.math_keys()),
+        key = _digest({"parent": key, "stage": stage.math_keys(),
                        "data": {**source, "content": fingerprint(source["path"])}})
         keys.append(key)
     return keys
@@ -614,9 +612,9 @@ def _pretokenize(spec: dict, plan: dict) -> None:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run an ablation: variants of a recipe over axes and seeds, "
                                 "stages shared where variants agree, every variant evaluated, one report by axis.",
-                                epilog="examples:\n  %(prog)s recipes/ablations/world-gpu.yaml --check\n"
-                                       "  %(prog)s recipes/ablations/world-gpu.yaml --resume\n"
-                                       "  %(prog)s recipes/ablations/paper.yaml --cluster slurm",
+                                epilog="examples:\n  %(prog)s ablations/world-gpu.yaml --check\n"
+                                       "  %(prog)s ablations/world-gpu.yaml --resume\n"
+                                       "  %(prog)s ablations/paper.yaml --cluster slurm",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="ablation spec YAML (base recipe, axes, seeds, eval)")
     p.add_argument("--check", action="store_true", help="print the plan (variants, shared stages, tokens, time)")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from gendistill.hub import write_student_files
-from gendistill.io import UserError, atomic_dir, check_model_ref, check_output_dir
 from gendistill.configuration_hybrid_kda import ATTENTION, MIXERS
+from gendistill.io import UserError, atomic_dir, check_output_dir
 from gendistill.modeling import FULL, LINEAR, HybridKDAConfig, HybridKDAForCausalLM
 
 PAPER_ATTENTION_LAYERS = (0, 2, 6, 11, 13, 18, 21)  # beam-searched set of arXiv 2603.26556 for 28-layer Qwen3
@@ -66,6 +66,18 @@ def _check_layers(attention_layers, num_layers: int) -> list[int]:
     if repeated:
         raise UserError(f"attention layer index {repeated} repeated in {layers}")
     return sorted(layers)
+
+
+def read_selection(path: str | Path) -> list[int]:
+    """The chosen layers of a `gendistill select-layers` selection.json (`convert --attention-layers FILE`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        layers = data["attention_layers"]
+        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+            raise ValueError("attention_layers is not a list of integers")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a `gendistill select-layers` result ({type(err).__name__}: {err})") from err
+    return layers
 
 
 def _check_mixer(mixer, num_layers: int, attention_layers: list[int]) -> dict:
@@ -145,12 +157,23 @@ def convert(teacher, attention_layers=None, ratio: float | None = None, seed: in
     return student.eval()
 
 
+def save_student(student, directory: str | Path, *, tokenizer=None, provenance: dict) -> None:
+    """A converted student as a self-contained directory: weights, the tokenizer, gendistill.json (`provenance`:
+    teacher, attention layers, seed) and the shipped model code with its model card. `gendistill convert` and a
+    recipe's conversion step (`distill.trainer.convert_step`) both write it."""
+    directory = Path(directory)
+    student.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / "gendistill.json").write_text(json.dumps(provenance, indent=2))
+    write_student_files(directory, student)  # model code + auto_map (loads without gendistill), README.md
+
+
 def load_teacher(path_or_id: str, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from gendistill.loading import load_model
 
-    check_model_ref(path_or_id, "teacher")
     teacher = load_model(path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, role="teacher (safetensors "
                          "weights expected)", use_safetensors=True)
     try:
@@ -190,8 +213,6 @@ def main(args) -> int:
     if args.attention_layers is not None and args.attention_layers.strip().lower() in ("none", ""):
         layers = []
     elif args.attention_layers and (args.attention_layers.endswith(".json") or Path(args.attention_layers).is_file()):
-        from gendistill.select_layers import read_selection
-
         layers = read_selection(args.attention_layers)
     elif args.attention_layers:
         try:
@@ -202,13 +223,9 @@ def main(args) -> int:
     student = convert(teacher, attention_layers=layers, ratio=args.ratio, seed=args.seed, mixer=args.mixer,
                       kda_conv_activation=args.conv_activation, kda_output_gate=args.output_gate)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "gendistill.json").write_text(json.dumps({
+        save_student(student, tmp, tokenizer=tokenizer, provenance={
             "teacher": args.teacher, "attention_layers": student.config.attention_layers, "mixer": args.mixer,
-            "seed": args.seed}, indent=2))
-        write_student_files(tmp, student)  # model code + auto_map (loads without gendistill), README.md
+            "seed": args.seed})
     n = student.config.num_hidden_layers
     print(f"converted {args.teacher} -> {args.out}: attention layers {student.config.attention_layers}, "
           f"{n - len(student.config.attention_layers)} of {n} layers {args.mixer.upper()}, "

@@ -2,22 +2,20 @@
 
 world -> teacher (trained from scratch, or reused from the cache) -> convert -> the four GenDistill stages ->
 evaluate teacher and student both ways (log-likelihood and generation) -> report.html/.md -> a summary table.
-Each step is an existing piece: `world.build_world`, `distill.run_recipe` (twice: the teacher's recipe and the
-distillation recipe, both in recipes/demo/), `convert.convert`, `evaluation.evaluate`, `modeling.cache_bytes`.
+Each step is an existing piece: `world.build_world`, `world.teacher.train_or_reuse_teacher` (the world's teacher
+recipe), `distill.run_recipe` (the distillation recipe: its conversion step, then the stages; both recipes bundled
+in gendistill/recipes/demo/), `evaluation.evaluate`, `modeling.cache_bytes`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
 from gendistill.io import UserError, atomic_write_json
+from gendistill.world.teacher import MINI_OVERRIDES, SCALES, demo_recipe, train_or_reuse_teacher, world_data_overrides
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
-SCALES = ("mini", "cpu", "gpu")  # mini: the CI-sized miniature of the cpu demo
 TEACHER_TARGET = 0.9  # generation accuracy the teacher should reach on the seen-entity open QA
 EVAL_TASKS = ("world_qa_mc_seen", "world_qa_open_seen", "world_qa_mc_extraction", "world_qa_open_extraction")
 # scale -> world preset, eval item cap per task (None: all), long-context recall tasks, recall items per length,
@@ -38,19 +36,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GENDISTILL_CACHE", Path.home() / ".cache" / "gendistill"))
 
 
-def _recipe(kind: str, scale: str) -> Path:
-    return RECIPES / f"{kind}-{'cpu' if scale == 'mini' else scale}.yaml"
-
-
-def _world_overrides(world_dir: Path) -> list[str]:
-    return [f"data.bios.path={world_dir / 'pretrain.jsonl'}", f"data.chat.path={world_dir / 'chat.jsonl'}"]
-
-
-def _mini_overrides() -> list[str]:
-    """Shrink any demo recipe to a few steps of short sequences (the CI miniature)."""
-    return ["*.tokens=null", "*.steps=3", "*.seq_len=64", "*.batch_size=4"]
-
-
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
@@ -65,60 +50,14 @@ def build_world_dir(out: Path, seed: int, preset: str) -> Path:
     return world_dir
 
 
-def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int = 0) -> Path:
-    """Train the world's Qwen3 teacher from scratch with recipes/demo/teacher-<scale>.yaml; `out_dir` appears whole
-    (HF format + tokenizer) or not at all."""
-    from transformers import AutoTokenizer
-
-    from gendistill.distill import run_recipe
-
-    world_dir, out_dir = Path(world_dir), Path(out_dir)
-    if not (world_dir / "world.json").exists():
-        raise UserError(f"{world_dir} is not a world directory (no world.json); build one with `gendistill world build`")
-    run_dir = out_dir.with_name(out_dir.name + ".run")
-    vocab = -(-len(AutoTokenizer.from_pretrained(world_dir / "tokenizer")) // 64) * 64  # the world's, padded to 64
-    overrides = _world_overrides(world_dir) + [f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}",
-                                               f"student.seed={seed}", f"student.config.vocab_size={vocab}"]
-    if scale == "mini":
-        overrides += _mini_overrides()
-    summary = run_recipe(_recipe("teacher", scale), overrides, overwrite=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(summary["final_model"], tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return out_dir
-
-
-def teacher_cache_key(world_dir: Path, scale: str) -> str:
-    """Hash of what the teacher is made from: the world's training data and tokenizer (not only world.json, so any
-    change to the world's generator that reaches the training data trains a new teacher), the recipe and the scale."""
-    digest = hashlib.sha256()
-    for part in ("world.json", "pretrain.jsonl", "chat.jsonl", "tokenizer/tokenizer.json"):
-        digest.update((Path(world_dir) / part).read_bytes())
-    digest.update(_recipe("teacher", scale).read_bytes() + scale.encode())
-    return digest.hexdigest()
-
-
-def train_or_reuse_teacher(world_dir: Path, scale: str, seed: int, cache: Path, fresh: bool) -> Path:
-    """The teacher is cached by (world content, teacher recipe, scale): the same seed is trained once."""
-    key = teacher_cache_key(world_dir, scale)
-    teacher_dir = cache / "teachers" / f"{scale}-seed{seed}-{key[:12]}"
-    if (teacher_dir / "config.json").exists() and not fresh:
-        print(f"reusing the cached teacher {teacher_dir}")
-        return teacher_dir
-    return train_teacher(world_dir, teacher_dir, scale, seed)
-
-
 def distill_student(teacher_dir: Path, world_dir: Path, out: Path, scale: str) -> dict:
     from gendistill.distill import run_recipe
 
-    overrides = _world_overrides(world_dir) + [f"teacher.path={teacher_dir}", f"tokenizer.path={teacher_dir}",
-                                               f"out_dir={out / 'distill'}"]
+    overrides = world_data_overrides(world_dir) + [f"teacher.path={teacher_dir}", f"tokenizer.path={teacher_dir}",
+                                                   f"out_dir={out / 'distill'}"]
     if scale == "mini":
-        overrides += _mini_overrides()
-    return run_recipe(_recipe("distill", scale), overrides, overwrite=True)
+        overrides += MINI_OVERRIDES
+    return run_recipe(demo_recipe("distill", scale), overrides, overwrite=True)
 
 
 def summary_rows(report: dict, student_config, teacher_config) -> list[dict]:
@@ -205,7 +144,7 @@ def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, c
     world_dir = build_world_dir(out, seed, settings["world"])
     _step("2/5 teacher: Qwen3 trained from scratch on the world (pretraining, then chat SFT)")
     teacher_dir = train_or_reuse_teacher(world_dir, scale, seed, cache, fresh_teacher)
-    _step("3/5 convert + the four GenDistill stages (attn_align, hidden_align, kd, kd_instruct)")
+    _step("3/5 distillation: convert (the run's first step), then the four GenDistill stages")
     run = distill_student(teacher_dir, world_dir, out, scale)
     student_dir = Path(run["final_model"])
     _step("4/5 evaluate teacher and student both ways (log-likelihood and generation)")
@@ -223,7 +162,8 @@ def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, c
                                    AutoConfig.from_pretrained(teacher_dir))
     seconds = time.perf_counter() - start
     summary = {"scale": scale, "seed": seed, "world": str(world_dir), "teacher": str(teacher_dir),
-               "student": str(student_dir), "report": {k: str(v) for k, v in paths.items()}, "rows": rows,
+               "converted": run.get("converted_model"), "student": str(student_dir),
+               "report": {k: str(v) for k, v in paths.items()}, "rows": rows,
                "kv_bytes_per_token": per_token, "seconds": seconds, "eval_seconds": eval_seconds,
                "stages": [{"name": s["stage"], "tokens": s["tokens"], "first_loss": s["first_loss"],
                            "final_loss": s["final"]["loss"], "seconds": s["train_time_s"]} for s in run["stages"]]}

@@ -6,11 +6,10 @@ and remote code runs only where the user asked for it."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from gendistill.io import UserError
+from gendistill.io import UserError, check_model_ref
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -32,14 +31,13 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype = "aut
     import gendistill.modeling  # noqa: F401  (registers HybridKDAConfig / HybridKDAForCausalLM with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    local = Path(path_or_id)
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise UserError(f"{role} {str(path_or_id)!r} is a directory without config.json: not a model checkpoint")
+    check_model_ref(path_or_id, role)  # a directory with config.json, or something shaped like a hub id
+    ref = os.path.expanduser(str(path_or_id))
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code, **from_pretrained_kwargs}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the {role} from {str(path_or_id)!r}: {err}") from err
     if device is not None:

@@ -169,7 +169,7 @@ def kl_probe(teacher, tokenizer, data: str, steps: int = 20, seq_len: int = 256,
 
     from gendistill.convert import convert
     from gendistill.distill.data import DataSource, PackedStream, build_corpus, detect_kind
-    from gendistill.distill.recipe import _stage
+    from gendistill.distill.recipe import load_stage
     from gendistill.distill.trainer import stage_loss, train_stage
 
     source = DataSource(path=data)
@@ -177,9 +177,9 @@ def kl_probe(teacher, tokenizer, data: str, steps: int = 20, seq_len: int = 256,
     held_out = PackedStream(corpus, seq_len, seed=12345, loss_mask="all").batch(10**6, batch_size)
 
     def stage(name, objective, n):
-        return _stage({"name": name, "objective": objective, "data": "d", "steps": n, "seq_len": seq_len,
-                       "batch_size": batch_size, "lr": lr, "train": ["kda"], "checkpoint_every": 0,
-                       "precision": "fp32"}, {}, 0, {"d": None}, 0)
+        return load_stage({"name": name, "objective": objective, "steps": n, "seq_len": seq_len,
+                           "batch_size": batch_size, "lr": lr, "train": ["kda"], "checkpoint_every": 0,
+                           "precision": "fp32"})
 
     align, kd = stage("probe_align", "attn_align", steps), stage("probe_kl", "kd", 1)
 
@@ -337,18 +337,6 @@ def select_layers(score: Callable[[Key], dict], num_layers: int, budget: int, ou
         plot_search(result, out / "search.png", f"{budget} of {num_layers} attention layers: "
                                                 f"{result['attention_layers']}")
     return result
-
-
-def read_selection(path: str | Path) -> list[int]:
-    """The chosen layers of a selection.json (for `convert --attention-layers FILE`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        layers = data["attention_layers"]
-        if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-            raise ValueError("attention_layers is not a list of integers")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: not a `gendistill select-layers` result ({type(err).__name__}: {err})") from err
-    return layers
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
-"""Byte-level BPE tokenizers trained locally (no hub download), with a Qwen-style chat template."""
+"""Byte-level BPE tokenizers trained locally (no hub download), with a Qwen-style chat template; and the one
+tokenizer fingerprint (token caches, run.json, eval manifests)."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -17,8 +16,23 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Equal fingerprints: the same text gives the same token ids and a chat renders the same way (the backend's
+    whole definition -- vocabulary, merges, normaliser, pre-tokeniser, special tokens -- plus the chat template and
+    eos). Token caches are keyed by it, run.json records it (a resumed stage refuses another tokenizer), and eval
+    compares greedy outputs token by token only between models whose fingerprints are equal."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(repr((getattr(tokenizer, "chat_template", None), tokenizer.eos_token)).encode())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2):
     """Train a byte-level BPE on `texts` and wrap it as a HF fast tokenizer (pad = <|endoftext|>, eos = <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -13,8 +13,9 @@ from gendistill.ablate import build_plan, load_spec, run_ablation, run_recipe_of
 from gendistill.cli import main as cli
 from gendistill.distill import run_recipe
 from gendistill.io import UserError
+from gendistill.recipes import ROOT as BUNDLED
 
-TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+TINY = BUNDLED / "tiny.yaml"
 MC = [{"id": f"q{i}", "question": f"Where was person {i} born?", "choices": ["Lyon", "Basel", "Zurich", "Geneva"],
        "answer": i % 4} for i in range(4)]
 

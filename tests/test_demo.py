@@ -1,7 +1,8 @@
 """The miniature demo (tiny world, tiny teacher, a few steps per stage) runs end to end and writes every file."""
 import json
 
-from gendistill.demo import build_world_dir, run_demo, teacher_cache_key
+from gendistill.demo import build_world_dir, run_demo
+from gendistill.world.teacher import teacher_cache_key
 
 
 def test_mini_demo_end_to_end(tmp_path, capsys):
@@ -13,6 +14,8 @@ def test_mini_demo_end_to_end(tmp_path, capsys):
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["teacher"] == "teacher" and report["students"] == ["student"]
     assert [s["name"] for s in summary["stages"]] == ["attn_align", "hidden_align", "kd", "kd_instruct"]
+    assert summary["converted"] == str(out / "distill" / "convert" / "model")  # the distillation's first step
+    assert json.loads((out / "distill" / "run.json").read_text())["convert"]["attention_layers"] == [1, 5]
     assert {r["task"] for r in summary["rows"]} >= {"average", "world_qa_mc_seen", "world_qa_open_seen"}
     # the student keeps a quarter of the attention layers: its KV cache grows 4x slower than the teacher's
     kv = summary["kv_bytes_per_token"]

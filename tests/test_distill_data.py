@@ -190,3 +190,23 @@ def test_parquet_text_files_directories_and_unreachable_hub_ids(tmp_path):
     assert [r["text"] for r in iter_records(DataSource(path=str(folder)))] == ["doc 0", "doc 1", "doc 2"]
     with pytest.raises(UserError, match="could not read data source 'nobody/no-such-dataset'"):
         detect_kind(DataSource(path="nobody/no-such-dataset"))  # offline in tests: fails cleanly, naming it
+
+
+def test_one_tokenizer_fingerprint_survives_save_and_load_and_sees_what_changes_ids(tmp_path):
+    """The trainer records the fingerprint of the tokenizer it holds (run.json, token caches); eval takes it of the
+    tokenizer loaded from the student dir the trainer saved: the two must be equal. A different merge table, chat
+    template or eos must not be."""
+    from transformers import AutoTokenizer
+
+    from gendistill.tokenizer import tokenizer_fingerprint, train_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "saved")
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "saved")) == tokenizer_fingerprint(tok)
+    texts = ["Alice Moreau was born in Lyon.", "Bruno studied chemistry in Basel."] * 20
+    base = tokenizer_fingerprint(train_tokenizer(texts, vocab_size=300, min_frequency=1))
+    assert base != tokenizer_fingerprint(train_tokenizer(texts[::-1][:3], vocab_size=300, min_frequency=1))
+    templated = train_tokenizer(texts, vocab_size=300, min_frequency=1)
+    templated.chat_template = "{{ messages[0]['content'] }}"
+    assert tokenizer_fingerprint(templated) != base
+    assert tokenizer_fingerprint(train_tokenizer(texts, vocab_size=300, min_frequency=1)) == base

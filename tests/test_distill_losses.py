@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gendistill.distill.losses import HeadLoss, chunked_head_loss, divergence, naive_head_loss
+from gendistill.recipes import ROOT as BUNDLED
 
 
 
@@ -169,12 +170,11 @@ def test_qk_align_stage_trains_kda_q_k_and_falls(tmp_path):
     from gendistill.distill.recipe import DataSource
     from gendistill.distill.trainer import stage_loss
     from gendistill.testing import tiny_tokenizer
-    from pathlib import Path
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_text.jsonl"
+    data = BUNDLED / "data" / "tiny_text.jsonl"
     tok = tiny_tokenizer()
     corpus = build_corpus(DataSource(path=str(data)), "text", tok, tmp_path / "cache", 10**9)
-    stage = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+    stage = load_recipe(BUNDLED / "tiny.yaml",
                         ["attn_align.objective=qk_align", "*.steps=10", "*.checkpoint_every=0"]).stage("attn_align")
     teacher, student = _tiny_pair()
     held_out = PackedStream(corpus, stage.seq_len, seed=5, loss_mask="all").batch(50, 4)
@@ -189,9 +189,8 @@ def test_qk_align_refuses_attention_layers():
     from gendistill.distill import load_recipe
     from gendistill.distill.trainer import align_layers
     from gendistill.io import UserError
-    from pathlib import Path
 
-    stage = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+    stage = load_recipe(BUNDLED / "tiny.yaml",
                         ["attn_align.objective=qk_align", "attn_align.layers=all"]).stage("attn_align")
     with pytest.raises(UserError, match="not KDA"):
         align_layers(stage, _tiny_pair()[1])
@@ -224,18 +223,17 @@ def test_attention_block_freezes_the_attention_layers_input_norm_too():
 @pytest.mark.parametrize("loss_mask,kind", [("completion_only", "chat"), ("all", "text")])
 def test_scored_budget_takes_the_fewest_steps_whose_scored_tokens_reach_it(tmp_path, loss_mask, kind):
     from gendistill.distill.data import PackedStream, build_corpus
-    from gendistill.distill.recipe import DataSource, _stage
-    from gendistill.distill.trainer import _stream, stage_steps
+    from gendistill.distill.recipe import DataSource, load_stage
+    from gendistill.distill.trainer import stage_steps, stage_stream
     from gendistill.testing import tiny_tokenizer
-    from pathlib import Path
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / f"tiny_{kind}.jsonl"
+    data = BUNDLED / "data" / f"tiny_{kind}.jsonl"
     corpus = build_corpus(DataSource(path=str(data)), kind, tiny_tokenizer(), tmp_path, 10**9)
     for budget in (1, 37, 500, 3 * corpus.num_tokens):  # the last spans several epochs
-        stage = _stage({"name": "s", "objective": "kd", "data": "d", "tokens": budget, "count": "scored",
-                        "seq_len": 16, "batch_size": 3, "loss_mask": loss_mask}, {}, 0, {"d": None}, 0)
+        stage = load_stage({"name": "s", "objective": "kd", "tokens": budget, "count": "scored", "seq_len": 16,
+                            "batch_size": 3, "loss_mask": loss_mask})
         steps = stage_steps(stage, corpus)
-        stream = _stream(stage, corpus)
+        stream = stage_stream(stage, corpus)
         scored = lambda n: int(stream.batch(0, n * 3)["loss_mask"].sum()) if n else 0
         assert scored(steps) >= budget > scored(steps - 1), (budget, steps)
     assert isinstance(stream, PackedStream)
@@ -243,14 +241,12 @@ def test_scored_budget_takes_the_fewest_steps_whose_scored_tokens_reach_it(tmp_p
 
 def test_a_scored_budget_stage_trains_until_its_scored_tokens_reach_the_budget(tmp_path):
     import json
-    from pathlib import Path
-
     from gendistill.distill import train_stage
     from gendistill.distill.data import build_corpus
     from gendistill.distill.recipe import DataSource
     from gendistill.testing import tiny_tokenizer
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_chat.jsonl"
+    data = BUNDLED / "data" / "tiny_chat.jsonl"
     tok = tiny_tokenizer()
     corpus = build_corpus(DataSource(path=str(data)), "chat", tok, tmp_path / "cache", 10**9)
     teacher, student = _tiny_pair()

@@ -7,14 +7,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gendistill.distill import run_recipe
+from gendistill.recipes import ROOT as BUNDLED
 
-TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+TINY = BUNDLED / "tiny.yaml"
 STAGES = ["01-attn_align", "02-hidden_align", "03-kd", "04-kd_instruct"]  # includes per-rank uneven completion masks
 COMMON = ["progress=false", "tensorboard=false", "*.steps=2", "*.batch_size=4", "*.micro_batch_size=2"]
 

@@ -1,20 +1,82 @@
 """Recipes: the shipped ones validate; overrides land where they say; every bad key/value is a UserError naming it,
 raised before anything is written (no output directory, no token cache)."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from gendistill.distill import load_recipe, run_recipe
-from gendistill.distill.recipe import parse_count
 from gendistill.distill.trainer import lr_factor, total_steps
 from gendistill.io import UserError
+from gendistill.recipes import ROOT as RECIPES
+from gendistill.testing import tiny_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny.yaml"
 
 
+def test_bundled_recipes_by_name(tmp_path, monkeypatch):
+    """A recipe argument is a file, else a bundled recipe's name (`.yaml` and a leading `recipes/` optional); a local
+    file of that name wins; an unknown name lists the bundled ones."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny", "tiny.yaml", "recipes/tiny.yaml"):
+        assert load_recipe(name).source == str(TINY)
+    assert load_recipe("demo/teacher-cpu").name == "world-teacher-cpu"
+    (tmp_path / "tiny.yaml").write_text(TINY.read_text().replace("name: tiny", "name: mine"))
+    assert load_recipe("tiny.yaml").name == "mine" and load_recipe("tiny").name == "tiny"
+    with pytest.raises(UserError, match=r"no bundled recipe has that name; bundled: .*demo/distill-cpu.yaml"):
+        load_recipe("tinny")
+    with pytest.raises(UserError, match="bundled"):
+        load_recipe("../recipes/tiny")
+
+
+def test_plain_training_names_its_model_model(tmp_path):
+    """The world teacher's recipe trains `model:` without a teacher; `model:` refuses a teacher (distillation trains a
+    `student:`), conversion, and `student:` beside it; run dirs keep the name (recipe.yaml, fingerprint keys)."""
+    from gendistill.distill.recipe import recipe_to_dict
+    from gendistill.distill.trainer import run_fingerprint
+
+    for scale in ("cpu", "gpu"):
+        recipe = load_recipe(RECIPES / "demo" / f"teacher-{scale}.yaml", ["model.seed=3"])
+        assert recipe.trained == "model" and recipe.teacher is None and recipe.student["seed"] == 3
+        assert all(s.objective == {"ce": 1.0} for s in recipe.stages)
+    written = recipe_to_dict(recipe)
+    assert "model" in written and "student" not in written
+    assert load_recipe(written).student == recipe.student  # recipe.yaml reads back the same
+    keys = run_fingerprint(recipe, None, None, tiny_tokenizer())["stages"][0]["keys"]
+    assert "model.seed" in keys and not any(k.startswith("student") for k in keys)
+    plain = yaml.safe_load(TINY.read_text().replace("${recipe_dir}", str(RECIPES)))
+    plain.pop("teacher")
+    plain.pop("student")
+    plain["stages"] = [{"name": "ce", "objective": "ce", "data": "text", "steps": 1}]
+    for model, needle in [({"config": {"model_type": "qwen3"}}, None),
+                          ({"convert": {}}, "model: only the student can be built by conversion"),
+                          ("some/dir", None)]:
+        if needle is None:
+            assert load_recipe({**plain, "model": model}).trained == "model"
+        else:
+            with pytest.raises(UserError, match=needle):
+                load_recipe({**plain, "model": model})
+    with pytest.raises(UserError, match="`model:` is plain training, without a teacher"):
+        load_recipe({**plain, "model": "some/dir", "teacher": "other/dir"})
+    with pytest.raises(UserError, match="give `student:` .* or `model:`"):
+        load_recipe({**plain, "model": "some/dir", "student": "some/dir"})
+    with pytest.raises(UserError, match="student: required: .* `model:`"):
+        load_recipe(plain)
+
+
+def test_every_bundled_file_is_package_data():
+    """pyproject's package-data globs cover every file under gendistill/recipes/, so the wheel carries them all (CI
+    installs the wheel and runs the demo from it; this catches a new file type or folder depth sooner)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((RECIPES.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "gendistill.recipes"]
+    files = [p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.name != "__init__.py"]
+    assert len(files) > 15
+    missed = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert not missed, f"not in pyproject's package-data for gendistill.recipes: {missed}"
 
 
 def test_paper_recipe_is_the_papers_four_stages():
@@ -48,13 +110,17 @@ def test_wsd_and_cosine_schedules():
 
 def test_overrides_target_one_stage_every_stage_or_top_level():
     r = load_recipe(TINY, ["kd.lr=5e-4", "*.seq_len=16", "out_dir=/x/y", "data.text.shuffle=false",
-                           "kd.objective={kd: 1.0, ce: 0.1}", "hidden_align.tokens=2k", "hidden_align.steps=null"])
+                           "kd.objective={kd: 1.0, ce: 0.1}", "hidden_align.tokens=2k", "hidden_align.steps=null",
+                           "kd.tokens=1.5M", "kd.steps=null"])
     kd = r.stage("kd")
     assert kd.lr == 5e-4 and kd.objective == {"kd": 1.0, "ce": 0.1}
     assert r.stage("attn_align").lr == 3e-3  # untouched
     assert all(s.seq_len == 16 for s in r.stages) and r.out_dir == "/x/y" and r.data["text"].shuffle is False
-    assert r.stage("hidden_align").tokens == 2000 and total_steps(r.stage("hidden_align")) == 2000 // (4 * 16) + 1
-    assert parse_count("1.5B", "x") == 1_500_000_000 and parse_count(30e6, "x") == 30_000_000
+    # the one size rule (gendistill.io.parse_size): k = 1024, M/B/T decimal, as context lengths and budgets are written
+    assert r.stage("hidden_align").tokens == 2048 and total_steps(r.stage("hidden_align")) == 2048 // (4 * 16)
+    assert kd.tokens == 1_500_000
+    with pytest.raises(UserError, match=r"stages\[2\] \(kd\).tokens: expected a positive whole count such as 300, 4k"):
+        load_recipe(TINY, ["kd.tokens=1.5x", "kd.steps=null"])
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -147,6 +213,8 @@ def test_cli_check_errors_and_a_run(tmp_path, capsys):
     assert main(["distill", str(RECIPES / "paper.yaml"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "3. kd: {'kd': 1.0} on pretrain (all); train ['kda', 'mlp', 'norms']; 3815 steps x 64 x 2048" in out
+    assert "0. convert: the teacher -> Hybrid-KDA student {'attention_layers': [0, 2, 6, 11, 13, 18, 21]} -> " \
+           "runs/paper/convert/model" in out
     assert main(["distill", str(TINY), "--set", "kd.lrr=1"]) == 2
     assert "gendistill distill: error: stages[2] (kd).lrr: unknown key (did you mean 'lr'?)" in capsys.readouterr().err
     out_dir = tmp_path / "run"

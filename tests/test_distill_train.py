@@ -15,9 +15,9 @@ from gendistill.distill.data import PackedStream, build_corpus
 from gendistill.distill.recipe import DataSource
 from gendistill.distill.trainer import stage_loss
 from gendistill.modeling import parameter_group
+from gendistill.recipes import ROOT as RECIPES
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny.yaml"
 QUIET = ["progress=false", "tensorboard=false"]
 
@@ -150,6 +150,44 @@ def test_outputs_are_plain_hf_dirs_with_metrics_and_checkpoints(reference):
     assert stage["trainable"].keys() == {"kda", "mlp", "norms"} and stage["steps"] == 6
     tok = __import__("transformers").AutoTokenizer.from_pretrained(out / "02-kd" / "model")
     assert tok.chat_template
+
+
+def test_conversion_is_the_runs_first_step(reference, tmp_path):
+    """A `student: {convert: ...}` recipe writes the converted student (before stage 1 trains it) to convert/model,
+    recorded in run.json and convert.json; stage 1's model card carries the conversion's provenance. A continued run
+    keeps an intact copy and rewrites a damaged one, leaving the stages alone."""
+    import shutil
+
+    from gendistill.distill.trainer import model_checksums, weights_sha256
+
+    out, summary = reference
+    record = json.loads((out / "run.json").read_text())
+    expected = convert(tiny_qwen3(seed=0), attention_layers=[0, 2])
+    assert record["convert"] == {"model_dir": "convert/model", "teacher": "gendistill.testing:tiny_qwen3",
+                                 "options": {"attention_layers": [0, 2]}, "attention_layers": [0, 2],
+                                 "weights_sha256": weights_sha256(expected)}
+    assert record["fingerprint"]["stages"][0]["keys"]["student.weights.sha256"] == weights_sha256(expected)
+    assert summary["converted_model"] == str(out / "convert" / "model")
+    saved = _weights(out / "convert" / "model")
+    for name, value in expected.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding
+            torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+    step = json.loads((out / "convert" / "convert.json").read_text())
+    assert step["model_dir"] == "model" and step["model_files"] == model_checksums(out / "convert" / "model")
+    assert __import__("transformers").AutoTokenizer.from_pretrained(out / "convert" / "model").chat_template
+    card = json.loads((out / "01-attn_align" / "model" / "gendistill.json").read_text())
+    assert card["teacher"] == "gendistill.testing:tiny_qwen3" and card["attention_layers"] == [0, 2]
+
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    stage_files = model_checksums(copy / "02-kd" / "model")
+    kept = (copy / "convert" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_recipe(TINY, _two_stage(copy), resume=True)
+    assert (copy / "convert" / "model" / "model.safetensors").stat().st_mtime_ns == kept
+    (copy / "convert" / "model" / "model.safetensors").write_bytes(b"damaged")
+    run_recipe(TINY, _two_stage(copy), resume=True)
+    assert model_checksums(copy / "convert" / "model") == step["model_files"]
+    assert model_checksums(copy / "02-kd" / "model") == stage_files
 
 
 def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, reference):

@@ -17,6 +17,7 @@ from gendistill.evaluation.sandbox import isolation, run_python
 from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import Task
 from gendistill.io import UserError
+from gendistill.recipes import ROOT as BUNDLED
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 CITIES = ["Lyon", "Basel on the Rhine", "Zürich", "Genève, a city by the lake", "Bern"]
@@ -220,14 +221,14 @@ def test_humaneval_judge_executes_tests():
 
 
 def test_shipped_world_tasks(monkeypatch):
-    """recipes/lm_eval_tasks (the GPU demo world's QA as lm-eval tasks) build from the repository root; the open
+    """The bundled lm_eval_tasks (the GPU demo world's QA as lm-eval tasks) build from the repository root; the open
     task's regex filter takes the teacher's "Lyon." as "Lyon"."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     (mc, open_qa), _ = build_lm_eval_tasks(["lm-eval:world_lm_mc", "lm-eval:world_lm_open"],
-                                           include=[root / "recipes" / "lm_eval_tasks"], limit=3)
+                                           include=[BUNDLED / "lm_eval_tasks"], limit=3)
     assert (mc.kind, open_qa.kind, len(mc.items), open_qa.max_new_tokens) == ("multiple_choice", "open", 3, 24)
     prompt = mc.adapter.prompts(mc.items[:1], tiny_tokenizer())[0]
     assert "D. " + mc.items[0]["choices"][3] in prompt

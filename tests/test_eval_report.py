@@ -4,6 +4,7 @@ import base64
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -327,6 +328,23 @@ def test_end_to_end_report(workspace):
         assert row["never stop"] == _pct(p["never_stop_rate"]) and row["repetition rate"] == _pct(p["repetition_rate"])
     assert report["pathologies"]["s1"]["first_departure"]["n_compared"] == 8 + 4 + 2
     assert report["pathologies"]["s1"]["first_departure"]["unit"] == "token"
+
+
+def test_report_without_matplotlib(workspace, tmp_path, monkeypatch, capsys):
+    """The core install has no matplotlib (it is in the `eval` extra): the report is written all the same, with
+    every table of the full report and a line saying why there are no plots; any other import error still fails."""
+    import matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
+    paths = build_report(workspace / "A", out=tmp_path)
+    page, full = paths["html"].read_text(), (workspace / "A" / "report.html").read_text()
+    assert "data:image/png" not in page and "the plots need matplotlib" in page
+    assert re.findall(r"<table>.*?</table>", page, re.S) == re.findall(r"<table>.*?</table>", full, re.S)
+    assert "gendistill[eval]" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ModuleNotFoundError):
+        build_report(workspace / "A", out=tmp_path)
 
 
 def test_merge_eval_dirs_and_cli_errors(workspace, capsys):

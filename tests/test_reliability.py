@@ -17,11 +17,12 @@ import yaml
 from gendistill.cli import main as cli_main
 from gendistill.distill import checkpoint, run_recipe
 from gendistill.io import UserError, atomic_dir
+from gendistill.recipes import ROOT as BUNDLED
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "recipes" / "tiny.yaml"
-TEXT = ROOT / "recipes" / "data" / "tiny_text.jsonl"
+TINY = BUNDLED / "tiny.yaml"
+TEXT = BUNDLED / "data" / "tiny_text.jsonl"
 TWO_STAGES = ("stages=[{name: attn_align, objective: attn_align, data: text, train: [kda], steps: 2, lr: 3.0e-3}, "
               "{name: kd, objective: kd, data: text, train: [kda, mlp, norms], steps: 4, lr: 1.0e-3, "
               "checkpoint_every: 2, keep_checkpoints: 2}]")

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from gendistill.cli import main as cli
+from gendistill.convert import read_selection
 from gendistill.evaluation.engine import generate
 from gendistill.io import UserError
-from gendistill.select_layers import (beam_search, masked_attention, read_selection, recall_probe, select_layers,
+from gendistill.select_layers import (beam_search, masked_attention, recall_probe, select_layers,
                                       teacher_forced)
+from gendistill.recipes import ROOT as BUNDLED
 from gendistill.testing import tiny_qwen3, tiny_tokenizer
 
 PLANTED = (2, 5)
@@ -125,11 +127,9 @@ def test_recall_probe_and_cli_end_to_end(tmp_path, capsys):
 
 
 def test_kl_probe_converts_aligns_and_scores(tmp_path):
-    from pathlib import Path
-
     from gendistill.select_layers import kl_probe
 
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "tiny_text.jsonl"
+    data = BUNDLED / "data" / "tiny_text.jsonl"
     teacher, tok = tiny_qwen3(), tiny_tokenizer()
     probe = kl_probe(teacher, tok, str(data), steps=2, seq_len=32, batch_size=4, cache_dir=tmp_path)
     assert probe((0, 1, 2, 3))["score"] == pytest.approx(0.0, abs=1e-6)  # nothing converted: the teacher itself

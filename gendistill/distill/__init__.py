@@ -1,7 +1,7 @@
 """GenDistill: declarative multi-stage distillation of a Hybrid-KDA student from its Qwen3 teacher.
 
     from gendistill.distill import run_recipe
-    run_recipe("recipes/paper.yaml", overrides=["kd.lr=1e-5"], resume=False)
+    run_recipe("paper.yaml", overrides=["kd.lr=1e-5"], resume=False)
 
 `recipe.py` (schema, validation, overrides) -> `data.py` (sources, tokenise once, pack) -> `losses.py` (what a stage
 computes, from one teacher pass) -> `trainer.py` (the loop, checkpoints, `run_recipe`) with `parallel.py` (torchrun,

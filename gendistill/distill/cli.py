@@ -13,11 +13,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Run a GenDistill recipe: its stages in order, each leaving a Hugging Face model dir.",
         epilog="examples:\n"
-               "  %(prog)s recipes/paper.yaml\n"
-               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
-               "  %(prog)s recipes/paper.yaml --resume\n"
-               "  %(prog)s recipes/paper.yaml --set kd.lr=1e-5 --from-stage kd\n"
-               "  torchrun --nproc-per-node 8 -m gendistill distill recipes/paper.yaml",
+               "  %(prog)s paper.yaml\n"
+               "  %(prog)s paper.yaml --set kd.lr=1e-5 --set '*.seq_len=1024' --set out_dir=runs/x\n"
+               "  %(prog)s paper.yaml --resume\n"
+               "  %(prog)s paper.yaml --set kd.lr=1e-5 --from-stage kd\n"
+               "  torchrun --nproc-per-node 8 -m gendistill distill paper.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (teacher, student, data, stages)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,7 +55,11 @@ def main(args) -> int:
     if args.check:
         from gendistill.distill.trainer import total_steps
 
-        print(f"recipe {recipe.name}: teacher {recipe.teacher}, student {recipe.student}, out_dir {recipe.out_dir}")
+        print(f"recipe {recipe.name}: teacher {recipe.teacher}, {recipe.trained} {recipe.student}, "
+              f"out_dir {recipe.out_dir}")
+        if "convert" in recipe.student:
+            print(f"  0. convert: the teacher -> Hybrid-KDA student {recipe.student['convert'] or {}} -> "
+                  f"{recipe.out_dir}/convert/model")
         for i, s in enumerate(recipe.stages, 1):
             steps = total_steps(s)
             print(f"  {i}. {s.name}: {s.objective} on {s.data} ({s.loss_mask}); train {s.train}; "

@@ -24,6 +24,7 @@ import torch
 
 from gendistill.distill.recipe import DataSource
 from gendistill.io import UserError, atomic_dir
+from gendistill.tokenizer import tokenizer_fingerprint
 
 CACHE_VERSION = 1
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -32,7 +33,7 @@ _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt":
 # ----------------------------------------------------------------------------------------------------------------
 # reading records
 
-def _local_files(path: Path) -> list[Path]:
+def local_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _EXTENSIONS and not p.name.startswith("."))
         if not files:
@@ -48,7 +49,7 @@ def iter_records(src: DataSource):
     path = Path(os.path.expanduser(src.path))
     try:
         if src.format != "hub" and (path.exists() or src.format != "auto"):
-            files = _local_files(path)
+            files = local_files(path)
             if all(f.is_file() and f.stat().st_size == 0 for f in files):
                 raise UserError(f"data source {src.path!r} is empty (0 bytes); point `path` at a file with records")
             fmt = src.format if src.format != "auto" else _EXTENSIONS.get(files[0].suffix)
@@ -124,20 +125,12 @@ def render_chat(messages: list[dict], tokenizer,
 # ----------------------------------------------------------------------------------------------------------------
 # tokenised corpus (on-disk cache)
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
-    h.update(repr((getattr(tokenizer, "chat_template", None), tokenizer.eos_token)).encode())
-    return h.hexdigest()[:16]
-
-
 def _source_fingerprint(src: DataSource, kind: str, tokenizer) -> str:
     spec = asdict(src)
     spec.pop("shuffle")  # read-time only
     path = Path(os.path.expanduser(src.path))
     if path.exists():  # local files: edits invalidate the cache
-        spec["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _local_files(path)]
+        spec["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in local_files(path)]
     blob = json.dumps([CACHE_VERSION, spec, kind, tokenizer_fingerprint(tokenizer)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -1,4 +1,5 @@
 """Recipes: a teacher, a student, data sources and an ordered list of declarative stages, loaded from YAML.
+A recipe without a teacher trains its `model:` by plain training (e.g. the world's teacher, from scratch).
 
 Everything is checked here, before any work starts: an unknown key, a wrong type or an impossible value raises
 `UserError` naming the key (`stages[2] (kd).lr: ...`). A new stage is a new entry, never a new script; a new loss
@@ -10,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import json
 import math
 import re
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from gendistill.io import UserError
+from gendistill.io import UserError, parse_size
 
 OBJECTIVE_TERMS = ("attn_align", "qk_align", "hidden_align", "kd", "ce")  # qk_align: see losses.py (stage 1's Q/K form)
 TEACHER_TERMS = ("attn_align", "qk_align", "hidden_align", "kd")  # terms that read the teacher
@@ -43,7 +45,7 @@ class Stage:
     name: str
     objective: dict[str, float]  # term -> weight, e.g. {"kd": 1.0} or {"kd": 1.0, "ce": 0.1}
     data: str  # name of an entry in Recipe.data
-    tokens: int | None = None  # token budget (sequences x seq_len); or give `steps`
+    tokens: int | None = None  # token budget (sequences x seq_len): 400000, "30M", "1.5B" (io.parse_size); or `steps`
     count: str = "packed"  # what `tokens` counts: packed (every token, prompts too) | scored (loss-masked tokens)
     steps: int | None = None
     divergence: str = "fkl"  # fkl = KL(teacher||student), rkl = KL(student||teacher), jsd = generalised JSD(beta)
@@ -81,10 +83,12 @@ class Stage:
         return any(term in self.objective for term in TEACHER_TERMS)
 
     def math_keys(self) -> dict:
-        """The fields that change what is computed (a resumed stage must not change these)."""
+        """The fields that change what is computed (a resumed stage must not change these), as plain JSON data: they
+        are compared with what checkpoints, run.json and ablation keys stored."""
         operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
         later = {"freeze": [], "count": "packed"}  # added later: at these defaults, older checkpoints still match
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
+        keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
+        return json.loads(json.dumps(keys, default=str))
 
 
 @dataclasses.dataclass
@@ -107,7 +111,7 @@ class DataSource:
 class Recipe:
     name: str
     out_dir: str
-    student: Any  # dir | {path} | {convert: {...}} | {config: {...}} | {factory: "mod:fn", kwargs: {...}}
+    student: Any  # the trained model: dir | {path} | {convert: {...}} | {config: {...}} | {factory: "mod:fn", ...}
     stages: list[Stage]
     data: dict[str, DataSource]
     teacher: Any = None  # dir/hub id | {path, dtype} | {config} | {factory}; None only if every stage is ce-only
@@ -119,13 +123,14 @@ class Recipe:
     seed: int = 0
     source: str | None = None  # the YAML file, if any
     allow_code: bool = False  # "module:function" entries outside BUILTIN_CALLABLES may run (--allow-code)
+    trained: str = "student"  # what the YAML calls the trained model: student (distillation) | model (plain training)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
 
 
 # `defaults`: keys for every stage
-TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) | {"defaults"}
+TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code", "trained"}) | {"defaults", "model"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +138,8 @@ TOP_LEVEL_KEYS = (set(Recipe.__dataclass_fields__) - {"source", "allow_code"}) |
 
 def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = (),
                 allow_code: bool = False, *, import_code: bool | None = None) -> Recipe:
-    """Read a recipe (YAML path, dict or Recipe), apply `--set key=value` overrides, validate. Pure: writes nothing.
+    """Read a recipe (YAML path or bundled name, dict or Recipe), apply `--set key=value` overrides, validate.
+    Pure: writes nothing.
 
     allow_code: accept "module:function" entries outside BUILTIN_CALLABLES (code named by the recipe); without it
     they are a UserError naming them. import_code (default: allow_code) imports every such entry now, so a typo
@@ -144,9 +150,9 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple
         return recipe
     source = None
     if isinstance(recipe, (str, Path)):
-        path = Path(recipe)
-        if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist")
+        from gendistill.recipes import resolve
+
+        path = resolve(recipe, "recipe")  # a file, or a bundled recipe's name ("tiny", "demo/teacher-cpu")
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -177,7 +183,7 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | tuple
 def code_entries(recipe: Recipe) -> list[tuple[str, Any]]:
     """Every entry that names a callable: [(where, "module:function" or the callable)]."""
     found = [(f"{role}.factory", spec["factory"]) for role, spec in
-             (("teacher", recipe.teacher), ("student", recipe.student), ("tokenizer", recipe.tokenizer))
+             (("teacher", recipe.teacher), (recipe.trained, recipe.student), ("tokenizer", recipe.tokenizer))
              if isinstance(spec, dict) and "factory" in spec]
     found += [(f"{s.name}.eval", s.eval) for s in recipe.stages if s.eval is not None]
     return found
@@ -244,24 +250,6 @@ def _check_keys(raw: dict, allowed, where: str) -> None:
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(allowed))}"
             _fail(f"{where}.{key}" if where else str(key), f"unknown key{hint}")
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
-
-
-def parse_count(value, where: str) -> int:
-    """1000, 1e6, "30M", "1.5B" -> int."""
-    if isinstance(value, bool):
-        _fail(where, f"expected a count such as 1000 or '30M', got {value!r}")
-    if isinstance(value, (int, float)) and value == value and value >= 1 and float(value).is_integer():
-        return int(value)
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match:
-            number = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
-            if number >= 1:
-                return int(round(number))
-    _fail(where, f"expected a positive count such as 1000 or '30M', got {value!r}")
 
 
 def _number(value, where: str, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False,
@@ -353,7 +341,8 @@ def resolve_callable(spec, where: str) -> Callable:
     return fn
 
 
-def _data_source(raw, where: str) -> DataSource:
+def load_data_source(raw, where: str = "data") -> DataSource:
+    """A data source entry (a path/hub id, or a mapping with `path` and DataSource fields), validated."""
     if isinstance(raw, str):
         raw = {"path": raw}
     if not isinstance(raw, dict):
@@ -374,8 +363,14 @@ def _data_source(raw, where: str) -> DataSource:
     if not isinstance(src.chat_template_kwargs, dict):
         _fail(f"{where}.chat_template_kwargs", "expected a mapping")
     if src.max_documents is not None:
-        src.max_documents = parse_count(src.max_documents, f"{where}.max_documents")
+        src.max_documents = parse_size(src.max_documents, f"{where}.max_documents")
     return src
+
+
+def load_stage(raw: dict) -> Stage:
+    """One stage outside a recipe (`train_stage` given a dict, layer-selection probes), validated as a recipe's
+    stages are; its data is handed over separately, so `data` names nothing."""
+    return _stage({**raw, "data": "data"}, {}, 0, {"data": None}, 0)
 
 
 def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Stage:
@@ -392,7 +387,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if not isinstance(merged["name"], str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", merged["name"]):
         _fail(f"{where}.name", f"expected a name of letters, digits, '_', '-', '.', got {merged['name']!r}")
     if isinstance(merged["data"], dict):  # inline source
-        data[f"{merged['name']}_data"] = _data_source(merged["data"], f"{where}.data")
+        data[f"{merged['name']}_data"] = load_data_source(merged["data"], f"{where}.data")
         merged["data"] = f"{merged['name']}_data"
     if merged["data"] not in data:
         _fail(f"{where}.data", f"no data source {merged['data']!r}; defined: {', '.join(data) or 'none'}")
@@ -402,7 +397,7 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if (s.tokens is None) == (s.steps is None):
         _fail(where, "give exactly one of `tokens` (a budget such as '30M') or `steps`")
     if s.tokens is not None:
-        s.tokens = parse_count(s.tokens, f"{where}.tokens")
+        s.tokens = parse_size(s.tokens, f"{where}.tokens")  # k = 1024; M, B, T decimal
     if s.steps is not None:
         s.steps = int(_number(s.steps, f"{where}.steps", lo=1, integer=True))
     _choice(s.divergence, DIVERGENCES, f"{where}.divergence")
@@ -482,7 +477,7 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     data_raw = raw.get("data") or {}
     if not isinstance(data_raw, dict):
         _fail("data", "expected a mapping of name -> source")
-    data = {str(k): _data_source(v, f"data.{k}") for k, v in data_raw.items()}
+    data = {str(k): load_data_source(v, f"data.{k}") for k, v in data_raw.items()}
 
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -502,9 +497,16 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     needing = [s.name for s in stages if s.needs_teacher]
     if teacher is None and needing:
         _fail("teacher", f"required: stages {needing} use a teacher term ({'/'.join(TEACHER_TERMS)})")
-    if "student" not in raw:
-        _fail("student", "required: a converted model dir, or {convert: {attention_layers: [...]}}, or {config: {...}}")
-    student = _model_spec(raw["student"], "student", student=True)
+    if "student" in raw and "model" in raw:
+        _fail("model", "give `student:` (distillation from the teacher) or `model:` (plain training), not both")
+    trained = "model" if "model" in raw else "student"
+    if trained not in raw:
+        _fail("student", "required: a converted model dir, or {convert: {attention_layers: [...]}}, or "
+                         "{config: {...}}; or, to train a model without a teacher, `model:` ({config: {...}}, ...)")
+    student = _model_spec(raw[trained], trained, student=trained == "student")
+    if trained == "model" and teacher is not None:
+        _fail("model", "`model:` is plain training, without a teacher; a recipe that distils from a teacher names "
+                       "the model it trains `student:`")
     if "convert" in student and teacher is None:
         _fail("student.convert", "conversion needs a teacher")
     tokenizer = raw.get("tokenizer")
@@ -522,7 +524,7 @@ def _validate(raw: dict, source: str | None) -> Recipe:
     return Recipe(name=name, out_dir=out_dir, student=student, stages=stages, data=data, teacher=teacher,
                   tokenizer=tokenizer, cache_dir=cache_dir, parallel=parallel,
                   tensorboard=raw.get("tensorboard", True), progress=raw.get("progress", True), seed=seed,
-                  source=source)
+                  source=source, trained=trained)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -538,4 +540,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     d = dataclasses.asdict(recipe)
     d.pop("source")
     d.pop("allow_code")
+    d = {(recipe.trained if k == "student" else k): v for k, v in d.items() if k != "trained"}
     return clean(d)

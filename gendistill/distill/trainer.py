@@ -10,7 +10,10 @@ Outputs of a run (`out_dir`; every path inside is relative, so the directory can
     recipe.yaml                       the resolved recipe
     run.json                          the run record: a fingerprint of everything each stage depends on (resolved
                                       recipe, teacher/student weight and tokenizer hashes, data file hashes), the
-                                      history of starts/resumes, and when done the summary of the whole run
+                                      history of starts/resumes, the conversion step, and when done the summary
+    convert/model/, convert/convert.json
+                                      the conversion step (a `student: {convert: ...}` recipe): the initial student
+                                      converted from the teacher (HF format + tokenizer) and its record
     NN-<stage>/model/                 the finished stage's student (HF format, safetensors) + tokenizer
     NN-<stage>/metrics.jsonl          one line per logged step
     NN-<stage>/checkpoints/step-N/    resumable state (latest `keep_checkpoints`), with state.pt's sha256
@@ -37,10 +40,10 @@ import torch
 import yaml
 
 from gendistill.distill import checkpoint, parallel
-from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _local_files, build_corpus,
+from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files,
                                      cached_corpus_dir, detect_kind)
 from gendistill.distill.losses import ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture
-from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
+from gendistill.distill.recipe import (Recipe, Stage, load_data_source, load_recipe, load_stage, recipe_to_dict,
                                        resolve_callable)
 from gendistill.hub import write_student_files
 from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
@@ -55,15 +58,16 @@ class TrainingDiverged(UserError):
 # models and tokenizer from recipe specs
 
 def load_model(spec: dict, *, teacher=None, role: str = "model"):
-    """Build a model from a recipe spec: {path, dtype} | {config, seed} | {factory, kwargs} | {convert} (student)."""
+    """Build a model from a recipe spec: {path, dtype} | {config, seed} | {factory, kwargs} | {convert} (student).
+    A checkpoint is read by `gendistill.loading.load_model`, like every other command's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import gendistill  # noqa: F401  (registers HybridKDA with the Auto classes)
+    import gendistill.modeling  # noqa: F401  (registers HybridKDA with the Auto classes, for `config:` specs)
+    from gendistill.loading import load_model as load_checkpoint
 
     try:
         if "path" in spec:
-            check_model_ref(spec["path"], role)
-            return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=spec.get("dtype", "auto"))
+            return load_checkpoint(spec["path"], dtype=spec.get("dtype", "auto"), role=role)
         if "config" in spec:
             config = dict(spec["config"] or {})
             if "model_type" not in config:
@@ -186,10 +190,12 @@ def stage_steps(stage: Stage, corpus: TokenCorpus) -> int:
     the `tokens` budget. Exact, since the packed stream is a pure function of the corpus, seq_len and stage seed."""
     if stage.count != "scored":
         return total_steps(stage)
-    return max(1, math.ceil(scored_position(_stream(stage, corpus), stage.tokens) / (stage.batch_size * stage.seq_len)))
+    position = scored_position(stage_stream(stage, corpus), stage.tokens)
+    return max(1, math.ceil(position / (stage.batch_size * stage.seq_len)))
 
 
-def _stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
+def stage_stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
+    """The packed stream a stage reads: its documents' order is seeded by the stage (seed and name)."""
     return PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
                         shuffle=corpus.meta["source"].get("shuffle", True))
 
@@ -353,7 +359,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
     env = env or parallel.setup()
     out_dir = Path(out_dir)
     if isinstance(stage, dict):
-        stage = _stage({**stage, "data": "data"}, {}, 0, {"data": None}, 0)
+        stage = load_stage(stage)
     if data is None:
         raise UserError(f"stage {stage.name}: no data given")
     if stage.needs_teacher and teacher is None:
@@ -363,7 +369,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
     else:
         if tokenizer is None:
             raise UserError(f"stage {stage.name}: a tokenizer is needed to tokenise the data")
-        source = data if isinstance(data, DataSource) else _data_source(data, f"stage {stage.name}.data")
+        source = data if isinstance(data, DataSource) else load_data_source(data, f"stage {stage.name}.data")
         corpus = sized_corpus(source, tokenizer, cache_dir or out_dir / "token_cache", [stage], env)
     if stage.loss_mask == "completion_only" and corpus.kind != "chat":
         raise UserError(f"stage {stage.name}: loss_mask completion_only needs chat data (records with `messages`); "
@@ -426,7 +432,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     start = 0
     last, state = checkpoint.load_latest(out_dir) if resume else (None, None)
     if last is not None:
-        changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != _plain(v))
+        changed = sorted(k for k, v in stage.math_keys().items() if state["stage"].get(k) != v)
         if changed:
             raise UserError(f"stage {stage.name}: cannot resume from {last}: the recipe changed {changed} since the "
                             f"checkpoint was written (restore them, or retrain the stage with --from-stage "
@@ -443,7 +449,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         out_dir.mkdir(parents=True, exist_ok=True)
     parallel.barrier(env)
 
-    stream = _stream(stage, corpus)
+    stream = stage_stream(stage, corpus)
     frozen = sorted(set(_all_groups(student)) - set(groups))
     banner = (f"stage {stage.name}: {'+'.join(f'{w:g}*{t}' for t, w in stage.objective.items())}, "
               f"{stage.loss_mask} tokens, {steps} steps x {stage.batch_size} x {stage.seq_len}; trains "
@@ -552,16 +558,12 @@ def model_checksums(model_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
-def _plain(value):
-    return json.loads(json.dumps(value, default=str))
-
-
 def _save_checkpoint(out_dir, step, stage, model, optimizer, scheduler, record, env) -> Path | None:
     model_state, optim_state = parallel.full_state(model, optimizer, env)  # collective
     path = None
     if env.is_main:
         state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "step": step, "stage": _plain(stage.math_keys())}
+                 "rng": checkpoint.rng_state(), "step": step, "stage": stage.math_keys()}
         path = checkpoint.save(out_dir, step, state, record, keep=stage.keep_checkpoints)
     parallel.barrier(env)
     return path
@@ -611,7 +613,8 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         teacher = load_model(recipe.teacher, role="teacher")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    initial = student if student is not None else load_model(recipe.student, teacher=teacher, role="student")
+    converted = student is None and "convert" in recipe.student  # the run's conversion step (see convert_step)
+    initial = student if student is not None else load_model(recipe.student, teacher=teacher, role=recipe.trained)
     for stage in recipe.stages:  # every stage's groups and layers exist in this architecture
         trainable_groups(initial, stage.train, stage.freeze)
         align_layers(stage, initial)
@@ -640,14 +643,14 @@ def run_recipe(recipe_or_path, overrides=(), resume: bool = False, *, overwrite:
         if env.is_main:  # again, under the lock: another run may have used the directory since the first check
             _check_run_dir(out, continuing, overwrite, from_stage)
         return _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds,
-                           tokenizer, teacher, initial, on_step)
+                           tokenizer, teacher, initial, on_step, converted)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_at, created, kinds, tokenizer,
-                teacher, initial, on_step) -> dict:
+                teacher, initial, on_step, converted) -> dict:
     if env.is_main:
         stage_dirs = _stage_dirs(out)
         if not continuing:  # a fresh start: out was checked deletable (marked, or empty)
@@ -667,6 +670,9 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
         record = {"recipe": recipe.name, "status": "running", "fingerprint": fingerprint, "history": history}
         atomic_write_json(out / "run.json", record)
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        if converted:  # the initial student on disk before any stage trains it (in place, in fp32)
+            record["convert"] = convert_step(out, recipe, initial, tokenizer, fingerprint)
+            atomic_write_json(out / "run.json", record)
     parallel.barrier(env)
     cache_dir = Path(recipe.cache_dir) if recipe.cache_dir else out / "token_cache"
     corpora = {}
@@ -695,12 +701,52 @@ def _run_stages(recipe, out, env, record, fingerprint, keep, continuing, start_a
                                    env=env))
         previous = Path(results[-1]["model_dir"])
         del current
-    summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results}
+    summary = {"recipe": recipe.name, "out_dir": str(out), "final_model": str(previous), "stages": results,
+               **({"converted_model": str(out / CONVERT_DIR / "model")} if converted else {})}
     if env.is_main:  # on disk, paths relative to the run directory
         atomic_write_json(out / "run.json", {
             **record, "status": "done", "final_model": str(previous.relative_to(out)),
             "stages": [{**r, "model_dir": f"{i + 1:02d}-{r['stage']}/model"} for i, r in enumerate(results)]})
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the conversion step
+
+CONVERT_DIR = "convert"
+
+
+def convert_step(out: Path, recipe: Recipe, student, tokenizer, fingerprint: dict) -> dict:
+    """Write the run's conversion step: `student` (converted from the teacher while the run was checked, so that its
+    weights are in the fingerprint) as OUT/convert/model, a self-contained student directory with the tokenizer, and
+    its record OUT/convert/convert.json; returns the record run.json keeps. A continued run keeps an intact copy of
+    the same weights. Stage 1 then trains this student, whose conversion provenance its model card carries."""
+    from gendistill.convert import save_student
+
+    directory = out / CONVERT_DIR
+    weights = fingerprint["stages"][0]["keys"][f"{recipe.trained}.weights.sha256"]
+    teacher = recipe.teacher or {}
+    entry = {"model_dir": f"{CONVERT_DIR}/model", "teacher": teacher.get("path") or teacher.get("factory"),
+             "options": recipe.student["convert"] or {}, "attention_layers": list(student.config.attention_layers),
+             "weights_sha256": weights}
+    try:
+        kept = json.loads((directory / "convert.json").read_text())
+        intact = kept["weights_sha256"] == weights and kept["model_files"] == model_checksums(directory / "model")
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        start = time.perf_counter()
+        with atomic_dir(directory / "model", overwrite=True) as tmp:
+            save_student(student, tmp, tokenizer=tokenizer, provenance={
+                "teacher": entry["teacher"], "attention_layers": entry["attention_layers"],
+                "seed": entry["options"].get("seed", 0)})
+        atomic_write_json(directory / "convert.json", {**entry, "model_dir": "model",
+                                                      "model_files": model_checksums(directory / "model"),
+                                                      "seconds": round(time.perf_counter() - start, 3)})
+        print(f"[convert] {entry['teacher']} -> Hybrid-KDA student: attention layers {entry['attention_layers']} "
+              f"-> {directory / 'model'}", file=sys.stderr, flush=True)
+    student.name_or_path = str(directory / "model")  # stage 1's model card reads its provenance there
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -779,7 +825,7 @@ def _data_fingerprint(src) -> dict:
     spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
     path = Path(os.path.expanduser(src.path))
     if src.format != "hub" and path.exists():  # local files: their contents, wherever they are
-        files = _local_files(path)
+        files = local_files(path)
         root = path if path.is_dir() else path.parent
         spec["files"] = {str(f.relative_to(root)): sha256_file(f) for f in files}
     else:
@@ -799,10 +845,10 @@ def _hub_revision(dataset_id: str) -> str | None:
 
 def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
     """What each stage depends on, as flat `key: value` pairs (`teacher.kwargs.seed`, `kd.lr`, `data.text.files.x`)."""
-    from gendistill.distill.data import tokenizer_fingerprint
+    from gendistill.tokenizer import tokenizer_fingerprint
 
     common = {"seed": recipe.seed, "tokenizer.sha256": tokenizer_fingerprint(tokenizer)}
-    for role, spec, model in (("teacher", recipe.teacher, teacher), ("student", recipe.student, student)):
+    for role, spec, model in (("teacher", recipe.teacher, teacher), (recipe.trained, recipe.student, student)):
         _flatten({k: v for k, v in (spec or {}).items() if k != "path"}, role, common)
         if model is not None:
             common[f"{role}.weights.sha256"] = weights_sha256(model)
@@ -810,7 +856,7 @@ def run_fingerprint(recipe: Recipe, teacher, student, tokenizer) -> dict:
             for name in dict.fromkeys(s.data for s in recipe.stages)}
     stages = []
     for stage in recipe.stages:
-        keys = _flatten(json.loads(json.dumps(stage.math_keys(), default=str)), stage.name, {})
+        keys = _flatten(stage.math_keys(), stage.name, {})
         stages.append({"name": stage.name, "keys": {**common, **data[stage.data], **keys}})
     return {"stages": stages}
 

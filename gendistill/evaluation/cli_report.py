@@ -15,7 +15,7 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gendistill.evaluation.report import build_report
-    from gendistill.evaluation.runner import read_manifest
+    from gendistill.evaluation.report import read_manifest
     from gendistill.io import UserError
 
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():

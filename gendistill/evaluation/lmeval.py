@@ -72,10 +72,31 @@ def import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+OFFLINE_HINT = ("a dataset that is neither in the datasets cache nor reachable (HF_HUB_OFFLINE=1 or no network): "
+                "run once with network access to fill the cache (HF_HOME / HF_DATASETS_CACHE), or evaluate a local "
+                "copy through an lm-eval YAML with `dataset_path: json` (--lm-eval-include DIR)")
+
+
+def explain_load_error(name: str, err: BaseException) -> str:
+    """One line per task that cannot be built; an offline dataset is marked `(offline)` (see `load_errors`)."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    if isinstance(err, KeyError):
+        return (f"lm-eval:{name} is not a task, group or tag of lm-eval's registry (list them: `lm-eval ls tasks`) "
+                f"nor an lm-eval YAML file; local tasks: --lm-eval-include DIR ({text[:200]})")
+    if isinstance(err, ImportError):
+        return f"lm-eval:{name} needs a package that is not installed ({text}); e.g. pip install 'lm-eval[{name}]'"
+    offline = isinstance(err, ConnectionError) or any(w in text.lower() for w in ("offline", "connect", "resolve"))
+    return f"lm-eval:{name}: cannot load it{' (offline)' if offline else ''}: {text[:300]}"
+
+
+def load_errors(what: str, errors: list[str]) -> UserError:
+    hint = f"\n(offline) = {OFFLINE_HINT}" if any("(offline)" in e for e in errors) else ""
+    return UserError(f"cannot build these {what} (nothing was evaluated):\n  " + "\n  ".join(errors) + hint)
+
+
 def check_harness_tasks(tasks: Sequence[str | Path | Task]) -> None:
     """Load the lm-eval tasks (and so their datasets) that `run_lm_eval` will run, before any model is scored:
     offline without a cached dataset, an unknown name or a missing package is one UserError naming them all."""
-    from gendistill.evaluation.lmeval_tasks import _explain, load_errors
     from gendistill.evaluation.tasks import load_task
 
     _, _, TaskManager = import_lm_eval()
@@ -106,7 +127,7 @@ def check_harness_tasks(tasks: Sequence[str | Path | Task]) -> None:
         try:
             manager.load([name])
         except Exception as err:  # noqa: BLE001 -- dataset download, unknown name, missing package
-            errors.append(_explain(name, err))
+            errors.append(explain_load_error(name, err))
     if errors:
         raise load_errors("--lm-eval tasks", errors)
 

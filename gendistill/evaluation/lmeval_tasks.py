@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gendistill.evaluation.lmeval import explain_load_error, import_lm_eval, load_errors
 from gendistill.evaluation.tasks import LETTERS, LM_EVAL_PREFIX, Task, build_context, format_choices
 from gendistill.io import UserError
 
@@ -213,8 +214,6 @@ def suite_entries(refs: Sequence[str]) -> list[tuple[str, SuiteEntry | None]]:
 
 def _task_manager(names: list[str], include: Sequence[str]):
     """lm-eval's TaskManager; its own registry (~15K task files, seconds to index) only when a name needs it."""
-    from gendistill.evaluation.lmeval import import_lm_eval
-
     _, _, TaskManager = import_lm_eval()
     include = [str(Path(p).resolve()) for p in include]
     for p in include:
@@ -226,28 +225,6 @@ def _task_manager(names: list[str], include: Sequence[str]):
         if all(n in manager.all_tasks or n in local for n in names):
             return manager
     return TaskManager(include_path=include or None)
-
-
-OFFLINE_HINT = ("a dataset that is neither in the datasets cache nor reachable (HF_HUB_OFFLINE=1 or no network): "
-                "run once with network access to fill the cache (HF_HOME / HF_DATASETS_CACHE), or evaluate a local "
-                "copy through an lm-eval YAML with `dataset_path: json` (--lm-eval-include DIR)")
-
-
-def _explain(name: str, err: BaseException) -> str:
-    """One line per task that cannot be built; an offline dataset is marked `(offline)` (see `load_errors`)."""
-    text = " ".join(f"{type(err).__name__}: {err}".split())
-    if isinstance(err, KeyError):
-        return (f"lm-eval:{name} is not a task, group or tag of lm-eval's registry (list them: `lm-eval ls tasks`) "
-                f"nor an lm-eval YAML file; local tasks: --lm-eval-include DIR ({text[:200]})")
-    if isinstance(err, ImportError):
-        return f"lm-eval:{name} needs a package that is not installed ({text}); e.g. pip install 'lm-eval[{name}]'"
-    offline = isinstance(err, ConnectionError) or any(w in text.lower() for w in ("offline", "connect", "resolve"))
-    return f"lm-eval:{name}: cannot load it{' (offline)' if offline else ''}: {text[:300]}"
-
-
-def load_errors(what: str, errors: list[str]) -> UserError:
-    hint = f"\n(offline) = {OFFLINE_HINT}" if any("(offline)" in e for e in errors) else ""
-    return UserError(f"cannot build these {what} (nothing was evaluated):\n  " + "\n  ".join(errors) + hint)
 
 
 def _gold_index(lm_task, doc, choices: list[str]) -> int:
@@ -393,7 +370,7 @@ def build_lm_eval_tasks(refs: Sequence[str], *, include: Sequence[str] = (), lim
             try:
                 tasks.append(humaneval_task(entry, limit, chat))
             except Exception as err:  # noqa: BLE001 -- reported with every other task that failed to load
-                errors.append(_explain(name, err))
+                errors.append(explain_load_error(name, err))
             continue
         if manager is None:
             manager = _task_manager([n for n, e in entries if n not in CODE_TASKS], include)
@@ -405,7 +382,7 @@ def build_lm_eval_tasks(refs: Sequence[str], *, include: Sequence[str] = (), lim
                 except Exception as err:  # noqa: BLE001
                     errors.append(f"lm-eval:{lm_name}: {err}")
         except Exception as err:  # noqa: BLE001 -- dataset download, unknown name, missing package
-            errors.append(_explain(name, err))
+            errors.append(explain_load_error(name, err))
     if errors:
         raise load_errors("lm-eval tasks", errors)
     return tasks, refused

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 
 from gendistill.evaluation.engine import encode
-from gendistill.evaluation.tasks import Task, user_text
+from gendistill.evaluation.tasks import RECALL_FAMILIES, Task, user_text
 
 _NIAH_PROMPT = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                 "I will quiz you about the numbers afterwards.\n{context}\n{question}")
@@ -39,7 +39,7 @@ _FILLER = [
 ]
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
-FAMILIES = ("niah_single", "niah_multikey", "assoc_recall")
+FAMILIES = RECALL_FAMILIES  # named in tasks.py, where task lists are parsed
 
 
 def _word(rng: random.Random, n_syllables: int = 3) -> str:

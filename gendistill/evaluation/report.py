@@ -20,7 +20,9 @@ import base64
 import html
 import io
 import json
+import re
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from gendistill.evaluation import stats
-from gendistill.evaluation.runner import read_manifest
 from gendistill.evaluation.tasks import LETTERS
 from gendistill.io import UserError, atomic_write_json, atomic_write_text
 
@@ -46,6 +47,34 @@ DEFAULT_GROUP = "all"  # students with no group form one group
 
 
 # ---------------------------------------------------------------- loading
+
+SAFE_NAME = re.compile(r"^[\w.@-]+$")  # model and task names: they become records/<model>/<task>.jsonl
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """An eval directory's manifest.json, checked: valid JSON with `models` (name -> {role, ...}) and `tasks`, and
+    every model and task name safe as a path component (names become records/<model>/<task>.jsonl)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{directory} is not an eval directory (no manifest.json); run `gendistill eval --out "
+                        f"{directory}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); rerun `gendistill eval` for this directory") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict) \
+            or not isinstance(manifest.get("tasks"), dict):
+        raise UserError(f"{path}: incomplete manifest (expected `models` and `tasks` mappings); rerun `gendistill "
+                        "eval` for this directory")
+    for kind, names in (("model", manifest["models"]), ("task", manifest["tasks"])):
+        for name, info in names.items():
+            if not SAFE_NAME.match(name) or name in (".", ".."):
+                raise UserError(f"{path}: {kind} name {name!r} is not a plain name (letters, digits, ._@-); it "
+                                "would be used as a path")
+            if not isinstance(info, dict) or (kind == "model" and info.get("role") not in ("teacher", "student")):
+                raise UserError(f"{path}: {kind} {name!r} has an incomplete entry: {info!r}")
+    return manifest
+
 
 def load_eval_dirs(dirs: Sequence[str | Path]) -> dict:
     """Merge eval directories: the first teacher found is the teacher; a student name seen twice gets @dir."""
@@ -939,9 +968,19 @@ def _bars(ax, groups: list[str], series: list[tuple[str, dict, list[dict | None]
                 ax.text(x, 2, missing_text(e), rotation=90, ha="center", va="bottom", fontsize=6, color="dimgray")
 
 
-def plots(report: dict) -> dict[str, list[str]]:
-    """Section -> base64 PNGs."""
-    import matplotlib
+PLOTS_NEED = "the plots need matplotlib (pip install 'gendistill[eval]'); the tables hold every number"
+
+
+def plots(report: dict) -> dict[str, list[str]] | None:
+    """Section -> base64 PNGs; None without matplotlib (the `eval` extra), which the core install lacks: the report
+    is complete without its plots, so their absence is said in the page rather than failing the evaluation."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        print(f"[report] {PLOTS_NEED}", file=sys.stderr, flush=True)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1121,7 +1160,7 @@ td{white-space:nowrap}td.text{text-align:left;font-family:monospace;font-size:0.
 min-width:14em}"""
 
 
-def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> str:
+def render_html(report: dict, sections: dict, images: dict[str, list[str]] | None) -> str:
     esc = html.escape
     groups = "" if list(report["groups"]) in ([], [DEFAULT_GROUP]) else \
         " (groups: " + "; ".join(f"{g}: {', '.join(ms)}" for g, ms in report["groups"].items()) + ")"
@@ -1132,6 +1171,9 @@ def render_html(report: dict, sections: dict, images: dict[str, list[str]]) -> s
              "<h2 id='summary'>Summary</h2><ul class='findings'>"]
     parts += [f"<li>{esc(f)}</li>" for f in report["findings"]] or ["<li>Nothing stands out.</li>"]
     parts.append("</ul>")
+    if images is None:
+        parts.append(f"<p><i>No plots: {esc(PLOTS_NEED)}.</i></p>")
+        images = {}
     for key, title in SECTION_TITLES.items():
         parts.append(f"<h2 id='{key}'>{esc(title)}</h2>")
         parts += [f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>" for png in images.get(key, [])]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import os
 import re
@@ -31,12 +30,13 @@ import torch
 
 from gendistill.evaluation.engine import Sampling
 from gendistill.evaluation.recall import recall_task
+from gendistill.evaluation.report import SAFE_NAME, build_report
 from gendistill.evaluation.scoring import decode_modes, score_task
 from gendistill.evaluation.tasks import (Task, build_context, choice_targets, is_lm_eval_ref, load_task_files,
                                         parse_task_list)
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text, check_model_ref, check_output_dir
+from gendistill.tokenizer import tokenizer_fingerprint
 
-_SAFE_NAME = re.compile(r"^[\w.@-]+$")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -83,20 +83,19 @@ def check_model_available(ref: str | os.PathLike, role: str = "model") -> None:
                         f"(offline and not cached?): {str(err).splitlines()[0]}") from None
 
 
-def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32"):
-    """AutoModelForCausalLM + AutoTokenizer from a local directory or a hub id (`import gendistill` registers the
-    student)."""
-    import gendistill.modeling  # noqa: F401  (registers HybridKDAForCausalLM with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str | os.PathLike, device: str | None = None, dtype: str = "float32", role: str = "model"):
+    """The model (through `gendistill.loading.load_model`, as every command loads one) and its tokenizer, from a
+    local directory with both or a hub id; on `device` (default: CUDA if present) in `dtype`."""
+    from transformers import AutoTokenizer
 
-    check_model_available(path)
-    path = str(path)
+    from gendistill.loading import load_model as load_checkpoint
+
+    check_model_available(path, role)
     device = _check_device(device)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_checkpoint(path, dtype=dtype, device=device, role=role)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(str(path)))
     return model, tokenizer
 
 
@@ -109,31 +108,6 @@ def _check_device(device: str | None) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
     return device
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """An eval directory's manifest.json, checked: valid JSON with `models` (name -> {role, ...}) and `tasks`, and
-    every model and task name safe as a path component (names become records/<model>/<task>.jsonl)."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{directory} is not an eval directory (no manifest.json); run `gendistill eval --out "
-                        f"{directory}` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); rerun `gendistill eval` for this directory") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict) \
-            or not isinstance(manifest.get("tasks"), dict):
-        raise UserError(f"{path}: incomplete manifest (expected `models` and `tasks` mappings); rerun `gendistill "
-                        "eval` for this directory")
-    for kind, names in (("model", manifest["models"]), ("task", manifest["tasks"])):
-        for name, info in names.items():
-            if not _SAFE_NAME.match(name) or name in (".", ".."):
-                raise UserError(f"{path}: {kind} name {name!r} is not a plain name (letters, digits, ._@-); it "
-                                "would be used as a path")
-            if not isinstance(info, dict) or (kind == "model" and info.get("role") not in ("teacher", "student")):
-                raise UserError(f"{path}: {kind} {name!r} has an incomplete entry: {info!r}")
-    return manifest
 
 
 def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks, limit: int | None) -> None:
@@ -161,12 +135,6 @@ def check_prompt_lengths(name: str, max_positions: int | None, tokenizer, tasks,
                 raise UserError(f"task {spec.name}, item {item.get('id')!r}: the prompt ({prompt} tokens) plus its "
                                 f"answer ({answer}) exceeds {name}'s max_position_embeddings ({max_positions}); "
                                 "shorten the prompt or drop the item")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Equal fingerprints: token ids mean the same text, so greedy outputs can be compared token by token."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha1(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def resolve_tasks(refs: str | Sequence[str | Task], *, limit: int | None = None, lm_eval_include: Sequence[str] = (),
@@ -227,7 +195,7 @@ def _named_models(models, teacher) -> list[tuple[str, str, object]]:
         if name is None:  # resolved, so that "." or "run/model/" name the directory itself
             name = Path(ref).resolve().name if isinstance(ref, (str, os.PathLike)) else f"student{index + 1}"
         entries.append((str(name), "student", ref))
-    bad = [name for name, _, _ in entries if not _SAFE_NAME.match(name)]
+    bad = [name for name, _, _ in entries if not SAFE_NAME.match(name)]
     if bad:
         raise UserError(f"model names become directory names: use letters, digits and ._@- only, not {bad}")
     seen: dict[str, int] = {}
@@ -304,7 +272,7 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
         try:
             for name, role, ref in entries:
                 loaded_here = isinstance(ref, (str, os.PathLike))
-                model, tokenizer = load_model(ref, device, dtype) if loaded_here else ref
+                model, tokenizer = load_model(ref, device, dtype, role) if loaded_here else ref
                 was_training = model.training  # a model handed over mid-training goes back to train mode afterwards
                 model.eval()
                 max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -368,7 +336,6 @@ def evaluate(models, teacher=None, tasks: str | Sequence[str | Task] = (), out: 
     if not report:
         return manifest
     # The report is derived data, built once the eval directory is complete (`gendistill report OUT` rebuilds it).
-    from gendistill.evaluation.report import build_report
 
     paths = build_report([out], out=out)
     return json.loads(paths["json"].read_text())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from gendistill.io import UserError
+from gendistill.io import UserError, parse_size
 
 LETTERS = string.ascii_uppercase
 KINDS = ("multiple_choice", "open")
@@ -236,17 +236,13 @@ def target_delimiter(task: Task, tokenizer) -> str:
     return "" if uses_chat(task, tokenizer) else " "
 
 
+RECALL_FAMILIES = ("niah_single", "niah_multikey", "assoc_recall")  # built by gendistill.evaluation.recall
 _LENGTH = re.compile(r"^(\d+)([kK]?)$")
 
 
 def parse_length(text: str) -> int:
-    """'4k' -> 4096, '1000' -> 1000 (tokens)."""
-    match = _LENGTH.match(text.strip())
-    if not match:
-        raise UserError(f"bad context length {text!r}: write e.g. 1k, 4k, 128k or a token count")
-    if int(match.group(1)) < 1:
-        raise UserError(f"bad context length {text!r}: a recall task needs at least one token, e.g. 1k")
-    return int(match.group(1)) * (1024 if match.group(2) else 1)
+    """'4k' -> 4096, '1000' -> 1000 (tokens): `gendistill.io.parse_size`, whose k is 1024."""
+    return parse_size(text, f"bad context length {text!r}")
 
 
 LM_EVAL_PREFIX = "lm-eval:"
@@ -262,8 +258,6 @@ def parse_task_list(spec: str | list[str]) -> list[str | tuple[str, list[int]]]:
     """'a.yaml,dir/,niah_single@1k,4k,assoc_recall@2k' -> ['a.yaml', 'dir/', ('niah_single', [1024, 4096]), ...].
     Bare lengths after a recall task belong to it; YAML files and directories (all *.yaml inside) are task specs;
     `lm-eval:NAME` and `paper` stay strings (see `is_lm_eval_ref`)."""
-    from gendistill.evaluation.recall import FAMILIES
-
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else
                                  [q for s in spec for q in s.split(",")]) if p.strip()]
     out: list = []
@@ -274,12 +268,12 @@ def parse_task_list(spec: str | list[str]) -> list[str | tuple[str, list[int]]]:
             out.append(part)
         elif "@" in part:
             family, length = part.split("@", 1)
-            if family not in FAMILIES:
-                raise UserError(f"unknown recall task {family!r}; built-in: {', '.join(FAMILIES)}")
+            if family not in RECALL_FAMILIES:
+                raise UserError(f"unknown recall task {family!r}; built-in: {', '.join(RECALL_FAMILIES)}")
             out.append((family, [parse_length(length)]))
         elif _LENGTH.match(part) and out and isinstance(out[-1], tuple):
             out[-1][1].append(parse_length(part))
-        elif part in FAMILIES:
+        elif part in RECALL_FAMILIES:
             raise UserError(f"recall task {part!r} needs context lengths, e.g. {part}@1k,4k")
         else:
             out.append(part)

@@ -20,10 +20,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     build.add_argument("--entities", type=int, default=None, help="number of people (overrides the preset's)")
     build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher from scratch (recipes/demo/teacher-*.yaml)")
+    teacher = sub.add_parser("teacher", help="train the world's Qwen3 teacher from scratch (gendistill.world.teacher, "
+                                             "the bundled demo/teacher-*.yaml)")
     teacher.add_argument("--world", required=True, help="a world directory made by `gendistill world build`")
     teacher.add_argument("--out", required=True, help="teacher output directory (HF format + tokenizer)")
-    teacher.add_argument("--scale", choices=["cpu", "gpu"], default="cpu", help="which teacher recipe (default cpu)")
+    teacher.add_argument("--scale", choices=["mini", "cpu", "gpu"], default="cpu",
+                         help="which teacher recipe (default cpu; mini: the cpu recipe cut to a few steps)")
     teacher.add_argument("--seed", type=int, default=0)
     teacher.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
@@ -31,7 +33,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "teacher":
-        from gendistill.demo import train_teacher
+        from gendistill.world.teacher import train_teacher
 
         check_output_dir(args.out, args.overwrite)
         print(f"teacher written to {train_teacher(args.world, args.out, args.scale, args.seed)}")

@@ -2,7 +2,7 @@
 `gendistill eval --tasks lm-eval:world_lm_mc,lm-eval:world_lm_open --lm-eval-include DIR` scores them through
 lm-eval's own task definitions on the demo's teacher and student.
 
-    python recipes/lm_eval_tasks/make_world_tasks.py WORLD_DIR OUT_DIR [--per-split 200] [--relative-to DIR]
+    python gendistill/recipes/lm_eval_tasks/make_world_tasks.py WORLD_DIR OUT_DIR [--per-split 200] [--relative-to DIR]
 
 The committed files here come from the GPU demo's world (`gendistill world build --scale gpu --seed 0`, the world
 `gendistill demo --scale gpu` builds) with `--relative-to .`: their data paths are relative to the repository root,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Issue 21's GPU run: the demo world's QA as lm-eval tasks (world_lm_mc, world_lm_open), scored both ways through
 # lm-eval's task definitions on the GPU demo's teacher and student. Run from the repository root:
-#   bash recipes/lm_eval_tasks/gpu_run.sh OUT [DEMO_DIR]
+#   bash gendistill/recipes/lm_eval_tasks/gpu_run.sh OUT [DEMO_DIR]
 # DEMO_DIR: a finished `gendistill demo --scale gpu --out DEMO_DIR` (default: run it now into OUT/demo, ~7 min on
 # one H200). The tasks are rewritten from DEMO_DIR's world into OUT/lm_tasks (so they are that world's items) and
-# compared with the committed recipes/lm_eval_tasks/*.jsonl (seed 0: equal). Writes OUT/eval_lm (records, report).
+# compared with the committed gendistill/recipes/lm_eval_tasks/*.jsonl (seed 0: equal). Writes OUT/eval_lm (records, report).
 set -euo pipefail
 OUT=$1
 DEMO=${2:-$OUT/demo}
@@ -12,9 +12,9 @@ mkdir -p "$OUT"
 if [ ! -f "$DEMO/summary.json" ]; then
   python3 -m gendistill demo --scale gpu --out "$DEMO" > "$OUT/demo.log" 2>&1
 fi
-python3 recipes/lm_eval_tasks/make_world_tasks.py "$DEMO/world" "$OUT/lm_tasks" > /dev/null
+python3 gendistill/recipes/lm_eval_tasks/make_world_tasks.py "$DEMO/world" "$OUT/lm_tasks" > /dev/null
 for t in world_lm_mc world_lm_open; do
-  if cmp -s "$OUT/lm_tasks/$t.jsonl" "recipes/lm_eval_tasks/$t.jsonl"; then echo "$t: the committed items";
+  if cmp -s "$OUT/lm_tasks/$t.jsonl" "gendistill/recipes/lm_eval_tasks/$t.jsonl"; then echo "$t: the committed items";
   else echo "$t: this world's items differ from the committed ones (another seed or scale)"; fi
 done
 read -r STUDENT TEACHER < <(python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(d['student'], d['teacher'])" "$DEMO/summary.json")
