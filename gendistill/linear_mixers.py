@@ -19,8 +19,9 @@ and gated RMSNorm (`kda_gate_rank`, `kda_output_gate`), no positional encoding; 
 Padding, packing and caching behave as KDA's (left-padded rows equal the rows alone, packed documents restart conv and
 state, cached decoding equals one forward): padded steps carry zero projections, no decay and no write.
 
-Shipped in every student directory beside modeling_hybrid_kda.py (`gendistill.hub`), so it imports only torch,
-transformers and its siblings. These mixers have no fast class of gendistill's own: their reference forward runs
+The building blocks every linear mixer shares, KDA's included, live here too (`ShortConvolution`, `MASKED`,
+`packed_documents`): modeling_hybrid_kda.py imports this file, never the other way round. Shipped in every student
+directory beside modeling_hybrid_kda.py (`gendistill.hub`), so it imports only torch, transformers and its siblings. These mixers have no fast class of gendistill's own: their reference forward runs
 everywhere, with fla's kernels on CUDA (`kda.gdn_gated`, `gla_gated`, `ssd_gated`) and PyTorch elsewhere.
 """
 from __future__ import annotations
@@ -34,8 +35,48 @@ from transformers import initialization as init
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from .configuration_hybrid_kda import HybridKDAConfig
-from .kda import gated_rms_norm, gdn_gated, gla_gated, ssd_gated
-from .modeling_hybrid_kda import MASKED, ShortConvolution, packed_documents
+from .kda import gated_rms_norm, gdn_gated, gla_gated, short_conv, ssd_gated
+
+MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv over time (weight [D, 1, W] like nn.Conv1d) that can restart at document starts."""
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool, activation: str = "identity"):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def forward(self, x, context=None, cu_seqlens=None, pos_in_doc=None):
+        """x [B, T, D], context [B, D, W-1] (the previous inputs; None: zeros) -> (y [B, T, D], new context)."""
+        return short_conv(x, self.weight, self.bias, context, self.activation, cu_seqlens, pos_in_doc)
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
+    None when nothing is packed."""
+    step = torch.diff(position_ids, dim=-1) != 1
+    if not step.any():
+        return None
+    return F.pad(step, (1, 0), value=False)
+
+
+def packed_documents(position_ids: torch.Tensor):
+    """(cu_seqlens over the flattened [B * T] steps, each step's index inside its document [B, T]) for packed
+    documents, or (None, None) when nothing is packed."""
+    doc_start = document_starts(position_ids)
+    if doc_start is None:
+        return None, None
+    B, T = doc_start.shape
+    starts = doc_start.clone()
+    starts[:, 0] = True
+    cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1), torch.tensor([B * T], device=starts.device)])
+    idx = torch.arange(T, device=doc_start.device).expand_as(doc_start)
+    start_idx = torch.where(doc_start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return cu_seqlens, idx - start_idx
 
 
 class LinearMixer(nn.Module):

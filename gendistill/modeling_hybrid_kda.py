@@ -33,25 +33,8 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, 
                                                       apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
-from .kda import gated_rms_norm, kda_gated, short_conv
-
-MASKED = -1e4  # gate and beta pre-activation at skipped positions: softplus and sigmoid give exactly 0 (no decay, no write)
-
-
-class ShortConvolution(nn.Module):
-    """Depthwise causal conv over time (weight [D, 1, W] like nn.Conv1d) that can restart at document starts."""
-
-    def __init__(self, dim: int, kernel_size: int, bias: bool, activation: str = "identity"):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.activation = activation
-        self.weight = nn.Parameter(torch.empty(dim, 1, kernel_size))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-    def forward(self, x, context=None, cu_seqlens=None, pos_in_doc=None):
-        """x [B, T, D], context [B, D, W-1] (the previous inputs; None: zeros) -> (y [B, T, D], new context)."""
-        return short_conv(x, self.weight, self.bias, context, self.activation, cu_seqlens, pos_in_doc)
-
+from .kda import gated_rms_norm, kda_gated
+from .linear_mixers import LINEAR_MIXERS, MASKED, ShortConvolution, document_starts, packed_documents
 
 class KDAMixer(nn.Module):
     """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
@@ -130,30 +113,6 @@ class KDAMixer(nn.Module):
         return o, None
 
 
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
-    None when nothing is packed."""
-    step = torch.diff(position_ids, dim=-1) != 1
-    if not step.any():
-        return None
-    return F.pad(step, (1, 0), value=False)
-
-
-def packed_documents(position_ids: torch.Tensor):
-    """(cu_seqlens over the flattened [B * T] steps, each step's index inside its document [B, T]) for packed
-    documents, or (None, None) when nothing is packed."""
-    doc_start = document_starts(position_ids)
-    if doc_start is None:
-        return None, None
-    B, T = doc_start.shape
-    starts = doc_start.clone()
-    starts[:, 0] = True
-    cu_seqlens = torch.cat([starts.reshape(-1).nonzero().squeeze(-1), torch.tensor([B * T], device=starts.device)])
-    idx = torch.arange(T, device=doc_start.device).expand_as(doc_start)
-    start_idx = torch.where(doc_start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return cu_seqlens, idx - start_idx
-
-
 class HybridKDAAttention(Qwen3Attention):
     """Qwen3's attention (same parameters, same computation as transformers' modeling_qwen3.py), with the q/k norms
     and the rotary embedding as one step, `norm_and_rotate`, so that a fused kernel can replace that step alone."""
@@ -183,12 +142,8 @@ class HybridKDAAttention(Qwen3Attention):
 
 def linear_mixer_class(name: str) -> type[nn.Module]:
     """The token-mixer class of a linear layer whose mixer is `name` (configuration_hybrid_kda.MIXERS): KDAMixer, or
-    one of linear_mixers.py's, imported on use (they build on this module's ShortConvolution)."""
-    if name == "kda":
-        return KDAMixer
-    from .linear_mixers import LINEAR_MIXERS
-
-    return LINEAR_MIXERS[name]
+    one of linear_mixers.py's."""
+    return KDAMixer if name == "kda" else LINEAR_MIXERS[name]
 
 
 class HybridKDADecoderLayer(GradientCheckpointingLayer):

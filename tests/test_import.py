@@ -68,8 +68,6 @@ def test_import_registers_the_auto_classes_and_leaves_the_environment_alone(stud
 
 # ---- the module graph: no import cycles, no private names across modules --------------------------------------------
 
-PENDING_PRIVATE = {("gendistill.kda", "_backend")}  # the kernel package's policy takes this over; remove it then
-
 
 def module_graph(root: Path, package: str) -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
     """{module: modules it imports (at module level or inside functions)} over every .py file of `package` under
@@ -150,7 +148,4 @@ def test_gendistill_has_no_import_cycles_and_no_private_imports_across_modules()
     edges, private = module_graph(REPO, "gendistill")
     assert len(edges) > 40 and "gendistill.distill.trainer" in edges["gendistill.ablate"]
     assert find_cycle(edges) is None, f"import cycle: {' -> '.join(find_cycle(edges))}"
-    shared = [p for p in private if (p[1], p[2]) not in PENDING_PRIVATE]
-    assert not shared, f"private names imported across modules (make them public or move them): {shared}"
-    stale = PENDING_PRIVATE - {(p[1], p[2]) for p in private}
-    assert not stale, f"no module imports {stale} any more: remove it from PENDING_PRIVATE"
+    assert not private, f"private names imported across modules (make them public or move them): {private}"

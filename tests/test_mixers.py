@@ -25,7 +25,7 @@ from gendistill.testing import tiny_qwen3
 MIXERS = ("gdn", "gla", "mamba2")
 CLASSES = {"kda": KDAMixer, "gdn": GDNMixer, "gla": GLAMixer, "mamba2": Mamba2Mixer}
 BACKENDS = ("chunk", "recurrent")
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "gendistill" / "recipes"
 
 
 def rel_err(a, b):

@@ -153,11 +153,13 @@ def test_packed_documents_equal_documents_alone(backend, student):
 def test_document_boundaries_are_looked_for_once_per_forward_at_most(student, monkeypatch):
     """Finding packed-document starts syncs with the device: never for positions the model makes itself, once per
     forward (not once per KDA layer) for the caller's."""
+    import gendistill.linear_mixers as layers
     import gendistill.modeling_hybrid_kda as reference
 
     calls = []
-    real = reference.document_starts
-    monkeypatch.setattr(reference, "document_starts", lambda p: calls.append(1) or real(p))
+    real = layers.document_starts
+    for module in (reference, layers):  # the model's check; each mixer's packed_documents
+        monkeypatch.setattr(module, "document_starts", lambda p: calls.append(1) or real(p))
     x = ids(1, 12)
     student(x, use_cache=False)
     assert calls == []
