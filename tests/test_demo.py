@@ -112,3 +112,23 @@ def test_kernel_warmup_runs_the_demo_at_its_shapes_in_a_second_process(tmp_path,
     record = broken.wait()
     assert record["exit_code"] != 0 and "parts" not in record and "not a world directory" in Path(record["log"]).read_text()
     assert "kernel warm-up failed" in capsys.readouterr().out
+
+
+def test_gpu_recipes_match_the_gpu_world():
+    """teacher-gpu.yaml's long stage reads documents of the gpu preset's length, and the GPU demo scores recall at
+    lengths it is trained for and at one beyond them."""
+    from gendistill.demo import EVAL_SETTINGS, RECIPES
+    from gendistill.distill import load_recipe
+    from gendistill.evaluation.tasks import parse_task_list
+    from gendistill.world import PRESETS
+
+    preset = PRESETS["gpu"]
+    assert preset.long_docs * preset.long_doc_tokens > 0 and preset.mc_questions_per_fact == 3
+    recipe = load_recipe(RECIPES / "teacher-gpu.yaml")
+    long = recipe.stage("long")
+    assert long.data == "long" and long.seq_len == preset.long_doc_tokens and recipe.stages[-1] is long
+    assert long.tokens <= preset.long_docs * preset.long_doc_tokens  # one pass: no document is read twice
+    lengths = sorted({n for entry in parse_task_list(EVAL_SETTINGS["gpu"]["recall"]) if isinstance(entry, tuple)
+                      for n in entry[1]})
+    assert [n for n in lengths if n > preset.long_doc_tokens] == [2 * preset.long_doc_tokens]
+    assert {1024, preset.long_doc_tokens} <= set(lengths)

@@ -662,7 +662,10 @@ LONG_EPISODE_WEIGHTS = [0.4, 0.3, 0.3]
 LONG_MIN_EPISODE = 512  # tokens (a quarter of the document if that is less)
 LONG_SHORT_SHARE = (0.05, 0.25)  # conversations and biographies before an episode, as a share of its span
 LONG_CHAT_PROB = 0.6  # a short segment is a conversation (else a biography)
-LONG_EXTRA_QUESTIONS = 3  # multikey and associative-recall episodes ask about up to this many further needles
+# After the question the recall task asks, an episode may ask about further needles of the same context: up to all
+# four needles of a multikey episode, up to seven more lines of an associative-recall list (more answers to learn
+# from per document; the lines themselves are random, so only the answers can be predicted).
+LONG_EXTRA_QUESTIONS = {"niah_multikey": 3, "assoc_recall": 7}
 # Words that end a document to its exact length: at least one of them is a single token with any world tokenizer.
 _ONE_TOKEN_WORDS = [" the", " is", " in", " of", " was", " and", " at", " on", " his", " her"]
 
@@ -747,7 +750,8 @@ class _LongDocBuilder:
         keys = self._keys(n)
         values = rng.sample(range(1_000_000, 10_000_000), n)
         needles = [recall.NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-        asked = [0] + (rng.sample(range(1, n), rng.randint(0, min(n - 1, LONG_EXTRA_QUESTIONS))) if multikey else [])
+        extra = rng.randint(0, LONG_EXTRA_QUESTIONS["niah_multikey"]) if multikey else 0
+        asked = [0] + rng.sample(range(1, n), extra)
         qa, qa_tokens = self._qa(recall.NIAH_QUESTION, [(keys[i], values[i]) for i in asked])
         head, between, head_tokens, between_tokens = self.niah
         fixed = head_tokens + between_tokens + qa_tokens + sum(self.count.many([" " + x for x in needles]))
@@ -774,7 +778,7 @@ class _LongDocBuilder:
     def _assoc(self, budget: int) -> tuple[str, int]:
         rng, recall = self.rng, self.recall
         head, between, head_tokens, between_tokens = self.ar
-        depths = [rng.random() for _ in range(1 + rng.randint(0, LONG_EXTRA_QUESTIONS))]  # the first as the task asks
+        depths = [rng.random() for _ in range(1 + rng.randint(0, LONG_EXTRA_QUESTIONS["assoc_recall"]))]
         fixed = head_tokens + between_tokens
         keys, values, costs, m, used = [], [], [], 0, 0
         while True:
