@@ -102,13 +102,13 @@ def test_kernel_warmup_runs_the_demo_at_its_shapes_in_a_second_process(tmp_path,
     """The warm-up process (GPU demo: compiles and tunes fla's kernels while the teacher trains) runs the teacher
     recipe, the distillation recipe and the evaluation one step each, records its times and leaves no files."""
     world = build_world_dir(tmp_path, seed=0, preset="tiny")
-    warm = KernelWarmup(world, tmp_path / "warm", "mini", seed=0, limit=2)
+    warm = KernelWarmup(world, tmp_path / "warm", "mini", seed=0, limit=1)
     record = warm.wait()
     assert record["exit_code"] == 0, Path(record["log"]).read_text()[-3000:]
     assert set(record["parts"]) == {"teacher", "distill", "eval"} and record["seconds"] >= record["waited"] >= 0
     assert not (tmp_path / "warm").exists()
     # A warm-up that fails is reported, and the demo goes on without it.
-    broken = KernelWarmup(tmp_path / "no_world", tmp_path / "warm2", "mini", seed=0, limit=2)
+    broken = KernelWarmup(tmp_path / "no_world", tmp_path / "warm2", "mini", seed=0, limit=1)
     record = broken.wait()
     assert record["exit_code"] != 0 and "parts" not in record and "not a world directory" in Path(record["log"]).read_text()
     assert "kernel warm-up failed" in capsys.readouterr().out

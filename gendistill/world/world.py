@@ -94,7 +94,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Token counts below are with the world's own tokenizer, seed 0 (world.json "tokens" has them per build).
-    # CI: 30 people, ~0.1 s to build; 3.4K pretraining tokens, 8.9K chat tokens, vocabulary 933; three 1K-token
+    # CI: 30 people, ~0.3 s to build; 3.4K pretraining tokens, 8.9K chat tokens, vocabulary 933; three 1K-token
     # long-context documents so that the tests exercise them.
     "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024, long_docs=3, long_doc_tokens=1024),
     # The 2-core CPU demo: 64 people, 320 biographies = 18.0K pretraining tokens (56 each), 1,395 chats = 35.0K

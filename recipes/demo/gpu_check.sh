@@ -9,7 +9,7 @@
 # EXTRAS=1: afterwards, while the elapsed time allows (EXTRAS_BEFORE seconds, default 450), also the fidelity test on
 # the trained weights (tests/test_gpu.py) and then, before EXTRAS_LM_BEFORE (default 420), the lm-eval world run
 # (recipes/lm_eval_tasks/gpu_run.sh, LIMIT=${LM_LIMIT:-200} items per task), each with its log in OUT.
-# DEMO_TIMEOUT (default 560 s) stops a demo that would not finish, so that its log still comes back.
+# DEMO_TIMEOUT (default 555 s) stops a demo that would not finish, so that its log still comes back.
 set -uo pipefail
 OUT=${1:?usage: bash recipes/demo/gpu_check.sh OUT [WORK]}
 WORK=${2:-/tmp/gendistill_gpu_check}
@@ -22,14 +22,18 @@ start=$(date +%s.%N)
 python3 - <<'EOF' > "$OUT/environment.txt" 2>&1
 import platform, torch, transformers, triton
 import importlib.metadata as md
+try:
+    fla = md.version("fla-core")
+except md.PackageNotFoundError:
+    fla = "not installed"
 print(platform.platform(), torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
-      "transformers", transformers.__version__, "fla", md.version("fla-core"))
+      "transformers", transformers.__version__, "fla", fla)
 print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 EOF
 cat "$OUT/environment.txt"
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 
-timeout --signal=INT "${DEMO_TIMEOUT:-560}" python3 -m gendistill demo --scale gpu --out "$WORK/demo" \
+timeout --signal=INT --kill-after=15 "${DEMO_TIMEOUT:-555}" python3 -m gendistill demo --scale gpu --out "$WORK/demo" \
   --cache "$WORK/teachers" --fresh-teacher 2>&1 | tr '\r' '\n' | grep --line-buffered -v -E "^\s*$|it/s\]$|s/it\]$" \
   | tee "$OUT/demo.log"
 rc=${PIPESTATUS[0]}
@@ -40,7 +44,16 @@ echo "demo exit code $rc, wall clock $wall s" | tee -a "$OUT/demo.log"
 for f in summary.json eval/report.md eval/report.json eval/report.html eval/manifest.json kernel_warmup.log; do
   [ -f "$WORK/demo/$f" ] && cp "$WORK/demo/$f" "$OUT/$(basename "$f")"
 done
-mkdir -p "$OUT/records" && cp -r "$WORK/demo/eval/records/." "$OUT/records/" 2>/dev/null || true
+for model in teacher student; do  # the seen people's items, output by output (the rest stays in WORK)
+  mkdir -p "$OUT/records/$model"
+  cp "$WORK/demo/eval/records/$model"/world_qa_*_seen.jsonl "$OUT/records/$model/" 2>/dev/null || true
+done
+# fla's autotune results (kernel, key, timing of every config), small JSON files: the data to pin configurations later.
+mkdir -p "$OUT/autotune"
+find "$TRITON_CACHE_DIR" -name "*.autotune.json" 2>/dev/null | while read -r f; do
+  cp "$f" "$OUT/autotune/$(basename "$(dirname "$f")")-$(basename "$f")"
+done
+echo "autotune results kept: $(ls "$OUT/autotune" | wc -l)"
 python3 recipes/demo/gpu_check.py "$WORK/demo" --wall "$wall" 2>&1 | tee "$OUT/check.txt"
 
 if [ "${EXTRAS:-0}" = "1" ] && [ "$rc" = "0" ]; then
