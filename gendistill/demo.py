@@ -183,10 +183,10 @@ def _eval_tasks(world_dir: Path, settings: dict) -> str:
 
 
 def _eval_kwargs(scale: str, settings: dict) -> dict:
-    # On the GPU a batch may hold 256K tokens (the default 64K fits three 16K recall prompts): decoding is bound by
-    # the steps, not the rows, and the padding mask of fifteen 16K prompts is a few GB.
+    # On the GPU a batch may hold 128K tokens (the default 64K fits three 16K recall prompts): decoding is bound by
+    # the steps, not the rows, and the teacher's padding mask for seven 16K prompts is under 2 GB.
     return dict(recall_samples=settings["recall_samples"], batch_size=settings["batch_size"],
-                max_batch_tokens=1 << 18 if scale == "gpu" else 1 << 16,
+                max_batch_tokens=1 << 17 if scale == "gpu" else 1 << 16,
                 device="cuda" if scale == "gpu" else "cpu", dtype="bfloat16" if scale == "gpu" else "float32")
 
 
