@@ -24,6 +24,19 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def partial_records(demo: Path) -> None:
+    """What an unfinished demo's evaluation scored so far (eval/ or eval.partial/ records), task by task."""
+    for directory in (demo / "eval", demo / "eval.partial"):
+        for path in sorted(directory.glob("records/*/*.jsonl")):
+            records = [json.loads(line) for line in path.open()]
+            gen = [r["gen"].get("greedy") for r in records if r["gen"].get("greedy")]
+            if gen:
+                correct = sum(g["correct"] for g in gen) / len(gen)
+                answered = sum(g["extracted"] is not None for g in gen) / len(gen)
+                print(f"  {path.parent.name:8s} {path.stem:26s} gen {pct(correct)} %, answered {pct(answered)} % "
+                      f"({len(gen)} items)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo", type=Path)
@@ -32,6 +45,7 @@ def main(argv=None) -> int:
     path = args.demo / "summary.json"
     if not path.exists():
         print(f"{path} missing: the demo did not finish (see its log)")
+        partial_records(args.demo)
         return 2
     summary = json.loads(path.read_text())
     report = json.loads((args.demo / "eval" / "report.json").read_text())

@@ -46,7 +46,7 @@ for f in summary.json eval/report.md eval/report.json eval/report.html eval/mani
 done
 for model in teacher student; do  # the seen people's items, output by output (the rest stays in WORK)
   mkdir -p "$OUT/records/$model"
-  cp "$WORK/demo/eval/records/$model"/world_qa_*_seen.jsonl "$OUT/records/$model/" 2>/dev/null || true
+  cp "$WORK/demo"/eval*/records/"$model"/world_qa_*_seen.jsonl "$OUT/records/$model/" 2>/dev/null || true
 done
 # fla's autotune results (kernel, key, timing of every config), small JSON files: the data to pin configurations later.
 mkdir -p "$OUT/autotune"
