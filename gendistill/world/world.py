@@ -645,14 +645,14 @@ def _spec(name: str, kind: str) -> dict:
 
 # --- long-context retrieval documents -----------------------------------------------------------------------
 # The teacher's long stage reads these so that it finds needles and recalls associations across its whole training
-# length. Each document is exactly `long_doc_tokens` - 1 tokens, so that with
-# the end-of-text token the trainer appends it fills one training window: no window mixes two documents, position ids
-# run 0..L-1, and attention is plain causal (no packed-document mask). A document is a run of segments, each ending
-# with a newline:
+# length. Each document is exactly `long_doc_tokens` - 1 tokens, so that with the end-of-text token the trainer
+# appends it fills one training window: no window mixes two documents, position ids run 0..L-1, and attention is
+# plain causal (no packed-document mask). A document is a run of segments, each ending with a newline:
 #   - retrieval episodes in the wording of the recall tasks (gendistill.evaluation.recall: NIAH single, NIAH multikey,
 #     associative recall), with keys and values of their own, of log-uniformly drawn lengths from LONG_MIN_EPISODE
-#     tokens to the rest of the document; the haystack is the recall tasks' filler sentences or the world's
-#     biographies; after the first question (the one the recall tasks ask) an episode may ask about further needles;
+#     tokens to the rest of the document (the first from a quarter of the document); the haystack is the recall
+#     tasks' filler sentences or the world's biographies; after the first question (the one the recall tasks ask)
+#     an episode may ask about further needles;
 #   - the chat data's conversations (rendered with the chat template) and biographies between episodes, so that the
 #     stage rehearses the QA format and the facts while it trains the attention on retrieval. A document's
 #     biographies are never of a person whose conversation it holds: no answer can be copied from the context.
