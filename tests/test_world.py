@@ -317,7 +317,8 @@ def test_long_documents_are_exactly_one_window_and_deterministic(long_world):
     assert build_world(seed=1, scale="tiny", long_docs=12, long_doc_tokens=2048).long_docs != long_world.long_docs
     # The long documents come from a stream of their own: everything else is as without them.
     plain = build_world(seed=0, scale="tiny", long_docs=0)
-    assert plain.long_docs == [] and plain.chats == long_world.chats and plain.pretrain_texts == long_world.pretrain_texts
+    assert plain.long_docs == [] and plain.chats == long_world.chats
+    assert plain.pretrain_texts == long_world.pretrain_texts
     assert plain.tokenizer.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
 
 

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         print(f"  {task:26s} {cells[0]:>20s} {pct(answered[0]):>9s} {cells[1]:>20s} {pct(answered[1]):>9s} "
               f"{pct(retention):>9s}")
         if task in SEEN:
-            verdict(f"teacher {task} >= 95 %", row["teacher_gen"] >= TARGETS["accuracy"], f"{pct(row['teacher_gen'])} %")
+            verdict(f"teacher {task} >= 95 %", row["teacher_gen"] >= TARGETS["accuracy"],
+                    f"{pct(row['teacher_gen'])} %")
             if "_mc_" in task:  # an open answer is its first line: always "extractable"
                 verdict(f"teacher answers extractable on {task} >= 98 %", answered[0] >= TARGETS["answered"],
                         f"{pct(answered[0])} %")
