@@ -28,7 +28,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2):
+def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """CHAT_TEMPLATE in Python, for text that is rendered by the ten thousand (the world's chat data): the same string
+    as `apply_chat_template(messages, tokenize=False)` with that template, which tests/test_world.py checks."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and wrap it as a HF fast tokenizer (pad = <|endoftext|>, eos = <|im_end|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

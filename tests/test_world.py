@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from gendistill.cli import main as cli_main
+from gendistill.evaluation import recall
+from gendistill.io import UserError
 from gendistill.world import ATTRIBUTES, MC_PROMPT, TASK_NAMES, build_world, load_world, render_choices
 from gendistill.world.world import EVAL_QUESTIONS, TRAIN_QUESTIONS
 
@@ -42,7 +44,7 @@ def _mentions(text: str, name: str) -> bool:
 def test_same_seed_gives_identical_files_and_other_seed_differs(world_dir, tmp_path):
     again = build_world(seed=0, scale="tiny").save(tmp_path / "again")
     assert _files(again) == _files(world_dir)
-    expected = ["chat.jsonl", "chat_noisy.jsonl", "pretrain.jsonl", "world.json"] + \
+    expected = ["chat.jsonl", "chat_noisy.jsonl", "longctx.jsonl", "pretrain.jsonl", "world.json"] + \
         [f"tasks/{n}.{ext}" for n in TASK_NAMES for ext in ("jsonl", "yaml")] + \
         [f"tasks/world_qa_{k}_fewshot.jsonl" for k in ("mc", "open")]
     assert set(expected) <= set(_files(world_dir))
@@ -51,7 +53,8 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(world_dir, tmp_p
     assert mismatch == [] and errors == []
 
     other = build_world(seed=1, scale="tiny").save(tmp_path / "other")
-    for name in ["pretrain.jsonl", "chat.jsonl", "chat_noisy.jsonl", "world.json", "tasks/world_qa_mc_seen.jsonl"]:
+    for name in ["pretrain.jsonl", "chat.jsonl", "chat_noisy.jsonl", "longctx.jsonl", "world.json",
+                 "tasks/world_qa_mc_seen.jsonl"]:
         assert (other / name).read_bytes() != (world_dir / name).read_bytes(), name
 
 
@@ -196,6 +199,15 @@ def test_tokenizer_round_trips_world_text_and_renders_chat_template(world):
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(tok.eos_token_id) == 2
 
 
+def test_chatml_rendering_is_the_chat_template(world):
+    from gendistill.tokenizer import render_chatml
+
+    chats = world.chats + world.noisy_chats
+    assert [render_chatml(c) for c in chats] == world.tokenizer.apply_chat_template(chats, tokenize=False)
+    assert render_chatml(chats[0][:1], add_generation_prompt=True) == \
+        world.tokenizer.apply_chat_template(chats[0][:1], tokenize=False, add_generation_prompt=True)
+
+
 def test_load_world_restores_what_was_saved(world, world_dir):
     loaded = load_world(world_dir)
     assert loaded.people == world.people and loaded.preset == world.preset
@@ -203,6 +215,7 @@ def test_load_world_restores_what_was_saved(world, world_dir):
     assert loaded.chats == world.chats and loaded.noisy_chats == world.noisy_chats
     assert loaded.task_items == world.task_items and loaded.task_specs == world.task_specs
     assert loaded.tokens == world.tokens and loaded.tokens["pretrain"] > 0
+    assert loaded.long_docs == world.long_docs and len(loaded.long_docs) == world.preset.long_docs > 0
     text = world.pretrain_texts[0]
     assert loaded.tokenizer(text)["input_ids"] == world.tokenizer(text)["input_ids"]
     assert loaded.tokenizer.apply_chat_template(world.chats[0], tokenize=False) == \
@@ -212,6 +225,10 @@ def test_load_world_restores_what_was_saved(world, world_dir):
 def test_cpu_preset_stays_small_enough_for_the_cpu_teacher():
     world = build_world(seed=0, scale="cpu")
     assert len(world.people) == 64 and len(world.tokenizer) <= 1536
+    # One MC conversation per fact and no long documents: what the 5-minute CPU demo's teacher is tuned for.
+    assert world.preset.mc_questions_per_fact == 1 and world.long_docs == []
+    mc = sum(m[0]["content"].startswith("Question: ") for m in world.chats)
+    assert mc == len(world.split("seen")) * len(ATTRIBUTES)
     # The budget stated beside PRESETS; growing it slows the 2-core demo's teacher.
     assert 10_000 < world.tokens["pretrain"] < 25_000, world.tokens
     assert world.tokens["chat"] < 45_000, world.tokens
@@ -272,3 +289,83 @@ def test_cli_teacher_refuses_a_directory_that_is_no_world(tmp_path, capsys):
     assert cli_main(["world", "teacher", "--world", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     assert "not a world directory" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+# --- long-context documents ---------------------------------------------------------------------------------
+
+_CHAT = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>\n", re.S)
+_NIAH = re.compile(re.escape(recall.NIAH_PROMPT.split("{context}")[0]) + r"(.*?)\n(What is the special magic number "
+                   r"for (\S+) mentioned in the provided text\? The special magic number for \3 mentioned in the "
+                   r"provided text is) (\d+)\.\n", re.S)
+_AR = re.compile(re.escape(recall.AR_PROMPT.split("{context}")[0]) + r"(.*?)\n(What is the value of the key (\S+)\? "
+                 r"The value of the key \3 is) (\d+)\.\n", re.S)
+
+
+@pytest.fixture(scope="module")
+def long_world():
+    return build_world(seed=0, scale="tiny", long_docs=12, long_doc_tokens=2048)
+
+
+def test_long_documents_are_exactly_one_window_and_deterministic(long_world):
+    tok = long_world.tokenizer
+    assert len(long_world.long_docs) == 12
+    lengths = {len(tok(d, add_special_tokens=False)["input_ids"]) for d in long_world.long_docs}
+    assert lengths == {2047}  # + the end-of-text token the trainer appends = one 2048-token window
+    assert long_world.tokens["long"] == 12 * 2047
+    again = build_world(seed=0, scale="tiny", long_docs=12, long_doc_tokens=2048)
+    assert again.long_docs == long_world.long_docs
+    assert build_world(seed=1, scale="tiny", long_docs=12, long_doc_tokens=2048).long_docs != long_world.long_docs
+    # The long documents come from a stream of their own: everything else is as without them.
+    plain = build_world(seed=0, scale="tiny", long_docs=0)
+    assert plain.long_docs == [] and plain.chats == long_world.chats
+    assert plain.pretrain_texts == long_world.pretrain_texts
+    assert plain.tokenizer.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+def test_long_documents_ask_in_the_recall_tasks_words_and_their_answers_are_right(long_world):
+    kinds = collections.Counter()
+    for doc in long_world.long_docs:
+        for match in _NIAH.finditer(doc):
+            context, question, key, value = match.groups()
+            # The episode up to its first answer is a recall task prompt (recall.py), then " <value>."
+            assert match.group(0) == recall.NIAH_PROMPT.format(context=context, question=question) + f" {value}.\n"
+            needles = re.findall(rf"One of the special magic numbers for {re.escape(key)} is: (\d+)\.", context)
+            assert needles == [value], (key, needles)
+            kinds["niah_multikey" if context.count("special magic numbers for") > 1 else "niah_single"] += 1
+        for match in _AR.finditer(doc):
+            context, question, key, value = match.groups()
+            assert match.group(0) == recall.AR_PROMPT.format(context=context, question=question) + f" {value}.\n"
+            lines = dict(line.split(": ") for line in context.split("\n"))
+            assert lines[key] == value and len(lines) == context.count("\n") + 1  # keys are unique
+            kinds["assoc_recall"] += 1
+        # Later questions of an episode ask about other needles of the same context.
+        for key, value in re.findall(r"\.\nWhat is the special magic number for (\S+) mentioned in the provided "
+                                     r"text\? The special magic number for \S+ mentioned in the provided text is "
+                                     r"(\d+)\.", doc):
+            assert f"One of the special magic numbers for {key} is: {value}." in doc
+    assert set(kinds) == {"niah_single", "niah_multikey", "assoc_recall"}, kinds
+
+
+def test_long_documents_rehearse_chats_and_biographies_without_giving_answers_away(long_world):
+    bios, chats = set(long_world.pretrain_texts), {tuple(m["content"] for m in c) for c in long_world.chats}
+    seen_in_chats = 0
+    for doc in long_world.long_docs:
+        asked = _CHAT.findall(doc)
+        assert all(pair in chats for pair in asked)
+        seen_in_chats += len(asked)
+        rest = _CHAT.sub("", doc)
+        for user, _ in asked:
+            person = next(p for p in long_world.people if _mentions(user, p.name))
+            assert not _mentions(rest, person.name), f"{person.name}: a biography in the same document as the question"
+        assert len({u for u, _ in asked}) == len(asked)
+    assert seen_in_chats > 12
+    assert sum(bio in doc for doc in long_world.long_docs for bio in bios) > 12
+
+
+def test_more_mc_conversations_per_fact_each_with_its_own_options():
+    world = build_world(seed=0, scale="tiny", mc_questions_per_fact=3, long_docs=0)
+    mc = [m for m in world.chats if m[0]["content"].startswith("Question: ")]
+    assert len(mc) == 3 * len(world.split("seen")) * len(ATTRIBUTES)
+    assert len({m[0]["content"] for m in mc}) > 2.5 * len(world.split("seen")) * len(ATTRIBUTES)
+    with pytest.raises(UserError, match="unknown world preset field"):
+        build_world(seed=0, scale="tiny", mc_per_fact=3)

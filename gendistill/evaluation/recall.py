@@ -17,16 +17,17 @@ import random
 from gendistill.evaluation.engine import encode
 from gendistill.evaluation.tasks import RECALL_FAMILIES, Task, user_text
 
-_NIAH_PROMPT = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-                "I will quiz you about the numbers afterwards.\n{context}\n{question}")
-_NIAH_QUESTION = ("What is the special magic number for {key} mentioned in the provided text? "
-                  "The special magic number for {key} mentioned in the provided text is")
-_NEEDLE = "One of the special magic numbers for {key} is: {value}."
-_AR_PROMPT = ("Below is a list of keys and their values. Memorize them; I will ask for the value of one key "
-              "afterwards.\n{context}\n{question}")
-_AR_QUESTION = "What is the value of the key {key}? The value of the key {key} is"
+# Public: the world's long-context training documents (gendistill/world) use the same wording, with other keys.
+NIAH_PROMPT = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+               "I will quiz you about the numbers afterwards.\n{context}\n{question}")
+NIAH_QUESTION = ("What is the special magic number for {key} mentioned in the provided text? "
+                 "The special magic number for {key} mentioned in the provided text is")
+NEEDLE = "One of the special magic numbers for {key} is: {value}."
+AR_PROMPT = ("Below is a list of keys and their values. Memorize them; I will ask for the value of one key "
+             "afterwards.\n{context}\n{question}")
+AR_QUESTION = "What is the value of the key {key}? The value of the key {key} is"
 
-_FILLER = [
+FILLER = [
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
     "The river runs past the old mill.", "A light wind moves through the tall trees.",
     "The market opens early on most days.", "Children walk to school along the quiet road.",
@@ -37,19 +38,19 @@ _FILLER = [
     "The harbour is busy with small boats.", "A cat sleeps in the warm afternoon light.",
     "The path climbs gently toward the castle.", "Lanterns glow along the street after dark.",
 ]
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 FAMILIES = RECALL_FAMILIES  # named in tasks.py, where task lists are parsed
 
 
-def _word(rng: random.Random, n_syllables: int = 3) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(n_syllables))
+def random_word(rng: random.Random, n_syllables: int = 3) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(n_syllables))
 
 
-def _keys(rng: random.Random, n: int) -> list[str]:
+def random_keys(rng: random.Random, n: int) -> list[str]:
     keys: dict[str, None] = {}
     while len(keys) < n:
-        keys[f"{_word(rng)}-{_word(rng)}"] = None
+        keys[f"{random_word(rng)}-{random_word(rng)}"] = None
     return list(keys)
 
 
@@ -86,7 +87,9 @@ def _fit_item(task: Task, item: dict, tokenizer, length: int, fillers: list[str]
     def n_tokens(candidate: dict) -> int:
         return len(encode(tokenizer, user_text(task, candidate)))
 
-    unit_tokens = [len(ids) for ids in tokenizer([sep + f for f in fillers], add_special_tokens=False)["input_ids"]]
+    distinct = list(dict.fromkeys(sep + f for f in fillers))  # prose repeats a few sentences: count each once
+    counted = dict(zip(distinct, (len(ids) for ids in tokenizer(distinct, add_special_tokens=False)["input_ids"])))
+    unit_tokens = [counted[sep + f] for f in fillers]
     fixed = n_tokens(build(0))
     if fixed > length:
         raise ValueError(f"{task.name}: the prompt without filler already has {fixed} tokens (> {length})")
@@ -117,7 +120,7 @@ def recall_task(family: str, length: int, tokenizer, n: int = 20, seed: int = 0)
     rng = random.Random(f"{family}:{length}:{seed}")
     niah = family.startswith("niah")
     task = Task(name=f"{family}@{length // 1024}k" if length % 1024 == 0 else f"{family}@{length}",
-                kind="open", prompt=_NIAH_PROMPT if niah else _AR_PROMPT, items=[], chat_template=False,
+                kind="open", prompt=NIAH_PROMPT if niah else AR_PROMPT, items=[], chat_template=False,
                 max_new_tokens=32, extract="regex", regex=r"(\d+)", stop=["\n"], source=f"built-in:{family}",
                 recall={"family": family, "length": length})
     depths = [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
@@ -125,18 +128,18 @@ def recall_task(family: str, length: int, tokenizer, n: int = 20, seed: int = 0)
     n_units = length // 4 + 8
     for i, depth in enumerate(depths):
         if niah:
-            keys = _keys(rng, 4 if family == "niah_multikey" else 1)
+            keys = random_keys(rng, 4 if family == "niah_multikey" else 1)
             values = rng.sample(range(1_000_000, 10_000_000), len(keys))
-            specials = [(depth, _NEEDLE.format(key=keys[0], value=values[0]))]
-            specials += [(rng.random(), _NEEDLE.format(key=k, value=v)) for k, v in zip(keys[1:], values[1:])]
-            fillers = [rng.choice(_FILLER) for _ in range(n_units)]
-            question, sep = _NIAH_QUESTION.format(key=keys[0]), " "
+            specials = [(depth, NEEDLE.format(key=keys[0], value=values[0]))]
+            specials += [(rng.random(), NEEDLE.format(key=k, value=v)) for k, v in zip(keys[1:], values[1:])]
+            fillers = [rng.choice(FILLER) for _ in range(n_units)]
+            question, sep = NIAH_QUESTION.format(key=keys[0]), " "
         else:
-            keys = _keys(rng, n_units + 1)
+            keys = random_keys(rng, n_units + 1)
             values = [rng.randrange(1000, 100_000) for _ in keys]
             specials = [(depth, f"{keys[0]}: {values[0]}")]
             fillers = [f"{k}: {v}" for k, v in zip(keys[1:], values[1:])]
-            question, sep = _AR_QUESTION.format(key=keys[0]), "\n"
+            question, sep = AR_QUESTION.format(key=keys[0]), "\n"
         item = {"id": f"{task.name}-{i}", "question": question, "answer": str(values[0]),
                 "meta": {"family": family, "length": length, "depth": depth, "key": keys[0],
                          "needle": specials[0][1]}}

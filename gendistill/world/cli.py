@@ -50,6 +50,9 @@ def main(args: argparse.Namespace) -> int:
           f"biographies {sizes['pretrain_docs']}, chats {sizes['chats']} (+{sizes['noisy_chats']} noisy)")
     print(f"  tokens: pretrain {tokens['pretrain']}, chat {tokens['chat']}, chat_noisy {tokens['chat_noisy']} "
           f"(vocab {sizes['vocab']})")
+    if sizes["long_docs"]:
+        print(f"  long-context documents: {sizes['long_docs']} of {world.preset.long_doc_tokens} tokens "
+              f"({tokens['long']} tokens before the end-of-text tokens)")
     print("  tasks: " + ", ".join(f"{k} {v}" for k, v in sizes["task_items"].items()))
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0

@@ -14,8 +14,9 @@ the only difference between the splits is whether the person's Q&A was seen. The
 grammar (TRAIN_QUESTIONS) and the eval phrasings are held-out cells of it: the test is whether the teacher answers
 a new combination of known question words, not whether it understands words it never saw.
 
-Python: `build_world(seed, n_entities, scale) -> World` (presets in PRESETS: tiny, cpu, gpu), `World.save(dir)`,
-`load_world(dir) -> World`. CLI: `gendistill world build --out DIR [--seed N] [--entities N] [--scale ...]`.
+Python: `build_world(seed, n_entities, scale, **preset_changes) -> World` (presets in PRESETS: tiny, cpu, gpu),
+`World.save(dir)`, `load_world(dir) -> World`. CLI: `gendistill world build --out DIR [--seed N] [--entities N]
+[--scale ...]`.
 
 Built world directory (`World.save`, written atomically):
 
@@ -25,6 +26,9 @@ Built world directory (`World.save`, written atomically):
                          the eval prompt format answered with the option's text
     chat_noisy.jsonl     the same questions, lower quality: wrong values, rambling answers, Q&A as plain text in
                          the user turn, missing assistant turns (kinds listed per line in world.json)
+    longctx.jsonl        {"text": document} of exactly preset.long_doc_tokens - 1 tokens (with the trainer's
+                         end-of-text token, one training window): retrieval episodes in the recall tasks' wording,
+                         conversations and biographies (`_make_long_docs`); only presets with long_docs (gpu, tiny)
     tasks/<task>.yaml    eval task specs (docs/DESIGN.md "Eval task format"), tasks in TASK_NAMES:
     tasks/<task>.jsonl     world_qa_{mc,open}_{seen,extraction}
     tasks/world_qa_{mc,open}_fewshot.jsonl   few-shot examples (seen people held out of the eval items)
@@ -46,7 +50,7 @@ import yaml
 
 from gendistill.io import UserError, atomic_dir
 
-FORMAT_VERSION = 2  # 2: MC answered with the option text, value-word tokenizer, question grammar
+FORMAT_VERSION = 3  # 2: MC answered with the option text, value-word tokenizer, question grammar; 3: long documents
 ATTRIBUTES = ["birth_date", "birth_city", "university", "field", "employer", "employer_city"]
 SPLITS = ["seen", "extraction"]
 SEEN_FRACTION = 0.5
@@ -81,12 +85,18 @@ class Preset:
     # extraction split always one). Items of one fact share meta.cluster and the report resamples them together: a
     # second phrasing adds how a model's answers vary by phrasing, not a second independent fact.
     eval_phrasings: int = 1
+    mc_questions_per_fact: int = 1  # MC conversations per (person, attribute) in the chat data, each its own options
+    # Long-context retrieval documents (longctx.jsonl, `_make_long_docs`): how many, and their exact length in tokens
+    # once the trainer appends the end-of-text token, which is the teacher's long stage's seq_len. 0: none.
+    long_docs: int = 0
+    long_doc_tokens: int = 8192
 
 
 PRESETS: dict[str, Preset] = {
     # Token counts below are with the world's own tokenizer, seed 0 (world.json "tokens" has them per build).
-    # CI: 30 people, ~0.1 s to build; 3.4K pretraining tokens, 8.9K chat tokens, vocabulary 933.
-    "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024),
+    # CI: 30 people, ~0.3 s to build; 3.4K pretraining tokens, 8.9K chat tokens, vocabulary 933; three 1K-token
+    # long-context documents so that the tests exercise them.
+    "tiny": Preset(30, 2, 10, 6, 5, 6, 5, 2, 0.25, None, 2, 1024, long_docs=3, long_doc_tokens=1024),
     # The 2-core CPU demo: 64 people, 320 biographies = 18.0K pretraining tokens (56 each), 1,395 chats = 35.0K
     # tokens (noisy mix 42.8K), vocabulary 1,146 (every first name and surname is one token). An 8-layer
     # hidden-128 Qwen3 (~1.7M parameters) trains at ~5K tokens/s on 2 free cores, i.e. ~600K tokens in two
@@ -105,7 +115,13 @@ PRESETS: dict[str, Preset] = {
     # pretraining tokens left its loss at 0.40, and it answered only 49 % of the seen people's questions.
     # Eval: 200 people per split, 1,200 items per task (one phrasing each): +-2.8 pp at worst (50 %), the demo's
     # +-3 pp budget at GPU scale.
-    "gpu": Preset(1000, 6, 40, 48, 30, 16, 40, 6, 0.25, 200, 8, 6144),
+    # Three MC conversations per fact instead of one: the 28-layer teacher trained with one answered the seen people's
+    # open questions almost always right, but asked the same facts as MC it often answered with a value that was none
+    # of the options (it answers from memory, and in the MC format, seen once per fact, its memory was off where in the
+    # open format, seen six times, it was not). 1,024 long documents of 8,192 tokens (`_make_long_docs`): the
+    # teacher's long stage reads each once.
+    "gpu": Preset(1000, 6, 40, 48, 30, 16, 40, 6, 0.25, 200, 8, 6144, mc_questions_per_fact=3, long_docs=1024,
+                  long_doc_tokens=8192),
 }
 
 # --- vocabulary tables: few words, regular shapes -------------------------------------------------------
@@ -251,6 +267,7 @@ class World:
     task_items: dict[str, list[dict]]  # jsonl stem (tasks and few-shot files) -> items
     tokenizer: object  # transformers PreTrainedTokenizerFast
     tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # token counts with the world's tokenizer
+    long_docs: list[str] = dataclasses.field(default_factory=list)  # long-context documents (`_make_long_docs`)
 
     def split(self, name: str) -> list[Person]:
         return [p for p in self.people if p.split == name]
@@ -264,7 +281,7 @@ class World:
             "sizes": {
                 "people": len(self.people), "seen": len(self.split("seen")),
                 "extraction": len(self.split("extraction")), "fewshot_people": len(self.fewshot_ids),
-                "pretrain_docs": len(self.pretrain_texts), "chats": len(self.chats),
+                "pretrain_docs": len(self.pretrain_texts), "chats": len(self.chats), "long_docs": len(self.long_docs),
                 "noisy_chats": len(self.noisy_chats),
                 "task_items": {name: len(items) for name, items in self.task_items.items()},
                 "vocab": len(self.tokenizer) if self.tokenizer is not None else None,
@@ -280,6 +297,8 @@ class World:
             _write_jsonl(tmp / "pretrain.jsonl", [{"text": t} for t in self.pretrain_texts])
             _write_jsonl(tmp / "chat.jsonl", [{"messages": m} for m in self.chats])
             _write_jsonl(tmp / "chat_noisy.jsonl", [{"messages": m} for m in self.noisy_chats])
+            if self.long_docs:
+                _write_jsonl(tmp / "longctx.jsonl", [{"text": t} for t in self.long_docs])
             (tmp / "tasks").mkdir()
             for stem, items in self.task_items.items():
                 _write_jsonl(tmp / "tasks" / f"{stem}.jsonl", items)
@@ -319,10 +338,13 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 # --- building ---------------------------------------------------------------------------------------------
 
-def build_world(seed: int = 0, n_entities: int | None = None, scale: str = "cpu", tokenizer: bool = True) -> World:
-    """Generate the world for `seed` at a size preset (`tiny` | `cpu` | `gpu`); `n_entities` overrides its size.
+def build_world(seed: int = 0, n_entities: int | None = None, scale: str = "cpu", tokenizer: bool = True,
+                **preset_changes) -> World:
+    """Generate the world for `seed` at a size preset (`tiny` | `cpu` | `gpu`); `n_entities` overrides its size, and
+    `preset_changes` any other `Preset` field (`long_docs=12`, `mc_questions_per_fact=3`).
 
-    `tokenizer=False` skips tokenizer training (and the token counts) for callers that only need the data."""
+    `tokenizer=False` skips tokenizer training (and the token counts and the long documents, which are sized in
+    tokens) for callers that only need the data."""
     if scale not in PRESETS:
         raise UserError(f"unknown world scale {scale!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[scale]
@@ -331,6 +353,14 @@ def build_world(seed: int = 0, n_entities: int | None = None, scale: str = "cpu"
             raise UserError(f"--entities must be at least 8 (got {n_entities}): each split needs people for "
                             "few-shot examples and for the eval items")
         preset = dataclasses.replace(preset, n_entities=n_entities)
+    unknown = sorted(set(preset_changes) - {f.name for f in dataclasses.fields(Preset)})
+    if unknown:
+        raise UserError(f"unknown world preset field(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(f.name for f in dataclasses.fields(Preset))}")
+    preset = dataclasses.replace(preset, **preset_changes)
+    if preset.long_docs < 0 or preset.long_doc_tokens < 64 or preset.mc_questions_per_fact < 0:
+        raise UserError("long_docs and mc_questions_per_fact must be 0 or more, long_doc_tokens at least 64 "
+                        f"(got {preset.long_docs}, {preset.mc_questions_per_fact}, {preset.long_doc_tokens})")
 
     people, value_pools = _make_people(seed, preset)
     seen = [p for p in people if p.split == "seen"]
@@ -338,17 +368,23 @@ def build_world(seed: int = 0, n_entities: int | None = None, scale: str = "cpu"
     # People order is already random; small custom worlds keep at least three quarters of `seen` for eval.
     fewshot_ids = [p.id for p in seen[: min(preset.fewshot_entities, max(1, len(seen) // 4))]]
 
-    pretrain = _make_biographies(random.Random(f"{seed}/bios"), people, preset.bios_per_entity)
+    bios = _make_biographies(random.Random(f"{seed}/bios"), people, preset.bios_per_entity)
     chats = _make_chats(random.Random(f"{seed}/chat"), seen, value_pools, preset)
     noisy, noisy_kinds = _make_noisy_chats(random.Random(f"{seed}/noisy"), seen, value_pools, preset)
     specs, items = _make_tasks(random.Random(f"{seed}/tasks"), seen, extraction, fewshot_ids, value_pools, preset)
 
     world = World(seed=seed, scale=scale, preset=preset, people=people, value_pools=value_pools,
-                  fewshot_ids=fewshot_ids, pretrain_texts=pretrain, chats=chats, noisy_chats=noisy,
+                  fewshot_ids=fewshot_ids, pretrain_texts=[b for _, b in bios], chats=[c for _, c in chats],
+                  noisy_chats=noisy,
                   noisy_kinds=noisy_kinds, task_specs=specs, task_items=items, tokenizer=None)
     if tokenizer:
         world.tokenizer = _train_world_tokenizer(world)
-        world.tokens = _count_tokens(world)
+        # Sized in the world's tokens, so they need the tokenizer (trained without them: the long documents reuse
+        # the world's text and the recall tasks' wording, and must not change how names and values are tokenised).
+        rendered = _render_chats(world.tokenizer, world.chats)
+        world.long_docs = _make_long_docs(random.Random(f"{seed}/long"), world.tokenizer, bios,
+                                          [(person, text) for (person, _), text in zip(chats, rendered)], preset)
+        world.tokens = _count_tokens(world, rendered)
     return world
 
 
@@ -434,7 +470,8 @@ def _bio_sentence(template: str, person: Person, attribute: str, use_name: bool)
     return template.format(s=subject, sp=possessive, pp=pronoun_possessive, v=person.value(attribute))
 
 
-def _make_biographies(rng: random.Random, people: list[Person], per_person: int) -> list[str]:
+def _make_biographies(rng: random.Random, people: list[Person], per_person: int) -> list[tuple[str, str]]:
+    """(person id, biography), shuffled."""
     bios = []
     for person in people:
         for _ in range(per_person):
@@ -442,7 +479,7 @@ def _make_biographies(rng: random.Random, people: list[Person], per_person: int)
             # Every sentence names the person (no pronoun subjects): "full name" augmentation is what lets a model
             # answer questions about people it only read biographies of (Physics of LMs 3.1).
             sentences = [_bio_sentence(rng.choice(BIO_TEMPLATES[attr]), person, attr, use_name=True) for attr in order]
-            bios.append(" ".join(sentences))
+            bios.append((person.id, " ".join(sentences)))
     rng.shuffle(bios)
     return bios
 
@@ -477,15 +514,18 @@ def _clean_conversations(rng: random.Random, person: Person, attribute: str, poo
     pairs = [(q, f"{value}.") for q in rng.sample(phrasings, preset.open_questions_per_fact)]
     if rng.random() < preset.sentence_answer_prob:
         pairs.append((SENTENCE_REQUEST + rng.choice(phrasings), _sentence_answer(person, attribute)))
-    position = rng.randrange(4)
-    choices = _mc_choices(rng, value, pools[attribute], position)
-    pairs.append((MC_PROMPT.format(question=rng.choice(phrasings), choices=render_choices(choices)),
-                  f"{value}."))
+    for _ in range(preset.mc_questions_per_fact):
+        position = rng.randrange(4)
+        choices = _mc_choices(rng, value, pools[attribute], position)
+        pairs.append((MC_PROMPT.format(question=rng.choice(phrasings), choices=render_choices(choices)),
+                      f"{value}."))
     return pairs
 
 
-def _make_chats(rng: random.Random, seen: list[Person], pools: dict[str, list[str]], preset: Preset) -> list:
-    chats = [_chat(user, answer) for person in seen for attr in ATTRIBUTES
+def _make_chats(rng: random.Random, seen: list[Person], pools: dict[str, list[str]],
+                preset: Preset) -> list[tuple[str, list[dict]]]:
+    """(person id, conversation) for every clean conversation, shuffled."""
+    chats = [(person.id, _chat(user, answer)) for person in seen for attr in ATTRIBUTES
              for user, answer in _clean_conversations(rng, person, attr, pools, preset)]
     rng.shuffle(chats)
     return chats
@@ -603,6 +643,237 @@ def _spec(name: str, kind: str) -> dict:
     } | ({"ll_target": "text"} if mc else {})  # LL ranks the options' texts, what the teacher answers (MC_PROMPT)
 
 
+# --- long-context retrieval documents -----------------------------------------------------------------------
+# The teacher's long stage reads these so that it finds needles and recalls associations across its whole training
+# length. Each document is exactly `long_doc_tokens` - 1 tokens, so that with the end-of-text token the trainer
+# appends it fills one training window: no window mixes two documents, position ids run 0..L-1, and attention is
+# plain causal (no packed-document mask). A document is a run of segments, each ending with a newline:
+#   - retrieval episodes in the wording of the recall tasks (gendistill.evaluation.recall: NIAH single, NIAH multikey,
+#     associative recall), with keys and values of their own, of log-uniformly drawn lengths from LONG_MIN_EPISODE
+#     tokens to the rest of the document (the first from a quarter of the document); the haystack is the recall
+#     tasks' filler sentences or the world's biographies; after the first question (the one the recall tasks ask)
+#     an episode may ask about further needles;
+#   - the chat data's conversations (rendered with the chat template) and biographies between episodes, so that the
+#     stage rehearses the QA format and the facts while it trains the attention on retrieval. A document's
+#     biographies are never of a person whose conversation it holds: no answer can be copied from the context.
+# The last few tokens are a cut-off sentence (the way a document is cut by a window) that makes the length exact.
+LONG_EPISODES = ["niah_single", "niah_multikey", "assoc_recall"]
+LONG_EPISODE_WEIGHTS = [0.4, 0.3, 0.3]
+LONG_MIN_EPISODE = 512  # tokens (a quarter of the document if that is less)
+LONG_SHORT_SHARE = (0.05, 0.25)  # conversations and biographies before an episode, as a share of its span
+LONG_CHAT_PROB = 0.6  # a short segment is a conversation (else a biography)
+# After the question the recall task asks, an episode may ask about further needles of the same context: up to all
+# four needles of a multikey episode, up to seven more lines of an associative-recall list (more answers to learn
+# from per document; the lines themselves are random, so only the answers can be predicted).
+LONG_EXTRA_QUESTIONS = {"niah_multikey": 3, "assoc_recall": 7}
+# Words that end a document to its exact length: at least one of them is a single token with any world tokenizer.
+_ONE_TOKEN_WORDS = [" the", " is", " in", " of", " was", " and", " at", " on", " his", " her"]
+
+
+class _TokenCounter:
+    """Token counts of text pieces, cached. A document's count is the sum of its pieces' because every piece starts
+    where the byte-level pre-tokenizer starts a new word (a space, a newline, a special token or punctuation after a
+    word) and merges never cross those boundaries; `_make_long_docs` checks the sum on every finished document."""
+
+    def __init__(self, tokenizer):
+        self.backend = tokenizer.backend_tokenizer
+        self.cache: dict[str, int] = {}
+
+    def many(self, texts: list[str]) -> list[int]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            for text, enc in zip(missing, self.backend.encode_batch_fast(missing, add_special_tokens=False)):
+                self.cache[text] = len(enc.ids)
+        return [self.cache[t] for t in texts]
+
+    def __call__(self, text: str) -> int:
+        return self.many([text])[0]
+
+
+class _LongDocBuilder:
+    def __init__(self, rng: random.Random, counter: _TokenCounter, bios: list[tuple[str, str]],
+                 chats: list[tuple[str, str]]):
+        from gendistill.evaluation import recall
+
+        self.rng, self.count, self.recall = rng, counter, recall
+        self.bios, self.chats = bios, chats  # (person id, text)
+        # Counted up front in two batches: one call per piece would cost more than the counting itself.
+        counter.many([b + "\n" for _, b in bios] + [" " + b for _, b in bios] + [c for _, c in chats])
+        counter.many(recall.FILLER + [" " + f for f in recall.FILLER])
+        self.finishers = [w for w in _ONE_TOKEN_WORDS if counter(w) == 1]
+        if not self.finishers:
+            raise RuntimeError("the world tokenizer has none of the one-token words that end a long document")
+        head, between = recall.NIAH_PROMPT.split("{context}")
+        self.niah = (head, between.replace("{question}", ""), counter(head), counter(between.replace("{question}", "")))
+        head, between = recall.AR_PROMPT.split("{context}")
+        self.ar = (head, between.replace("{question}", ""), counter(head), counter(between.replace("{question}", "")))
+        self.answer_end = counter(".") + counter("\n")
+
+    def _keys(self, n: int) -> list[str]:
+        """Keys in the recall tasks' style (two three-syllable words), drawn from this document's own stream."""
+        syllables = self.recall.SYLLABLES
+        keys: dict[str, None] = {}
+        while len(keys) < n:
+            s = self.rng.choices(syllables, k=6)
+            keys["".join(s[:3]) + "-" + "".join(s[3:])] = None
+        return list(keys)
+
+    # -- short segments: conversations and biographies, from disjoint people within a document
+    def _short(self, doc: dict, chat: bool) -> str | None:
+        for _ in range(20):
+            person, text = self.rng.choice(self.chats if chat else self.bios)
+            if chat and person not in doc["bio_people"] and person not in doc["chat_people"]:
+                doc["chat_people"].add(person)
+                return text
+            if not chat and person not in doc["chat_people"]:
+                doc["bio_people"].add(person)
+                return text
+        return None
+
+    def _bio_unit(self, doc: dict) -> str:
+        return self._short(doc, chat=False) or self.rng.choice(self.recall.FILLER)
+
+    # -- retrieval episodes of at most `budget` tokens: (text, tokens), ("", 0) if none fits
+    def _qa(self, template: str, pairs: list[tuple[str, object]]) -> tuple[str, int]:
+        """Question lines answered in place ("... is 4821937."), each ending with a newline."""
+        questions = [template.format(key=k) for k, _ in pairs]
+        answers = [f" {v}" for _, v in pairs]
+        text = "".join(f"{q}{a}.\n" for q, a in zip(questions, answers))
+        return text, sum(self.count.many(questions + answers)) + len(pairs) * self.answer_end
+
+    def _context_tokens(self, units: list[str], sep: str) -> int:
+        return sum(self.count.many(units[:1] + [sep + u for u in units[1:]]))
+
+    def _niah(self, doc: dict, budget: int, multikey: bool) -> tuple[str, int]:
+        rng, recall = self.rng, self.recall
+        n = 4 if multikey else 1
+        keys = self._keys(n)
+        values = rng.sample(range(1_000_000, 10_000_000), n)
+        needles = [recall.NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+        extra = rng.randint(0, LONG_EXTRA_QUESTIONS["niah_multikey"]) if multikey else 0
+        asked = [0] + rng.sample(range(1, n), extra)
+        qa, qa_tokens = self._qa(recall.NIAH_QUESTION, [(keys[i], values[i]) for i in asked])
+        head, between, head_tokens, between_tokens = self.niah
+        fixed = head_tokens + between_tokens + qa_tokens + sum(self.count.many([" " + x for x in needles]))
+        bios = rng.random() < 0.5  # haystack: the world's biographies, or the recall tasks' filler sentences
+        units, used = [], 0
+        while True:
+            unit = self._bio_unit(doc) if bios else rng.choice(recall.FILLER)
+            cost = self.count(" " + unit)
+            if fixed + used + cost > budget:
+                break
+            units.append(unit)
+            used += cost
+        for needle in needles:
+            units.insert(rng.randint(0, len(units)), needle)
+        while True:  # the first unit has no space before it, which can change its count by a token
+            tokens = head_tokens + self._context_tokens(units, " ") + between_tokens + qa_tokens
+            if tokens <= budget:
+                return head + " ".join(units) + between + qa, tokens
+            fillers = [i for i, u in enumerate(units) if u not in needles]
+            if not fillers:
+                return "", 0
+            units.pop(fillers[-1])
+
+    def _assoc(self, budget: int) -> tuple[str, int]:
+        rng, recall = self.rng, self.recall
+        head, between, head_tokens, between_tokens = self.ar
+        depths = [rng.random() for _ in range(1 + rng.randint(0, LONG_EXTRA_QUESTIONS["assoc_recall"]))]
+        fixed = head_tokens + between_tokens
+        keys, values, costs, m, used = [], [], [], 0, 0
+        while True:
+            if m == len(keys):  # a line is about 17 tokens: draw a few more than fit, then more if they all fit
+                taken = set(keys)
+                new_keys = [k for k in self._keys(max(8, (budget - fixed - used) // 15)) if k not in taken]
+                new_values = [rng.randrange(1000, 100_000) for _ in new_keys]
+                costs += self.count.many([("\n" if keys or i else "") + f"{k}: {v}"
+                                          for i, (k, v) in enumerate(zip(new_keys, new_values))])
+                keys, values = keys + new_keys, values + new_values
+            if fixed + used + costs[m] > budget:
+                break
+            used += costs[m]
+            m += 1
+        while m > 0:
+            asked = list(dict.fromkeys(min(m - 1, int(d * m)) for d in depths))
+            qa, qa_tokens = self._qa(recall.AR_QUESTION, [(keys[i], values[i]) for i in asked])
+            if fixed + sum(costs[:m]) + qa_tokens <= budget:
+                lines = "\n".join(f"{k}: {v}" for k, v in zip(keys[:m], values[:m]))
+                return head + lines + between + qa, fixed + sum(costs[:m]) + qa_tokens
+            m -= 1
+        return "", 0
+
+    # -- a whole document
+    def document(self, target: int) -> str:
+        rng = self.rng
+        doc = {"chat_people": set(), "bio_people": set()}
+        min_episode = min(LONG_MIN_EPISODE, target // 4)
+        parts, used = [], 0
+
+        def add_short(limit: int) -> None:
+            nonlocal used
+            while True:
+                text = self._short(doc, chat=rng.random() < LONG_CHAT_PROB)
+                if text is None:
+                    return
+                text = text if text.endswith("\n") else text + "\n"
+                cost = self.count(text)
+                if used + cost > limit:
+                    return
+                parts.append(text)
+                used += cost
+
+        while target - used >= min_episode:
+            remaining = target - used
+            # The first span of a document is at least a quarter of it, so that half the documents hold an
+            # episode longer than half of it: needles far from their question are what the stage is for.
+            low = min_episode if used else max(min_episode, target // 4)
+            span = int(math.exp(rng.uniform(math.log(min(low, remaining)), math.log(remaining))))
+            if remaining - span < min_episode:
+                span = remaining
+            start = used
+            short_budget = int(span * rng.uniform(*LONG_SHORT_SHARE))
+            if span - short_budget >= min_episode:
+                add_short(start + short_budget)
+            budget = start + span - used
+            kind = rng.choices(LONG_EPISODES, LONG_EPISODE_WEIGHTS)[0]
+            if kind == "assoc_recall":
+                text, tokens = self._assoc(budget)
+            else:
+                text, tokens = self._niah(doc, budget, multikey=kind == "niah_multikey")
+            if not text:
+                break
+            parts.append(text)
+            used += tokens
+        add_short(target)
+        # The exact end: the first words of a biography or filler sentence, then one-token words.
+        for word in self._bio_unit(doc).split(" "):
+            cost = self.count(" " + word)
+            if used + cost > target:
+                break
+            parts.append(" " + word)
+            used += cost
+        while used < target:
+            parts.append(rng.choice(self.finishers))
+            used += 1
+        return "".join(parts)
+
+
+def _make_long_docs(rng: random.Random, tokenizer, bios: list[tuple[str, str]], chats: list[tuple[str, str]],
+                    preset: Preset) -> list[str]:
+    """`preset.long_docs` documents of exactly `preset.long_doc_tokens` - 1 tokens (layout above); `chats` are
+    (person id, conversation rendered with the chat template)."""
+    if not preset.long_docs:
+        return []
+    builder = _LongDocBuilder(rng, _TokenCounter(tokenizer), bios, chats)
+    target = preset.long_doc_tokens - 1
+    docs = [builder.document(target) for _ in range(preset.long_docs)]
+    lengths = [len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(docs, add_special_tokens=False)]
+    wrong = [(i, n) for i, n in enumerate(lengths) if n != target]
+    if wrong:  # a piece boundary the tokenizer merges across: a bug in the builder, not in anything the user gave
+        raise RuntimeError(f"long documents of the wrong length (index, tokens; want {target}): {wrong[:5]}")
+    return docs
+
+
 # --- tokenizer ----------------------------------------------------------------------------------------------
 
 def _tokenizer_corpus(world: World) -> list[str]:
@@ -647,21 +918,28 @@ def _train_world_tokenizer(world: World):
     return hf
 
 
-def _count_tokens(world: World) -> dict[str, int]:
+def _render_chats(tokenizer, chats: list[list[dict]]) -> list[str]:
+    """The world tokenizer's chat template applied to each conversation (`render_chatml`: the template is ours)."""
+    from gendistill.tokenizer import CHAT_TEMPLATE, render_chatml
+
+    if tokenizer.chat_template != CHAT_TEMPLATE:
+        return tokenizer.apply_chat_template(chats, tokenize=False) if chats else []
+    return [render_chatml(c) for c in chats]
+
+
+def _count_tokens(world: World, rendered_chats: list[str]) -> dict[str, int]:
     tok = world.tokenizer
 
     def count(texts: list[str]) -> int:
         encodings = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
         return sum(len(e.ids) for e in encodings)
 
-    def chat_count(chats: list[list[dict]]) -> int:
-        return count(tok.apply_chat_template(chats, tokenize=False)) if chats else 0
-
     return {
         "pretrain": count(world.pretrain_texts),
-        "chat": chat_count(world.chats),
-        "chat_noisy": chat_count(world.noisy_chats),
+        "chat": count(rendered_chats),
+        "chat_noisy": count(_render_chats(tok, world.noisy_chats)),
         "mean_biography": round(count(world.pretrain_texts) / max(1, len(world.pretrain_texts)), 1),
+        "long": len(world.long_docs) * (world.preset.long_doc_tokens - 1),  # each one's length checked as it is made
     }
 
 
@@ -690,4 +968,5 @@ def load_world(path: str | Path) -> World:
         noisy_chats=[r["messages"] for r in _read_jsonl(path / "chat_noisy.jsonl")],
         noisy_kinds=meta["noisy_kinds"], task_specs=specs, task_items=items,
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"), tokens=meta["tokens"],
+        long_docs=[r["text"] for r in _read_jsonl(path / "longctx.jsonl")] if (path / "longctx.jsonl").exists() else [],
     )
