@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3RMSNorm, eager_attention_forward
 
-from gendistill.kda import _backend, gated_rms_norm
+from gendistill.kda import current_backend, gated_rms_norm
 from gendistill import norm
 from gendistill.launch import Launcher
 from gendistill.norm import available as norm_kernels_available, qk_norm_rotary, rms_norm
@@ -38,7 +38,7 @@ def kernel_inference(x: torch.Tensor, weight: torch.Tensor | None = None) -> boo
     split): CUDA, gradients off (training keeps transformers' and fla's autograd), no PyTorch KDA path forced (the
     reference), and `weight` (if given) of x's dtype (the kernels write x's dtype; the references promote to the
     weight's)."""
-    return (x.is_cuda and not torch.is_grad_enabled() and _backend.get() in ("auto", "fla")
+    return (x.is_cuda and not torch.is_grad_enabled() and current_backend() in ("auto", "fla")
             and (weight is None or weight.dtype == x.dtype) and norm_kernels_available())
 
 

@@ -26,25 +26,39 @@ from .chunk import chunk_kda
 from .naive import recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "rms_norm_reference",
-           "short_conv", "causal_conv", "use_backend", "resolve_backend", "fla_available", "next_conv_context",
-           "fla_import", "RECURRENT_MAX_STEPS", "EPS"]
+           "short_conv", "causal_conv", "use_backend", "current_backend", "resolve_backend", "fla_available",
+           "next_conv_context", "fla_import", "RECURRENT_MAX_STEPS", "EPS"]
 
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 RECURRENT_MAX_STEPS = 64  # inference on up to this many steps (decoding) takes fla's fused recurrent kernel
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
+# torch.compile cannot read a ContextVar; compiled code reads this plain module global instead, which dynamo guards
+# on (a compiled region recompiles when it changes). It holds the backend of the innermost `use_backend` block of any
+# thread, so compiled code follows the same choice as eager code except across threads forcing different backends.
+_compiled_backend = "auto"
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a KDA path inside the block: "recurrent" (the reference), "chunk" (PyTorch), "fla" (CUDA), "auto"."""
+    global _compiled_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown KDA backend {name!r}; choose one of {BACKENDS}")
-    token = _backend.set(name)
+    token, before = _backend.set(name), _compiled_backend
+    _compiled_backend = name
     try:
         yield
     finally:
         _backend.reset(token)
+        _compiled_backend = before
+
+
+def current_backend() -> str:
+    """The KDA backend forced by the enclosing `use_backend` ("auto" when none): what `resolve_backend` resolves."""
+    if torch.compiler.is_compiling():
+        return _compiled_backend
+    return _backend.get()
 
 
 @contextlib.contextmanager
@@ -100,7 +114,7 @@ def fla_available() -> bool:
 
 
 def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
-    name = _backend.get()
+    name = current_backend()
     if name == "auto":
         if x.is_cuda and _fla_ops() is not None:
             return "fla"
