@@ -73,6 +73,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     return o.to(dtype), (S if output_final_state else None)
 
 
+# Opaque to torch.compile, as fla's kernels are: the grouping reads the document lengths, so a traced version would
+# specialise (and recompile) on every batch's lengths.
+@torch.compiler.disable
 def _packed(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, sub_chunk):
     """Packed sequences ([1, total, ...] with boundaries `cu_seqlens`) as a few batched calls instead of one call per
     sequence: sequences are grouped by their length rounded up to a power of two (at least one chunk) and each group
