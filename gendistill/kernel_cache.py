@@ -68,7 +68,8 @@ def configure(gpu_name: str | None = None, environ=os.environ) -> dict:
         report["triton_cache_dir"], report["triton_cache_dir_source"] = environ["TRITON_CACHE_DIR"], "TRITON_CACHE_DIR"
     else:
         environ["TRITON_CACHE_DIR"] = str(cache_root() / "triton")
-        report["triton_cache_dir"], report["triton_cache_dir_source"] = environ["TRITON_CACHE_DIR"], "gendistill default"
+        report["triton_cache_dir"] = environ["TRITON_CACHE_DIR"]
+        report["triton_cache_dir_source"] = "gendistill default"
     pinned = pinned_dir(gpu_name)
     if "FLA_CONFIG_DIR" in environ or "FLA_CACHE_MODE" in environ:
         report["fla_configs"] = f"{environ.get('FLA_CONFIG_DIR', 'fla default')} (FLA_CACHE_MODE=" \

@@ -82,3 +82,54 @@ def test_fast_bf16_fidelity_on_trained_weights():
     print(f"per-token KL(fp32 || bf16): teacher {teacher_kl:.3g} (argmax agreement {teacher_agree:.2%}), "
           f"student fast path {student_kl:.3g} ({student_agree:.2%})")
     assert student_kl <= 2 * teacher_kl, (student_kl, teacher_kl)
+
+
+@pytest.mark.parametrize("kernel", ["liger_kl", "liger_jsd"])
+def test_liger_kd_kernels_match_the_chunked_reference(kernel):
+    """The stage setting kd_kernel: Liger-Kernel's fused forward KL (its KL kernel in our chunks, or its whole fused
+    linear JSD at beta = 0) against gendistill's chunked PyTorch KD, at the Qwen3-0.6B head's shape under bf16
+    autocast as training runs it: the same loss and the same gradients (hidden states; head weight when trained)."""
+    from gendistill.distill.losses import HeadLoss, chunked_head_loss
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 3000, 1024, 151936
+    h = (torch.randn(n, hidden, device="cuda")).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * 0.02).requires_grad_(kernel == "liger_kl")
+    th = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    tw = (torch.randn(vocab, hidden, device="cuda") * 0.02).to(torch.bfloat16)
+    results = {}
+    for name in ("chunked", kernel):
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, terms = chunked_head_loss(h, w, th, tw, torch.zeros(n, dtype=torch.long, device="cuda"),
+                                             HeadLoss({"kd": 1.0}, kernel=name), scale=1 / n)
+        total.backward()
+        results[name] = (float(total), h.grad.clone(), None if w.grad is None else w.grad.clone())
+    (ref, ref_h, ref_w), (got, got_h, got_w) = results["chunked"], results[kernel]
+    assert got == pytest.approx(ref, rel=2e-3)
+    assert ((got_h - ref_h).norm() / ref_h.norm()).item() < 2e-2
+    if ref_w is not None:
+        assert ((got_w - ref_w).norm() / ref_w.norm()).item() < 2e-2
+
+
+def test_compiled_kda_block_matches_eager_on_the_fla_path():
+    """compile: true on CUDA: a student KDA decoder block compiled by inductor (fla's kernels stay opaque, graphs break
+    around them) gives eager's output and gradients, packed documents included."""
+    from gendistill.modeling_hybrid_kda import packed_documents
+    from gendistill.testing import random_teacher_and_student
+
+    _, student = random_teacher_and_student("tiny", seed=0)
+    layer = student.model.layers[1].cuda().train()
+    assert layer.layer_type == "linear_attention"
+    x = torch.randn(2, 64, student.config.hidden_size, device="cuda", requires_grad=True)
+    position_ids = torch.cat([torch.arange(40), torch.arange(24)]).cuda()[None].expand(2, 64)
+    packing = packed_documents(position_ids)
+    outs = []
+    for fn in (layer.forward, torch.compile(layer.forward)):
+        x.grad = None
+        layer.zero_grad()
+        y = fn(x, position_ids=position_ids, kda_packing=packing)
+        y.square().mean().backward()
+        outs.append((y.detach(), x.grad.clone(), layer.self_attn.q_proj.weight.grad.clone()))
+    for eager, compiled in zip(*outs):
+        torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-4)

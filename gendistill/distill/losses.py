@@ -144,6 +144,7 @@ def _liger_kl_loss_and_grad():
     """Liger-Kernel's fused KL primitive (one Triton pass per row chunk: log-softmax of the student logits, the KL
     against given teacher probabilities, and its gradient written over the logits)."""
     try:
+        import liger_kernel.functional  # noqa: F401  (declares where the kernels live, for Liger's dispatcher)
         from liger_kernel.backends import dispatch
     except ImportError as err:
         raise ImportError("kd_kernel liger_kl needs Liger-Kernel (pip install liger-kernel) and a CUDA GPU") from err

@@ -88,7 +88,7 @@ class Stage:
     #                                        forward per micro-batch
     teacher_inference_mode: bool = False  # the teacher forward under torch.inference_mode (else no_grad)
     # -- sparse teacher (changes the KD term: losses.py "top-k probabilities plus one tail bucket") --
-    kd_topk: int | None = None  # KD against the teacher's top-k probabilities + tail mass instead of the full vocabulary
+    kd_topk: int | None = None  # KD against the teacher's top-k probabilities + tail mass, not the whole vocabulary
     teacher_cache: str | None = None  # with kd_topk: directory of the cached top-k (written on first use, reused by
     #                                   any later run with the same teacher, data, stream and settings)
 
@@ -510,6 +510,11 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     if not isinstance(s.eval_args, dict):
         _fail(f"{where}.eval_args", "expected a mapping")
     return s
+
+
+def parse_stage(raw: dict) -> Stage:
+    """One stage from a mapping as in a recipe's `stages` list (its `data` key is not needed), validated."""
+    return _stage({**raw, "data": "data"}, {}, 0, {"data": None}, 0)
 
 
 def _validate(raw: dict, source: str | None) -> Recipe:

@@ -41,7 +41,7 @@ from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, _loc
                                      cached_corpus_dir, detect_kind)
 from gendistill.distill.losses import (ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture,
                                        teacher_topk)
-from gendistill.distill.recipe import (Recipe, Stage, _data_source, _stage, load_recipe, recipe_to_dict,
+from gendistill.distill.recipe import (Recipe, Stage, _data_source, load_recipe, parse_stage, recipe_to_dict,
                                        resolve_callable)
 from gendistill.hub import write_student_files
 from gendistill.io import (DirLock, UserError, atomic_dir, atomic_write_json, atomic_write_text, check_deletable,
@@ -423,7 +423,7 @@ def train_stage(stage: Stage | dict, student, *, teacher=None, tokenizer=None, d
     env = env or parallel.setup()
     out_dir = Path(out_dir)
     if isinstance(stage, dict):
-        stage = _stage({**stage, "data": "data"}, {}, 0, {"data": None}, 0)
+        stage = parse_stage(stage)
     if data is None:
         raise UserError(f"stage {stage.name}: no data given")
     if stage.needs_teacher and teacher is None:
