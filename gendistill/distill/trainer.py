@@ -492,7 +492,6 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         raise UserError(f"stage {stage.name}.teacher_batch_size: {stage.teacher_batch_size} is not a multiple of the "
                         f"micro-batch size {micro}")
     per_teacher = (stage.teacher_batch_size or micro) // micro  # micro-batches per teacher forward
-    uncompile = compile_blocks(stage, student, teacher)
 
     named = [(n.removeprefix("student."), p) for n, p in parallel.unwrap(model).named_parameters() if p.requires_grad]
     decay, no_decay = _decay_split(named, stage.no_decay)
@@ -541,6 +540,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         scored = record.get("scored_tokens_total", 0)
         lines = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
         first_loss = json.loads(lines[0])["loss"] if lines else None
+    uncompile = compile_blocks(stage, student, teacher)
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
