@@ -42,7 +42,7 @@ if [ -f "$OUT/fla_configs/manifest.json" ]; then
 fi
 # 3. the levers' GPU tests
 TRITON_CACHE_DIR=$SCRATCH/triton-cold step pytest_levers 70 "$PY" -m pytest -q -m gpu tests/test_gpu.py \
-  -k "liger or compiled" -p no:cacheprovider
+  -k "liger or compiled or kernels" -p no:cacheprovider
 cp "$OUT/pytest_levers.log" "$OUT/pytest_levers.txt" 2>/dev/null
 rm -rf "$SCRATCH"
 [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; exit 1; }

@@ -133,3 +133,23 @@ def test_compiled_kda_block_matches_eager_on_the_fla_path():
         outs.append((y.detach(), x.grad.clone(), layer.self_attn.q_proj.weight.grad.clone()))
     for eager, compiled in zip(*outs):
         torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-4)
+
+
+def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
+    """`gendistill kernels export`: after a KDA training step, every autotuned fla kernel's choice is written in fla's
+    own config format, which its strict lookup finds again for the same autotuning key."""
+    from fla.ops.utils.cache import AutotuneKey, KernelConfigFile
+
+    from gendistill.kernel_cache import export_fla_configs, fla_autotuners, warm
+
+    result = warm(tokens=2048, documents=2)
+    assert result["first_s"] > 0 and result["again_s"] > 0
+    manifest = export_fla_configs(tmp_path, torch.cuda.get_device_name(0))
+    assert manifest["kernels"] and manifest["fla"] and manifest["triton"]
+    tuners = {t.kernel_name: t for t in fla_autotuners() if t.kernel_name in manifest["kernels"]}
+    for name, count in manifest["kernels"].items():
+        config = KernelConfigFile.from_file(tmp_path / f"{name}.json")
+        assert config is not None and len(config.autotune_entries) == count
+        key, chosen = next(iter(tuners[name].cache.items()))
+        entry = config.lookup_exact(AutotuneKey(tuple(key)))
+        assert entry["config"]["kwargs"] == dict(chosen.kwargs) and entry["config"]["num_warps"] == chosen.num_warps

@@ -377,4 +377,6 @@ def test_kd_step_bench_runs_on_cpu(tmp_path):
     assert rows[("kd", "topk")]["write_pass_step_s"] > 0
     curves = result["curves"]
     assert len(curves["baseline"]) == len(curves["optimized"]) == 4 and curves["verdict"] == "within noise"
+    # same seed, same data: the first step (before any update) differs by rounding only, the repeat not at all
+    assert curves["first_step_rel_diff"] < 1e-5 and curves["baseline_repeat"] == curves["baseline"]
     assert result["optimized"] == ["teacher_batch"] and "FLOPs/token" in result["flops_formula"]
