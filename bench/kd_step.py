@@ -290,7 +290,8 @@ def compare_curves(base, opt, repeat=None) -> dict:
             "first_step_rel_diff": abs(opt[0] - base[0]) / max(abs(base[0]), 1e-12),
             "max_step_rel_diff": max(abs(o - b) / max(abs(b), 1e-12) for b, o in zip(base, opt)),
             "within_noise": abs(gap) <= tolerance,
-            "verdict": "within noise" if abs(gap) <= tolerance else f"differs: gap {gap:.3g} > tolerance {tolerance:.3g}"}
+            "verdict": ("within noise" if abs(gap) <= tolerance
+                        else f"differs: gap {gap:.3g} > tolerance {tolerance:.3g}")}
 
 
 def row_line(e: dict) -> str:
@@ -511,8 +512,9 @@ def main(argv=None) -> int:
                 runner.add({"row": "hf_ce", "seq_len": first, "lever": "transformers full logits",
                             "error": f"{type(err).__name__}: {err}"})
         if args.loss_memory and env.is_main and runner.budget.left() > args.reserve_s:
-            results["loss_memory"] = loss_memory(args.tokens_per_micro, teacher.config.hidden_size,
-                                                 teacher.config.vocab_size, args.chunk_tokens, env.device)
+            tokens = max(args.tokens_per_micro, 4 * args.chunk_tokens)  # at least 4 chunks: what chunking saves
+            results["loss_memory"] = loss_memory(tokens, teacher.config.hidden_size, teacher.config.vocab_size,
+                                                 args.chunk_tokens, env.device)
         if args.compare:
             scaling(results, json.loads(args.compare.read_text()))
         export_configs(args, env, results, device)

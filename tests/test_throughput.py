@@ -4,6 +4,7 @@ bench (bench/kd_step.py) end to end on CPU."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import math
 import subprocess
@@ -332,25 +333,40 @@ def test_estimate_uses_a_matching_table_row(pair, tmp_path):
 # ---- kernel cache ----
 
 def test_kernel_cache_defaults_under_gendistill_and_keeps_the_users(tmp_path, monkeypatch):
-    from gendistill.kernel_cache import PINNED_ROOT, configure, gpu_key, pinned_dir
+    import gendistill.kernel_cache as kernel_cache
 
     monkeypatch.setenv("GENDISTILL_CACHE", str(tmp_path))
     env = {}
-    report = configure("NVIDIA H200", environ=env)
-    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton") and report["triton_cache_files"] == 0
+    report = kernel_cache.configure("NVIDIA H200", environ=env)
+    assert env == {"TRITON_CACHE_DIR": str(tmp_path / "triton")} and report["triton_cache_files"] == 0
     env = {"TRITON_CACHE_DIR": "/x", "FLA_CACHE_MODE": "disabled"}
-    report = configure("NVIDIA H200", environ=env)
-    assert env == {"TRITON_CACHE_DIR": "/x", "FLA_CACHE_MODE": "disabled"} and "set by the user" in report["fla_configs"]
-    assert gpu_key("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
-    # pinned configs apply only with the fla and Triton versions they were exported with
-    fake = PINNED_ROOT / "Test_GPU"
-    try:
-        fake.mkdir(parents=True)
-        (fake / "manifest.json").write_text(json.dumps({"fla": "0.0", "triton": "0.0"}))
-        assert pinned_dir("Test GPU") is None
-    finally:
-        import shutil
-        shutil.rmtree(fake)
+    report = kernel_cache.configure("NVIDIA H200", environ=env)
+    assert env == {"TRITON_CACHE_DIR": "/x", "FLA_CACHE_MODE": "disabled"}  # the user's settings stand
+    assert "set by the user" in report["fla_configs"]
+    assert kernel_cache.gpu_key("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+
+
+@pytest.mark.parametrize("versions, pinned", [("installed", True), ("other", False)])
+def test_pinned_configs_apply_only_for_their_gpu_and_versions(tmp_path, monkeypatch, versions, pinned):
+    import gendistill.kernel_cache as kernel_cache
+
+    monkeypatch.setattr(kernel_cache, "PINNED_ROOT", tmp_path)
+    (tmp_path / "NVIDIA_H200").mkdir()
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    installed = {"fla": version("fla-core") or version("flash-linear-attention"), "triton": version("triton")}
+    manifest = installed if versions == "installed" else {"fla": "0.0", "triton": "0.0"}
+    (tmp_path / "NVIDIA_H200" / "manifest.json").write_text(json.dumps(manifest))
+    env = {"TRITON_CACHE_DIR": "/x"}
+    kernel_cache.configure("NVIDIA H200", environ=env)
+    assert (env.get("FLA_CONFIG_DIR") == str(tmp_path / "NVIDIA_H200")) is pinned
+    assert (env.get("FLA_CACHE_MODE") == "strict") is pinned
+    other_gpu = {"TRITON_CACHE_DIR": "/x"}
+    kernel_cache.configure("NVIDIA A100", environ=other_gpu)
+    assert other_gpu == {"TRITON_CACHE_DIR": "/x"}  # nothing pinned for that GPU
 
 
 # ---- the bench itself ----
