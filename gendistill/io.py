@@ -29,6 +29,8 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text writes str, got {type(text).__name__}")
     atomic_write_bytes(path, text.encode())
 
 

@@ -157,8 +157,12 @@ def print_estimate(recipe, mode: str, table: Path | None) -> None:
     except Exception as err:  # an unreachable hub id, a bad factory: --check still validated the recipe
         print(f"estimate: the models could not be built ({type(err).__name__}: {err})")
         return
-    rows = estimate_stages(recipe, teacher, student, env, device_name, table=table,
-                           calibrate=mode != "table" and not missing)
+    try:  # the recipe is valid (checked above); an estimate that cannot be made is reported, not fatal
+        rows = estimate_stages(recipe, teacher, student, env, device_name, table=table,
+                               calibrate=mode != "table" and not missing)
+    except Exception as err:
+        print(f"estimate: the calibration failed ({type(err).__name__}: {err})")
+        return
     where = f"{env.world} x {device_name}"
     print(f"estimate on {where} (per stage: seconds per optimiser step x steps):")
     total, complete = 0.0, True
