@@ -10,7 +10,7 @@
 #   host     bench/host_profile.py: where the host's time goes in a 4K prefill                    -> host_profile.json
 #   profile  bench/kernel_profile.py: kernel time per category at 4K and 128K, decode at 32K      -> kernel_profile.json
 #   parity   bench/kda_parity.py: fla's KDA kernels against the PyTorch paths                     -> kda_parity.json
-#   kd, kd2  bench/kd_step.py: the KD step on one GPU, and FSDP2 on two                            -> kd_step.json, kd_step_x2.json
+#   kd, kd2  bench/kd_step.py: every stage objective and lever on one GPU, and FSDP2 on two         -> kd_step.json, kd_step_x2.json
 #   engine   bench/eval_engine.py: the batched generation engine against one-by-one generate     -> eval_engine.json
 #   demo     gendistill demo --scale gpu: the whole pipeline; its report                          -> demo/
 # Environment: GPU_NAME overrides <gpu>; GENDISTILL_COMMIT names the commit where the tree has no .git (a copy).
@@ -52,7 +52,8 @@ for step in "${@:-bench graphs}"; do
       parity)  run parity "$PY" bench/kda_parity.py --out "$R/kda_parity.json" ;;
       kd)      run kd "$PY" bench/kd_step.py --shape qwen3-0.6b --out "$R/kd_step.json" ;;
       kd2)     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1} run kd2 torchrun --nproc-per-node 2 bench/kd_step.py \
-                 --shape qwen3-0.6b --out "$R/kd_step_x2.json" ;;
+                 --shape qwen3-0.6b --plan gpu2 --optimized "from:$R/kd_step.json" --compare "$R/kd_step.json" \
+                 --out "$R/kd_step_x2.json" ;;
       engine)  run engine "$PY" bench/eval_engine.py --shape qwen3-0.6b --device cuda --dtype bfloat16 --items 32 \
                  --batch-sizes 8,32 --max-new-tokens 16 --check-dtype float32 --check-items 16 \
                  --out "$R/eval_engine.json" ;;

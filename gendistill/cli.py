@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("gendistill.serve", "OpenAI-compatible HTTP server (chat/completions, streaming) for a model directory"),
     "ablate": ("gendistill.ablate", "run an ablation: recipe variants over axes and seeds, shared stages, one report"),
     "select-layers": ("gendistill.select_layers", "beam search for the layers that keep softmax attention"),
+    "kernels": ("gendistill.kernels.cache", "Triton/fla kernel cache: where it is, warm it, export pinned configs"),
 }
 
 

@@ -81,7 +81,8 @@ class KDAMixer(nn.Module):
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
         cu_seqlens = pos_in_doc = None
         if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
-            cu_seqlens, pos_in_doc = packed_documents(position_ids.expand(B, T))
+            # `kda_packing`: packed_documents(position_ids) computed once by the caller for every layer
+            cu_seqlens, pos_in_doc = kwargs.get("kda_packing") or packed_documents(position_ids.expand(B, T))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         contexts = [None] * 3 if context is None else context.split([c.weight.shape[0] for c in convs], dim=1)
@@ -264,12 +265,14 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = new_cache(self.config)
         # KDA layers restart at packed-document boundaries in the caller's position_ids. Finding them syncs with the
-        # device, so it is done once here (not in every KDA layer) and only where a layer would use them.
-        kda_position_ids = None
+        # device, so it is done once here (not in every KDA layer) and only where a layer would use them; the layers
+        # get the result (`kda_packing`), which also keeps data-dependent code out of a compiled layer.
+        kda_position_ids, kda_packing = None, {}
         if (position_ids is not None and past_key_values is None and attention_mask is None
-                and inputs_embeds.shape[1] > 1
-                and document_starts(position_ids.expand(inputs_embeds.shape[:2])) is not None):
-            kda_position_ids = position_ids
+                and inputs_embeds.shape[1] > 1):
+            packing = packed_documents(position_ids.expand(inputs_embeds.shape[:2]))
+            if packing[0] is not None:
+                kda_position_ids, kda_packing = position_ids, {"kda_packing": packing}
         if position_ids is None:  # for RoPE: a cache of linear layers alone has no length (and nothing reads them)
             has_length = past_key_values is not None and FULL in self.config.layer_types
             past_seen = past_key_values.get_seq_length() if has_length else 0
@@ -284,7 +287,8 @@ class HybridKDAModel(HybridKDAPreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask=masks[layer.layer_type],
                                   position_embeddings=position_embeddings,
                                   position_ids=kda_position_ids if layer.layer_type == LINEAR else position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  **(kda_packing if layer.layer_type == LINEAR else {}), **kwargs)
         hidden_states = self.norm(hidden_states)
         if isinstance(past_key_values, LinearStateCache):
             past_key_values.steps += inputs_embeds.shape[1]

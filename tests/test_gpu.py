@@ -204,3 +204,74 @@ def test_mixer_students_on_cuda_equal_the_reference(mixer, attention_layers):
     with use_backend("recurrent"):
         first, second = student(x[:, :70]).logits, student(x[:, 70:]).logits
     assert _rel(packed, torch.cat([first, second], 1)) < 1e-2
+
+
+@pytest.mark.parametrize("kernel", ["liger_kl", "liger_jsd"])
+def test_liger_kd_kernels_match_the_chunked_reference(kernel):
+    """The stage setting kd_kernel: Liger-Kernel's fused forward KL (its KL kernel in our chunks, or its whole fused
+    linear JSD at beta = 0) against gendistill's chunked PyTorch KD, at the Qwen3-0.6B head's shape under bf16
+    autocast as training runs it: the same loss and the same gradients (hidden states; head weight when trained)."""
+    from gendistill.distill.losses import HeadLoss, chunked_head_loss
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 3000, 1024, 151936
+    h = (torch.randn(n, hidden, device="cuda")).requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda") * 0.02).requires_grad_(kernel == "liger_kl")
+    th = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    tw = (torch.randn(vocab, hidden, device="cuda") * 0.02).to(torch.bfloat16)
+    results = {}
+    for name in ("chunked", kernel):
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, terms = chunked_head_loss(h, w, th, tw, torch.zeros(n, dtype=torch.long, device="cuda"),
+                                             HeadLoss({"kd": 1.0}, kernel=name), scale=1 / n)
+        total.backward()
+        results[name] = (float(total), h.grad.clone(), None if w.grad is None else w.grad.clone())
+    (ref, ref_h, ref_w), (got, got_h, got_w) = results["chunked"], results[kernel]
+    assert got == pytest.approx(ref, rel=2e-3)
+    assert ((got_h - ref_h).norm() / ref_h.norm()).item() < 2e-2
+    if ref_w is not None:
+        assert ((got_w - ref_w).norm() / ref_w.norm()).item() < 2e-2
+
+
+def test_compiled_kda_block_matches_eager_on_the_fla_path():
+    """compile: true on CUDA: a student KDA decoder block compiled by inductor (fla's kernels stay opaque, graphs break
+    around them) gives eager's output and gradients, packed documents included."""
+    from gendistill.modeling_hybrid_kda import packed_documents
+    from gendistill.testing import random_teacher_and_student
+
+    _, student = random_teacher_and_student("tiny", seed=0)
+    layer = student.model.layers[1].cuda().train()
+    assert layer.layer_type == "linear_attention"
+    x = torch.randn(2, 64, student.config.hidden_size, device="cuda", requires_grad=True)
+    position_ids = torch.cat([torch.arange(40), torch.arange(24)]).cuda()[None].expand(2, 64)
+    packing = packed_documents(position_ids)
+    outs = []
+    for fn in (layer.forward, torch.compile(layer.forward)):
+        x.grad = None
+        layer.zero_grad()
+        y = fn(x, position_ids=position_ids, kda_packing=packing)
+        y.square().mean().backward()
+        outs.append((y.detach(), x.grad.clone(), layer.self_attn.q_proj.weight.grad.clone()))
+    for eager, compiled in zip(*outs):
+        torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-4)
+
+
+def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
+    """`gendistill kernels export`: after a KDA training step, every autotuned fla kernel's choice is written in fla's
+    own config format, which its strict lookup finds again for the same autotuning key."""
+    from fla.ops.utils.cache import AutotuneKey, KernelConfigFile
+
+    from gendistill.kernels.cache import export_fla_configs, fla_autotuners, warm
+
+    result = warm(tokens=2048, documents=2)
+    assert result["first_s"] > 0 and result["again_s"] > 0
+    manifest = export_fla_configs(tmp_path, torch.cuda.get_device_name(0))
+    assert manifest["kernels"] and manifest["fla"] and manifest["triton"]
+    tuners = {t.kernel_name: t for t in fla_autotuners() if t.kernel_name in manifest["kernels"]}
+    for name, count in manifest["kernels"].items():
+        config = KernelConfigFile.from_file(tmp_path / f"{name}.json")
+        assert config is not None and len(config.autotune_entries) == count
+        key, chosen = next(iter(tuners[name].cache.items()))
+        entry = config.lookup_exact(AutotuneKey(tuple(key)))
+        assert entry["config"]["kwargs"] == dict(chosen.kwargs) and entry["config"]["num_warps"] == chosen.num_warps

@@ -31,6 +31,11 @@ BUDGET_COUNTS = ("packed", "scored")
 SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "fsdp", "ddp")
+KD_KERNELS = ("chunked", "liger_kl", "liger_jsd")
+# stage keys that change how fast a step runs, never its math (up to floating-point rounding), so a resumed stage
+# may change them (micro_batch_size, gradient_checkpointing and chunk_tokens are such keys too, but older run records
+# count them as math and keep doing so)
+THROUGHPUT_KEYS = ("compile", "kd_kernel", "teacher_batch_size", "teacher_inference_mode")
 EVAL_HOOKS = {"evaluate": "gendistill.evaluation:evaluate"}  # short names for `eval:`; any "module:function" works
 # A recipe is data: a "module:function" entry (`factory`, `eval`) runs code, so it is refused unless the user passes
 # --allow-code (allow_code=True). These are gendistill's own builders, which take data only, and are always allowed.
@@ -77,6 +82,17 @@ class Stage:
     log_every: int = 1
     eval: str | Callable | None = None  # hook run on the finished stage's model dir: name, "module:function", callable
     eval_args: dict = dataclasses.field(default_factory=dict)
+    # -- throughput: how a step is computed, not what (docs/distill.md "Throughput settings"; bench/kd_step.py) --
+    compile: bool | str = False  # torch.compile the decoder blocks of student and teacher (true = inductor, or a
+    #                              torch.compile backend name); fla's kernels stay as they are (graph breaks)
+    kd_kernel: str = "chunked"  # chunked (PyTorch, any device) | liger_kl | liger_jsd (Liger-Kernel, CUDA, fkl kd only)
+    teacher_batch_size: int | None = None  # sequences per teacher forward (a multiple of micro_batch_size); None = one
+    #                                        forward per micro-batch
+    teacher_inference_mode: bool = False  # the teacher forward under torch.inference_mode (else no_grad)
+    # -- sparse teacher (changes the KD term: losses.py "top-k probabilities plus one tail bucket") --
+    kd_topk: int | None = None  # KD against the teacher's top-k probabilities + tail mass, not the whole vocabulary
+    teacher_cache: str | None = None  # with kd_topk: directory of the cached top-k (written on first use, reused by
+    #                                   any later run with the same teacher, data, stream and settings)
 
     @property
     def needs_teacher(self) -> bool:
@@ -85,8 +101,10 @@ class Stage:
     def math_keys(self) -> dict:
         """The fields that change what is computed (a resumed stage must not change these), as plain JSON data: they
         are compared with what checkpoints, run.json and ablation keys stored."""
-        operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints"}
-        later = {"freeze": [], "count": "packed"}  # added later: at these defaults, older checkpoints still match
+        operational = {"eval", "eval_args", "log_every", "checkpoint_every", "keep_checkpoints", *THROUGHPUT_KEYS,
+                       "teacher_cache"}
+        # added later: at these defaults, older checkpoints still match
+        later = {"freeze": [], "count": "packed", "kd_topk": None}
         keys = {k: v for k, v in dataclasses.asdict(self).items() if k not in operational and later.get(k, k) != v}
         return json.loads(json.dumps(keys, default=str))
 
@@ -456,11 +474,42 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
     s.seed = int(_number(s.seed, f"{where}.seed", integer=True))
     if not isinstance(s.gradient_checkpointing, bool):
         _fail(f"{where}.gradient_checkpointing", "expected true or false")
+    if not (isinstance(s.compile, bool) or (isinstance(s.compile, str) and s.compile)):
+        _fail(f"{where}.compile", f"expected true, false or a torch.compile backend name, got {s.compile!r}")
+    _choice(s.kd_kernel, KD_KERNELS, f"{where}.kd_kernel")
+    if s.kd_kernel != "chunked" and (set(s.objective) != {"kd"} or s.divergence != "fkl"):
+        _fail(f"{where}.kd_kernel", f"{s.kd_kernel} computes forward KL alone; this stage's objective is "
+                                    f"{s.objective} with divergence {s.divergence} (use kd_kernel: chunked)")
+    if s.teacher_batch_size is not None:
+        s.teacher_batch_size = int(_number(s.teacher_batch_size, f"{where}.teacher_batch_size", lo=1, integer=True))
+        if s.micro_batch_size is not None and s.teacher_batch_size % s.micro_batch_size:
+            _fail(f"{where}.teacher_batch_size", f"{s.teacher_batch_size} is not a multiple of micro_batch_size "
+                                                 f"{s.micro_batch_size}")
+    if not isinstance(s.teacher_inference_mode, bool):
+        _fail(f"{where}.teacher_inference_mode", "expected true or false")
+    if s.kd_topk is not None:
+        s.kd_topk = int(_number(s.kd_topk, f"{where}.kd_topk", lo=1, integer=True))
+        if "kd" not in s.objective:
+            _fail(f"{where}.kd_topk", f"applies to the kd term; this stage's objective is {s.objective}")
+        if s.divergence != "fkl":
+            _fail(f"{where}.kd_topk", f"the top-k KD term is forward KL; this stage uses divergence {s.divergence}")
+        if s.kd_kernel != "chunked":
+            _fail(f"{where}.kd_topk", f"computed by the chunked kernel; this stage sets kd_kernel {s.kd_kernel}")
+    if s.teacher_cache is not None:
+        if not isinstance(s.teacher_cache, str) or not s.teacher_cache:
+            _fail(f"{where}.teacher_cache", f"expected a directory path, got {s.teacher_cache!r}")
+        if s.kd_topk is None:
+            _fail(f"{where}.teacher_cache", "caches top-k teacher probabilities: set kd_topk too (e.g. 64)")
     if s.eval is not None:
         _callable_name(s.eval, f"{where}.eval")
     if not isinstance(s.eval_args, dict):
         _fail(f"{where}.eval_args", "expected a mapping")
     return s
+
+
+def parse_stage(raw: dict) -> Stage:
+    """One stage from a mapping as in a recipe's `stages` list (its `data` key is not needed), validated."""
+    return _stage({**raw, "data": "data"}, {}, 0, {"data": None}, 0)
 
 
 def _validate(raw: dict, source: str | None) -> Recipe:

@@ -42,7 +42,8 @@ import yaml
 from gendistill.distill import checkpoint, parallel
 from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files,
                                      cached_corpus_dir, detect_kind)
-from gendistill.distill.losses import ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture
+from gendistill.distill.losses import (ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture,
+                                       teacher_topk)
 from gendistill.distill.recipe import (Recipe, Stage, load_data_source, load_recipe, load_stage, recipe_to_dict,
                                        resolve_callable)
 from gendistill.hub import write_student_files
@@ -259,11 +260,80 @@ def build_objective(stage: Stage, student, teacher, layers: list[int]):
         capture = TeacherCapture(teacher, mixer_layers=layers if "attn_align" in stage.objective else (),
                                  block_layers=layers if "hidden_align" in stage.objective else (),
                                  need_hidden="kd" in stage.objective,
-                                 qk_layers=layers if "qk_align" in stage.objective else ())
+                                 qk_layers=layers if "qk_align" in stage.objective else (),
+                                 inference_mode=stage.teacher_inference_mode)
     head = HeadLoss(weights={t: w for t, w in stage.objective.items() if t in ("kd", "ce")},
                     divergence=stage.divergence, beta=stage.jsd_beta, temperature=stage.temperature,
-                    chunk_tokens=stage.chunk_tokens)
+                    chunk_tokens=stage.chunk_tokens, kernel=stage.kd_kernel)
     return StudentObjective(student, stage.objective, layers, head), capture
+
+
+def compile_blocks(stage: Stage, student, teacher) -> Callable[[], None]:
+    """`stage.compile`: torch.compile the forward of every decoder layer of the student and (if the stage runs it)
+    the teacher, in place, and of the student's token mixers where the alignment terms call them directly. Regional
+    compilation: one compiled graph serves every layer of a kind, so compile time does not grow with depth, and the
+    model-level code (masks, packed-document boundaries, which syncs with the device) stays eager. fla's kernels are
+    `torch.compiler.disable`d: graphs break around them. Returns the function that undoes it (the teacher outlives
+    the stage)."""
+    if not stage.compile:
+        return lambda: None
+    backend = "inductor" if stage.compile is True else stage.compile
+    mixers = any(t in stage.objective for t in ("attn_align", "qk_align"))
+    patched = []
+    for model, with_mixers in ((student, mixers), (teacher if stage.needs_teacher else None, False)):
+        for layer in model.model.layers if model is not None else ():
+            for module in (layer, layer.self_attn) if with_mixers else (layer,):
+                module.forward = torch.compile(module.forward, backend=backend)
+                patched.append(module)
+
+    def restore():
+        for module in patched:
+            del module.forward  # the instance attribute: the class's forward again
+    return restore
+
+
+def _teacher_pass(stage: Stage, capture: TeacherCapture | None, topk_cache, step: int, batches: list[dict],
+                  indices: list[int], device) -> list[dict]:
+    """What the objective reads from the teacher for `batches` (micro-batches `indices` of step `step`): one
+    forward for all of them (`teacher_batch_size`), or none when the sparse teacher is cached and the objective
+    needs nothing else from it."""
+    if capture is None:
+        return [{} for _ in batches]
+    cached = [topk_cache.load(step, j, device) if topk_cache is not None else None for j in indices]
+    only_kd = set(stage.objective) & {"attn_align", "qk_align", "hidden_align"} == set()
+    run = [i for i, c in enumerate(cached) if c is None or not only_kd]
+    outs = [{"topk": c} if c is not None else {} for c in cached]
+    for i, out in zip(run, capture.run_many([batches[i] for i in run]) if run else []):
+        if stage.kd_topk and cached[i] is None:
+            mask = batches[i]["loss_mask"]
+            topk = teacher_topk(out["hidden"][mask], out["head"], stage.kd_topk, stage.temperature,
+                                stage.chunk_tokens)
+            if topk_cache is not None:
+                topk_cache.save(step, indices[i], topk)
+            out = {**out, "topk": topk}
+        outs[i] = {**out, **outs[i]}
+    for out, batch, j in zip(outs, batches, indices):
+        if "topk" in out and len(out["topk"].ids) != int(batch["loss_mask"].sum()):
+            raise UserError(f"stage {stage.name}: the teacher cache holds {len(out['topk'].ids)} tokens for step "
+                            f"{step + 1}, micro-batch {j}, which scores {int(batch['loss_mask'].sum())}; delete "
+                            f"{topk_cache.directory}")
+    return outs
+
+
+def topk_cache_for(stage: Stage, teacher, corpus: TokenCorpus, micro: int, precision, env: parallel.Env):
+    """The stage's TopKCache (`teacher_cache` with `kd_topk`), keyed by everything the cached numbers depend on."""
+    if not (stage.kd_topk and stage.teacher_cache):
+        return None
+    from gendistill.distill.teacher_cache import TopKCache, corpus_sha256
+
+    fingerprint = {"teacher.weights.sha256": weights_sha256(teacher), "teacher.dtype": str(precision),
+                   "corpus.sha256": corpus_sha256(corpus), "seq_len": stage.seq_len, "stream_seed": _stream_seed(stage),
+                   "shuffle": corpus.meta["source"].get("shuffle", True), "loss_mask": stage.loss_mask,
+                   "batch_size": stage.batch_size, "micro_batch_size": micro, "kd_topk": stage.kd_topk,
+                   "temperature": stage.temperature}
+    cache = TopKCache(stage.teacher_cache, fingerprint, write_manifest=env.is_main)
+    parallel.barrier(env)
+    return cache
 
 
 @torch.no_grad()
@@ -418,8 +488,16 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage.needs_teacher:
         teacher.to(device=device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval().requires_grad_(False)
+    if stage.kd_kernel != "chunked" and device.type != "cuda":
+        raise UserError(f"stage {stage.name}: kd_kernel {stage.kd_kernel} runs Liger-Kernel's Triton kernels, which "
+                        f"need a CUDA GPU (this process runs on {device.type}); use kd_kernel: chunked")
     objective, capture = build_objective(stage, student, teacher, layers)
     model = parallel.wrap(objective, env, strategy, find_unused=bool(layers))
+    topk_cache = topk_cache_for(stage, teacher, corpus, micro, torch.bfloat16 if use_bf16 else torch.float32, env)
+    if stage.teacher_batch_size is not None and stage.teacher_batch_size % micro:
+        raise UserError(f"stage {stage.name}.teacher_batch_size: {stage.teacher_batch_size} is not a multiple of the "
+                        f"micro-batch size {micro}")
+    per_teacher = (stage.teacher_batch_size or micro) // micro  # micro-batches per teacher forward
 
     named = [(n.removeprefix("student."), p) for n, p in parallel.unwrap(model).named_parameters() if p.requires_grad]
     decay, no_decay = _decay_split(named, stage.no_decay)
@@ -468,6 +546,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
         scored = record.get("scored_tokens_total", 0)
         lines = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
         first_loss = json.loads(lines[0])["loss"] if lines else None
+    uncompile = compile_blocks(stage, student, teacher)
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -478,10 +557,15 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
                                                         dtype=torch.float64, device=device))
             norms = {"tokens": float(counts[0]), "align": float(counts[1]) * max(1, len(layers)), "world": env.world}
             local = torch.zeros(1 + len(term_names), dtype=torch.float64, device=device)
+            teacher_outs = []
             for k, batch in enumerate(batches):
                 with parallel.no_sync(model, k < len(batches) - 1), autocast:
-                    teacher_out = capture.run(batch) if capture is not None else {}
+                    if k % per_teacher == 0:  # the teacher's pass for this micro-batch and the next per_teacher - 1
+                        teacher_outs = _teacher_pass(stage, capture, topk_cache, step, batches[k:k + per_teacher],
+                                                     mine[k:k + per_teacher], device)
+                    teacher_out = teacher_outs[k % per_teacher]
                     loss, terms = model(batch, teacher_out, norms)
+                teacher_outs[k % per_teacher] = None  # freed as soon as used
                 loss.backward()
                 local += torch.stack([loss.detach().double()] + [terms[t].double() for t in term_names])
             values = (parallel.all_sum(env, local) / env.world).tolist()  # terms carry x world for the grad mean
@@ -516,6 +600,7 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
                 on_step(stage.name, step + 1, record)
     finally:
         logger.close()
+        uncompile()
         if capture is not None:
             capture.close()
 

@@ -32,30 +32,39 @@ from .chunk import chunk_gla, chunk_kda
 from .naive import recurrent_gla, recurrent_kda
 
 __all__ = ["chunk_kda", "recurrent_kda", "kda_gate", "l2norm", "kda_gated", "gated_rms_norm", "rms_norm_reference",
-           "short_conv", "causal_conv", "use_backend", "resolve_backend", "fla_available", "next_conv_context",
-           "fla_import", "current_backend", "RECURRENT_MAX_STEPS", "EPS", "chunk_gla", "recurrent_gla", "gdn_gate",
+           "short_conv", "causal_conv", "use_backend", "current_backend", "resolve_backend", "fla_available",
+           "next_conv_context", "fla_import", "RECURRENT_MAX_STEPS", "EPS", "chunk_gla", "recurrent_gla", "gdn_gate",
            "gdn_gated", "gla_gated", "ssd_gated"]
 
 EPS = 1e-6  # fla's L2 norm: x / sqrt(sum(x^2) + eps)
 BACKENDS = ("auto", "fla", "chunk", "recurrent")
 RECURRENT_MAX_STEPS = 64  # inference on up to this many steps (decoding) takes fla's fused recurrent kernel
 _backend = contextvars.ContextVar("gendistill_kda_backend", default="auto")
+# torch.compile cannot read a ContextVar; compiled code reads this plain module global instead, which dynamo guards
+# on (a compiled region recompiles when it changes). It holds the backend of the innermost `use_backend` block of any
+# thread, so compiled code follows the same choice as eager code except across threads forcing different backends.
+_compiled_backend = "auto"
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a KDA path inside the block: "recurrent" (the reference), "chunk" (PyTorch), "fla" (CUDA), "auto"."""
+    global _compiled_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown KDA backend {name!r}; choose one of {BACKENDS}")
-    token = _backend.set(name)
+    token, before = _backend.set(name), _compiled_backend
+    _compiled_backend = name
     try:
         yield
     finally:
         _backend.reset(token)
+        _compiled_backend = before
 
 
 def current_backend() -> str:
-    """The KDA path `use_backend` forces here ("auto" outside any)."""
+    """The KDA backend forced by the enclosing `use_backend` ("auto" when none): what `resolve_backend` resolves."""
+    if torch.compiler.is_compiling():
+        return _compiled_backend
     return _backend.get()
 
 
@@ -110,19 +119,54 @@ def _fla_conv():
     return _fla_module_function("fla.modules.causal_conv1d", "causal_conv1d")
 
 
+# Whether fla imports is a constant of the process; torch.compile cannot trace the import, so it takes the answer as
+# a constant. fla's own calls run under torch.compiler.disable (fla disables its chunk_kda likewise): a compiled
+# layer breaks its graph around them instead of tracing into fla's autotuned Triton wrappers.
+@torch.compiler.assume_constant_result
+def _fla_ops_ready() -> bool:
+    return _fla_ops() is not None
+
+
+@torch.compiler.assume_constant_result
+def _fla_norm_ready() -> bool:
+    return _fla_norm() is not None
+
+
+@torch.compiler.assume_constant_result
+def _fla_conv_ready() -> bool:
+    return _fla_conv() is not None
+
+
+@torch.compiler.disable
+def _fla_kda(q, k, v, f, b, recurrent: bool, **kw):
+    fla_chunk, fla_recurrent = _fla_ops()
+    return (fla_recurrent if recurrent else fla_chunk)(q, k, v, f, b, **kw)
+
+
+@torch.compiler.disable
+def _fla_gated_norm(x, gate, weight, eps, activation):
+    return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
+
+
+@torch.compiler.disable
+def _fla_short_conv(x, weight, bias, activation, cu_seqlens, initial_state):
+    return _fla_conv()(x=x, weight=weight, bias=bias, activation=activation, cu_seqlens=cu_seqlens,
+                       initial_state=initial_state)
+
+
 def fla_available() -> bool:
-    return torch.cuda.is_available() and _fla_ops() is not None
+    return torch.cuda.is_available() and _fla_ops_ready()
 
 
 def resolve_backend(x: torch.Tensor, seq_len: int) -> str:
-    name = _backend.get()
+    name = current_backend()
     if name == "auto":
-        if x.is_cuda and _fla_ops() is not None:
+        if x.is_cuda and _fla_ops_ready():
             return "fla"
         # PyTorch: the recurrent loop for inference (on CPU it beats the chunked form ~4x at small head dims) and
         # for decoding steps; the chunked form for training (autograd through T recurrent steps costs far more).
         return "chunk" if torch.is_grad_enabled() and seq_len > 4 else "recurrent"
-    if name == "fla" and not (x.is_cuda and _fla_ops() is not None):
+    if name == "fla" and not (x.is_cuda and _fla_ops_ready()):
         raise RuntimeError("KDA backend 'fla' needs CUDA tensors and flash-linear-attention (pip install gendistill[gpu])")
     return name
 
@@ -160,13 +204,11 @@ def kda_gated(q, k, v, f, b, A_log, dt_bias, scale=None, initial_state=None, out
     exact on every path. Returns (o [B,T,HV,V], final state fp32 or None)."""
     backend = resolve_backend(q, q.shape[1])
     if backend == "fla":
-        fla_chunk, fla_recurrent = _fla_ops()
         kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   use_qk_l2norm_in_kernel=not qk_normalized, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                   A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens)
-        if q.shape[1] <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled():
-            return fla_recurrent(q, k, v, f, b, **kw)
-        return fla_chunk(q, k, v, f, b, **kw)
+        recurrent = q.shape[1] <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled()
+        return _fla_kda(q, k, v, f, b, recurrent, **kw)
     op = recurrent_kda if backend == "recurrent" else chunk_kda
     if not qk_normalized:
         q, k = l2norm(q), l2norm(k)
@@ -257,8 +299,8 @@ def ssd_gated(q, k, v, dt, A_log, dt_bias, scale=None, initial_state=None, outpu
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"):
     """KDA's output path: RMSNorm over the last dim (x [..., D], shared weight [D]) times act(gate), in x's dtype.
     On CUDA with fla: fla's fused kernel; elsewhere the PyTorch definition (`rms_norm_reference`)."""
-    if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm() is not None:
-        return _fla_norm()(x=x, g=gate, weight=weight, bias=None, activation=activation, eps=eps)
+    if resolve_backend(x, x.shape[1] if x.dim() > 1 else 1) == "fla" and _fla_norm_ready():
+        return _fla_gated_norm(x, gate, weight, eps, activation)
     return rms_norm_reference(x, weight, eps, gate=gate, activation=activation)
 
 
@@ -299,16 +341,14 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     B, T, D = x.shape
     W = weight.shape[-1]
     ctx = x.new_zeros(B, D, W - 1) if context is None else context.to(x.dtype)
-    fla_conv = _fla_conv() if resolve_backend(x, T) == "fla" else None
-    if fla_conv is not None:
+    if resolve_backend(x, T) == "fla" and _fla_conv_ready():
         act = "silu" if activation == "silu" else None
         if cu_seqlens is not None:
-            y, _ = fla_conv(x=x.reshape(1, B * T, D), weight=weight[:, 0], bias=bias, activation=act,
-                            cu_seqlens=cu_seqlens)
+            y, _ = _fla_short_conv(x.reshape(1, B * T, D), weight[:, 0], bias, act, cu_seqlens, None)
             y = y.reshape(B, T, D)
         else:  # fla's state holds the last W inputs; the kernel reads its last W-1
-            y, _ = fla_conv(x=x, weight=weight[:, 0], bias=bias, activation=act,
-                            initial_state=None if context is None else F.pad(ctx, (1, 0)).contiguous())
+            y, _ = _fla_short_conv(x, weight[:, 0], bias, act, None,
+                                   None if context is None else F.pad(ctx, (1, 0)).contiguous())
         return y, next_conv_context(ctx, x, W)
     conv_in = torch.cat([ctx, x.transpose(1, 2)], dim=-1)
     y = causal_conv(conv_in, weight, bias, pos_in_doc)

@@ -123,6 +123,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     return o.to(dtype), (S if output_final_state else None)
 
 
+# Opaque to torch.compile, as fla's kernels are: the grouping reads the document lengths, so a traced version would
+# specialise (and recompile) on every batch's lengths.
+@torch.compiler.disable
 def _packed(fn, inputs, scale, initial_state, output_final_state, cu_seqlens, chunk_size, sub_chunk):
     """Packed sequences (`inputs` [1, total, ...] with boundaries `cu_seqlens`) as a few batched calls of `fn` instead
     of one call per sequence: sequences are grouped by their length rounded up to a power of two (at least one chunk)

@@ -79,7 +79,7 @@ class FusedKDAMixer(reference.KDAMixer):
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
         packed = None
         if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
-            packed = reference.packed_documents(position_ids.expand(B, T))
+            packed = kwargs.get("kda_packing") or reference.packed_documents(position_ids.expand(B, T))
             packed = None if packed[0] is None else packed
         conv_context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None

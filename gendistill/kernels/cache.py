@@ -1,0 +1,203 @@
+"""Cold start of fla's Triton kernels: a persistent cache, pinned configs for known GPUs, and a warm-up.
+
+fla autotunes each KDA kernel the first time it meets a new autotuning key (head count, head size, chunk size, ...;
+mostly not the sequence length): every candidate config is compiled and timed. On a fresh machine that is minutes
+before the first training step. Three things cut it:
+
+- a persistent cache: Triton keeps compiled kernels, and (fla sets cache_results, FLA_CACHE_RESULTS=1 by default)
+  the autotuning winners, in TRITON_CACHE_DIR. `configure()` points it at ~/.cache/gendistill/triton (or
+  $GENDISTILL_CACHE/triton) unless the user set it, so every later process on the machine starts warm, and the CLI
+  says where it is;
+- pinned configs: fla can take each kernel's config from JSON files (FLA_CONFIG_DIR, FLA_CACHE_MODE) instead of
+  autotuning; then only the chosen config is compiled. `export_fla_configs` writes the configs this process's
+  autotuning chose, in fla's format; gendistill ships such a set per GPU and fla version under
+  gendistill/kernels/configs/<gpu>/ and `configure()` uses it when the GPU, fla and Triton versions match (strict key
+  match: any other shape autotunes as usual);
+- `warm(...)`: one KDA layer's forward and backward at a training shape, in its own process before a run (the
+  `gendistill kernels warm` command), so the run itself starts warm.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+PINNED_ROOT = Path(__file__).resolve().parent / "configs"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GENDISTILL_CACHE", "~/.cache/gendistill")).expanduser()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gpu_key(name: str) -> str:
+    """fla's name for a GPU's config directory (`fla.ops.utils.cache.sanitize_gpu_name`): NVIDIA H200 -> NVIDIA_H200."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "unknown_gpu"
+
+
+def pinned_dir(gpu_name: str | None) -> Path | None:
+    """The shipped fla configs for this GPU if they were exported with the installed fla and Triton versions."""
+    if not gpu_name:
+        return None
+    directory = PINNED_ROOT / gpu_key(gpu_name)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fla = _version("fla-core") or _version("flash-linear-attention")
+    if manifest.get("fla") != fla or manifest.get("triton") != _version("triton"):
+        return None
+    return directory
+
+
+def configure(gpu_name: str | None = None, environ=os.environ) -> dict:
+    """Set the kernel cache locations in `environ` (the process environment) before triton or fla is imported, where
+    the user has not set them; return what is in effect. gpu_name: the CUDA device's name, for the pinned configs."""
+    report = {}
+    if environ.get("TRITON_CACHE_DIR"):
+        report["triton_cache_dir"], report["triton_cache_dir_source"] = environ["TRITON_CACHE_DIR"], "TRITON_CACHE_DIR"
+    else:
+        environ["TRITON_CACHE_DIR"] = str(cache_root() / "triton")
+        report["triton_cache_dir"] = environ["TRITON_CACHE_DIR"]
+        report["triton_cache_dir_source"] = "gendistill default"
+    pinned = pinned_dir(gpu_name)
+    if "FLA_CONFIG_DIR" in environ or "FLA_CACHE_MODE" in environ:
+        report["fla_configs"] = f"{environ.get('FLA_CONFIG_DIR', 'fla default')} (FLA_CACHE_MODE=" \
+                                f"{environ.get('FLA_CACHE_MODE', 'disabled')}, set by the user)"
+    elif pinned is not None:
+        environ["FLA_CONFIG_DIR"], environ["FLA_CACHE_MODE"] = str(pinned), "strict"
+        report["fla_configs"] = f"{pinned} (pinned for {gpu_name}, FLA_CACHE_MODE=strict)"
+    else:
+        report["fla_configs"] = f"none pinned for {gpu_name or 'this device'}: fla autotunes on first use"
+    directory = Path(report["triton_cache_dir"])
+    report["triton_cache_files"] = sum(1 for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+    return report
+
+
+def describe(report: dict) -> str:
+    return (f"kernel cache: {report['triton_cache_dir']} ({report['triton_cache_files']} files; "
+            f"{report['triton_cache_dir_source']}); fla configs: {report['fla_configs']}")
+
+
+def configure_for_cuda() -> dict:
+    """`configure` with this process's first CUDA device (none: no pinned configs)."""
+    import torch
+
+    return configure(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def fla_autotuners() -> list:
+    """fla's autotuned kernels in this process (its `CachedAutotuner`s, found among live objects)."""
+    import gc
+
+    try:
+        from fla.ops.utils.cache import CachedAutotuner
+    except ImportError:
+        return []
+    return [obj for obj in gc.get_objects() if isinstance(obj, CachedAutotuner)]
+
+
+def export_fla_configs(out_dir: str | Path, gpu_name: str) -> dict:
+    """Write the configs fla's autotuning chose in this process, one `<kernel>.json` per kernel in fla's format
+    (autotune_entries keyed by the hash of the autotuning key), plus manifest.json (GPU, fla and Triton versions).
+    A kernel name shared by two autotuners is left out: fla looks configs up by name only."""
+    from fla.ops.utils.cache import AutotuneKey
+
+    from gendistill.io import atomic_write_json
+
+    by_name: dict[str, list] = {}
+    for tuner in fla_autotuners():
+        by_name.setdefault(tuner.kernel_name, []).append(tuner)
+    out_dir = Path(out_dir)
+    written, skipped = {}, []
+    for name, tuners in sorted(by_name.items()):
+        if len(tuners) > 1:
+            skipped.append(name)
+            continue
+        entries = {}
+        for key, config in tuners[0].cache.items():
+            entries[AutotuneKey.key_hash(key)] = {"autotune_key": AutotuneKey.normalize_autotune_key(list(key)),
+                                                  "config": {"kwargs": dict(config.kwargs),
+                                                             "num_warps": config.num_warps,
+                                                             "num_stages": config.num_stages,
+                                                             "num_ctas": config.num_ctas,
+                                                             "maxnreg": config.maxnreg}}
+        if entries:
+            atomic_write_json(out_dir / f"{name}.json", {"kernel_name": name, "triton_version": _version("triton"),
+                                                         "autotune_entries": entries})
+            written[name] = len(entries)
+    manifest = {"gpu": gpu_name, "fla": _version("fla-core") or _version("flash-linear-attention"),
+                "triton": _version("triton"), "kernels": written, "left_out_shared_names": skipped}
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 1024, tokens: int = 16384,
+         documents: int = 8, dtype: str = "bfloat16") -> dict:
+    """One Hybrid-KDA layer's training forward and backward on CUDA at a training shape (`tokens` packed tokens in
+    `documents` documents, bf16 autocast as training runs): compiles and autotunes every KDA kernel training uses,
+    into the persistent cache. Returns the seconds it took, and the same again (warm)."""
+    import torch
+
+    from gendistill.modeling import HybridKDAConfig, HybridKDAForCausalLM
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("kernels warm needs a CUDA GPU (fla's kernels are Triton kernels)")
+    config = HybridKDAConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                             layer_types=["linear_attention"])
+    model = HybridKDAForCausalLM(config).cuda().train()
+    per_doc = tokens // documents
+    position_ids = torch.arange(per_doc, device="cuda").repeat(documents)[None]
+    x = torch.randn(1, per_doc * documents, hidden, device="cuda", requires_grad=True)
+    seconds = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+            out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {"first_s": seconds[0], "again_s": seconds[1], "tokens": per_doc * documents, "heads": heads,
+            "head_dim": head_dim}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("info", help="where the kernel cache is and which fla configs are pinned")
+    w = sub.add_parser("warm", help="compile and autotune the KDA training kernels into the cache (CUDA)")
+    w.add_argument("--heads", type=int, default=16)
+    w.add_argument("--kv-heads", type=int, default=8)
+    w.add_argument("--head-dim", type=int, default=128)
+    w.add_argument("--hidden", type=int, default=1024)
+    w.add_argument("--tokens", type=int, default=16384, help="packed tokens per forward (micro-batch x seq_len)")
+    e = sub.add_parser("export", help="warm, then write the autotuned fla configs (fla's JSON format) to OUT")
+    e.add_argument("out", type=Path)
+    return p
+
+
+def main(args) -> int:
+    report = configure_for_cuda()
+    print(describe(report))
+    if args.action == "info":
+        return 0
+    result = warm(**({"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                      "hidden": args.hidden, "tokens": args.tokens} if args.action == "warm" else {}))
+    print(json.dumps(result))
+    if args.action == "export":
+        import torch
+
+        print(json.dumps(export_fla_configs(args.out, torch.cuda.get_device_name(0))))
+    return 0
