@@ -55,6 +55,22 @@ class ShortConvolution(nn.Module):
         return short_conv(x, self.weight, self.bias, context, self.activation, cu_seqlens, pos_in_doc)
 
 
+def gated_output(mixer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache, conv_contexts, state) -> torch.Tensor:
+    """Every linear mixer's last steps, KDA's included: the recurrence's output o through the gated RMSNorm (gate from
+    x by the low-rank g_a/g_b projections) and o_proj; with a cache, the q/k/v conv contexts and the fp32 state
+    stored for the next call."""
+    B, T = x.shape[:2]
+    H, D = mixer.num_heads, mixer.head_dim
+    gate = mixer.g_b_proj(mixer.g_a_proj(x)).reshape(B, T, H, D)
+    o = gated_rms_norm(o.reshape(B, T, H, D).to(x.dtype), gate, mixer.o_norm.weight, mixer.o_norm.variance_epsilon,
+                       mixer.output_gate)
+    if cache is not None:
+        context = torch.cat(conv_contexts, dim=1)
+        cache.update_conv_state(context, mixer.layer_idx, conv_kernel_size=context.shape[-1])
+        cache.update_recurrent_state(state.float(), mixer.layer_idx)
+    return mixer.o_proj(o.reshape(B, T, H * D))
+
+
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
     """[B, T] bool, True where a new packed document begins after the first step (position does not go up by one);
     None when nothing is packed."""
@@ -133,15 +149,7 @@ class LinearMixer(nn.Module):
             q, k, v, *gates = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, *gates))
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         o, state = self.recurrence(q, k, v, gates, state, cache is not None, cu_seqlens)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
-        o = gated_rms_norm(o.reshape(B, T, H, D).to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
-                           self.output_gate)
-        o = self.o_proj(o.reshape(B, T, H * D))
-        if cache is not None:
-            context = torch.cat([q_ctx, k_ctx, v_ctx], dim=1)
-            cache.update_conv_state(context, self.layer_idx, conv_kernel_size=context.shape[-1])
-            cache.update_recurrent_state(state.float(), self.layer_idx)
-        return o, None
+        return gated_output(self, o, x, cache, (q_ctx, k_ctx, v_ctx), state), None
 
     def gates(self, x: torch.Tensor, pad: torch.Tensor | None) -> list[torch.Tensor]:
         """The recurrence's per-step gate inputs from x [B, T, hidden] ([B, T, ...] each), set at padded steps

@@ -33,8 +33,8 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, 
                                                       apply_rotary_pos_emb, eager_attention_forward)
 
 from .configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
-from .kda import gated_rms_norm, kda_gated
-from .linear_mixers import LINEAR_MIXERS, MASKED, ShortConvolution, document_starts, packed_documents
+from .kda import kda_gated
+from .linear_mixers import LINEAR_MIXERS, MASKED, ShortConvolution, gated_output, packed_documents
 
 class KDAMixer(nn.Module):
     """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
@@ -103,15 +103,7 @@ class KDAMixer(nn.Module):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
                              output_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, D)
-        o = gated_rms_norm(o.reshape(B, T, H, D).to(x.dtype), gate, self.o_norm.weight, self.o_norm.variance_epsilon,
-                           self.output_gate)
-        o = self.o_proj(o.reshape(B, T, H * D))
-        if cache is not None:
-            context = torch.cat([q_ctx, k_ctx, v_ctx], dim=1)
-            cache.update_conv_state(context, self.layer_idx, conv_kernel_size=context.shape[-1])
-            cache.update_recurrent_state(state.float(), self.layer_idx)
-        return o, None
+        return gated_output(self, o, x, cache, (q_ctx, k_ctx, v_ctx), state), None
 
 
 class HybridKDAAttention(Qwen3Attention):
