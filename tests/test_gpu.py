@@ -237,7 +237,7 @@ def test_liger_kd_kernels_match_the_chunked_reference(kernel):
 def test_compiled_kda_block_matches_eager_on_the_fla_path():
     """compile: true on CUDA: a student KDA decoder block compiled by inductor (fla's kernels stay opaque, graphs break
     around them) gives eager's output and gradients, packed documents included."""
-    from gendistill.modeling_hybrid_kda import packed_documents
+    from gendistill.linear_mixers import packed_documents
     from gendistill.testing import random_teacher_and_student
 
     _, student = random_teacher_and_student("tiny", seed=0)

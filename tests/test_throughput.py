@@ -57,7 +57,7 @@ def test_kda_layer_training_forward_compiles_as_one_graph(pair):
     no ContextVar, no data-dependent branch) and gives eager's output and gradients; with packed documents (their
     boundaries given, as the model computes them once per forward) the PyTorch KDA op is the one opaque call.
     Dynamo's tracing is what is checked here (backend "eager"); inductor's code is checked on the GPU."""
-    from gendistill.modeling_hybrid_kda import packed_documents
+    from gendistill.linear_mixers import packed_documents
 
     student = copy.deepcopy(pair[1]).train()
     layer = student.model.layers[1]

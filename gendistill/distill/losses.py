@@ -366,7 +366,7 @@ def teacher_query_key(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 def kda_query_key(mixer: nn.Module, x: torch.Tensor, position_ids: torch.Tensor):
     """A KDA mixer's q [B, T, H, D] and k [B, T, Hkv, D] as its kernel takes them, before the L2 norm (projection
     and short conv, restarting at packed-document starts as the mixer's own forward does)."""
-    from gendistill.modeling_hybrid_kda import packed_documents
+    from gendistill.linear_mixers import packed_documents
 
     B, T, _ = x.shape
     cu_seqlens, pos_in_doc = packed_documents(position_ids.expand(B, T)) if T > 1 else (None, None)
@@ -486,7 +486,7 @@ def _layer_context(model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor
     base = model.model
     extra = {FULL: {}, LINEAR: {}}
     if hasattr(base, "build_masks"):
-        from gendistill.modeling_hybrid_kda import packed_documents
+        from gendistill.linear_mixers import packed_documents
 
         masks = base.build_masks(x, None, None, position_ids)
         if x.shape[1] > 1:

@@ -22,7 +22,7 @@ from gendistill.kernels.heads import Conv, kda_heads, kda_heads_fused
 from gendistill.kernels.norm import qk_norm_rotary, rms_norm
 from gendistill.kernels.qwen3 import FusedRMSNorm, linear_into, plain_linears
 from gendistill.kernels.segments import SegmentedKDA
-from gendistill.modeling_hybrid_kda import MASKED, ShortConvolution
+from gendistill.linear_mixers import MASKED, ShortConvolution
 
 
 def gated_output_norm(x, gate, weight, eps: float, activation: str = "sigmoid"):
