@@ -22,10 +22,11 @@ from torch import nn
 
 from gendistill.kernels.policy import use
 
-__all__ = ["fuse", "use", "FUSED_CLASSES"]
+__all__ = ["fuse", "use"]
 
 
 def _fused_classes() -> dict:
+    """reference class -> fused subclass; imported on use, so that importing gendistill.kernels loads no model code."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
     from gendistill import modeling_hybrid_kda as reference
@@ -34,12 +35,6 @@ def _fused_classes() -> dict:
 
     return {Qwen3RMSNorm: FusedRMSNorm, Qwen3MLP: FusedMLP, reference.HybridKDAAttention: FusedAttention,
             reference.KDAMixer: FusedKDAMixer, reference.HybridKDADecoderLayer: FusedDecoderLayer}
-
-
-def __getattr__(name):
-    if name == "FUSED_CLASSES":  # built on first use: importing gendistill.kernels loads no model code
-        return _fused_classes()
-    raise AttributeError(name)
 
 
 def fuse(model: nn.Module) -> nn.Module:
