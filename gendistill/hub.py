@@ -3,9 +3,8 @@
 `write_student_files(directory, model)` makes a saved student directory self-contained, following the hub convention
 for custom architectures: it copies gendistill's reference model files into it, unchanged (`SHIPPED`: the model,
 its configuration, the KDA ops and the other linear mixers: pure PyTorch, fla's kernels on CUDA when fla is
-installed; relative imports only),
-points `auto_map` in config.json at them, and writes a model card (README.md) from the provenance kept in
-gendistill.json (teacher, layer set, stages run, tokens, evals). Then
+installed; relative imports only), points `auto_map` in config.json at them, and writes a model card (README.md)
+from the provenance kept in gendistill.json (teacher, layer set, stages run, tokens, evals). Then
 
     AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 

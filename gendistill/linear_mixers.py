@@ -117,6 +117,7 @@ class LinearMixer(nn.Module):
         self.q_conv1d = ShortConvolution(H * D, W, conv_bias, act)
         self.k_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
         self.v_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
+        self.build_gates(config)
         self.g_a_proj = nn.Linear(hidden, self.gate_rank, bias=False)
         self.g_b_proj = nn.Linear(self.gate_rank, H * D, bias=True)
         self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
@@ -130,8 +131,9 @@ class LinearMixer(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         pad = None if attention_mask is None else attention_mask[:, -T:].bool()
         cu_seqlens = pos_in_doc = None
-        if pad is None and position_ids is not None and T > 1 and cache is None:
-            cu_seqlens, pos_in_doc = packed_documents(position_ids.expand(B, T))
+        if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
+            # `kda_packing`: packed_documents(position_ids) computed once by the model for every layer
+            cu_seqlens, pos_in_doc = kwargs.get("kda_packing") or packed_documents(position_ids.expand(B, T))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         context = cache.get_conv_state(self.layer_idx) if cache is not None else None
         contexts = [None] * 3 if context is None else context.split([c.weight.shape[0] for c in convs], dim=1)
@@ -150,6 +152,10 @@ class LinearMixer(nn.Module):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         o, state = self.recurrence(q, k, v, gates, state, cache is not None, cu_seqlens)
         return gated_output(self, o, x, cache, (q_ctx, k_ctx, v_ctx), state), None
+
+    def build_gates(self, config: HybridKDAConfig) -> None:
+        """Where a subclass may register its gates' modules: after the convs, before the output gate (KDA's order,
+        which fixes the order parameters are initialised and listed in)."""
 
     def gates(self, x: torch.Tensor, pad: torch.Tensor | None) -> list[torch.Tensor]:
         """The recurrence's per-step gate inputs from x [B, T, hidden] ([B, T, ...] each), set at padded steps

@@ -17,14 +17,11 @@ linear_mixers.py, so it imports only torch, transformers and its siblings. gendi
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -34,76 +31,43 @@ from transformers.models.qwen3.modeling_qwen3 import (Qwen3Attention, Qwen3MLP, 
 
 from .configuration_hybrid_kda import FULL, LINEAR, HybridKDAConfig
 from .kda import kda_gated
-from .linear_mixers import LINEAR_MIXERS, MASKED, ShortConvolution, gated_output, packed_documents
+from .linear_mixers import LINEAR_MIXERS, MASKED, LinearMixer, ShortConvolution, init_decay, packed_documents
 
-class KDAMixer(nn.Module):
-    """Kimi Delta Attention token mixer with the teacher attention's projection shapes."""
+class KDAMixer(LinearMixer):
+    """Kimi Delta Attention token mixer with the teacher attention's projection shapes: the linear mixers' frame
+    (`linear_mixers.LinearMixer`: q/k/v projections and short convs, output gate, gated norm, cache) around KDA's
+    channel-wise low-rank forget gate and per-head beta."""
 
     def __init__(self, config: HybridKDAConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        super().__init__(config, layer_idx)
         self.eps = config.rms_norm_eps
-        hidden, H, Hkv, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        rank = config.kda_gate_rank or D
-        W, conv_bias, act = config.kda_conv_size, config.kda_conv_bias, config.kda_conv_activation
         self.conv_activation = config.kda_conv_activation
-        self.output_gate = config.kda_output_gate
+        self.prefill_chunk = config.kda_prefill_chunk  # read by gendistill's segmented inference path
 
-        self.q_proj = nn.Linear(hidden, H * D, bias=False)
-        self.k_proj = nn.Linear(hidden, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(hidden, Hkv * D, bias=False)
-        self.q_conv1d = ShortConvolution(H * D, W, conv_bias, act)
-        self.k_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
-        self.v_conv1d = ShortConvolution(Hkv * D, W, conv_bias, act)
+    def build_gates(self, config):
+        hidden, H, D, rank = config.hidden_size, self.num_heads, self.head_dim, self.gate_rank
         self.f_a_proj = nn.Linear(hidden, rank, bias=False)
         self.f_b_proj = nn.Linear(rank, H * D, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H * D))
         self.b_proj = nn.Linear(hidden, H, bias=False)
-        self.g_a_proj = nn.Linear(hidden, rank, bias=False)
-        self.g_b_proj = nn.Linear(rank, H * D, bias=True)
-        self.o_norm = Qwen3RMSNorm(D, eps=config.rms_norm_eps)
-        self.o_proj = nn.Linear(H * D, hidden, bias=False)
-        self.prefill_chunk = config.kda_prefill_chunk  # read by gendistill's segmented inference path
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                **kwargs):
-        """attention_mask: 2-D padding mask of the current tokens ([B, T], 0 = pad) or None: padded steps leave the
-        conv context and the state untouched (as if the row were left-padded with zeros). Without a mask and without
-        a cache (training), `position_ids` that restart mark packed documents: state and conv restart there. The
-        cache keeps one conv context for [q | k | v] (channels side by side) and the recurrent state."""
-        x, cache = hidden_states, past_key_values
+    def gates(self, x, pad):
         B, T, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        pad = None if attention_mask is None else attention_mask[:, -T:].bool()
-        cu_seqlens = pos_in_doc = None
-        if pad is None and position_ids is not None and T > 1 and cache is None:  # as transformers' packed masks
-            # `kda_packing`: packed_documents(position_ids) computed once by the caller for every layer
-            cu_seqlens, pos_in_doc = kwargs.get("kda_packing") or packed_documents(position_ids.expand(B, T))
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        context = cache.get_conv_state(self.layer_idx) if cache is not None else None
-        contexts = [None] * 3 if context is None else context.split([c.weight.shape[0] for c in convs], dim=1)
-        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
-        if pad is not None:  # a padded step must look like the zero left-padding of the sequence alone
-            projected = [p * pad[..., None].to(p.dtype) for p in projected]
-        (q, q_ctx), (k, k_ctx), (v, v_ctx) = (conv(p, ctx, cu_seqlens, pos_in_doc)
-                                              for conv, p, ctx in zip(convs, projected, contexts))
-        q = q.reshape(B, T, H, D)
-        k, v = (t.reshape(B, T, Hkv, D).repeat_interleave(H // Hkv, dim=2) for t in (k, v))  # as GQA's repeat_kv
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, H, D)
+        f = self.f_b_proj(self.f_a_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
         b = self.b_proj(x)
         if pad is not None:
             f = f.masked_fill(~pad[..., None, None], MASKED)
             b = b.masked_fill(~pad[..., None], MASKED)
-        if cu_seqlens is not None:  # the kernels take packed documents as one flattened row
-            q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
-        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        o, state = kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
-                             output_final_state=cache is not None, cu_seqlens=cu_seqlens)
-        return gated_output(self, o, x, cache, (q_ctx, k_ctx, v_ctx), state), None
+        return [f, b]
+
+    def init_gates(self):
+        init_decay(self.A_log, self.dt_bias)
+
+    def recurrence(self, q, k, v, gates, state, output_final_state, cu_seqlens):
+        f, b = gates
+        return kda_gated(q, k, v, f, b, self.A_log, self.dt_bias, initial_state=state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 class HybridKDAAttention(Qwen3Attention):
@@ -210,15 +174,7 @@ class HybridKDAPreTrainedModel(PreTrainedModel):
             init.copy_(module.weight, weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, KDAMixer):
-            # Mamba-style: A ~ U[1, 16]; dt ~ logU[1e-3, 1e-1] stored as inverse softplus in dt_bias.
-            init.copy_(module.A_log, torch.empty_like(module.A_log).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-            # Output gate starts constant: sigmoid(0) = 0.5, or silu(1.278) ~= 1 (identity gate).
-            init.zeros_(module.g_b_proj.weight)
-            init.constant_(module.g_b_proj.bias, 0.0 if module.output_gate == "sigmoid" else 1.278)
-        elif hasattr(module, "init_mixer_weights"):  # linear_mixers.py's mixers initialise their own gates
+        elif isinstance(module, LinearMixer):  # KDA's and the other mixers' gates and output gate
             module.init_mixer_weights()
 
 
