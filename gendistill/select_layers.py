@@ -5,8 +5,8 @@ Each candidate set is scored by a probe on a model where only the set's layers k
   analysis code does with its head mask: `zero` (the attention output is zeroed: the layer's mixer is a no-op) or
   `local` (sliding-window attention of `window` tokens: a stand-in for a recurrent mixer that sees only the recent
   past; it works with the KV cache too, so generation probes can use it);
-- `kl`: the set is really converted (KDA in the other layers), aligned for a few steps (attn_align), and scored by
-  the negative KL(teacher || student) on held-out text.
+- `kl`: the set is really converted (`--mixer`: KDA by default, or GDN/GLA/Mamba2 in the other layers), aligned
+  for a few steps (attn_align), and scored by the negative KL(teacher || student) on held-out text.
 Probes: `recall` (default, the paper's: associative recall in the model's own tokens, exact match of the greedy
 answer computed by teacher forcing, ties broken by the answer's log-likelihood), `task` (generation accuracy on a
 task YAML, gendistill.evaluation), `kl`.
@@ -162,16 +162,20 @@ def task_probe(model, tokenizer, task_path: str, mask: str = "zero", window: int
 
 
 def kl_probe(teacher, tokenizer, data: str, steps: int = 20, seq_len: int = 256, batch_size: int = 8,
-             lr: float = 3e-3, cache_dir: str | Path = "runs/select-layers/token_cache") -> Callable[[Key], dict]:
-    """Convert with the set kept as attention, align the KDA layers for `steps` (attn_align), score -KL on held-out
-    windows of `data` (a text source: file or hub id)."""
+             lr: float = 3e-3, cache_dir: str | Path = "runs/select-layers/token_cache",
+             mixer: str = "kda") -> Callable[[Key], dict]:
+    """Convert with the set kept as attention and `mixer` in the other layers, align those for `steps` (attn_align:
+    the `kda` parameter group holds every linear mixer), score -KL on held-out windows of `data` (file or hub id)."""
     import tempfile
 
+    from gendistill.configuration_hybrid_kda import MIXERS
     from gendistill.convert import convert
     from gendistill.distill.data import DataSource, PackedStream, build_corpus, detect_kind
     from gendistill.distill.recipe import load_stage
     from gendistill.distill.trainer import stage_loss, train_stage
 
+    if mixer not in MIXERS:
+        raise UserError(f"--mixer {mixer!r}: the kl probe's linear mixer must be one of {', '.join(MIXERS)}")
     source = DataSource(path=data)
     corpus = build_corpus(source, detect_kind(source), tokenizer, cache_dir, (steps + 4) * batch_size * seq_len + 1)
     held_out = PackedStream(corpus, seq_len, seed=12345, loss_mask="all").batch(10**6, batch_size)
@@ -184,7 +188,7 @@ def kl_probe(teacher, tokenizer, data: str, steps: int = 20, seq_len: int = 256,
     align, kd = stage("probe_align", "attn_align", steps), stage("probe_kl", "kd", 1)
 
     def probe(keep: Key) -> dict:
-        student = convert(teacher, attention_layers=list(keep))
+        student = convert(teacher, attention_layers=list(keep), mixer=mixer)
         if len(keep) < teacher.config.num_hidden_layers:
             with tempfile.TemporaryDirectory() as tmp:
                 train_stage(align, student, teacher=teacher, tokenizer=tokenizer, data=corpus, out_dir=tmp,
@@ -364,6 +368,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--task", help="task probe: a task YAML (generation accuracy)")
     p.add_argument("--limit", type=int, help="task probe: items")
     p.add_argument("--data", help="kl probe: text data (file or hub dataset id)")
+    p.add_argument("--mixer", default="kda", help="kl probe: the linear mixer the other layers get (kda, gdn, gla, "
+                   "mamba2; default kda)")
     p.add_argument("--align-steps", type=int, default=20, help="kl probe: attn_align steps per candidate")
     p.add_argument("--baselines", type=int, default=5, help="random sets of the same size scored (default 5)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -395,8 +401,9 @@ def main(args) -> int:
     else:
         if not args.data:
             raise UserError("--probe kl needs --data (text to align on and score)")
-        info = {"name": "kl", "data": args.data, "align_steps": args.align_steps}
-        probe = kl_probe(teacher, tokenizer, args.data, args.align_steps, cache_dir=Path(args.out) / "token_cache")
+        info = {"name": "kl", "data": args.data, "align_steps": args.align_steps, "mixer": args.mixer}
+        probe = kl_probe(teacher, tokenizer, args.data, args.align_steps, cache_dir=Path(args.out) / "token_cache",
+                         mixer=args.mixer)
     result = select_layers(probe, teacher.config.num_hidden_layers, args.budget, args.out, beam=args.beam,
                            depth=args.depth, direction=args.direction, baselines=args.baselines, probe_info=info,
                            seed=args.seed, teacher=args.teacher)

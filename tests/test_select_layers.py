@@ -135,6 +135,12 @@ def test_kl_probe_converts_aligns_and_scores(tmp_path):
     assert probe((0, 1, 2, 3))["score"] == pytest.approx(0.0, abs=1e-6)  # nothing converted: the teacher itself
     result = select_layers(probe, 4, 1, None, beam=1, baselines=0, probe_info={"name": "kl"})
     assert len(result["attention_layers"]) == 1 and result["score"] < 0
+    # --mixer: the other layers get that mixer (GLA here), so the same set scores differently than with KDA
+    gla = kl_probe(teacher, tok, str(data), steps=2, seq_len=32, batch_size=4, cache_dir=tmp_path, mixer="gla")
+    kda_score = probe((0,))["score"]
+    assert gla((0,))["score"] < 0 and gla((0,))["score"] != pytest.approx(kda_score, rel=1e-3)
+    with pytest.raises(UserError, match="mixer"):
+        kl_probe(teacher, tok, str(data), mixer="lstm")
 
 
 def test_bad_search_arguments():
