@@ -63,6 +63,24 @@ def test_analytic_cache_bytes_match_the_cache_objects(teacher, student, dtype):
     assert cache_bytes(teacher.config, 1000, 3, torch.float32) == 3 * 4 * 1000 * per_token_and_layer
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("mixer", ["gdn", "gla", "mamba2"])
+@pytest.mark.parametrize("attention_layers", [[1], []], ids=["hybrid", "pure-linear"])
+def test_every_mixer_hybrid_or_pure_linear_gets_exact_cache_bytes_and_a_decode_cache(teacher, mixer,
+                                                                                      attention_layers):
+    """The bench measures any student `convert` makes: its analytic bytes equal a prefill's cache, the synthetic
+    decode cache has the same tensors, and with no attention layer the cache does not grow with the context."""
+    model = convert(teacher, attention_layers=attention_layers, mixer=mixer)
+    for batch, context in ((1, 2), (2, 33)):
+        cache = DynamicCache(config=model.config)
+        model(torch.randint(3, 384, (batch, context)), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        assert measure.measured_cache_bytes(cache) == cache_bytes(model.config, context, batch, torch.float32) > 0
+        synthetic = measure.synthetic_cache(model, batch, context)
+        assert cache_tensors(synthetic) == cache_tensors(cache)
+    growth = cache_bytes(model.config, 1001, 1, torch.float32) - cache_bytes(model.config, 1, 1, torch.float32)
+    assert growth == (2 * 2 * 16 * 4 * 1000 if attention_layers else 0)
+
+
 def test_analytic_bytes_for_the_qwen3_0_6b_shape_match_the_reference_table():
     teacher_config = qwen3_0_6b_config()
     hybrid_config = student_config(teacher_config, PAPER_ATTENTION_LAYERS)
