@@ -82,6 +82,13 @@ def test_sweep_shares_stages_resumes_and_reports_by_axis(tmp_path, capsys):
     assert cell["n"] == 1 and cell["mean"] == report["scores"]["lr-0.003.s0"]["average"]["gen_acc"]
     md = (out / "ablation.md").read_text()
     assert "## masking" in md and "| teacher |" in md and "| all | 1 |" in md
+    effects = summary["effects"]  # each value against its axis's base, paired by seed: the base itself is left out
+    assert effects["masking"]["base"] == "completion_only" and [r["value"] for r in effects["masking"]["rows"]] == ["all"]
+    row = effects["masking"]["rows"][0]
+    assert row["seeds"] == 1 and row["items"] == len(MC) and "verdict" in row and "## masking (against" in md
+    scores = report["scores"]
+    assert row["d_gen"]["value"] == pytest.approx(scores["masking-all.s0"]["mc"]["gen_acc"]
+                                                  - scores["masking-completion_only.s0"]["mc"]["gen_acc"])
 
     # A shared stage is what the variant's own run trains: the same weights as run_recipe of that recipe.
     run = next(r for r in plan["runs"] if r["name"] == "masking-all.s0")
@@ -174,3 +181,43 @@ def test_grid_mode_reports_each_run_once_per_axis_holding_the_other_axes_fixed(t
     assert run.groups == [{"group": "lr|masking-all", "axis": "lr", "value": "0.003"},
                           {"group": "masking|lr-0.003", "axis": "masking", "value": "all"}]
     assert runs["named.s0"].groups == [{"group": "variants", "axis": "variants", "value": "named"}]
+
+
+def _records(ll, gen, task="mc"):
+    return {task: [{"id": f"q{i}", "answer": 0, "ll": [0.0], "ll_pred": 1 - a, "ll_pred_norm": 1 - a,
+                    "ll_pred_bytes": 1 - a, "gen": {"greedy": {"correct": bool(g), "extracted": "x"}}}
+                   for i, (a, g) in enumerate(zip(ll, gen))]}
+
+
+def test_axis_effects_pair_by_seed_and_call_only_what_the_items_show():
+    """A value that moves generation alone is called so; one that is the base's twin is 'no effect'; seeds pair with
+    their own base run, and named variants compare with the base recipe."""
+    from gendistill.ablate import axis_effects, render_effects
+
+    n = 200
+    base_ll, base_gen = [1] * 150 + [0] * 50, [1] * 100 + [0] * 100
+    records, models = {}, {}
+    for seed in (0, 1):
+        for name, value, group, ll, gen in (
+                ("a-base", "base", "a", base_ll, base_gen),          # the axis's base (first value)
+                ("a-gen", "gen", "a", base_ll, [1] * 160 + [0] * 40),  # generation +30 pp, LL unchanged
+                ("a-twin", "twin", "a", base_ll, base_gen),           # identical to the base
+                ("v-worse", "worse", "variants", [1] * 100 + [0] * 100, [1] * 50 + [0] * 150)):
+            records[f"{name}.s{seed}"] = _records(ll, gen)
+            models[f"{name}.s{seed}"] = {"seed": seed, "value": value, "group": group}
+    tables = {"a": [{"value": v, "runs": [f"a-{v}.s0", f"a-{v}.s1"]} for v in ("base", "gen", "twin")],
+              "variants": [{"value": "worse", "runs": ["v-worse.s0", "v-worse.s1"]}]}
+    plan = {"runs": [{"name": f"a-base.s{s}", "overrides": []} for s in (0, 1)]
+            + [{"name": f"a-gen.s{s}", "overrides": ["x=1"]} for s in (0, 1)]}
+    report = {"models": models, "ll_mode": {"mc": "ll_acc", "average": "ll_acc"}, "tasks": {"mc": {"kind": "mc"}}}
+    effects = axis_effects(plan, tables, report, records)
+    rows = {r["value"]: r for r in effects["a"]["rows"]}
+    assert effects["a"]["base"] == "base" and set(rows) == {"gen", "twin"}
+    assert rows["gen"]["items"] == 2 * n and rows["gen"]["d_ll"]["value"] == 0
+    assert rows["gen"]["d_gen"]["value"] == pytest.approx(0.3) and rows["gen"]["d_gen"]["low"] > 0.2
+    assert rows["gen"]["verdict"] == "moves generation more than LL"
+    assert rows["twin"]["d_gen_minus_d_ll"]["value"] == 0 and rows["twin"]["verdict"] == "no effect detected in either mode"
+    worse = effects["variants"]["rows"][0]
+    assert effects["variants"]["base"] == "base recipe" and worse["d_ll"]["value"] == pytest.approx(-0.25)
+    assert worse["d_gen"]["value"] == pytest.approx(-0.25) and worse["verdict"].startswith("moves both modes")
+    assert "| gen | 2 | 400 | +0.0 pp" in render_effects(effects)
