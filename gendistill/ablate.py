@@ -620,7 +620,8 @@ def summarize(plan: dict, out: Path, report: dict) -> dict:
                                  "shared_by": len(plan["stages"][k]["used_by"]),
                                  "final_loss": (stage_info[k].get("final") or {}).get("loss")}
                                 for k in run["stages"]]})
-    effects = axis_effects(plan, tables := by_axis(plan, report), report, load_eval_dirs([out / "report"])["records"])
+    tables = by_axis(plan, report)
+    effects = axis_effects(plan, tables, report, load_eval_dirs([out / "report"])["records"])
     summary = {"name": plan["name"], "runs": runs, "unique_stages": len(plan["stages"]),
                "stage_runs_without_sharing": sum(len(r["stages"]) for r in plan["runs"]),
                "train_time_s": sum(s.get("train_time_s") or 0 for s in stage_info.values()),
