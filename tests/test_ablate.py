@@ -221,3 +221,15 @@ def test_axis_effects_pair_by_seed_and_call_only_what_the_items_show():
     assert effects["variants"]["base"] == "base recipe" and worse["d_ll"]["value"] == pytest.approx(-0.25)
     assert worse["d_gen"]["value"] == pytest.approx(-0.25) and worse["verdict"].startswith("moves both modes")
     assert "| gen | 2 | 400 | +0.0 pp" in render_effects(effects)
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (BUNDLED / "ablations").glob("*.yaml")))
+def test_every_bundled_ablation_spec_plans(spec, monkeypatch):
+    """The shipped specs are valid: each expands into runs whose recipes validate, every run evaluated."""
+    for name, value in (("WORLD", "/data/world"), ("TEACHER", "/data/teacher"), ("SEARCHED", "[0, 2]"),
+                        ("EVEN", "[3, 7]"), ("RANDOM_SET", "[6, 7]")):
+        monkeypatch.setenv(name, value)
+    plan = build_plan(load_spec(BUNDLED / "ablations" / spec))
+    runs = plan["runs"]
+    assert runs and len({r["name"] for r in runs}) == len(runs)
+    assert all(r["stages"] and r["eval"] for r in runs) and set(plan["stages"]) >= {r["stages"][-1] for r in runs}
