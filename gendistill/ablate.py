@@ -1,4 +1,5 @@
-"""`gendistill ablate SPEC.yaml [--check] [--resume] [--cluster slurm|debug]`: a whole ablation from one file.
+"""`gendistill ablate SPEC.yaml [--check] [--resume] [--only AXIS,...] [--cluster slurm|debug]`: a whole ablation from
+one file (`--only`: a subset of the spec's axes).
 
 A spec names a base recipe, axes (each value a set of `--set` overrides of the recipe), seeds and eval settings:
 
@@ -29,7 +30,8 @@ submitit's in-process executor). A killed sweep continues with --resume: finishe
 Spec values may read environment variables as ${NAME} (e.g. the world and teacher directories).
 
 Outputs: OUT/plan.json, OUT/stages/, OUT/evals/, OUT/report/ (an eval directory merging every run, each model
-tagged with `group`, `axis`, `value`, `variant` and `seed`, plus report.json/.md/.html), OUT/ablation.json.
+tagged with `group`, `axis`, `value`, `variant` and `seed`, plus report.json/.md/.html), OUT/ablation.md and .json
+(scores by axis, and each value's effect against its axis's base, paired by seed and item: `axis_effects`).
 """
 from __future__ import annotations
 
@@ -79,8 +81,10 @@ class Run:
 # ------------------------------------------------------------------------------------------------------------------
 # the spec
 
-def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """Read and check a spec; `overrides` (`--set`) are appended to its `set` list (they apply to every variant)."""
+def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str] | tuple = (),
+              only: list[str] | tuple = ()) -> dict:
+    """Read and check a spec; `overrides` (`--set`) are appended to its `set` list (they apply to every variant);
+    `only` (`--only`) keeps those of its axes (`variants`: its named variants) and drops the others."""
     from gendistill.recipes import resolve
 
     path = resolve(path, "ablation spec")  # a file, or a bundled spec's name ("ablations/paper")
@@ -118,6 +122,13 @@ def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str]
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise UserError(f"{path}.variants: expected a mapping name -> {{override path: value}}")
     spec["variants"] = {_safe(k): _overrides(v) for k, v in variants.items()}
+    if only:
+        known = [*spec["axes"], *(["variants"] if spec["variants"] else [])]
+        unknown = sorted(set(only) - set(known))
+        if unknown:
+            raise UserError(f"--only {','.join(unknown)}: not in {path}; it has {', '.join(known)}")
+        spec["axes"] = {k: v for k, v in spec["axes"].items() if k in only}
+        spec["variants"] = spec["variants"] if "variants" in only else {}
     if not spec["axes"] and not spec["variants"]:
         raise UserError(f"{path}: no `axes` and no `variants`: nothing to compare")
     for key in ("eval", "executor", "estimate"):
@@ -649,12 +660,12 @@ def _sweep_lock(out: Path):
 
 
 def run_ablation(spec_path: str | Path, *, resume: bool = False, check: bool = False, cluster: str = "local",
-                 out_dir: str | None = None, overrides=(), on_job=None) -> dict:
+                 out_dir: str | None = None, overrides=(), only=(), on_job=None) -> dict:
     """Plan, then run every missing stage and eval, then merge and report. Returns ablation.json's content (or, with
     `check`, {"plan": ..., "text": ...}). `on_job(job)` is called before each local job (tests stop a sweep with it)."""
     if cluster not in CLUSTERS:
         raise UserError(f"--cluster: expected one of {CLUSTERS}, got {cluster!r}")
-    spec = load_spec(spec_path, out_dir, overrides)
+    spec = load_spec(spec_path, out_dir, overrides, only)
     out = Path(spec["out_dir"])
     plan = build_plan(spec)
     if check:
@@ -728,12 +739,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the spec's out_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override for every variant (after the spec's `set`), e.g. '*.seq_len=256'")
+    p.add_argument("--only", type=lambda t: [a.strip() for a in t.split(",") if a.strip()], default=[],
+                   metavar="AXIS,...", help="run only these axes of the spec ('variants': its named variants)")
     return p
 
 
 def main(args) -> int:
     run_ablation(args.spec, resume=args.resume, check=args.check, cluster=args.cluster, out_dir=args.out,
-                 overrides=args.overrides)
+                 overrides=args.overrides, only=args.only)
     return 0
 
 

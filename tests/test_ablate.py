@@ -233,3 +233,12 @@ def test_every_bundled_ablation_spec_plans(spec, monkeypatch):
     runs = plan["runs"]
     assert runs and len({r["name"] for r in runs}) == len(runs)
     assert all(r["stages"] and r["eval"] for r in runs) and set(plan["stages"]) >= {r["stages"][-1] for r in runs}
+
+
+def test_only_runs_a_subset_of_the_axes(tmp_path):
+    path = _spec(tmp_path, AXES)
+    spec = load_spec(path, only=["masking"])
+    assert list(spec["axes"]) == ["masking"] and not spec["variants"]
+    assert {r["name"] for r in build_plan(spec)["runs"]} == {"masking-completion_only.s0", "masking-all.s0"}
+    with pytest.raises(UserError, match="--only lrr: not in .* it has lr, masking"):
+        load_spec(path, only=["lrr"])
