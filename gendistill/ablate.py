@@ -590,8 +590,11 @@ def _effect_verdict(d_ll: dict, d_gen: dict, p_holm: float) -> str:
     if p_holm <= 1 - stats.LEVEL:
         return ("moves generation more than LL" if abs(d_gen["value"]) > abs(d_ll["value"])
                 else "moves LL more than generation")
-    if moved(d_ll) or moved(d_gen):
+    if moved(d_ll) and moved(d_gen):
         return "moves both modes; no difference between them detected"
+    if moved(d_ll) or moved(d_gen):
+        one, other = ("generation", "LL") if moved(d_gen) else ("LL", "generation")
+        return f"moves {one} (no effect detected under {other}); the difference between the modes is not significant"
     return "no effect detected in either mode"
 
 
