@@ -173,7 +173,8 @@ def _axis_values(raw, where: str) -> dict[str, list[str]]:
 def expand(spec: dict) -> list[Run]:
     """Variants x seeds. sweep: each axis varied alone from the base recipe (a value equal to the base's shares its
     stages with the other axes' base values); grid: every combination, reported once per axis in a group holding
-    the other axes fixed; named variants in the group "variants"."""
+    the other axes fixed; named variants in the group "variants", with the base recipe as "base" where no other run
+    is it."""
     variants: dict[str, tuple[list[str], list[dict]]] = {}
     if spec["mode"] == "sweep":
         for axis, values in spec["axes"].items():
@@ -188,6 +189,9 @@ def expand(spec: dict) -> list[Run]:
             variants[name] = ([o for _, overrides in combo for o in overrides], groups)
     for name, overrides in spec["variants"].items():
         variants[name] = (overrides, [{"group": "variants", "axis": "variants", "value": name}])
+    if spec["variants"] and all(overrides for overrides, _ in variants.values()):
+        # named variants are compared with the base recipe: run it when no axis value is it (stages shared by key)
+        variants["base"] = ([], [{"group": "variants", "axis": "variants", "value": "base"}])
     return [Run(name=f"{name}.s{seed}", variant=name, seed=seed, overrides=overrides, groups=groups)
             for name, (overrides, groups) in variants.items() for seed in spec["seeds"]]
 

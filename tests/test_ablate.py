@@ -242,3 +242,13 @@ def test_only_runs_a_subset_of_the_axes(tmp_path):
     assert {r["name"] for r in build_plan(spec)["runs"]} == {"masking-completion_only.s0", "masking-all.s0"}
     with pytest.raises(UserError, match="--only lrr: not in .* it has lr, masking"):
         load_spec(path, only=["lrr"])
+
+
+def test_named_variants_alone_run_the_base_recipe_beside_them(tmp_path):
+    path = _spec(tmp_path, {"masking": {"values": {"base_mask": {}, "all": {"kd_instruct.loss_mask": "all"}}}})
+    spec = load_spec(path)
+    spec["variants"] = {"fast": ["kd.lr=0.003"]}
+    assert "base.s0" not in {r["name"] for r in build_plan(spec)["runs"]}  # masking-base_mask is the base recipe
+    spec["axes"] = {}
+    runs = {r["name"]: r for r in build_plan(spec)["runs"]}
+    assert set(runs) == {"fast.s0", "base.s0"} and runs["base.s0"]["overrides"] == []
