@@ -175,7 +175,7 @@ def test_grid_mode_reports_each_run_once_per_axis_holding_the_other_axes_fixed(t
     spec["mode"] = "grid"
     spec["variants"] = {"named": ["kd.lr=0.01"]}
     runs = {r.name: r for r in expand(spec)}
-    assert len(runs) == 5
+    assert len(runs) == 6 and runs["base.s0"].overrides == []  # 4 combinations, the named variant, its reference
     run = runs["lr-0.003_masking-all.s0"]
     assert run.overrides == ['kd.lr=0.003', 'kd_instruct.loss_mask="all"']
     assert run.groups == [{"group": "lr|masking-all", "axis": "lr", "value": "0.003"},
