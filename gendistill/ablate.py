@@ -56,7 +56,7 @@ import numpy as np
 import yaml
 
 from gendistill.evaluation import stats
-from gendistill.evaluation.report import item_outcomes, load_eval_dirs
+from gendistill.evaluation.report import format_p, format_pp, item_outcomes, load_eval_dirs
 from gendistill.io import UserError, atomic_dir, atomic_write_json, atomic_write_text
 
 SPEC_KEYS = {"name", "base", "set", "out_dir", "mode", "axes", "variants", "seeds", "eval", "executor", "estimate"}
@@ -535,7 +535,10 @@ def axis_effects(plan: dict, tables: dict, report: dict, records: dict) -> dict:
     models = report["models"]
     ll_mode = {t: m for t, m in report.get("ll_mode", {}).items() if t != "average"}
     open_tasks = [t for t, meta in report.get("tasks", {}).items() if meta.get("kind") == "open"]
-    by_seed = lambda names: {models[n]["seed"]: n for n in names if n in models}  # noqa: E731
+
+    def by_seed(names) -> dict:
+        return {models[n]["seed"]: n for n in names if n in models}
+
     base_recipe = by_seed(r["name"] for r in plan["runs"] if not r["overrides"])
 
     def stacked(pairs, tasks, mc: bool):
@@ -603,13 +606,6 @@ def _effect_verdict(d_ll: dict, d_gen: dict, p_holm: float) -> str:
 
 
 def render_effects(effects: dict) -> str:
-    def pp(est: dict | None) -> str:
-        if not est:
-            return "-"
-        if est["low"] is None:
-            return f"{100 * est['value']:+.1f} pp"
-        return f"{100 * est['value']:+.1f} pp [{100 * est['low']:+.1f}, {100 * est['high']:+.1f}]"
-
     lines = ["# Effects against each axis's base", "",
              "Each value against its axis's base value (named variants: against the base recipe), paired by seed and "
              "by item; the multiple-choice tasks pooled by item; 95 % bootstrap intervals; Δgen − ΔLL tested "
@@ -620,9 +616,9 @@ def render_effects(effects: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in eff["rows"]:
             did = r.get("d_gen_minus_d_ll")
-            p = f"{did['p_holm']:.3f}" if did else "-"
-            lines.append(f"| {r['value']} | {r['seeds']} | {r.get('items', '-')} | {pp(r.get('d_ll'))} | "
-                         f"{pp(r.get('d_gen'))} | {pp(did)} | {p} | {pp(r.get('d_gen_open'))} | {r.get('verdict', '-')} |")
+            lines.append(f"| {r['value']} | {r['seeds']} | {r.get('items', '–')} | {format_pp(r.get('d_ll'))} | "
+                         f"{format_pp(r.get('d_gen'))} | {format_pp(did)} | {format_p(did and did['p_holm'])} | "
+                         f"{format_pp(r.get('d_gen_open'))} | {r.get('verdict', '–')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -596,13 +596,13 @@ def _est_pct(est: dict | None) -> str:
     return _pct(est["value"], 0 if abs(est["value"]) >= 10 else 1) + _range(est["low"], est["high"])
 
 
-def _est_pp(est: dict | None) -> str:
+def format_pp(est: dict | None) -> str:
     if not est or est.get("value") is None:
         return "–"
     return _pp(est["value"]) + _range(est["low"], est["high"], pp=True)
 
 
-def _p(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
@@ -634,17 +634,17 @@ def findings(report: dict) -> list[str]:
                        + "; ".join(f"{t + ': ' if len(hides) > 1 else ''}"
                                    f"{_pp(head[t]['ll']['value'])} behind under LL, "
                                    f"{_pp(head[t]['gen']['value'])} under generation, difference "
-                                   f"{_est_pp(head[t]['difference'])}, Holm-adjusted p "
-                                   f"{_p(head[t]['difference']['p_holm'])}" for t in hides)
+                                   f"{format_pp(head[t]['difference'])}, Holm-adjusted p "
+                                   f"{format_p(head[t]['difference']['p_holm'])}" for t in hides)
                        + f" ({len(tested)} task(s) tested, level {alpha:g}).")
         if shows:
             out.append(f"{s} is further behind the teacher under LL than under generation on {', '.join(shows)} "
-                       "(" + "; ".join(f"{t}: gen − LL {_est_pp(head[t]['difference'])}, Holm-adjusted p "
-                                       f"{_p(head[t]['difference']['p_holm'])}" for t in shows) + ").")
+                       "(" + "; ".join(f"{t}: gen − LL {format_pp(head[t]['difference'])}, Holm-adjusted p "
+                                       f"{format_p(head[t]['difference']['p_holm'])}" for t in shows) + ").")
         if tested and not hides and not shows:
             smallest = min(head[t]["difference"]["p_holm"] for t in tested)
             out.append(f"Whether LL hides part of {s}'s gap the data cannot tell: on no task is the generation gap "
-                       f"significantly different from the LL gap (smallest Holm-adjusted p {_p(smallest)} over "
+                       f"significantly different from the LL gap (smallest Holm-adjusted p {format_p(smallest)} over "
                        f"{len(tested)} task(s), level {alpha:g}).")
         for t in report["task_groups"]["open"]:
             if t in head:
@@ -661,9 +661,9 @@ def findings(report: dict) -> list[str]:
                     first, second = pair["models"]
                     lead_a, lead_b = (first, second) if pair[a]["value"] > 0 else (second, first)
                     out.append(f"Ranking reversal{where} on {t}: {_label(a)} puts {lead_a} ahead of {lead_b} "
-                               f"({_est_pp({**pair[a], 'value': abs(pair[a]['value']), 'low': None})}), "
+                               f"({format_pp({**pair[a], 'value': abs(pair[a]['value']), 'low': None})}), "
                                f"{_label(b)} puts {lead_b} ahead ({_pp(abs(pair[b]['value']))}); both orderings "
-                               f"significant, Holm-adjusted p {_p(pair['p_holm'])} across tasks, level {alpha:g}.")
+                               f"significant, Holm-adjusted p {format_p(pair['p_holm'])} across tasks, level {alpha:g}.")
                     shown.add(tuple(pair["models"]))
         undecided = {tuple(p["models"]) for comp in per_column.values() for p in comp["pairs"]
                      if p["reversed"]} - shown
@@ -740,8 +740,8 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
             if d and "significant" in d:
                 verdict = ("LL hides the gap" if d["significant"] and d["value"] > 0 else
                            "LL shows a larger gap" if d["significant"] else "the data cannot tell")
-            rows.append([s, column, _label(head["ll_mode"]) if "ll" in head else "–", _est_pp(head.get("ll")),
-                         _est_pp(head["gen"]), _est_pp(d), _p(d.get("p_holm", d.get("p")) if d else None), verdict])
+            rows.append([s, column, _label(head["ll_mode"]) if "ll" in head else "–", format_pp(head.get("ll")),
+                         format_pp(head["gen"]), format_pp(d), format_p(d.get("p_holm", d.get("p")) if d else None), verdict])
     sections["headline"] = [(
         "Points behind the teacher (teacher − student; 95 % paired bootstrap intervals) under LL and under "
         f"{_label(report['gen_mode'])}; gen − LL > 0: generation shows a larger gap. p: Holm-adjusted across tasks "
@@ -780,9 +780,9 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
         for column, comp in per_column.items():
             a, b = comp["modes"]
             tau = comp["kendall_tau"]
-            rows = [[f"{p['models'][0]} − {p['models'][1]}", _est_pp(p[a]), _p(p[a]["p"]), _est_pp(p[b]),
-                     _p(p[b]["p"]), "yes" if p["reversed"] else "no",
-                     _p(p.get("p_holm")) if p["reversed"] else "–",
+            rows = [[f"{p['models'][0]} − {p['models'][1]}", format_pp(p[a]), format_p(p[a]["p"]), format_pp(p[b]),
+                     format_p(p[b]["p"]), "yes" if p["reversed"] else "no",
+                     format_p(p.get("p_holm")) if p["reversed"] else "–",
                      "–" if not p["reversed"] else "see the tasks" if "significant" not in p else
                      "significant" if p["significant"] else "the data cannot tell"]
                     for p in comp["pairs"]]
