@@ -122,6 +122,8 @@ def load_spec(path: str | Path, out_dir: str | None = None, overrides: list[str]
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise UserError(f"{path}.variants: expected a mapping name -> {{override path: value}}")
     spec["variants"] = {_safe(k): _overrides(v) for k, v in variants.items()}
+    if "base" in spec["variants"]:  # the name of the base recipe's run, which `expand` adds beside named variants
+        raise UserError(f"{path}.variants.base: `base` names the base recipe's own run; give this variant another name")
     if only:
         known = [*spec["axes"], *(["variants"] if spec["variants"] else [])]
         unknown = sorted(set(only) - set(known))
@@ -612,12 +614,14 @@ def render_effects(effects: dict) -> str:
              "two-sided, Holm-adjusted within the axis. A verdict is called only where the data allow it.", ""]
     for group, eff in effects.items():
         lines += [f"## {group} (against {eff['base']})", "",
-                  "| value | seeds | MC items | Δ LL | Δ gen | Δgen − ΔLL | p (Holm) | Δ gen, open tasks | verdict |",
+                  "| value | seeds | MC items | Δ LL | Δ gen | Δgen − ΔLL | p (Holm) | Δ gen, open tasks "
+                  "| verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in eff["rows"]:
             did = r.get("d_gen_minus_d_ll")
             lines.append(f"| {r['value']} | {r['seeds']} | {r.get('items', '–')} | {format_pp(r.get('d_ll'))} | "
-                         f"{format_pp(r.get('d_gen'))} | {format_pp(did)} | {format_p(did and did['p_holm'])} | "
+                         f"{format_pp(r.get('d_gen'))} | {format_pp(did)} | "
+                         f"{format_p(did and did['p_holm'])} | "
                          f"{format_pp(r.get('d_gen_open'))} | {r.get('verdict', '–')} |")
         lines.append("")
     return "\n".join(lines)

@@ -252,3 +252,10 @@ def test_named_variants_alone_run_the_base_recipe_beside_them(tmp_path):
     spec["axes"] = {}
     runs = {r["name"]: r for r in build_plan(spec)["runs"]}
     assert set(runs) == {"fast.s0", "base.s0"} and runs["base.s0"]["overrides"] == []
+
+
+def test_a_named_variant_may_not_take_the_base_recipes_name(tmp_path):
+    path = _spec(tmp_path, AXES)
+    path.write_text(path.read_text() + "variants:\n  base: {kd.lr: 0.01}\n")
+    with pytest.raises(UserError, match="variants.base: `base` names the base recipe's own run"):
+        load_spec(path)

@@ -663,7 +663,8 @@ def findings(report: dict) -> list[str]:
                     out.append(f"Ranking reversal{where} on {t}: {_label(a)} puts {lead_a} ahead of {lead_b} "
                                f"({format_pp({**pair[a], 'value': abs(pair[a]['value']), 'low': None})}), "
                                f"{_label(b)} puts {lead_b} ahead ({_pp(abs(pair[b]['value']))}); both orderings "
-                               f"significant, Holm-adjusted p {format_p(pair['p_holm'])} across tasks, level {alpha:g}.")
+                               f"significant, Holm-adjusted p {format_p(pair['p_holm'])} across tasks, "
+                               f"level {alpha:g}.")
                     shown.add(tuple(pair["models"]))
         undecided = {tuple(p["models"]) for comp in per_column.values() for p in comp["pairs"]
                      if p["reversed"]} - shown
@@ -741,7 +742,8 @@ def tables(report: dict) -> dict[str, list[tuple[str, list[str], list[list[str]]
                 verdict = ("LL hides the gap" if d["significant"] and d["value"] > 0 else
                            "LL shows a larger gap" if d["significant"] else "the data cannot tell")
             rows.append([s, column, _label(head["ll_mode"]) if "ll" in head else "–", format_pp(head.get("ll")),
-                         format_pp(head["gen"]), format_pp(d), format_p(d.get("p_holm", d.get("p")) if d else None), verdict])
+                         format_pp(head["gen"]), format_pp(d), format_p(d.get("p_holm", d.get("p")) if d else None),
+                         verdict])
     sections["headline"] = [(
         "Points behind the teacher (teacher − student; 95 % paired bootstrap intervals) under LL and under "
         f"{_label(report['gen_mode'])}; gen − LL > 0: generation shows a larger gap. p: Holm-adjusted across tasks "
