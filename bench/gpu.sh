@@ -3,8 +3,9 @@
 # bench/results/<gpu>/ (<gpu>: the card's name, e.g. h200), replacing the previous one. Each result file records its
 # command, commit, versions and date; bench/results/<gpu>/RESULTS.md is the table to update from them.
 #   bash bench/gpu.sh                    # the default: bench and graphs
-#   bash bench/gpu.sh bench graphs host profile parity kd kd2 engine demo
+#   bash bench/gpu.sh tests bench graphs host profile parity kd kd2 engine demo
 # Steps (run in the order given; one failing does not stop the others, the script exits non-zero at the end):
+#   tests    pytest -m gpu (GENDISTILL_TRAINED_RUN: a trained run for the fidelity test)         -> pytest_gpu.txt
 #   bench    gendistill bench, eager, 4K-128K prefill (forward and generate()), decode at 32K    -> bench/
 #   graphs   the same at 4K/16K with the prefill and decode steps replayed as CUDA graphs       -> bench_graphs/
 #   host     bench/host_profile.py: where the host's time goes in a 4K prefill                    -> host_profile.json
@@ -40,6 +41,11 @@ run() {  # run NAME command...: prints the command and its time, remembers a fai
 for step in "${@:-bench graphs}"; do
   for s in $step; do
     case $s in
+      # xdist workers where it is installed: on a fresh machine the tests' time is fla compiling and autotuning its
+      # kernels (minutes, one test after another), which workers do in parallel on the host's cores
+      tests)   N=(); "$PY" -c "import xdist" 2>/dev/null && N=(-n "${TEST_WORKERS:-6}")
+               run tests "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfE --durations=0 "${N[@]}" tests \
+                 > "$R/pytest_gpu.txt" 2>&1; tail -n 3 "$R/pytest_gpu.txt" ;;
       # expandable segments: the 128K prefills and the largest decode batches fill the card without fragmenting it
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run bench "${BENCH[@]}" \
                  --contexts 4k,16k,32k,64k,128k --out "$R/bench" ;;
