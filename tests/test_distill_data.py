@@ -210,3 +210,49 @@ def test_one_tokenizer_fingerprint_survives_save_and_load_and_sees_what_changes_
     templated.chat_template = "{{ messages[0]['content'] }}"
     assert tokenizer_fingerprint(templated) != base
     assert tokenizer_fingerprint(train_tokenizer(texts, vocab_size=300, min_frequency=1)) == base
+
+
+def test_whole_packing_cuts_no_document_that_fits(tmp_path):
+    """packing="whole": each window holds whole documents in the epoch's order, greedily, then padding; only a document
+    longer than the window is cut (into whole windows, its continuation scored). Checked against the documents."""
+    tok = tiny_tokenizer()
+    rows = [{"text": " ".join(["word"] * n)} for n in (3, 11, 1, 7, 50, 4, 9, 15)]
+    corpus = build_corpus(_write_jsonl(tmp_path / "t.jsonl", rows), "text", tok, tmp_path / "cache", min_tokens=10**9)
+    docs = [corpus.tokens[a:b] for a, b in zip(corpus.offsets[:-1], corpus.offsets[1:])]
+    L = sorted(map(len, docs))[-2] + 3
+    assert max(map(len, docs)) > 2 * L  # one document longer than two windows
+    stream = PackedStream(corpus, seq_len=L, seed=3, loss_mask="all", packing="whole")
+    late = stream.sequence(13)  # random access first: the epoch layout is a pure function of the index
+    for epoch in range(2):
+        order, _ = stream._epoch(epoch)
+        pieces, fills = [], []
+        for k in range(stream._windows[epoch], stream._windows[epoch] + len(stream._layout(epoch)[3]) - 1):
+            s = stream.sequence(k)
+            real = s["token_mask"]
+            assert real[:real.sum()].all() and not s["loss_mask"][~real].any()  # real tokens first, then padding
+            starts = list(np.flatnonzero(s["position_ids"][:real.sum()] == 0)) + [int(real.sum())]
+            pieces += [s["input_ids"][a:b] for a, b in zip(starts, starts[1:])]
+            fills.append(int(real.sum()))
+            for a, b in zip(starts, starts[1:]):  # every target is the next token of the same document
+                scored = np.flatnonzero(s["loss_mask"][a:b]) + a
+                np.testing.assert_array_equal(s["targets"][scored[:-1]], s["input_ids"][scored[:-1] + 1])
+        expect = []
+        for d in order:
+            expect += [docs[d][i:i + L] for i in range(0, len(docs[d]), L)] if len(docs[d]) > L else [docs[d]]
+        assert len(pieces) == len(expect)
+        for got, want in zip(pieces, expect):
+            np.testing.assert_array_equal(got, want)
+        lengths = [len(p) for p in expect]
+        i = 0
+        for fill in fills[:-1]:  # greedy: the next piece did not fit in what the window left
+            j, used = i, 0
+            while used < fill:
+                used, j = used + lengths[j], j + 1
+            assert used == fill and fill + lengths[j] > L
+            i = j
+    np.testing.assert_array_equal(late["input_ids"], PackedStream(corpus, seq_len=L, seed=3, loss_mask="all",
+                                                                  packing="whole").sequence(13)["input_ids"])
+    long_doc = int(np.argmax([len(d) for d in docs]))
+    first = next(k for k in range(20) if (stream.sequence(k)["input_ids"][:L] == docs[long_doc][:L]).all())
+    assert stream.sequence(first)["loss_mask"][L - 1]  # a cut long document's continuation is still scored
+    assert stream.sequence(first)["targets"][L - 1] == docs[long_doc][L]

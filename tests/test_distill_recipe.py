@@ -135,6 +135,9 @@ def test_overrides_target_one_stage_every_stage_or_top_level():
     ("kd.schedule=linear", "stages[2] (kd).schedule: expected one of constant, cosine, wsd"),
     ("kd.loss_mask=assistant", "stages[2] (kd).loss_mask: expected one of all, completion_only"),
     ("kd.micro_batch_size=3", "stages[2] (kd).micro_batch_size: 3 does not divide batch_size 4"),
+    ("kd.packing=pad", "stages[2] (kd).packing: expected one of concat, whole"),
+    (("kd.packing=whole", "kd.count=scored", "kd.tokens=4k", "kd.steps=null"),
+     "stages[2] (kd).count: `count: scored` is computed for `packing: concat` only"),
     ("kd.tokens=lots", "stages[2] (kd): give exactly one of `tokens`"),
     ("kd.data=web", "stages[2] (kd).data: no data source 'web'"),
     ("kd.eval=nowhere.module:fn", "kd.eval = nowhere.module:fn. Check that you trust it, then pass --allow-code"),
@@ -148,7 +151,7 @@ def test_overrides_target_one_stage_every_stage_or_top_level():
 def test_bad_recipe_values_fail_naming_the_key_and_write_nothing(tmp_path, override, needle):
     out = tmp_path / "run"
     with pytest.raises(UserError) as err:
-        run_recipe(TINY, [f"out_dir={out}", override])
+        run_recipe(TINY, [f"out_dir={out}", *([override] if isinstance(override, str) else override)])
     assert needle in str(err.value)
     assert not out.exists()
 

@@ -10,6 +10,8 @@
   windows of seq_len + 1 tokens. Sequence k of a stage is always the same window, so the data position of a
   checkpoint is just the step. Position ids restart at 0 at each document (and at each window start); the model
   turns them into block-diagonal attention and a KDA state reset. A target is never the first token of a document.
+  With `packing="whole"` no document that fits in a window is cut: windows take whole documents in the epoch's order
+  and are padded at the end (padding is neither scored nor attended by real tokens).
 """
 from __future__ import annotations
 
@@ -237,11 +239,14 @@ class PackedStream:
     `sequences(first, count)` is a pure function of its arguments, which is what makes resume exact.
     """
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int, loss_mask: str, shuffle: bool = True):
-        self.corpus, self.seq_len, self.seed, self.shuffle = corpus, seq_len, seed, shuffle
+    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int, loss_mask: str, shuffle: bool = True,
+                 packing: str = "concat"):
+        self.corpus, self.seq_len, self.seed, self.shuffle, self.packing = corpus, seq_len, seed, shuffle, packing
         self.completion_only = loss_mask == "completion_only"
         self.lengths = np.diff(corpus.offsets)
         self._epoch_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._layouts: dict[int, tuple[np.ndarray, ...]] = {}
+        self._windows = [0]  # packing="whole": windows before epoch e, for the epochs laid out so far
 
     def _epoch(self, epoch: int):
         if epoch not in self._epoch_cache:
@@ -276,7 +281,58 @@ class PackedStream:
             pos += take
         return tokens, assistant, doc_start
 
+    def _layout(self, epoch: int) -> tuple[np.ndarray, ...]:
+        """packing="whole": epoch `epoch`'s documents, in its order, as pieces (doc, offset within it, length) placed
+        greedily into windows of seq_len tokens; a document that does not fit in what is left of a window starts the
+        next one, and one longer than a window fills whole windows of its own. `first[w]` is window w's first piece."""
+        if epoch not in self._layouts:
+            L, (order, _) = self.seq_len, self._epoch(epoch)
+            docs, within, take, first, fill = [], [], [], [0], 0
+            for doc in order.tolist():
+                n, at = int(self.lengths[doc]), 0
+                if fill and fill + n > L:
+                    first.append(len(docs))
+                    fill = 0
+                while n - at > L - fill:  # (fill is 0 here) a document longer than a window: whole windows of it
+                    docs.append(doc), within.append(at), take.append(L), first.append(len(docs))
+                    at += L
+                docs.append(doc), within.append(at), take.append(n - at)
+                fill += n - at
+                if fill == L:
+                    first.append(len(docs))
+                    fill = 0
+            if fill:
+                first.append(len(docs))
+            if len(self._layouts) > 4:
+                self._layouts.clear()
+            self._layouts[epoch] = tuple(np.asarray(a, dtype=np.int64) for a in (docs, within, take, first))
+        return self._layouts[epoch]
+
+    def _whole_sequence(self, index: int) -> dict[str, np.ndarray]:
+        while self._windows[-1] <= index:  # the epoch holding window `index`
+            self._windows.append(self._windows[-1] + len(self._layout(len(self._windows) - 1)[3]) - 1)
+        epoch = int(np.searchsorted(self._windows, index, side="right")) - 1
+        docs, within, take, first = self._layout(epoch)
+        w = index - self._windows[epoch]
+        L, c = self.seq_len, self.corpus
+        out = {"input_ids": np.zeros(L, np.int64), "targets": np.zeros(L, np.int64), "position_ids": np.arange(L),
+               "loss_mask": np.zeros(L, bool), "token_mask": np.zeros(L, bool)}
+        at = 0
+        for p in range(int(first[w]), int(first[w + 1])):
+            lo, n, end = int(c.offsets[docs[p]] + within[p]), int(take[p]), int(c.offsets[docs[p] + 1])
+            k = min(n, end - lo - 1)  # the piece's tokens with a target in the same document
+            out["input_ids"][at:at + n] = c.tokens[lo:lo + n]
+            out["targets"][at:at + k] = c.tokens[lo + 1:lo + 1 + k]
+            out["position_ids"][at:at + n] = np.arange(n)
+            out["loss_mask"][at:at + k] = c.assistant[lo + 1:lo + 1 + k] if self.completion_only else True
+            out["token_mask"][at:at + n] = c.assistant[lo:lo + n] if self.completion_only else True
+            at += n
+        out["position_ids"][at:] = np.arange(L - at)  # the padding: a document of its own, never scored
+        return out
+
     def sequence(self, index: int) -> dict[str, np.ndarray]:
+        if self.packing == "whole":
+            return self._whole_sequence(index)
         L = self.seq_len
         tokens, assistant, doc_start = self._read(index * L, L + 1)
         starts = doc_start[:L].copy()

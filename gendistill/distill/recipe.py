@@ -28,6 +28,7 @@ LOSS_MASKS = ("all", "completion_only")
 # gendistill.modeling.PARAMETER_GROUPS (each parameter is in one) + ATTENTION_BLOCK (attention + its input_layernorm)
 PARAMETER_GROUPS = ("kda", "attention", "mlp", "norms", "embeddings", "attention_block")
 BUDGET_COUNTS = ("packed", "scored")
+PACKINGS = ("concat", "whole")
 SCHEDULES = ("constant", "cosine", "wsd")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "fsdp", "ddp")
@@ -57,6 +58,10 @@ class Stage:
     jsd_beta: float = 0.5  # mixture weight of the teacher in jsd (0 < beta < 1)
     temperature: float = 1.0  # softens both distributions in kd (no T^2 rescaling, as TRL)
     loss_mask: str = "all"  # all | completion_only (assistant tokens of chat data)
+    # concat: documents run on across windows (no padding; a document cut at a window's end goes on in the next
+    # window without its beginning). whole: no document shorter than a window is cut; the rest of a window is padding
+    # (not scored; `tokens` still counts it). In-context copying and retrieval need whole: docs/FINDINGS.md.
+    packing: str = "concat"
     train: str | list[str] = "all"  # parameter groups that train (all = every parameter); everything else is frozen
     freeze: list[str] = dataclasses.field(default_factory=list)  # groups frozen even where `train` covers them
     layers: str | list[int] = "linear"  # layers aligned by attn_align/hidden_align: linear (KDA) | all | [i, ...]
@@ -440,6 +445,10 @@ def _stage(raw, defaults: dict, index: int, data: dict, recipe_seed: int) -> Sta
         _fail(f"{where}.freeze", f"expected a list of groups from {', '.join(PARAMETER_GROUPS)}, got {s.freeze!r}")
     s.freeze = sorted(set(s.freeze), key=PARAMETER_GROUPS.index)
     _choice(s.count, BUDGET_COUNTS, f"{where}.count")
+    _choice(s.packing, PACKINGS, f"{where}.packing")
+    if s.count == "scored" and s.packing == "whole":
+        _fail(f"{where}.count", "`count: scored` is computed for `packing: concat` only; use a packed `tokens` budget "
+                                "or `steps` with `packing: whole`")
     if s.count == "scored" and s.tokens is None:
         _fail(f"{where}.count", "`count: scored` applies to a `tokens` budget, not to `steps`")
     if isinstance(s.layers, list):

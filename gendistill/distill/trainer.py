@@ -198,7 +198,7 @@ def stage_steps(stage: Stage, corpus: TokenCorpus) -> int:
 def stage_stream(stage: Stage, corpus: TokenCorpus) -> PackedStream:
     """The packed stream a stage reads: its documents' order is seeded by the stage (seed and name)."""
     return PackedStream(corpus, stage.seq_len, _stream_seed(stage), stage.loss_mask,
-                        shuffle=corpus.meta["source"].get("shuffle", True))
+                        shuffle=corpus.meta["source"].get("shuffle", True), packing=stage.packing)
 
 
 def scored_position(stream: PackedStream, budget: int) -> int:
