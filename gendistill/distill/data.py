@@ -287,25 +287,26 @@ class PackedStream:
         next one, and one longer than a window fills whole windows of its own. `first[w]` is window w's first piece."""
         if epoch not in self._layouts:
             L, (order, _) = self.seq_len, self._epoch(epoch)
-            docs, within, take, first, fill = [], [], [], [0], 0
+            pieces, first, fill = [], [0], 0
             for doc in order.tolist():
                 n, at = int(self.lengths[doc]), 0
                 if fill and fill + n > L:
-                    first.append(len(docs))
+                    first.append(len(pieces))
                     fill = 0
                 while n - at > L - fill:  # (fill is 0 here) a document longer than a window: whole windows of it
-                    docs.append(doc), within.append(at), take.append(L), first.append(len(docs))
+                    pieces.append((doc, at, L))
+                    first.append(len(pieces))
                     at += L
-                docs.append(doc), within.append(at), take.append(n - at)
+                pieces.append((doc, at, n - at))
                 fill += n - at
                 if fill == L:
-                    first.append(len(docs))
+                    first.append(len(pieces))
                     fill = 0
             if fill:
-                first.append(len(docs))
+                first.append(len(pieces))
             if len(self._layouts) > 4:
                 self._layouts.clear()
-            self._layouts[epoch] = tuple(np.asarray(a, dtype=np.int64) for a in (docs, within, take, first))
+            self._layouts[epoch] = (*np.asarray(pieces, dtype=np.int64).T, np.asarray(first, dtype=np.int64))
         return self._layouts[epoch]
 
     def _whole_sequence(self, index: int) -> dict[str, np.ndarray]:
