@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh tests bench graphs host profile parity kd kd2 engine demo
 # Steps (run in the order given; one failing does not stop the others, the script exits non-zero at the end):
 #   tests    pytest -m gpu (GENDISTILL_TRAINED_RUN: a trained run for the fidelity test)         -> pytest_gpu.txt
+#            (TESTS_TIMEOUT_S: stop it then, with its summary; TEST_WORKERS: xdist workers, default 6)
 #   bench    gendistill bench, eager, 4K-128K prefill (forward and generate()), decode at 32K    -> bench/
 #   graphs   the same at 4K/16K with the prefill and decode steps replayed as CUDA graphs       -> bench_graphs/
 #   host     bench/host_profile.py: where the host's time goes in a 4K prefill                    -> host_profile.json
@@ -44,7 +45,10 @@ for step in "${@:-bench graphs}"; do
       # xdist workers where it is installed: on a fresh machine the tests' time is fla compiling and autotuning its
       # kernels (minutes, one test after another), which workers do in parallel on the host's cores
       tests)   N=(); "$PY" -c "import xdist" 2>/dev/null && N=(-n "${TEST_WORKERS:-6}")
-               run tests "$PY" -m pytest -m gpu -v -p no:cacheprovider -rfE --durations=0 "${N[@]}" tests \
+               # -o addopts=: pyproject's -q would cancel -v (no test names); TESTS_TIMEOUT_S: SIGINT at that time, so pytest
+               # still prints its summary (which tests failed, and why) before a call's hard limit
+               T=(); [ -n "${TESTS_TIMEOUT_S:-}" ] && T=(timeout --signal=INT --kill-after=30 "$TESTS_TIMEOUT_S")
+               run tests "${T[@]}" "$PY" -m pytest -m gpu -o addopts= -v -p no:cacheprovider -rfE --durations=0 "${N[@]}" tests \
                  > "$R/pytest_gpu.txt" 2>&1; tail -n 3 "$R/pytest_gpu.txt" ;;
       # expandable segments: the 128K prefills and the largest decode batches fill the card without fragmenting it
       bench)   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run bench "${BENCH[@]}" \
