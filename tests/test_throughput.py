@@ -369,6 +369,27 @@ def test_pinned_configs_apply_only_for_their_gpu_and_versions(tmp_path, monkeypa
     assert other_gpu == {"TRITON_CACHE_DIR": "/x"}  # nothing pinned for that GPU
 
 
+
+def test_shipped_pinned_configs_are_whole_and_in_fla_format():
+    """Each GPU's shipped set (gendistill/kernels/configs/<gpu>/, written by `gendistill kernels export` on that
+    GPU): its directory is fla's name for the GPU in the manifest, and every kernel the manifest lists has its file,
+    in fla's format, with as many autotuning entries as the manifest says, for the manifest's Triton."""
+    from gendistill.kernels.cache import PINNED_ROOT, gpu_key
+
+    sets = [d for d in PINNED_ROOT.iterdir() if d.is_dir()]
+    assert sets, "no pinned configs shipped"
+    for directory in sets:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert directory.name == gpu_key(manifest["gpu"]) and manifest["fla"] and manifest["triton"]
+        files = {f.stem for f in directory.glob("*.json")} - {"manifest"}
+        assert files == set(manifest["kernels"]), directory
+        for name, entries in manifest["kernels"].items():
+            config = json.loads((directory / f"{name}.json").read_text())
+            assert config["kernel_name"] == name and config["triton_version"] == manifest["triton"]
+            assert len(config["autotune_entries"]) == entries
+            for entry in config["autotune_entries"].values():
+                assert entry["autotune_key"] and {"num_warps", "num_stages"} <= set(entry["config"])
+
 # ---- the bench itself ----
 
 def test_kd_step_bench_runs_on_cpu(tmp_path):
