@@ -369,7 +369,6 @@ def test_pinned_configs_apply_only_for_their_gpu_and_versions(tmp_path, monkeypa
     assert other_gpu == {"TRITON_CACHE_DIR": "/x"}  # nothing pinned for that GPU
 
 
-
 def test_shipped_pinned_configs_are_whole_and_in_fla_format():
     """Each GPU's shipped set (gendistill/kernels/configs/<gpu>/, written by `gendistill kernels export` on that
     GPU): its directory is fla's name for the GPU in the manifest, and every kernel the manifest lists has its file,
@@ -389,6 +388,7 @@ def test_shipped_pinned_configs_are_whole_and_in_fla_format():
             assert len(config["autotune_entries"]) == entries
             for entry in config["autotune_entries"].values():
                 assert entry["autotune_key"] and {"num_warps", "num_stages"} <= set(entry["config"])
+
 
 # ---- the bench itself ----
 
