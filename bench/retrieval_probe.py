@@ -1,0 +1,231 @@
+"""Does the GPU world teacher's shape learn retrieval from drills, and how fast? (issue 22, docs/FINDINGS.md)
+
+A plain PyTorch loop (no gendistill trainer, so the answer is about the model and the data, not the tool): a fresh
+Qwen3 of `demo/teacher-gpu.yaml`'s shape trains on a stream of short retrieval drills made by the world's own
+long-document builder (`gendistill.world.world._LongDocBuilder`: NIAH single, NIAH multikey and associative-recall
+episodes in the recall tasks' wording, between the world's conversations and biographies), each drill exactly
+`--seq-len` tokens, fresh keys and values every time (never repeated: nothing can be memorised). Every
+`--eval-every` steps it scores the recall tasks themselves (`gendistill.evaluation.recall`, other keys) at several
+lengths: an item counts when every answer token is the model's argmax after the prompt and the answer's earlier
+tokens (teacher-forced exact match, which is what greedy generation would produce up to the end of the number).
+
+    python bench/retrieval_probe.py --budget-s 300 --out probe.json              # on the GPU
+    python bench/retrieval_probe.py --device cpu --budget-s 20 --batch 2 --seq-len 256 --layers 2 --eval-items 4
+
+Prints a table of the curve and writes it as JSON (command, versions, commit, date).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+# The answers of the drills' questions: " 4821937" after a NIAH or an associative-recall question.
+ANSWER = re.compile(r"(?:mentioned in the provided text is|The value of the key [a-z]+-[a-z]+ is)( \d+)\.\n")
+FAMILIES = ["niah_single", "niah_multikey", "assoc_recall"]
+
+_worker = {}
+
+
+def _init_worker(tokenizer_dir, bios, chats):
+    from transformers import AutoTokenizer
+
+    _worker["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _worker["bios"], _worker["chats"] = bios, chats
+
+
+def _drills(job):
+    """`n` drills of `length` - 1 tokens from seed `seed`: (token ids, answer mask) lists, end-of-text appended."""
+    from gendistill.world.world import _LongDocBuilder, _TokenCounter
+
+    seed, n, length = job
+    tok = _worker["tok"]
+    if "builder" not in _worker:
+        _worker["builder"] = _LongDocBuilder(random.Random(), _TokenCounter(tok), _worker["bios"], _worker["chats"])
+    builder = _worker["builder"]
+    builder.rng = random.Random(f"probe/{seed}")
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    out = []
+    for _ in range(n):
+        text = builder.document(length - 1)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [m.span(1) for m in ANSWER.finditer(text)]
+        mask = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+        out.append((enc["input_ids"] + [eot], mask + [False]))
+    return out
+
+
+def recall_items(tokenizer, lengths, n):
+    """(task name, [(prompt ids + answer ids, number of answer tokens)]) for each family and length."""
+    from gendistill.evaluation.engine import encode
+    from gendistill.evaluation.recall import recall_task
+    from gendistill.evaluation.tasks import user_text
+
+    tasks = []
+    for length in lengths:
+        for family in FAMILIES:
+            task = recall_task(family, length, tokenizer, n=n, seed=0)
+            items = []
+            for item in task.items:
+                prompt = encode(tokenizer, user_text(task, item))
+                full = encode(tokenizer, user_text(task, item) + " " + item["answer"])
+                assert full[:len(prompt)] == prompt, "the answer must not merge with the prompt's last token"
+                items.append((full, len(full) - len(prompt)))
+            tasks.append((task.name, items))
+    return tasks
+
+
+@torch.no_grad()
+def score(model, tasks, device, pad_id, batch=16):
+    model.eval()
+    result = {}
+    for name, items in tasks:
+        right = 0
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            for j, (seq, _) in enumerate(chunk):
+                ids[j, :len(seq)] = torch.tensor(seq)  # right padding: causal positions before the pad are exact
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(ids.to(device)).logits
+            pred = logits.argmax(-1).cpu()
+            for j, (seq, k) in enumerate(chunk):
+                n = len(seq)
+                right += bool((pred[j, n - k - 1:n - 1] == torch.tensor(seq[n - k:])).all())
+        result[name] = right / len(items)
+    model.train()
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per drill (one drill per row)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", choices=["all", "answers"], default="all",
+                   help="next-token loss on every token (what the trainer does on raw text) or on the answers only")
+    p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
+    p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
+    p.add_argument("--eval-every", type=int, default=250, help="steps")
+    p.add_argument("--eval-items", type=int, default=32, help="items per recall task and length")
+    p.add_argument("--eval-lengths", default="512,1024,2048")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (mp.cpu_count() or 2) - 1)))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    import yaml
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from gendistill.recipes import bundled
+    from gendistill.world.world import _render_chats, build_world
+
+    t0 = time.time()
+    device = torch.device(args.device)
+    world = build_world(seed=0, scale="gpu")  # its long documents are not used: 1,024 x 8K tokens to build, skipped
+    tok = world.tokenizer
+    tok_dir = Path(args.out).with_suffix(".tokenizer")
+    tok.save_pretrained(tok_dir)
+    # One id per text: the builder keeps a document's people disjoint, which a drill does not need.
+    bios = [(f"b{i}", t) for i, t in enumerate(world.pretrain_texts)]
+    chats = [(f"c{i}", t) for i, t in enumerate(_render_chats(tok, world.chats))]
+    print(f"world built in {time.time() - t0:.0f} s; vocabulary {len(tok)}", flush=True)
+
+    cfg = yaml.safe_load(bundled("demo/teacher-gpu.yaml").read_text())["model"]["config"]
+    cfg.pop("model_type")
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    torch.manual_seed(args.seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="sdpa")).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
+                            fused=device.type == "cuda")
+    tasks = recall_items(tok, [int(x) for x in args.eval_lengths.split(",")], args.eval_items)
+    pad_id = tok.pad_token_id
+
+    pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats))
+    jobs = ((args.seed * 10**9 + i, args.batch, args.seq_len) for i in range(10**9))
+    stream = pool.imap(_drills, jobs, chunksize=1)
+
+    curve, step, tokens, total_steps, t_train = [], 0, 0, None, None
+    answer_tokens = 0
+    losses, answer_losses = [], []
+
+    def lr_at(step):
+        if total_steps is None:  # warm-up over the first 50 steps while the step time is measured
+            return args.lr * min(1.0, (step + 1) / 50)
+        warm = max(50, int(0.05 * total_steps))
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def evaluate():
+        row = {"step": step, "tokens": tokens, "answer_tokens": answer_tokens,
+               "elapsed_s": round(time.time() - t_train, 1) if t_train else 0.0,
+               "loss": round(sum(losses) / len(losses), 4) if losses else None,
+               "answer_loss": round(sum(answer_losses) / len(answer_losses), 4) if answer_losses else None,
+               "recall": score(model, tasks, device, pad_id)}
+        losses.clear(), answer_losses.clear()
+        curve.append(row)
+        print(f"step {row['step']:>6} tokens {row['tokens'] / 1e6:7.1f}M  {row['elapsed_s']:6.0f}s  loss {row['loss']}"
+              f"  answers {row['answer_loss']}  " + " ".join(f"{k} {v:.2f}" for k, v in row["recall"].items()),
+              flush=True)
+
+    print(f"model {params / 1e6:.1f}M parameters, {cfg['num_hidden_layers']} layers; drills of {args.seq_len} "
+          f"tokens, batch {args.batch}, lr {args.lr}, loss on {args.loss}", flush=True)
+    evaluate()
+    t_train = time.time()
+    while True:
+        rows = next(stream)
+        ids = torch.tensor([r[0] for r in rows], device=device)
+        mask = torch.tensor([r[1] for r in rows], device=device)[:, 1:]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(ids[:, :-1]).logits
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        per_token = per_token.view_as(mask)
+        answer_loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        loss = answer_loss if args.loss == "answers" else per_token.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += ids[:, :-1].numel()
+        answer_tokens += int(mask.sum())
+        losses.append(per_token.mean().item())
+        answer_losses.append(answer_loss.item())
+        elapsed = time.time() - t_train
+        if step == 20:
+            t20 = elapsed
+        if step == 50 and total_steps is None:
+            total_steps = 50 + int((args.budget_s - elapsed) / ((elapsed - t20) / 30))
+            print(f"{(elapsed - t20) / 30 * 1000:.0f} ms a step: {total_steps} steps in {args.budget_s:.0f} s",
+                  flush=True)
+        if step % args.eval_every == 0 or (total_steps and step >= total_steps) or elapsed > args.budget_s * 1.2:
+            evaluate()
+        if (total_steps and step >= total_steps) or elapsed > args.budget_s * 1.2:
+            break
+    pool.terminate()
+    result = {"config": vars(args) | {"model": cfg, "parameters": params}, "curve": curve,
+              "tokens_per_s": round(tokens / (time.time() - t_train)), **environment()}
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
