@@ -38,8 +38,19 @@ FAMILIES = ["niah_single", "niah_multikey", "assoc_recall"]
 _worker = {}
 
 
-def _init_worker(tokenizer_dir, bios, chats):
+# --drills dense: the builder's episodes made short and question-dense (set in each worker, before any drill)
+DENSE = {"LONG_MIN_EPISODE": 360, "LONG_EPISODE_WEIGHTS": [0.15, 0.15, 0.7], "LONG_SHORT_SHARE": (0.0, 0.05),
+         "LONG_EXTRA_QUESTIONS": {"niah_multikey": 3, "assoc_recall": 31}}
+
+
+def _init_worker(tokenizer_dir, bios, chats, dense):
     from transformers import AutoTokenizer
+
+    import gendistill.world.world as world
+
+    if dense:
+        for name, value in DENSE.items():
+            setattr(world, name, value)
 
     _worker["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir)
     _worker["bios"], _worker["chats"] = bios, chats
@@ -116,6 +127,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=["all", "answers"], default="all",
                    help="next-token loss on every token (what the trainer does on raw text) or on the answers only")
+    p.add_argument("--drills", choices=["long", "dense"], default="long",
+                   help="long: the world's long-document layout at --seq-len; dense: short episodes, many questions")
     p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
     p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
     p.add_argument("--eval-every", type=int, default=250, help="steps")
@@ -137,7 +150,7 @@ def main(argv=None):
     device = torch.device(args.device)
     world = build_world(seed=0, scale="gpu")  # its long documents are not used: 1,024 x 8K tokens to build, skipped
     tok = world.tokenizer
-    tok_dir = Path(args.out).with_suffix(".tokenizer")
+    tok_dir = Path(args.out).with_suffix(".tokenizer")  # for the drill workers
     tok.save_pretrained(tok_dir)
     # One id per text: the builder keeps a document's people disjoint, which a drill does not need.
     bios = [(f"b{i}", t) for i, t in enumerate(world.pretrain_texts)]
@@ -156,7 +169,7 @@ def main(argv=None):
     tasks = recall_items(tok, [int(x) for x in args.eval_lengths.split(",")], args.eval_items)
     pad_id = tok.pad_token_id
 
-    pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats))
+    pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats, args.drills == "dense"))
     jobs = ((args.seed * 10**9 + i, args.batch, args.seq_len) for i in range(10**9))
     stream = pool.imap(_drills, jobs, chunksize=1)
 
@@ -186,7 +199,7 @@ def main(argv=None):
               flush=True)
 
     print(f"model {params / 1e6:.1f}M parameters, {cfg['num_hidden_layers']} layers; drills of {args.seq_len} "
-          f"tokens, batch {args.batch}, lr {args.lr}, loss on {args.loss}", flush=True)
+          f"tokens ({args.drills}), batch {args.batch}, lr {args.lr}, loss on {args.loss}", flush=True)
     evaluate()
     t_train = time.time()
     while True:
