@@ -184,6 +184,41 @@ def test_ssd_gated_is_mamba2s_recurrence():
     assert rel_err(skipped, dropped) < 1e-5
 
 
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_gated_mixers_train_on_pytorch_where_fla_refuses_their_backward(monkeypatch, mixer):
+    """fla 0.6.0 raises in the backward of GDN's and simple GLA's chunk kernels on Hopper with Triton < 3.7.1 (seen
+    on an H100, `pytest -m gpu`). There a step that will run a backward takes the PyTorch chunked form, with a
+    warning; inference, and a backend forced to "fla", still call fla. Simulated here: fla "resolves" and refuses."""
+    import gendistill.kda as kda
+
+    calls = []
+
+    def fake_fla(name, seq_len):
+        return lambda *args, **kwargs: calls.append(name) or ("fla", None)
+
+    monkeypatch.setattr(kda, "resolve_backend", lambda x, seq_len: {"auto": "fla"}.get(kda.current_backend(),
+                                                                                    kda.current_backend()))
+    monkeypatch.setattr(kda, "fla_gated_backward_refused", lambda: True)
+    monkeypatch.setattr(kda, "_fla_mixer", fake_fla)
+    kda._warn_gated_backward.cache_clear()
+    B, T, H, D = 1, 9, 2, 8
+    q, k, v = (randn(B, T, H, D, seed=i) for i in (1, 2, 3))
+    a, b = randn(B, T, H, seed=4), randn(B, T, H, seed=5)
+    A_log, dt_bias = randn(H, seed=6).abs().requires_grad_(), randn(H, seed=7).requires_grad_()
+    op = (lambda *x: gdn_gated(*x, a, b, A_log, dt_bias)) if mixer == "gdn" else \
+        (lambda *x: ssd_gated(*x, a, A_log, dt_bias))
+    with pytest.warns(RuntimeWarning, match="fla issue #640"):
+        o, _ = op(q, k, v)
+    assert calls == [] and o.requires_grad
+    with use_backend("chunk"):
+        assert torch.equal(o, op(q, k, v)[0])
+    with torch.no_grad():
+        assert op(q, k, v)[0] == "fla"  # inference: fla's kernels
+    with use_backend("fla"):
+        assert op(q, k, v)[0] == "fla"  # forced: fla decides (and raises in its backward)
+    assert calls == [mixer, mixer]
+
+
 # ---- models --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -242,6 +242,41 @@ def _fla_mixer(mixer: str, seq_len: int):
     return ops[1] if seq_len <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled() else ops[0]
 
 
+@functools.cache
+def fla_gated_backward_refused() -> bool:
+    """Whether fla refuses the backward of its scalar-gated chunk kernels here: fla 0.6.0's `chunk_bwd_dqkwg` (the
+    backward of GDN's and simple GLA's, i.e. `gdn` and `mamba2` students) raises on Hopper GPUs with Triton >= 3.4.0
+    and < 3.7.1, where that kernel gives wrong results (fla issue #640; found by `pytest -m gpu` on an H100 with Triton
+    3.6.0). Read from fla's own flags, for the fla version where the check was seen; other versions decide alone."""
+    try:
+        with fla_import():
+            import fla
+            from fla import utils
+    except Exception:  # not installed, or triton failing to initialise
+        return False
+    return (fla.__version__ == "0.6.0" and
+            bool(utils.IS_NVIDIA_HOPPER and utils.TRITON_ABOVE_3_4_0 and not utils.TRITON_ABOVE_3_7_1))
+
+
+@functools.cache
+def _warn_gated_backward(mixer: str) -> None:
+    warnings.warn(f"gendistill: fla's {mixer} kernels are turned off for training here: fla 0.6.0 refuses their "
+                  "backward on Hopper GPUs with Triton < 3.7.1 (wrong results, fla issue #640). Training runs the "
+                  "PyTorch chunked form (same results, slower; inference keeps fla's kernels). Triton >= 3.7.1 "
+                  "turns them back on.", RuntimeWarning, stacklevel=3)
+
+
+def _gated_mixer_backend(mixer: str, *inputs: torch.Tensor) -> str:
+    """`resolve_backend` for `gdn` and `mamba2`, with fla's chunk kernels stepping aside where a backward will run
+    and fla refuses it (`fla_gated_backward_refused`). A forced "fla" backend is left to fla's own error."""
+    backend = resolve_backend(inputs[0], inputs[0].shape[1])
+    if (backend == "fla" and current_backend() == "auto" and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in inputs) and fla_gated_backward_refused()):
+        _warn_gated_backward(mixer)
+        return "chunk"
+    return backend
+
+
 def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """Per-head log-decay g = -exp(A_log[h]) * softplus(a + dt_bias[h]), a: [..., HV], in fp32 (fla's GDN gate,
     and Mamba2's dt * A with dt = softplus(a + dt_bias))."""
@@ -253,7 +288,7 @@ def gdn_gated(q, k, v, a, b, A_log, dt_bias, scale=None, initial_state=None, out
     """Gated DeltaNet from raw projections: KDA's contract with one forget gate per head. q, k [B,T,H,K] (not
     normalised); v [B,T,HV,V]; a [B,T,HV] gate pre-activation; b [B,T,HV] beta logits; A_log, dt_bias [HV]. Skipped
     positions carry a = b = -1e4 (no decay, no write). Returns (o [B,T,HV,V], final state fp32 or None)."""
-    backend = resolve_backend(q, q.shape[1])
+    backend = _gated_mixer_backend("gdn", q, k, v, a, b, A_log, dt_bias, initial_state)
     if backend == "fla":
         return _fla_mixer("gdn", q.shape[1])(  # g, beta by name: fused_recurrent's fifth argument is gk
             q, k, v, g=a, beta=b, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -287,7 +322,7 @@ def ssd_gated(q, k, v, dt, A_log, dt_bias, scale=None, initial_state=None, outpu
     step = F.softplus(dt.float() + dt_bias.float())
     g = -A_log.float().exp() * step
     v = (v.float() * step[..., None]).to(v.dtype)
-    backend = resolve_backend(q, q.shape[1])
+    backend = _gated_mixer_backend("mamba2", q, k, v, g, initial_state)
     if backend == "fla":
         return _fla_mixer("mamba2", q.shape[1])(q, k, v, g=g, scale=scale, initial_state=initial_state,
                                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
