@@ -17,6 +17,7 @@ Prints a table of the curve and writes it as JSON (command, versions, commit, da
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import multiprocessing as mp
 import random
@@ -43,12 +44,19 @@ DENSE = {"LONG_MIN_EPISODE": 360, "LONG_EPISODE_WEIGHTS": [0.15, 0.15, 0.7], "LO
          "LONG_EXTRA_QUESTIONS": {"niah_multikey": 3, "assoc_recall": 31}}
 
 
-def _init_worker(tokenizer_dir, bios, chats, dense):
+# --drills mqar: multi-query associative recall in token space (Zoology's MQAR, arXiv 2312.04927): one-token keys and
+# values from disjoint id ranges, --mqar-pairs pairs, then queries "key value" of those keys to the end of the row; the
+# answers are the values of the queries. No text: a calibration of the shape and the budget, not of the world's data.
+MQAR_KEYS, MQAR_VALUES = range(100, 1124), range(2000, 3024)
+
+
+def _init_worker(tokenizer_dir, bios, chats, mode, mqar_pairs):
     from transformers import AutoTokenizer
 
     import gendistill.world.world as world
 
-    if dense:
+    _worker["mode"], _worker["mqar_pairs"] = mode, mqar_pairs
+    if mode == "dense":
         for name, value in DENSE.items():
             setattr(world, name, value)
 
@@ -61,6 +69,8 @@ def _drills(job):
     from gendistill.world.world import _LongDocBuilder, _TokenCounter
 
     seed, n, length = job
+    if _worker["mode"] == "mqar":
+        return _mqar(random.Random(f"mqar/{seed}"), n, length, _worker["mqar_pairs"])
     tok = _worker["tok"]
     if "builder" not in _worker:
         _worker["builder"] = _LongDocBuilder(random.Random(), _TokenCounter(tok), _worker["bios"], _worker["chats"])
@@ -74,6 +84,29 @@ def _drills(job):
         spans = [m.span(1) for m in ANSWER.finditer(text)]
         mask = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
         out.append((enc["input_ids"] + [eot], mask + [False]))
+    return out
+
+
+def _prefetched(pool, jobs, depth):
+    """The pool's results in job order with at most `depth` batches in flight (Pool.imap would run ahead of the
+    training loop without bound, holding every drill it made in memory)."""
+    pending = collections.deque()
+    for job in jobs:
+        pending.append(pool.apply_async(_drills, (job,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+
+
+def _mqar(rng, n, length, pairs):
+    out = []
+    for _ in range(n):
+        keys, values = rng.sample(MQAR_KEYS, pairs), rng.sample(MQAR_VALUES, pairs)
+        ids, mask = [t for kv in zip(keys, values) for t in kv], [False] * 2 * pairs
+        while len(ids) + 2 <= length:
+            i = rng.randrange(pairs)
+            ids += [keys[i], values[i]]
+            mask += [False, True]
+        out.append((ids + [0] * (length - len(ids)), mask + [False] * (length - len(mask))))
     return out
 
 
@@ -95,6 +128,22 @@ def recall_items(tokenizer, lengths, n):
                 items.append((full, len(full) - len(prompt)))
             tasks.append((task.name, items))
     return tasks
+
+
+@torch.no_grad()
+def heldout_accuracy(model, rows, device, batch=16):
+    """Share of held-out drill answer tokens that are the model's argmax (teacher-forced): in-distribution recall."""
+    model.eval()
+    right = total = 0
+    for i in range(0, len(rows), batch):
+        ids = torch.tensor([r[0] for r in rows[i:i + batch]], device=device)
+        mask = torch.tensor([r[1] for r in rows[i:i + batch]], device=device)[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(ids[:, :-1]).logits.argmax(-1)
+        right += int(((pred == ids[:, 1:]) & mask).sum())
+        total += int(mask.sum())
+    model.train()
+    return right / max(1, total)
 
 
 @torch.no_grad()
@@ -127,8 +176,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=["all", "answers"], default="all",
                    help="next-token loss on every token (what the trainer does on raw text) or on the answers only")
-    p.add_argument("--drills", choices=["long", "dense"], default="long",
-                   help="long: the world's long-document layout at --seq-len; dense: short episodes, many questions")
+    p.add_argument("--drills", choices=["long", "dense", "mqar"], default="long",
+                   help="long: the world's long-document layout at --seq-len; dense: short episodes, many questions; "
+                        "mqar: one-token keys and values, no text (scored on held-out rows of its own too)")
+    p.add_argument("--mqar-pairs", type=int, default=64)
     p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
     p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
     p.add_argument("--eval-every", type=int, default=250, help="steps")
@@ -169,9 +220,11 @@ def main(argv=None):
     tasks = recall_items(tok, [int(x) for x in args.eval_lengths.split(",")], args.eval_items)
     pad_id = tok.pad_token_id
 
-    pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats, args.drills == "dense"))
+    pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats, args.drills,
+                                                                         args.mqar_pairs))
     jobs = ((args.seed * 10**9 + i, args.batch, args.seq_len) for i in range(10**9))
-    stream = pool.imap(_drills, jobs, chunksize=1)
+    heldout = pool.apply(_drills, ((-1 - args.seed, 64, args.seq_len),))  # seeds the training stream never uses
+    stream = _prefetched(pool, jobs, depth=2 * args.workers)
 
     curve, step, tokens, total_steps, t_train = [], 0, 0, None, None
     answer_tokens = 0
@@ -191,11 +244,12 @@ def main(argv=None):
                "elapsed_s": round(time.time() - t_train, 1) if t_train else 0.0,
                "loss": round(sum(losses) / len(losses), 4) if losses else None,
                "answer_loss": round(sum(answer_losses) / len(answer_losses), 4) if answer_losses else None,
+               "heldout_answer_tokens": round(heldout_accuracy(model, heldout, device), 4),
                "recall": score(model, tasks, device, pad_id)}
         losses.clear(), answer_losses.clear()
         curve.append(row)
         print(f"step {row['step']:>6} tokens {row['tokens'] / 1e6:7.1f}M  {row['elapsed_s']:6.0f}s  loss {row['loss']}"
-              f"  answers {row['answer_loss']}  " + " ".join(f"{k} {v:.2f}" for k, v in row["recall"].items()),
+              f"  answers {row['answer_loss']}  held-out {row['heldout_answer_tokens']:.3f}  " + " ".join(f"{k} {v:.2f}" for k, v in row["recall"].items()),
               flush=True)
 
     print(f"model {params / 1e6:.1f}M parameters, {cfg['num_hidden_layers']} layers; drills of {args.seq_len} "
