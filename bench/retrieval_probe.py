@@ -180,6 +180,7 @@ def main(argv=None):
                    help="long: the world's long-document layout at --seq-len; dense: short episodes, many questions; "
                         "mqar: one-token keys and values, no text (scored on held-out rows of its own too)")
     p.add_argument("--mqar-pairs", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
     p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
     p.add_argument("--eval-every", type=int, default=250, help="steps")
@@ -214,6 +215,7 @@ def main(argv=None):
         cfg["num_hidden_layers"] = args.layers
     torch.manual_seed(args.seed)
     model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="sdpa")).to(device)
+    forward = torch.compile(model) if args.compile else model  # scoring runs the eager model (other shapes)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
                             fused=device.type == "cuda")
@@ -242,8 +244,8 @@ def main(argv=None):
     def evaluate():
         row = {"step": step, "tokens": tokens, "answer_tokens": answer_tokens,
                "elapsed_s": round(time.time() - t_train, 1) if t_train else 0.0,
-               "loss": round(sum(losses) / len(losses), 4) if losses else None,
-               "answer_loss": round(sum(answer_losses) / len(answer_losses), 4) if answer_losses else None,
+               "loss": round(torch.stack(losses).mean().item(), 4) if losses else None,
+               "answer_loss": round(torch.stack(answer_losses).mean().item(), 4) if answer_losses else None,
                "heldout_answer_tokens": round(heldout_accuracy(model, heldout, device), 4),
                "recall": score(model, tasks, device, pad_id)}
         losses.clear(), answer_losses.clear()
@@ -263,7 +265,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(ids[:, :-1]).logits
+            logits = forward(ids[:, :-1]).logits
         per_token = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         per_token = per_token.view_as(mask)
         answer_loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -275,8 +277,8 @@ def main(argv=None):
         step += 1
         tokens += ids[:, :-1].numel()
         answer_tokens += int(mask.sum())
-        losses.append(per_token.mean().item())
-        answer_losses.append(answer_loss.item())
+        losses.append(per_token.mean().detach())  # read at the next eval: no host sync per step
+        answer_losses.append(answer_loss.detach())
         elapsed = time.time() - t_train
         if step == 20:
             t20 = elapsed
