@@ -283,3 +283,34 @@ def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
         key, chosen = next(iter(tuners[name].cache.items()))
         entry = config.lookup_exact(AutotuneKey(tuple(key)))
         assert entry["config"]["kwargs"] == dict(chosen.kwargs) and entry["config"]["num_warps"] == chosen.num_warps
+
+
+def test_pinned_configs_start_another_shape_without_autotuning(tmp_path):
+    """The shipped configs, in fla's fuzzy mode, serve a model shape they were not tuned on (the GPU world demo's
+    student: 4 heads of 64, hidden 256) with no kernel autotuned, from an empty Triton cache; on an H200 through the
+    H100's set (`SAME_CHIP`). Its own process: fla reads FLA_CACHE_MODE when it is first imported."""
+    import subprocess
+    import sys
+
+    from gendistill.kernels.cache import pinned_dir
+
+    name = torch.cuda.get_device_name(0)
+    pinned = pinned_dir(name)
+    if pinned is None:
+        pytest.skip(f"no pinned fla configs ship for {name} with the installed fla and Triton")
+    code = ("import json\n"
+            "from gendistill.kernels.cache import configure_for_cuda, fla_autotuners, warm\n"
+            "report = configure_for_cuda()\n"
+            "result = warm(heads=4, kv_heads=2, head_dim=64, hidden=256, tokens=4096, documents=2)\n"
+            "tuned = sorted({t.kernel_name for t in fla_autotuners() if hasattr(t, 'bench_time')})\n"
+            "print(json.dumps({'report': report, 'result': result, 'autotuned': tuned}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("FLA_CONFIG_DIR", "FLA_CACHE_MODE")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert str(pinned) in out["report"]["fla_configs"] and "fuzzy" in out["report"]["fla_configs"]
+    shipped = set(json.loads((pinned / "manifest.json").read_text())["kernels"])
+    assert not shipped & set(out["autotuned"]), out
+    print(f"first step {out['result']['first_s']:.1f} s, again {out['result']['again_s']:.3f} s; "
+          f"autotuned (not shipped): {out['autotuned']}")

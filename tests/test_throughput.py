@@ -363,10 +363,27 @@ def test_pinned_configs_apply_only_for_their_gpu_and_versions(tmp_path, monkeypa
     env = {"TRITON_CACHE_DIR": "/x"}
     kernel_cache.configure("NVIDIA H200", environ=env)
     assert (env.get("FLA_CONFIG_DIR") == str(tmp_path / "NVIDIA_H200")) is pinned
-    assert (env.get("FLA_CACHE_MODE") == "strict") is pinned
+    assert (env.get("FLA_CACHE_MODE") == "fuzzy") is pinned  # other shapes take the nearest entry, no autotuning
     other_gpu = {"TRITON_CACHE_DIR": "/x"}
     kernel_cache.configure("NVIDIA A100", environ=other_gpu)
     assert other_gpu == {"TRITON_CACHE_DIR": "/x"}  # nothing pinned for that GPU
+
+
+def test_an_h200_takes_the_h100_set_unless_it_has_its_own(tmp_path, monkeypatch):
+    import gendistill.kernels.cache as kernel_cache
+
+    monkeypatch.setattr(kernel_cache, "PINNED_ROOT", tmp_path)
+    manifest = {"fla": kernel_cache._version("fla-core") or kernel_cache._version("flash-linear-attention"),
+                "triton": kernel_cache._version("triton")}
+    for gpu in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"):
+        env = {"TRITON_CACHE_DIR": "/x"}
+        (tmp_path / gpu).mkdir()
+        (tmp_path / gpu / "manifest.json").write_text(json.dumps(manifest))
+        kernel_cache.configure("NVIDIA H200", environ=env)
+        assert env["FLA_CONFIG_DIR"] == str(tmp_path / gpu)  # first the H100's, then its own
+    env = {"TRITON_CACHE_DIR": "/x"}
+    kernel_cache.configure("NVIDIA H100 PCIe", environ=env)  # another chip (114 SMs): nothing
+    assert "FLA_CONFIG_DIR" not in env
 
 
 def test_shipped_pinned_configs_are_whole_and_in_fla_format():

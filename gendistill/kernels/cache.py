@@ -11,8 +11,11 @@ before the first training step. Three things cut it:
 - pinned configs: fla can take each kernel's config from JSON files (FLA_CONFIG_DIR, FLA_CACHE_MODE) instead of
   autotuning; then only the chosen config is compiled. `export_fla_configs` writes the configs this process's
   autotuning chose, in fla's format; gendistill ships such a set per GPU and fla version under
-  gendistill/kernels/configs/<gpu>/ and `configure()` uses it when the GPU, fla and Triton versions match (strict key
-  match: any other shape autotunes as usual);
+  gendistill/kernels/configs/<gpu>/ and `configure()` uses it when the GPU, fla and Triton versions match, in fla's
+  fuzzy mode: a kernel's exact autotuning key first, else the entry whose key has the same structure, dtypes and
+  flags with other numbers (head count, head size, length), so that other model shapes (the world demo's, a 1.7B)
+  start without autotuning too, at a config tuned on another shape. An H200 uses the H100's set (`SAME_CHIP`).
+  FLA_CACHE_MODE=disabled (or strict) in the environment brings fla's own autotuning back;
 - `warm(...)`: one KDA layer's forward and backward at a training shape, in its own process before a run (the
   `gendistill kernels warm` command), so the run itself starts warm.
 """
@@ -27,6 +30,11 @@ import time
 from pathlib import Path
 
 PINNED_ROOT = Path(__file__).resolve().parent / "configs"
+PINNED_MODE = "fuzzy"
+# GPUs that take another GPU's pinned set: the H200 is the H100 SXM's GH100 chip (132 SMs, the same caches) with more
+# and faster memory; its kernels' best tiles are the H100's to within autotuning noise, and either beats minutes of
+# autotuning on a fresh machine.
+SAME_CHIP = {"NVIDIA_H200": "NVIDIA_H100_80GB_HBM3"}
 
 
 def cache_root() -> Path:
@@ -49,7 +57,10 @@ def pinned_dir(gpu_name: str | None) -> Path | None:
     """The shipped fla configs for this GPU if they were exported with the installed fla and Triton versions."""
     if not gpu_name:
         return None
-    directory = PINNED_ROOT / gpu_key(gpu_name)
+    key = gpu_key(gpu_name)
+    directory = PINNED_ROOT / key
+    if not directory.is_dir() and key in SAME_CHIP:
+        directory = PINNED_ROOT / SAME_CHIP[key]
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -75,8 +86,8 @@ def configure(gpu_name: str | None = None, environ=os.environ) -> dict:
         report["fla_configs"] = f"{environ.get('FLA_CONFIG_DIR', 'fla default')} (FLA_CACHE_MODE=" \
                                 f"{environ.get('FLA_CACHE_MODE', 'disabled')}, set by the user)"
     elif pinned is not None:
-        environ["FLA_CONFIG_DIR"], environ["FLA_CACHE_MODE"] = str(pinned), "strict"
-        report["fla_configs"] = f"{pinned} (pinned for {gpu_name}, FLA_CACHE_MODE=strict)"
+        environ["FLA_CONFIG_DIR"], environ["FLA_CACHE_MODE"] = str(pinned), PINNED_MODE
+        report["fla_configs"] = f"{pinned} (pinned for {gpu_name}, FLA_CACHE_MODE={PINNED_MODE})"
     else:
         report["fla_configs"] = f"none pinned for {gpu_name or 'this device'}: fla autotunes on first use"
     directory = Path(report["triton_cache_dir"])
