@@ -237,6 +237,10 @@ def run_demo(scale: str = "cpu", out: str | Path = "runs/demo", seed: int = 0, c
         raise UserError(f"--scale must be one of {SCALES}, got {scale!r}")
     if scale == "gpu" and not torch.cuda.is_available():
         raise UserError("--scale gpu needs a CUDA GPU; use --scale cpu on this machine")
+    if scale == "gpu":  # before fla's first import (the warm-up process inherits it): pinned configs, persistent cache
+        from gendistill.kernels.cache import configure_for_cuda, describe
+
+        print(describe(configure_for_cuda()), flush=True)
     settings = EVAL_SETTINGS[scale]
     out, cache = Path(out), Path(cache) if cache else default_cache_dir()
     out.mkdir(parents=True, exist_ok=True)
