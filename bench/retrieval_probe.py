@@ -7,12 +7,15 @@ episodes in the recall tasks' wording, between the world's conversations and bio
 `--seq-len` tokens, fresh keys and values every time (never repeated: nothing can be memorised). Every
 `--eval-every` steps it scores the recall tasks themselves (`gendistill.evaluation.recall`, other keys) at several
 lengths: an item counts when every answer token is the model's argmax after the prompt and the answer's earlier
-tokens (teacher-forced exact match, which is what greedy generation would produce up to the end of the number).
+tokens (teacher-forced exact match, which is what greedy generation would produce up to the end of the number), and
+held-out drills of the training stream (the share of their answer tokens right). `--drills dense` makes the episodes
+short and question-dense; `--drills mqar` replaces the text with Zoology's token-space associative recall, to calibrate
+how many steps this shape needs to form content lookup at all.
 
     python bench/retrieval_probe.py --budget-s 300 --out probe.json              # on the GPU
     python bench/retrieval_probe.py --device cpu --budget-s 20 --batch 2 --seq-len 256 --layers 2 --eval-items 4
 
-Prints a table of the curve and writes it as JSON (command, versions, commit, date).
+Prints the curve as it goes and writes it as JSON (command, versions, commit, date).
 """
 from __future__ import annotations
 
