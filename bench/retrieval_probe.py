@@ -190,6 +190,7 @@ def main(argv=None):
     p.add_argument("--eval-items", type=int, default=32, help="items per recall task and length")
     p.add_argument("--eval-lengths", default="512,1024,2048")
     p.add_argument("--workers", type=int, default=max(1, min(8, (mp.cpu_count() or 2) - 1)))
+    p.add_argument("--world", default="gpu", help="the world's preset (its tokenizer, conversations, biographies)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -203,7 +204,7 @@ def main(argv=None):
 
     t0 = time.time()
     device = torch.device(args.device)
-    world = build_world(seed=0, scale="gpu")  # its long documents are not used: 1,024 x 8K tokens to build, skipped
+    world = build_world(seed=0, scale=args.world, long_docs=0)  # the drills are made here, not read from the world
     tok = world.tokenizer
     tok_dir = Path(args.out).with_suffix(".tokenizer")  # for the drill workers
     tok.save_pretrained(tok_dir)
