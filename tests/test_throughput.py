@@ -386,6 +386,16 @@ def test_an_h200_takes_the_h100_set_unless_it_has_its_own(tmp_path, monkeypatch)
     assert "FLA_CONFIG_DIR" not in env
 
 
+def test_kernels_warm_names_its_mixers_and_needs_cuda(capsys):
+    from gendistill import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["kernels", "warm", "--mixers", "kda,lstm"])
+    assert exit_info.value.code == 2 and "unknown mixer(s) lstm" in capsys.readouterr().err
+    assert cli.main(["kernels", "export", "out", "--mixers", "all"]) != 0  # this CPU machine: a clear error
+    assert "need a CUDA GPU" in capsys.readouterr().err
+
+
 def test_shipped_pinned_configs_are_whole_and_in_fla_format():
     """Each GPU's shipped set (gendistill/kernels/configs/<gpu>/, written by `gendistill kernels export` on that
     GPU): its directory is fla's name for the GPU in the manifest, and every kernel the manifest lists has its file,

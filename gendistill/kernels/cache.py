@@ -16,8 +16,9 @@ before the first training step. Three things cut it:
   flags with other numbers (head count, head size, length), so that other model shapes (the world demo's, a 1.7B)
   start without autotuning too, at a config tuned on another shape. An H200 uses the H100's set (`SAME_CHIP`).
   FLA_CACHE_MODE=disabled (or strict) in the environment brings fla's own autotuning back;
-- `warm(...)`: one KDA layer's forward and backward at a training shape, in its own process before a run (the
-  `gendistill kernels warm` command), so the run itself starts warm.
+- `warm(...)`: one layer's training forward and backward and an inference prefill, at a training shape, per linear
+  mixer (KDA by default), in its own process before a run (the `gendistill kernels warm` command), so the run itself
+  starts warm; `export` warms, then writes the set to ship.
 """
 from __future__ import annotations
 
@@ -154,41 +155,63 @@ def export_fla_configs(out_dir: str | Path, gpu_name: str) -> dict:
 
 
 def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 1024, tokens: int = 16384,
-         documents: int = 8, dtype: str = "bfloat16") -> dict:
-    """One Hybrid-KDA layer's training forward and backward on CUDA at a training shape (`tokens` packed tokens in
-    `documents` documents, bf16 autocast as training runs): compiles and autotunes every KDA kernel training uses,
-    into the persistent cache. Returns the seconds it took, and the same again (warm)."""
+         documents: int = 8, dtype: str = "bfloat16", mixers: tuple[str, ...] = ("kda",)) -> dict:
+    """For each linear mixer in `mixers`, one layer's training forward and backward on CUDA at a training shape
+    (`tokens` packed tokens in `documents` documents, bf16 autocast as training runs), then an inference prefill of one
+    document: compiles and autotunes every fla kernel training and prefill use, into the persistent cache. Returns
+    the seconds each took, and the same again (warm)."""
     import torch
 
+    from gendistill.io import UserError
     from gendistill.modeling import HybridKDAConfig, HybridKDAForCausalLM
 
     if not torch.cuda.is_available():
-        raise RuntimeError("kernels warm needs a CUDA GPU (fla's kernels are Triton kernels)")
-    config = HybridKDAConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
-                             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                             layer_types=["linear_attention"])
-    model = HybridKDAForCausalLM(config).cuda().train()
+        raise UserError("`gendistill kernels warm` and `export` need a CUDA GPU: fla's kernels are Triton kernels, "
+                        "compiled and autotuned for the GPU they run on (`kernels info` runs anywhere)")
     per_doc = tokens // documents
     position_ids = torch.arange(per_doc, device="cuda").repeat(documents)[None]
-    x = torch.randn(1, per_doc * documents, hidden, device="cuda", requires_grad=True)
-    seconds = []
-    for _ in range(2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=getattr(torch, dtype)):
-            out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
-        out.float().square().mean().backward()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return {"first_s": seconds[0], "again_s": seconds[1], "tokens": per_doc * documents, "heads": heads,
-            "head_dim": head_dim}
+    result = {"tokens": per_doc * documents, "heads": heads, "head_dim": head_dim}
+    for mixer in mixers:
+        config = HybridKDAConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                                 layer_types=["linear_attention"], linear_mixer=mixer)
+        model = HybridKDAForCausalLM(config).cuda().train()
+        x = torch.randn(1, per_doc * documents, hidden, device="cuda", requires_grad=True)
+        seconds = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+                out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
+            out.float().square().mean().backward()
+            with torch.no_grad():  # the prefill path: its own kernels (fused recurrent below 64 steps, else chunked)
+                model.eval().to(getattr(torch, dtype))(inputs_embeds=x[:, :per_doc].detach().to(getattr(torch, dtype)))
+            model.train().float()
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        key = "" if mixers == ("kda",) else f"{mixer}_"  # the KDA-only record keeps its names
+        result[f"{key}first_s"], result[f"{key}again_s"] = seconds
+    return result
+
+
+def _mixer_list(text: str) -> tuple[str, ...]:
+    from gendistill.configuration_hybrid_kda import MIXERS
+
+    names = MIXERS if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in MIXERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown mixer(s) {', '.join(unknown) if unknown else repr(text)}; choose from "
+                                         f"{', '.join(MIXERS)} or all")
+    return names
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from gendistill.configuration_hybrid_kda import MIXERS
+
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("info", help="where the kernel cache is and which fla configs are pinned")
-    w = sub.add_parser("warm", help="compile and autotune the KDA training kernels into the cache (CUDA)")
+    w = sub.add_parser("warm", help="compile and autotune the training and prefill kernels of the --mixers into the cache (CUDA)")
     w.add_argument("--heads", type=int, default=16)
     w.add_argument("--kv-heads", type=int, default=8)
     w.add_argument("--head-dim", type=int, default=128)
@@ -196,6 +219,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     w.add_argument("--tokens", type=int, default=16384, help="packed tokens per forward (micro-batch x seq_len)")
     e = sub.add_parser("export", help="warm, then write the autotuned fla configs (fla's JSON format) to OUT")
     e.add_argument("out", type=Path)
+    for parser in (w, e):
+        parser.add_argument("--mixers", default="kda", type=_mixer_list,
+                            help=f"the linear mixers whose kernels to warm, comma-separated ({', '.join(MIXERS)}) or all")
     return p
 
 
@@ -204,8 +230,9 @@ def main(args) -> int:
     print(describe(report))
     if args.action == "info":
         return 0
-    result = warm(**({"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                      "hidden": args.hidden, "tokens": args.tokens} if args.action == "warm" else {}))
+    shape = {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "hidden": args.hidden,
+             "tokens": args.tokens} if args.action == "warm" else {}
+    result = warm(**shape, mixers=args.mixers)
     print(json.dumps(result))
     if args.action == "export":
         import torch
