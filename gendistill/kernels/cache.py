@@ -211,7 +211,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("info", help="where the kernel cache is and which fla configs are pinned")
-    w = sub.add_parser("warm", help="compile and autotune the training and prefill kernels of the --mixers into the cache (CUDA)")
+    w = sub.add_parser("warm", help="compile and autotune the --mixers' training and prefill kernels into the cache "
+                                    "(CUDA)")
     w.add_argument("--heads", type=int, default=16)
     w.add_argument("--kv-heads", type=int, default=8)
     w.add_argument("--head-dim", type=int, default=128)
@@ -221,7 +222,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     e.add_argument("out", type=Path)
     for parser in (w, e):
         parser.add_argument("--mixers", default="kda", type=_mixer_list,
-                            help=f"the linear mixers whose kernels to warm, comma-separated ({', '.join(MIXERS)}) or all")
+                            help=f"the linear mixers whose kernels to warm, comma-separated ({', '.join(MIXERS)}) "
+                                 "or all")
     return p
 
 
