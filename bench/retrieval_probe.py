@@ -254,9 +254,9 @@ def main(argv=None):
                "recall": score(model, tasks, device, pad_id)}
         losses.clear(), answer_losses.clear()
         curve.append(row)
+        recall = " ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
         print(f"step {row['step']:>6} tokens {row['tokens'] / 1e6:7.1f}M  {row['elapsed_s']:6.0f}s  loss {row['loss']}"
-              f"  answers {row['answer_loss']}  held-out {row['heldout_answer_tokens']:.3f}  " + " ".join(f"{k} {v:.2f}" for k, v in row["recall"].items()),
-              flush=True)
+              f"  answers {row['answer_loss']}  held-out {row['heldout_answer_tokens']:.3f}  {recall}", flush=True)
 
     print(f"model {params / 1e6:.1f}M parameters, {cfg['num_hidden_layers']} layers; drills of {args.seq_len} "
           f"tokens ({args.drills}), batch {args.batch}, lr {args.lr}, loss on {args.loss}", flush=True)

@@ -200,8 +200,8 @@ def _mixer_list(text: str) -> tuple[str, ...]:
     names = MIXERS if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in MIXERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown mixer(s) {', '.join(unknown) if unknown else repr(text)}; choose from "
-                                         f"{', '.join(MIXERS)} or all")
+        named = ", ".join(unknown) if unknown else repr(text)
+        raise argparse.ArgumentTypeError(f"unknown mixer(s) {named}; choose from {', '.join(MIXERS)} or all")
     return names
 
 
