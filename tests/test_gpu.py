@@ -287,7 +287,7 @@ def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
 
 def test_pinned_configs_start_another_shape_without_autotuning(tmp_path):
     """The shipped configs, in fla's fuzzy mode, serve a model shape they were not tuned on (the GPU world demo's
-    student: 4 heads of 64, hidden 256) with no kernel autotuned, from an empty Triton cache; on an H200 through the
+    student: 4 heads of 64, hidden 256) in training (what they were exported from) with no kernel autotuned, from an empty Triton cache; on an H200 through the
     H100's set (`SAME_CHIP`). Its own process: fla reads FLA_CACHE_MODE when it is first imported."""
     import subprocess
     import sys
@@ -301,7 +301,7 @@ def test_pinned_configs_start_another_shape_without_autotuning(tmp_path):
     code = ("import json\n"
             "from gendistill.kernels.cache import configure_for_cuda, fla_autotuners, warm\n"
             "report = configure_for_cuda()\n"
-            "result = warm(heads=4, kv_heads=2, head_dim=64, hidden=256, tokens=4096, documents=2)\n"
+            "result = warm(heads=4, kv_heads=2, head_dim=64, hidden=256, tokens=4096, documents=2, prefill=False)\n"
             "tuned = sorted({t.kernel_name for t in fla_autotuners() if hasattr(t, 'bench_time')})\n"
             "print(json.dumps({'report': report, 'result': result, 'autotuned': tuned}))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("FLA_CONFIG_DIR", "FLA_CACHE_MODE")}

@@ -155,10 +155,10 @@ def export_fla_configs(out_dir: str | Path, gpu_name: str) -> dict:
 
 
 def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 1024, tokens: int = 16384,
-         documents: int = 8, dtype: str = "bfloat16", mixers: tuple[str, ...] = ("kda",)) -> dict:
+         documents: int = 8, dtype: str = "bfloat16", mixers: tuple[str, ...] = ("kda",), prefill: bool = True) -> dict:
     """For each linear mixer in `mixers`, one layer's training forward and backward on CUDA at a training shape
-    (`tokens` packed tokens in `documents` documents, bf16 autocast as training runs), then an inference prefill of one
-    document: compiles and autotunes every fla kernel training and prefill use, into the persistent cache. Returns
+    (`tokens` packed tokens in `documents` documents, bf16 autocast as training runs), then (`prefill`) an inference
+    prefill of one document: compiles and autotunes every fla kernel training and prefill use, into the persistent cache. Returns
     the seconds each took, and the same again (warm)."""
     import torch
 
@@ -184,9 +184,11 @@ def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 
             with torch.autocast("cuda", dtype=getattr(torch, dtype)):
                 out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
             out.float().square().mean().backward()
-            with torch.no_grad():  # the prefill path: its own kernels (fused recurrent below 64 steps, else chunked)
-                model.eval().to(getattr(torch, dtype))(inputs_embeds=x[:, :per_doc].detach().to(getattr(torch, dtype)))
-            model.train().float()
+            if prefill:  # the prefill path: its own kernels and flags
+                with torch.no_grad():
+                    half = getattr(torch, dtype)
+                    model.eval().to(half)(inputs_embeds=x[:, :per_doc].detach().to(half))
+                model.train().float()
             torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
         key = "" if mixers == ("kda",) else f"{mixer}_"  # the KDA-only record keeps its names
