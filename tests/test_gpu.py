@@ -301,7 +301,8 @@ def test_pinned_configs_start_another_shape_without_autotuning(tmp_path):
     code = ("import json\n"
             "from gendistill.kernels.cache import configure_for_cuda, fla_autotuners, warm\n"
             "report = configure_for_cuda()\n"
-            "result = warm(heads=4, kv_heads=2, head_dim=64, hidden=256, tokens=4096, documents=2, prefill=False)\n"
+            "result = warm(heads=4, kv_heads=2, head_dim=64, hidden=256, tokens=4096, documents=2,\n"
+            "              prefill=False)\n"
             "tuned = sorted({t.kernel_name for t in fla_autotuners() if hasattr(t, 'bench_time')})\n"
             "print(json.dumps({'report': report, 'result': result, 'autotuned': tuned}))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("FLA_CONFIG_DIR", "FLA_CACHE_MODE")}

@@ -155,7 +155,8 @@ def export_fla_configs(out_dir: str | Path, gpu_name: str) -> dict:
 
 
 def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 1024, tokens: int = 16384,
-         documents: int = 8, dtype: str = "bfloat16", mixers: tuple[str, ...] = ("kda",), prefill: bool = True) -> dict:
+         documents: int = 8, dtype: str = "bfloat16", mixers: tuple[str, ...] = ("kda",),
+         prefill: bool = True) -> dict:
     """For each linear mixer in `mixers`, one layer's training forward and backward on CUDA at a training shape
     (`tokens` packed tokens in `documents` documents, bf16 autocast as training runs), then (`prefill`) an inference
     prefill of one document: compiles and autotunes every fla kernel training and prefill use, into the persistent cache. Returns
