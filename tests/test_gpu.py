@@ -287,8 +287,9 @@ def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
 
 def test_pinned_configs_start_another_shape_without_autotuning(tmp_path):
     """The shipped configs, in fla's fuzzy mode, serve a model shape they were not tuned on (the GPU world demo's
-    student: 4 heads of 64, hidden 256) in training (what they were exported from) with no kernel autotuned, from an empty Triton cache; on an H200 through the
-    H100's set (`SAME_CHIP`). Its own process: fla reads FLA_CACHE_MODE when it is first imported."""
+    student: 4 heads of 64, hidden 256) in training, what they were exported from, with no kernel autotuned, from an
+    empty Triton cache; on an H200 through the H100's set (`SAME_CHIP`). Its own process: fla reads FLA_CACHE_MODE
+    when it is first imported."""
     import subprocess
     import sys
 

@@ -159,8 +159,8 @@ def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 
          prefill: bool = True) -> dict:
     """For each linear mixer in `mixers`, one layer's training forward and backward on CUDA at a training shape
     (`tokens` packed tokens in `documents` documents, bf16 autocast as training runs), then (`prefill`) an inference
-    prefill of one document: compiles and autotunes every fla kernel training and prefill use, into the persistent cache. Returns
-    the seconds each took, and the same again (warm)."""
+    prefill of one document: compiles and autotunes every fla kernel training and prefill use, into the persistent
+    cache. Returns the seconds each took, and the same again (warm)."""
     import torch
 
     from gendistill.io import UserError
