@@ -15,6 +15,8 @@
 #   kd, kd2  bench/kd_step.py: every stage objective and lever on one GPU, and FSDP2 on two         -> kd_step.json, kd_step_x2.json
 #   engine   bench/eval_engine.py: the batched generation engine against one-by-one generate     -> eval_engine.json
 #   demo     gendistill demo --scale gpu: the whole pipeline; its report                          -> demo/
+#   export   gendistill kernels export --mixers all: fla's autotuned configs for every mixer's training and prefill
+#            kernels at the 0.6B shape, on an empty Triton cache, to ship under gendistill/kernels/configs/ -> fla_configs/
 # Environment: GPU_NAME overrides <gpu>; GENDISTILL_COMMIT names the commit where the tree has no .git (a copy).
 set -u
 cd "$(dirname "$0")/.."
@@ -70,6 +72,9 @@ for step in "${@:-bench graphs}"; do
       demo)    D=${TMPDIR:-/tmp}/gendistill-gpu-demo  # the demo's models and data stay out of the results
                run demo "$PY" -m gendistill demo --scale gpu --out "$D" && rm -rf "$R/demo" && mkdir -p "$R/demo" &&
                  cp "$D"/eval/report.md "$D"/eval/report.json "$D"/summary.json "$R/demo/" ;;
+      # its own empty cache and no pinned set, so that every kernel autotunes at this shape
+      export)  rm -rf "$R/fla_configs" && FLA_CACHE_MODE=disabled TRITON_CACHE_DIR=$(mktemp -d) run export "$PY" -m \
+                 gendistill kernels export "$R/fla_configs" --mixers all ;;
       *) echo "unknown step $s (see the head of $0)"; failed+=("$s") ;;
     esac
   done
