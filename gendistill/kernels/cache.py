@@ -176,20 +176,25 @@ def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 
         config = HybridKDAConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
                                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                                  layer_types=["linear_attention"], linear_mixer=mixer)
+        half = getattr(torch, dtype)
         model = HybridKDAForCausalLM(config).cuda().train()
+        # The prefill path has kernels and flags of its own; it runs a model loaded in `dtype`, whose decay parameters
+        # from_pretrained keeps in fp32 (`_keep_in_fp32_modules_strict`): built the same way here.
+        infer = HybridKDAForCausalLM(config).cuda().to(half).eval() if prefill else None
+        for name, param in infer.named_parameters() if prefill else ():
+            if name.rsplit(".", 1)[-1] in infer._keep_in_fp32_modules_strict:
+                param.data = param.data.float()
         x = torch.randn(1, per_doc * documents, hidden, device="cuda", requires_grad=True)
         seconds = []
         for _ in range(2):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+            with torch.autocast("cuda", dtype=half):
                 out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
             out.float().square().mean().backward()
-            if prefill:  # the prefill path: its own kernels and flags
+            if prefill:
                 with torch.no_grad():
-                    half = getattr(torch, dtype)
-                    model.eval().to(half)(inputs_embeds=x[:, :per_doc].detach().to(half))
-                model.train().float()
+                    infer(inputs_embeds=x[:, :per_doc].detach().to(half))
             torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
         key = "" if mixers == ("kda",) else f"{mixer}_"  # the KDA-only record keeps its names
