@@ -242,6 +242,7 @@ def _fla_mixer(mixer: str, seq_len: int):
     return ops[1] if seq_len <= RECURRENT_MAX_STEPS and not torch.is_grad_enabled() else ops[0]
 
 
+@torch.compiler.assume_constant_result  # a constant of the process, as `_fla_ops_ready`
 @functools.cache
 def fla_gated_backward_refused() -> bool:
     """Whether fla refuses the backward of its scalar-gated chunk kernels here: fla 0.6.0's `chunk_bwd_dqkwg` (the
