@@ -42,9 +42,9 @@ FAMILIES = ["niah_single", "niah_multikey", "assoc_recall"]
 _worker = {}
 
 
-# --drills dense: the builder's episodes made short and question-dense (set in each worker, before any drill)
-DENSE = {"LONG_MIN_EPISODE": 360, "LONG_EPISODE_WEIGHTS": [0.15, 0.15, 0.7], "LONG_SHORT_SHARE": (0.0, 0.05),
-         "LONG_EXTRA_QUESTIONS": {"niah_multikey": 3, "assoc_recall": 31}}
+# --drills dense: the builder's episodes made short and question-dense
+DENSE = {"min_episode": 360, "episode_weights": [0.15, 0.15, 0.7], "short_share": (0.0, 0.05),
+         "extra_questions": {"niah_multikey": 3, "assoc_recall": 31}}
 
 
 # --drills mqar: multi-query associative recall in token space (Zoology's MQAR, arXiv 2312.04927): one-token keys and
@@ -56,13 +56,7 @@ MQAR_KEYS, MQAR_VALUES = range(100, 1124), range(2000, 3024)
 def _init_worker(tokenizer_dir, bios, chats, mode, mqar_pairs):
     from transformers import AutoTokenizer
 
-    import gendistill.world.world as world
-
     _worker["mode"], _worker["mqar_pairs"] = mode, mqar_pairs
-    if mode == "dense":
-        for name, value in DENSE.items():
-            setattr(world, name, value)
-
     _worker["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir)
     _worker["bios"], _worker["chats"] = bios, chats
 
@@ -76,7 +70,8 @@ def _drills(job):
         return _mqar(random.Random(f"mqar/{seed}"), n, length, _worker["mqar_pairs"])
     tok = _worker["tok"]
     if "builder" not in _worker:
-        _worker["builder"] = _LongDocBuilder(random.Random(), _TokenCounter(tok), _worker["bios"], _worker["chats"])
+        _worker["builder"] = _LongDocBuilder(random.Random(), _TokenCounter(tok), _worker["bios"], _worker["chats"],
+                                             **(DENSE if _worker["mode"] == "dense" else {}))
     builder = _worker["builder"]
     builder.rng = random.Random(f"probe/{seed}")
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -114,7 +109,7 @@ def _mqar(rng, n, length, pairs):
 
 
 def recall_items(tokenizer, lengths, n):
-    """(task name, [(prompt ids + answer ids, number of answer tokens)]) for each family and length."""
+    """(task name, rows) for each family and length; a row is (prompt and answer ids, answer mask), as the drills'."""
     from gendistill.evaluation.engine import encode
     from gendistill.evaluation.recall import recall_task
     from gendistill.evaluation.tasks import user_text
@@ -123,53 +118,43 @@ def recall_items(tokenizer, lengths, n):
     for length in lengths:
         for family in FAMILIES:
             task = recall_task(family, length, tokenizer, n=n, seed=0)
-            items = []
+            rows = []
             for item in task.items:
                 prompt = encode(tokenizer, user_text(task, item))
                 full = encode(tokenizer, user_text(task, item) + " " + item["answer"])
                 assert full[:len(prompt)] == prompt, "the answer must not merge with the prompt's last token"
-                items.append((full, len(full) - len(prompt)))
-            tasks.append((task.name, items))
+                rows.append((full, [False] * len(prompt) + [True] * (len(full) - len(prompt))))
+            tasks.append((task.name, rows))
     return tasks
 
 
 @torch.no_grad()
-def heldout_accuracy(model, rows, device, batch=16):
-    """Share of held-out drill answer tokens that are the model's argmax (teacher-forced): in-distribution recall."""
+def answer_hits(model, rows, device, pad_id, batch=16):
+    """Per row (answer tokens that are the model's argmax after the row's earlier tokens, answer tokens)."""
     model.eval()
-    right = total = 0
+    hits = []
     for i in range(0, len(rows), batch):
-        ids = torch.tensor([r[0] for r in rows[i:i + batch]], device=device)
-        mask = torch.tensor([r[1] for r in rows[i:i + batch]], device=device)[:, 1:]
+        chunk = rows[i:i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        # right padding: the causal positions before the pad are exact
+        ids = torch.tensor([r[0] + [pad_id] * (width - len(r[0])) for r in chunk], device=device)
+        mask = torch.tensor([r[1] + [False] * (width - len(r[1])) for r in chunk], device=device)[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(ids[:, :-1]).logits.argmax(-1)
-        right += int(((pred == ids[:, 1:]) & mask).sum())
-        total += int(mask.sum())
+        hits += zip(((pred == ids[:, 1:]) & mask).sum(1).tolist(), mask.sum(1).tolist())
     model.train()
-    return right / max(1, total)
+    return hits
 
 
-@torch.no_grad()
-def score(model, tasks, device, pad_id, batch=16):
-    model.eval()
-    result = {}
-    for name, items in tasks:
-        right = 0
-        for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            for j, (seq, _) in enumerate(chunk):
-                ids[j, :len(seq)] = torch.tensor(seq)  # right padding: causal positions before the pad are exact
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(ids.to(device)).logits
-            pred = logits.argmax(-1).cpu()
-            for j, (seq, k) in enumerate(chunk):
-                n = len(seq)
-                right += bool((pred[j, n - k - 1:n - 1] == torch.tensor(seq[n - k:])).all())
-        result[name] = right / len(items)
-    model.train()
-    return result
+def heldout_accuracy(model, rows, device, pad_id):
+    """Share of held-out drill answer tokens that are the model's argmax (teacher-forced): in-distribution recall."""
+    hits = answer_hits(model, rows, device, pad_id)
+    return sum(h for h, _ in hits) / max(1, sum(n for _, n in hits))
+
+
+def score(model, tasks, device, pad_id):
+    """Per recall task, the share of items whose whole answer is the model's argmax (teacher-forced)."""
+    return {name: sum(h == n for h, n in answer_hits(model, rows, device, pad_id)) / len(rows) for name, rows in tasks}
 
 
 def main(argv=None):
@@ -250,7 +235,7 @@ def main(argv=None):
                "elapsed_s": round(time.time() - t_train, 1) if t_train else 0.0,
                "loss": round(torch.stack(losses).mean().item(), 4) if losses else None,
                "answer_loss": round(torch.stack(answer_losses).mean().item(), 4) if answer_losses else None,
-               "heldout_answer_tokens": round(heldout_accuracy(model, heldout, device), 4),
+               "heldout_answer_tokens": round(heldout_accuracy(model, heldout, device, pad_id), 4),
                "recall": score(model, tasks, device, pad_id)}
         losses.clear(), answer_losses.clear()
         curve.append(row)

@@ -35,12 +35,8 @@ def drill_worker():
 
 @pytest.mark.parametrize("mode", ["long", "dense"])
 def test_world_drills_mask_exactly_the_answers(drill_worker, monkeypatch, tmp_path, mode):
-    import gendistill.world.world as world
-
     tok, bios, chats = drill_worker
     tok.save_pretrained(tmp_path)
-    for name in probe.DENSE:  # the dense mode changes the builder's module settings: put them back afterwards
-        monkeypatch.setattr(world, name, getattr(world, name))
     monkeypatch.setattr(probe, "_worker", {})
     probe._init_worker(str(tmp_path), bios, chats, mode, 0)
     rows = probe._drills((1, 3, 512))

@@ -171,19 +171,19 @@ def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 
                         "compiled and autotuned for the GPU they run on (`kernels info` runs anywhere)")
     per_doc = tokens // documents
     position_ids = torch.arange(per_doc, device="cuda").repeat(documents)[None]
+    half = getattr(torch, dtype)
     result = {"tokens": per_doc * documents, "heads": heads, "head_dim": head_dim}
     for mixer in mixers:
         config = HybridKDAConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
                                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                                  layer_types=["linear_attention"], linear_mixer=mixer)
-        half = getattr(torch, dtype)
         model = HybridKDAForCausalLM(config).cuda().train()
-        # The prefill path has kernels and flags of its own; it runs a model loaded in `dtype`, whose decay parameters
-        # from_pretrained keeps in fp32 (`_keep_in_fp32_modules_strict`): built the same way here.
-        infer = HybridKDAForCausalLM(config).cuda().to(half).eval() if prefill else None
-        for name, param in infer.named_parameters() if prefill else ():
-            if name.rsplit(".", 1)[-1] in infer._keep_in_fp32_modules_strict:
-                param.data = param.data.float()
+        infer = None
+        if prefill:  # the prefill path has kernels and flags of its own: a model as from_pretrained loads it in
+            infer = HybridKDAForCausalLM(config).cuda().to(half).eval()  # `dtype`, its decay parameters kept fp32
+            for name, param in infer.named_parameters():
+                if name.rsplit(".", 1)[-1] in infer._keep_in_fp32_modules_strict:
+                    param.data = param.data.float()
         x = torch.randn(1, per_doc * documents, hidden, device="cuda", requires_grad=True)
         seconds = []
         for _ in range(2):
@@ -192,7 +192,7 @@ def warm(heads: int = 16, kv_heads: int = 8, head_dim: int = 128, hidden: int = 
             with torch.autocast("cuda", dtype=half):
                 out = model.model(inputs_embeds=x, position_ids=position_ids, use_cache=False).last_hidden_state
             out.float().square().mean().backward()
-            if prefill:
+            if infer is not None:
                 with torch.no_grad():
                     infer(inputs_embeds=x[:, :per_doc].detach().to(half))
             torch.cuda.synchronize()

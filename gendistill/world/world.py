@@ -692,10 +692,16 @@ class _TokenCounter:
 
 class _LongDocBuilder:
     def __init__(self, rng: random.Random, counter: _TokenCounter, bios: list[tuple[str, str]],
-                 chats: list[tuple[str, str]]):
+                 chats: list[tuple[str, str]], min_episode: int = LONG_MIN_EPISODE,
+                 episode_weights: list[float] = LONG_EPISODE_WEIGHTS,
+                 short_share: tuple[float, float] = LONG_SHORT_SHARE,
+                 extra_questions: dict[str, int] = LONG_EXTRA_QUESTIONS):
+        """The layout settings default to the world's (above); bench/retrieval_probe.py makes denser drills."""
         from gendistill.evaluation import recall
 
         self.rng, self.count, self.recall = rng, counter, recall
+        self.min_episode, self.episode_weights = min_episode, episode_weights
+        self.short_share, self.extra_questions = short_share, extra_questions
         self.bios, self.chats = bios, chats  # (person id, text)
         # Counted up front in two batches: one call per piece would cost more than the counting itself.
         counter.many([b + "\n" for _, b in bios] + [" " + b for _, b in bios] + [c for _, c in chats])
@@ -750,7 +756,7 @@ class _LongDocBuilder:
         keys = self._keys(n)
         values = rng.sample(range(1_000_000, 10_000_000), n)
         needles = [recall.NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-        extra = rng.randint(0, LONG_EXTRA_QUESTIONS["niah_multikey"]) if multikey else 0
+        extra = rng.randint(0, self.extra_questions["niah_multikey"]) if multikey else 0
         asked = [0] + rng.sample(range(1, n), extra)
         qa, qa_tokens = self._qa(recall.NIAH_QUESTION, [(keys[i], values[i]) for i in asked])
         head, between, head_tokens, between_tokens = self.niah
@@ -778,7 +784,7 @@ class _LongDocBuilder:
     def _assoc(self, budget: int) -> tuple[str, int]:
         rng, recall = self.rng, self.recall
         head, between, head_tokens, between_tokens = self.ar
-        depths = [rng.random() for _ in range(1 + rng.randint(0, LONG_EXTRA_QUESTIONS["assoc_recall"]))]
+        depths = [rng.random() for _ in range(1 + rng.randint(0, self.extra_questions["assoc_recall"]))]
         fixed = head_tokens + between_tokens
         keys, values, costs, m, used = [], [], [], 0, 0
         while True:
@@ -806,7 +812,7 @@ class _LongDocBuilder:
     def document(self, target: int) -> str:
         rng = self.rng
         doc = {"chat_people": set(), "bio_people": set()}
-        min_episode = min(LONG_MIN_EPISODE, target // 4)
+        min_episode = min(self.min_episode, target // 4)
         parts, used = [], 0
 
         def add_short(limit: int) -> None:
@@ -831,11 +837,11 @@ class _LongDocBuilder:
             if remaining - span < min_episode:
                 span = remaining
             start = used
-            short_budget = int(span * rng.uniform(*LONG_SHORT_SHARE))
+            short_budget = int(span * rng.uniform(*self.short_share))
             if span - short_budget >= min_episode:
                 add_short(start + short_budget)
             budget = start + span - used
-            kind = rng.choices(LONG_EPISODES, LONG_EPISODE_WEIGHTS)[0]
+            kind = rng.choices(LONG_EPISODES, self.episode_weights)[0]
             if kind == "assoc_recall":
                 text, tokens = self._assoc(budget)
             else:
