@@ -3,6 +3,8 @@
 #   kd_step.json      every stage objective x seq len (2048, 4096) x lever: tokens/s, model FLOPs/token, MFU, peak
 #                     memory, first-step latency; the levers that paid (`optimized`) and the loss-curve check. Its
 #                     first row starts on an empty Triton cache: cold_start_first_step_s is the cold start.
+#                     `profiles`: the kd and ce steps under torch.profiler (baseline, optimized): kernel time by
+#                     category, idle time, MFU = busy x GEMM share x GEMM rate (bench/profiling.py)
 #   fla_configs/      the fla kernel configs that run's autotuning chose (pinned configs: gendistill/kernels/configs)
 #   cold_pinned.json  the cold start again, a fresh process on an empty Triton cache with those configs pinned
 #   pytest_levers.txt the GPU tests of the levers (Liger's kernels against the chunked KD, compiled fla blocks)

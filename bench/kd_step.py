@@ -16,7 +16,9 @@ lever needs more). Levers (stage settings, gendistill/distill/recipe.py "through
     optimized      the levers of --optimized together ("auto": those whose single kd row beat baseline by > 2 %)
 Each row reports the first step apart (kernel compilation, fla autotuning, torch.compile: a cold start), then the
 median of the timed steps. --curves N: N steps of kd at the optimized settings against baseline from the same seed
-and data, both loss curves in the JSON, and whether they end within noise.
+and data, both loss curves in the JSON, and whether they end within noise. --profile ROWS: those rows under
+torch.profiler (baseline and optimized): kernel time by category, the GPU's idle time, and MFU taken apart into
+busy fraction x GEMM share x GEMM rate (bench/profiling.py), the answer to "what holds the step back".
 
     python bench/kd_step.py                                        # CPU, tiny shape, a smoke run
     python bench/kd_step.py --shape qwen3-0.6b --plan gpu          # one GPU: everything, within --budget-s
@@ -73,12 +75,12 @@ KD_ONLY = {"liger_kl", "liger_jsd", "topk"}
 NEEDS_TEACHER = {"teacher_batch"}
 PLANS = {  # --plan: what a GPU run measures (the flags override)
     "gpu": dict(rows=list(ROWS), levers=["compile", "liger_kl", "liger_jsd", "teacher_batch", "topk", "big_micro"],
-                optimized="auto", curves=16, steps=4, warmup=2, hf=True, loss_memory=False),
+                optimized="auto", curves=16, steps=4, warmup=2, hf=True, loss_memory=False, profile=["kd", "ce"]),
     "gpu2": dict(rows=list(ROWS), levers=[], optimized="compile,teacher_batch", curves=0, steps=4, warmup=2,
-                 hf=False, loss_memory=False),
+                 hf=False, loss_memory=False, profile=[]),
     # a smoke run (torch.compile's inductor takes minutes on a small CPU: `--levers compile` measures it there)
     "cpu": dict(rows=list(ROWS), levers=["teacher_batch", "topk"], optimized="teacher_batch", curves=4,
-                steps=2, warmup=1, hf=True, loss_memory=False),
+                steps=2, warmup=1, hf=True, loss_memory=False, profile=[]),
 }
 
 
@@ -165,7 +167,7 @@ class Runner:
         kd = ROWS[row]["objective"] == "kd"
         return all((name not in KD_ONLY or kd) and (name not in NEEDS_TEACHER or row != "ce") for name in levers)
 
-    def run_stage(self, stage: dict, out: Path) -> tuple[dict, list[dict]]:
+    def run_stage(self, stage: dict, out: Path, on_step=None) -> tuple[dict, list[dict]]:
         from gendistill.distill import train_stage
 
         if self.env.device.type == "cuda":
@@ -176,7 +178,7 @@ class Runner:
         summary = train_stage(stage, copy.deepcopy(self.student),
                               teacher=self.teacher if objective != "ce" else None,
                               data=self.corpus(chat, self.corpus_tokens()), out_dir=out, progress=False,
-                              tensorboard=False, save=False, env=self.env)
+                              tensorboard=False, save=False, env=self.env, on_step=on_step)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return summary, records
 
@@ -213,6 +215,44 @@ class Runner:
                 torch.cuda.empty_cache()
         self.add(entry)
         return entry
+
+    def profile(self, row: str, seq_len: int, lever_names: list[str], label: str) -> None:
+        """--profile: torch.profiler over --profile-steps steps of a row, after --warmup unprofiled steps and one
+        profiler warm-up step; where the step's time goes and MFU taken apart (bench/profiling.py)."""
+        from profiling import attribute, holds_back, kernel_events, top_host_ops
+
+        from gendistill.distill.throughput import peak_tflops
+
+        a = self.args
+        if not self.applicable(row, lever_names) or "topk" in lever_names:  # topk: two passes, not one profile
+            return
+        entry = {"row": row, "seq_len": seq_len, "lever": label, "levers": lever_names}
+        if self.budget.left() < self.args.reserve_s:
+            self.results["profiles"].append({**entry, "skipped": "budget"})
+            return
+        stage = self.stage_for(row, seq_len, lever_names, a.warmup + 1 + a.profile_steps)
+        cuda = self.env.device.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        schedule = torch.profiler.schedule(wait=a.warmup, warmup=1, active=a.profile_steps, repeat=1)
+        try:
+            with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+                _, records = self.run_stage(stage, self.tmp / f"{stage['name']}-{label}-profile",
+                                            on_step=lambda *_: prof.step())
+            profiled = records[a.warmup + 1:]
+            tokens = stage["batch_size"] * seq_len / self.env.world  # per process per step
+            wall = sum(r["step_time_s"] for r in profiled)
+            flops = self.flops(stage, tokens * len(profiled) / wall)
+            entry.update(attribute(kernel_events(prof, self.env.device.type), wall, len(profiled),
+                                   flops["flops_per_token"]["total"] * tokens, peak_tflops(self.device_name)),
+                         unprofiled_step_s=statistics.median(r["step_time_s"] for r in records[1:a.warmup + 1])
+                         if a.warmup > 1 else None, top_host_ops=top_host_ops(prof))
+            entry["holds_back"] = holds_back(entry)
+        except Exception as err:  # a profile failing must not lose the measured rows
+            entry["error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+        self.results["profiles"].append(entry)
+        self.save()
+        if self.env.is_main:
+            print(f"profile {row} {seq_len} {label}: " + entry.get("holds_back", entry.get("error", "")), flush=True)
 
     def flops(self, stage: dict, tokens_per_s: float) -> dict:
         from gendistill.distill.recipe import parse_stage
@@ -401,6 +441,9 @@ def parse_args(argv):
     p.add_argument("--curve-lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, help="timed steps per row (median)")
     p.add_argument("--warmup", type=int, help="untimed steps per row (the first is reported as first_step_s)")
+    p.add_argument("--profile", help="comma-separated rows to profile at the first seq_len, baseline and optimized "
+                                     "(bench/profiling.py: kernel time by category, MFU taken apart)")
+    p.add_argument("--profile-steps", type=int, default=2, help="profiled steps per profile")
     p.add_argument("--chunk-tokens", type=int, default=1024)
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, help="the transformers full-logits CE row")
     p.add_argument("--loss-memory", action=argparse.BooleanOptionalAction,
@@ -419,10 +462,11 @@ def parse_args(argv):
     args.tokens_per_micro = args.tokens_per_micro or spec["tokens_per_micro"]
     args.levers = [x for x in (args.levers.split(",") if args.levers is not None else plan["levers"]) if x]
     args.optimized = args.optimized or plan["optimized"]
+    args.profile = [x for x in (args.profile.split(",") if args.profile is not None else plan["profile"]) if x]
     for key in ("curves", "steps", "warmup", "hf", "loss_memory"):
         if getattr(args, key) is None:
             setattr(args, key, plan[key])
-    unknown = [x for x in args.rows if x not in ROWS] + [x for x in args.levers if x not in LEVERS]
+    unknown = [x for x in args.rows + args.profile if x not in ROWS] + [x for x in args.levers if x not in LEVERS]
     if unknown:
         p.error(f"unknown rows/levers: {unknown}")
     return args
@@ -471,7 +515,7 @@ def main(argv=None) -> int:
                "kda_backend": "fla" if fla_available() else "torch",
                "precision": "bf16 autocast" if env.device.type == "cuda" else "fp32",
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "model_build_s": time.perf_counter() - t_build, "rows": []}
+               "model_build_s": time.perf_counter() - t_build, "rows": [], "profiles": []}
     tmp = Path(parallel.broadcast_object(env, tempfile.mkdtemp(prefix="kd_step.") if env.is_main else None))
     runner = Runner(args, env, teacher, student, tmp, results)
     if env.is_main:
@@ -488,6 +532,8 @@ def main(argv=None) -> int:
         for row in args.rows:
             if row != "kd":
                 runner.measure(row, first, ["baseline"])
+        for row in args.profile:  # early: a few steps each, and the answer to what holds the baseline back
+            runner.profile(row, first, ["baseline"], "baseline")
         for lever in sorted(args.levers, key=lambda name: name == "compile"):
             runner.measure("kd", first, [lever])
         optimized = choose_optimized(args.optimized, results["rows"], first)
@@ -501,6 +547,10 @@ def main(argv=None) -> int:
             measure_optimized("kd", first)
         if args.curves and optimized:
             runner.curves(optimized, first)
+        for row in args.profile:
+            usable = [x for x in optimized if runner.applicable(row, [x])]
+            if usable:
+                runner.profile(row, first, usable, "optimized")
         for row in args.rows:
             if optimized and row != "kd":
                 measure_optimized(row, first)

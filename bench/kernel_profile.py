@@ -8,44 +8,27 @@ kernels (`teacher+fused`: how much of the student's lead is kernels, not archite
 warm-up (fla autotunes there), no cache, last-token logits, as `gendistill bench` times it. Decode
 (`--decode CONTEXT@BATCH`): one profiled greedy step from the synthetic cache `gendistill bench` decodes from, per
 model and cache class (DynamicCache, StaticCache).
-`wall_ms` is the CUDA-event time of the profiled call; `kernel_ms` the summed kernel time: a wall time well above
-the kernel time means the GPU waits on the host (launch overhead, syncs).
+`wall_ms` is the CUDA-event time of the call (timed apart from the profiled one); `kernel_ms` the summed kernel
+time, `busy_ms` the time any kernel ran: a wall time well above it means the GPU waits on the host (launch overhead,
+syncs). Categories and the breakdown: bench/profiling.py.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, print_table, write_result  # noqa: E402
+from bench.profiling import CATEGORIES, attribute, kernel_events, top_host_ops  # noqa: E402
 from gendistill.bench.measure import fast_path, random_ids, synthetic_cache, timed  # noqa: E402
 from gendistill.io import parse_size  # noqa: E402
 from gendistill.testing import random_teacher_and_student  # noqa: E402
 from gendistill.kernels import fuse as fuse_modules  # noqa: E402
 from gendistill.kda import use_backend  # noqa: E402
-
-# First match wins; names are lower-cased kernel names.
-CATEGORIES = [
-    ("kda_kernels", r"kda|gated_delta|delta_rule|wy_|solve_tril|chunk_local_cumsum|l2norm|gla"),
-    ("short_conv", r"conv"),
-    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
-    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul"),
-    ("norm_gate", r"norm|softplus|sigmoid|silu|swiglu"),
-    ("copies", r"copy|cat_|catarray|index|gather|fill|transpose|repeat"),
-    ("elementwise", r"elementwise|vectorized|reduce"),
-]
-
-
-def category(name: str) -> str:
-    lowered = name.lower()
-    return next((cat for cat, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
 
 
 def profile_call(forward, device) -> dict:
@@ -55,25 +38,7 @@ def profile_call(forward, device) -> dict:
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    by_name, by_category = defaultdict(lambda: [0, 0.0]), defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        us = e.time_range.elapsed_us()
-        for table, key in ((by_name, e.name), (by_category, category(e.name))):
-            table[key][0] += 1
-            table[key][1] += us / 1e3
-    total = sum(ms for _, ms in by_category.values())
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]
-    # Host side: where the CPU time of the call goes (a host-bound call is fixed there, not in the kernels).
-    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    return {
-        "wall_ms": 1e3 * seconds, "kernel_ms": total, "launches": len(kernels),
-        "categories": {k: {"launches": n, "ms": ms, "share": ms / total} for k, (n, ms) in
-                       sorted(by_category.items(), key=lambda kv: -kv[1][1])},
-        "top_kernels": [{"name": k[:120], "launches": n, "ms": ms} for k, (n, ms) in top],
-        "top_host_ops": [{"name": e.key[:120], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
-                         for e in host[:25]],
-    }
+    return {**attribute(kernel_events(prof, "cuda"), seconds, top=60), "top_host_ops": top_host_ops(prof)}
 
 
 def main() -> int:

@@ -424,7 +424,7 @@ def test_kd_step_bench_runs_on_cpu(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "kd_step.py"), "--shape", "tiny", "--rows",
                            "kd,ce,attn_align", "--seq-lens", "32", "--levers", "teacher_batch,topk", "--optimized",
                            "teacher_batch", "--curves", "4", "--steps", "1", "--warmup", "1", "--no-hf",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                           "--profile", "kd", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "GENDISTILL_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -444,3 +444,28 @@ def test_kd_step_bench_runs_on_cpu(tmp_path):
     # same seed, same data: the first step (before any update) differs by rounding only, the repeat not at all
     assert curves["first_step_rel_diff"] < 1e-5 and curves["baseline_repeat"] == curves["baseline"]
     assert result["optimized"] == ["teacher_batch"] and "FLOPs/token" in result["flops_formula"]
+    profiles = {p["lever"]: p for p in result["profiles"]}
+    assert set(profiles) == {"baseline", "optimized"} and all(p["row"] == "kd" for p in profiles.values())
+    for p in profiles.values():  # two profiled steps of the real trainer, their operators sorted into categories
+        assert p["steps"] == 2 and 0 < p["busy_ms"] <= p["wall_ms"] and p["categories"]["gemm"]["ms"] > 0
+        assert sum(c["ms"] for c in p["categories"].values()) == pytest.approx(p["kernel_ms"])
+        assert "mfu_factors" not in p and p["holds_back"].startswith("besides the GEMMs: idle")
+
+
+def test_profile_attribution_takes_mfu_apart():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profiling import attribute, category, holds_back, union_us
+
+    assert union_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert category("sm90_xmma_gemm_bf16") == "gemm" and category("chunk_kda_fwd_kernel") == "kda_kernels"
+    # two steps: overlapping GEMMs on two streams, a loss kernel, idle gaps; times in microseconds
+    step = [("nvjet_gemm", 0, 10_000), ("cutlass_gemm", 5_000, 15_000), ("softmax_fwd", 20_000, 25_000)]
+    kernels = step + [(name, start + 50_000, end + 50_000) for name, start, end in step]
+    r = attribute(kernels, wall_s=0.1, steps=2, model_flops_per_step=1e12, peak_tflops=100)
+    assert r["wall_ms"] == 50 and r["busy_ms"] == 20 and r["idle_ms"] == 30 and r["launches"] == 3
+    assert r["categories"]["gemm"]["ms"] == 20 and r["categories"]["loss"]["ms"] == 5
+    f = r["mfu_factors"]  # MFU = 1e12 / (0.05 s x 1e14) = 0.2 = busy 0.4 x GEMM share 1.0 x GEMM rate 0.5
+    assert f["mfu"] == pytest.approx(0.2) and f["busy_fraction"] == pytest.approx(0.4)
+    assert f["gemm_share_of_busy"] == pytest.approx(1.0) and f["gemm_rate_over_peak"] == pytest.approx(0.5)
+    assert f["busy_fraction"] * f["gemm_share_of_busy"] * f["gemm_rate_over_peak"] == pytest.approx(f["mfu"])
+    assert holds_back(r).startswith("MFU 20.0% = busy 40% x GEMM share 100% x GEMM rate 50% of peak")
