@@ -219,7 +219,7 @@ class Runner:
     def profile(self, row: str, seq_len: int, lever_names: list[str], label: str) -> None:
         """--profile: torch.profiler over --profile-steps steps of a row, after --warmup unprofiled steps and one
         profiler warm-up step; where the step's time goes and MFU taken apart (bench/profiling.py)."""
-        from profiling import attribute, holds_back, kernel_events, top_host_ops
+        from profiling import attribute, holds_back, kernel_events, phase_ms, top_host_ops
 
         from gendistill.distill.throughput import peak_tflops
 
@@ -245,7 +245,8 @@ class Runner:
             entry.update(attribute(kernel_events(prof, self.env.device.type), wall, len(profiled),
                                    flops["flops_per_token"]["total"] * tokens, peak_tflops(self.device_name)),
                          unprofiled_step_s=statistics.median(r["step_time_s"] for r in records[1:a.warmup + 1])
-                         if a.warmup > 1 else None, top_host_ops=top_host_ops(prof))
+                         if a.warmup > 1 else None, phases_ms=phase_ms(prof, self.env.device.type, len(profiled)),
+                         top_host_ops=top_host_ops(prof))
             entry["holds_back"] = holds_back(entry)
         except Exception as err:  # a profile failing must not lose the measured rows
             entry["error"] = f"{type(err).__name__}: {str(err)[:2000]}"

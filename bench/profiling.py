@@ -35,6 +35,12 @@ def category(name: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
 
 
+def _outermost_aten(event) -> bool:
+    """An aten operator not inside another (aten::linear, not the addmm inside it): what a CPU runs as a unit."""
+    parent = event.cpu_parent
+    return event.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::"))
+
+
 def kernel_events(prof, device_type: str) -> list[tuple[str, float, float]]:
     """(name, start_us, end_us) of every kernel the profiler recorded (CPU: every leaf operator)."""
     from torch.autograd import DeviceType
@@ -43,13 +49,45 @@ def kernel_events(prof, device_type: str) -> list[tuple[str, float, float]]:
     for e in prof.events():
         if device_type == "cuda":
             keep = e.device_type == DeviceType.CUDA
-        else:  # an outermost aten operator (aten::linear, not the addmm inside it): what a CPU runs as a unit
-            parent = e.cpu_parent
-            keep = (e.device_type == DeviceType.CPU and e.name.startswith("aten::")
-                    and (parent is None or not parent.name.startswith("aten::")))
+        else:
+            keep = e.device_type == DeviceType.CPU and _outermost_aten(e)
         if keep and e.time_range.elapsed_us() > 0:
             events.append((e.name, float(e.time_range.start), float(e.time_range.end)))
     return events
+
+
+# The trainer's record_function ranges (gendistill/distill/trainer.py); on CUDA the backward runs on autograd's own
+# thread, outside any range of the training loop's: its operators are found by autograd's name instead.
+PHASES = {"gendistill.teacher": "teacher forward", "gendistill.student": "student forward + loss",
+          "gendistill.backward": "backward", "gendistill.optimizer": "optimizer"}
+
+
+def _phase(event) -> str:
+    while event is not None:
+        if event.name in PHASES:
+            return PHASES[event.name]
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        event = event.cpu_parent
+    return "other"
+
+
+def phase_ms(prof, device_type: str, steps: int = 1) -> dict[str, float]:
+    """Kernel time per step in each phase of the training step: each kernel goes to the phase of the operator that
+    launched it (CPU: each outermost operator, as in `kernel_events`)."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        if device_type == "cuda":
+            us = sum(k.duration for k in e.kernels)
+        else:
+            us = e.time_range.elapsed_us() if _outermost_aten(e) else 0
+        if us > 0:
+            out[_phase(e)] += us / 1e3 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def top_host_ops(prof, n: int = 25) -> list[dict]:
@@ -108,4 +146,6 @@ def holds_back(result: dict) -> str:
     head = "" if not factors else (f"MFU {factors['mfu']:.1%} = busy {factors['busy_fraction']:.0%} x GEMM share "
                                    f"{factors['gemm_share_of_busy']:.0%} x GEMM rate {factors['gemm_rate_over_peak']:.0%}"
                                    f" of peak; ")
-    return head + "besides the GEMMs: " + ", ".join(parts)
+    phases = result.get("phases_ms")
+    tail = "" if not phases else "; kernel time by phase: " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
+    return head + "besides the GEMMs: " + ", ".join(parts) + tail

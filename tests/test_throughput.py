@@ -450,6 +450,10 @@ def test_kd_step_bench_runs_on_cpu(tmp_path):
         assert p["steps"] == 2 and 0 < p["busy_ms"] <= p["wall_ms"] and p["categories"]["gemm"]["ms"] > 0
         assert sum(c["ms"] for c in p["categories"].values()) == pytest.approx(p["kernel_ms"])
         assert "mfu_factors" not in p and p["holds_back"].startswith("besides the GEMMs: idle")
+        # every operator in one phase of the step, found through the trainer's record_function ranges
+        assert set(p["phases_ms"]) >= {"teacher forward", "student forward + loss", "backward", "optimizer"}
+        assert sum(p["phases_ms"].values()) == pytest.approx(p["kernel_ms"])
+        assert p["phases_ms"].get("other", 0) < 0.05 * p["kernel_ms"]
 
 
 def test_profile_attribution_takes_mfu_apart():

@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
+from torch.profiler import record_function  # names the step's phases in a profile (bench/profiling.py)
 
 from gendistill.distill import checkpoint, parallel
 from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files,
@@ -561,12 +562,15 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
             for k, batch in enumerate(batches):
                 with parallel.no_sync(model, k < len(batches) - 1), autocast:
                     if k % per_teacher == 0:  # the teacher's pass for this micro-batch and the next per_teacher - 1
-                        teacher_outs = _teacher_pass(stage, capture, topk_cache, step, batches[k:k + per_teacher],
-                                                     mine[k:k + per_teacher], device)
+                        with record_function("gendistill.teacher"):
+                            teacher_outs = _teacher_pass(stage, capture, topk_cache, step, batches[k:k + per_teacher],
+                                                         mine[k:k + per_teacher], device)
                     teacher_out = teacher_outs[k % per_teacher]
-                    loss, terms = model(batch, teacher_out, norms)
+                    with record_function("gendistill.student"):
+                        loss, terms = model(batch, teacher_out, norms)
                 teacher_outs[k % per_teacher] = None  # freed as soon as used
-                loss.backward()
+                with record_function("gendistill.backward"):
+                    loss.backward()
                 local += torch.stack([loss.detach().double()] + [terms[t].double() for t in term_names])
             values = (parallel.all_sum(env, local) / env.world).tolist()  # terms carry x world for the grad mean
             bad = [name for name, v in zip(term_names + ["loss"], values[1:] + values[:1]) if not math.isfinite(v)]
@@ -574,15 +578,17 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
                 raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: loss term {bad[0]!r} is not finite "
                                        f"({dict(zip(['loss'] + term_names, values))}); nothing from this step was "
                                        f"saved, last good checkpoint: {last_good}. {_retry_hint(stage)}")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf"))
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            with record_function("gendistill.optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip or float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(f"stage {stage.name}, step {step + 1}: gradient norm is {grad_norm} (loss "
                                        f"{values[0]}); last good checkpoint: {last_good}. {_retry_hint(stage)}")
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with record_function("gendistill.optimizer"):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - t0
             scored += int(counts[0])
