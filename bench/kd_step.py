@@ -247,6 +247,8 @@ class Runner:
                          unprofiled_step_s=statistics.median(r["step_time_s"] for r in records[1:a.warmup + 1])
                          if a.warmup > 1 else None, phases_ms=phase_ms(prof, self.env.device.type, len(profiled)),
                          top_host_ops=top_host_ops(prof))
+            # kernels the profiler could not link to the operator that launched them (none expected)
+            entry["phases_ms"]["unlinked"] = max(0.0, entry["kernel_ms"] - sum(entry["phases_ms"].values()))
             entry["holds_back"] = holds_back(entry)
         except Exception as err:  # a profile failing must not lose the measured rows
             entry["error"] = f"{type(err).__name__}: {str(err)[:2000]}"

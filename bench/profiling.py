@@ -42,7 +42,7 @@ def _outermost_aten(event) -> bool:
 
 
 def kernel_events(prof, device_type: str) -> list[tuple[str, float, float]]:
-    """(name, start_us, end_us) of every kernel the profiler recorded (CPU: every leaf operator)."""
+    """(name, start_us, end_us) of every kernel the profiler recorded (CPU: every outermost aten operator)."""
     from torch.autograd import DeviceType
 
     events = []
