@@ -143,9 +143,9 @@ def holds_back(result: dict) -> str:
     parts += [f"{k} {v['ms']:.1f} ms ({v['share_of_busy']:.0%} of busy)"
               for k, v in result["categories"].items() if k != "gemm"][:5]
     factors = result.get("mfu_factors")
-    head = "" if not factors else (f"MFU {factors['mfu']:.1%} = busy {factors['busy_fraction']:.0%} x GEMM share "
-                                   f"{factors['gemm_share_of_busy']:.0%} x GEMM rate {factors['gemm_rate_over_peak']:.0%}"
-                                   f" of peak; ")
+    head = "" if not factors else (
+        f"MFU {factors['mfu']:.1%} = busy {factors['busy_fraction']:.0%} x GEMM share "
+        f"{factors['gemm_share_of_busy']:.0%} x GEMM rate {factors['gemm_rate_over_peak']:.0%} of peak; ")
     phases = result.get("phases_ms")
     tail = "" if not phases else "; kernel time by phase: " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
     return head + "besides the GEMMs: " + ", ".join(parts) + tail

@@ -50,13 +50,15 @@ DENSE = {"min_episode": 360, "episode_weights": [0.15, 0.15, 0.7], "short_share"
 # --drills mqar: multi-query associative recall in token space (Zoology's MQAR, arXiv 2312.04927): one-token keys and
 # values from disjoint id ranges, --mqar-pairs pairs, then queries "key value" of those keys to the end of the row; the
 # answers are the values of the queries. No text: a calibration of the shape and the budget, not of the world's data.
-MQAR_KEYS, MQAR_VALUES = range(100, 1124), range(2000, 3024)
+# --mqar-keys (at most 1900) says how many ids each range spans: a smaller key space is an easier task to learn.
+def mqar_ranges(n_keys: int) -> tuple[range, range]:
+    return range(100, 100 + n_keys), range(2000, 2000 + n_keys)
 
 
-def _init_worker(tokenizer_dir, bios, chats, mode, mqar_pairs):
+def _init_worker(tokenizer_dir, bios, chats, mode, mqar_pairs, mqar_keys=1024):
     from transformers import AutoTokenizer
 
-    _worker["mode"], _worker["mqar_pairs"] = mode, mqar_pairs
+    _worker["mode"], _worker["mqar_pairs"], _worker["mqar_keys"] = mode, mqar_pairs, mqar_keys
     _worker["tok"] = AutoTokenizer.from_pretrained(tokenizer_dir)
     _worker["bios"], _worker["chats"] = bios, chats
 
@@ -67,7 +69,7 @@ def _drills(job):
 
     seed, n, length = job
     if _worker["mode"] == "mqar":
-        return _mqar(random.Random(f"mqar/{seed}"), n, length, _worker["mqar_pairs"])
+        return _mqar(random.Random(f"mqar/{seed}"), n, length, _worker["mqar_pairs"], _worker["mqar_keys"])
     tok = _worker["tok"]
     if "builder" not in _worker:
         _worker["builder"] = _LongDocBuilder(random.Random(), _TokenCounter(tok), _worker["bios"], _worker["chats"],
@@ -95,10 +97,11 @@ def _prefetched(pool, jobs, depth):
             yield pending.popleft().get()
 
 
-def _mqar(rng, n, length, pairs):
+def _mqar(rng, n, length, pairs, n_keys=1024):
+    key_ids, value_ids = mqar_ranges(n_keys)
     out = []
     for _ in range(n):
-        keys, values = rng.sample(MQAR_KEYS, pairs), rng.sample(MQAR_VALUES, pairs)
+        keys, values = rng.sample(key_ids, pairs), rng.sample(value_ids, pairs)
         ids, mask = [t for kv in zip(keys, values) for t in kv], [False] * 2 * pairs
         while len(ids) + 2 <= length:
             i = rng.randrange(pairs)
@@ -168,8 +171,11 @@ def main(argv=None):
                    help="long: the world's long-document layout at --seq-len; dense: short episodes, many questions; "
                         "mqar: one-token keys and values, no text (scored on held-out rows of its own too)")
     p.add_argument("--mqar-pairs", type=int, default=64)
+    p.add_argument("--mqar-keys", type=int, default=1024, help="distinct key (and value) ids the drills draw from")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="override the teacher's width 256 (MLP 3x, its 4 heads narrowed to hidden/4 each)")
     p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
     p.add_argument("--eval-every", type=int, default=250, help="steps")
     p.add_argument("--eval-items", type=int, default=32, help="items per recall task and length")
@@ -202,6 +208,9 @@ def main(argv=None):
     cfg.pop("model_type")
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
+    if args.hidden:
+        cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                   head_dim=args.hidden // cfg["num_attention_heads"])
     torch.manual_seed(args.seed)
     model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="sdpa")).to(device)
     forward = torch.compile(model) if args.compile else model  # scoring runs the eager model (other shapes)
@@ -212,7 +221,7 @@ def main(argv=None):
     pad_id = tok.pad_token_id
 
     pool = mp.get_context("spawn").Pool(args.workers, _init_worker, (str(tok_dir), bios, chats, args.drills,
-                                                                         args.mqar_pairs))
+                                                                         args.mqar_pairs, args.mqar_keys))
     jobs = ((args.seed * 10**9 + i, args.batch, args.seq_len) for i in range(10**9))
     heldout = pool.apply(_drills, ((-1 - args.seed, 64, args.seq_len),))  # seeds the training stream never uses
     stream = _prefetched(pool, jobs, depth=2 * args.workers)

@@ -13,11 +13,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import retrieval_probe as probe  # noqa: E402
 
 
-def test_mqar_rows_ask_only_about_their_own_pairs():
-    (ids, mask), = probe._mqar(random.Random(0), 1, 64, pairs=4)
+@pytest.mark.parametrize("n_keys", [8, 1024])
+def test_mqar_rows_ask_only_about_their_own_pairs(n_keys):
+    (ids, mask), = probe._mqar(random.Random(0), 1, 64, pairs=4, n_keys=n_keys)
     assert len(ids) == len(mask) == 64
     pairs = dict(zip(ids[:8:2], ids[1:8:2]))
-    assert len(pairs) == 4 and all(k in probe.MQAR_KEYS and v in probe.MQAR_VALUES for k, v in pairs.items())
+    keys, values = probe.mqar_ranges(n_keys)
+    assert len(pairs) == 4 and all(k in keys and v in values for k, v in pairs.items())
     answers = [i for i, m in enumerate(mask) if m]
     assert answers and all(i >= 9 and i % 2 == 1 for i in answers)  # the value after each queried key
     assert all(pairs[ids[i - 1]] == ids[i] for i in answers)
@@ -55,7 +57,8 @@ def test_probe_runs_on_cpu_and_writes_its_curve(tmp_path):
     out = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "retrieval_probe.py"), "--device", "cpu",
                            "--world", "tiny", "--drills", "mqar", "--mqar-pairs", "4", "--seq-len", "64",
-                           "--batch", "2", "--layers", "1", "--budget-s", "4", "--eval-every", "1000",
+                           "--batch", "2", "--layers", "1", "--hidden", "64", "--mqar-keys", "16", "--budget-s", "4",
+                           "--eval-every", "1000",
                            "--eval-items", "1", "--eval-lengths", "1024", "--workers", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -65,3 +68,5 @@ def test_probe_runs_on_cpu_and_writes_its_curve(tmp_path):
     assert 0 <= last["heldout_answer_tokens"] <= 1 and set(last["recall"]) == {
         f"{family}@1k" for family in probe.FAMILIES}
     assert result["config"]["parameters"] > 0 and result["command"]
+    model = result["config"]["model"]
+    assert (model["hidden_size"], model["head_dim"], model["num_hidden_layers"]) == (64, 16, 1)
