@@ -70,3 +70,19 @@ def test_probe_runs_on_cpu_and_writes_its_curve(tmp_path):
     assert result["config"]["parameters"] > 0 and result["command"]
     model = result["config"]["model"]
     assert (model["hidden_size"], model["head_dim"], model["num_hidden_layers"]) == (64, 16, 1)
+
+
+def test_mqar_calibration_rows_and_run(tmp_path):
+    import mqar_calibration as cal
+
+    ids, mask = cal.rows(random.Random(0), 3, 32, pairs=4, keys=range(4, 12), values=range(12, 20))
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        pairs = dict(zip(row[:8:2], row[1:8:2]))
+        answers = [i for i, flag in enumerate(m) if flag]
+        assert len(pairs) == 4 and answers and all(pairs[row[i - 1]] == row[i] for i in answers)
+    out = tmp_path / "mqar.json"
+    assert cal.main(["--pairs", "2", "--keys", "8", "--seq-len", "16", "--batch", "4", "--steps", "100",
+                     "--hidden", "16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["curve"]) == 1 and result["curve"][0]["step"] == 100 and result["chance"] == 0.5
+    assert set(result["first_step_at"]) == {"0.5", "0.9"} and result["config"]["vocab"] == 24

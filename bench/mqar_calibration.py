@@ -1,0 +1,112 @@
+"""How many steps a small Qwen3 needs to form content lookup, and what slows it (issue 22, docs/FINDINGS.md).
+
+Multi-query associative recall in token space (Zoology's MQAR, arXiv 2312.04927) in the plainest loop: a fresh
+transformers Qwen3, rows of `--pairs` one-token key-value pairs then queries "key value" of those keys to the end of
+the row, cross-entropy on the queried values only, AdamW with a linear warm-up then a constant lr. Every 100 steps
+it scores 256 held-out rows (the share of queried values that are the argmax) and stops once that passes 97 %. Each
+flag is one factor the retrieval probe (`bench/retrieval_probe.py`, the GPU teacher's shape and settings) differs in,
+so that a factor's cost is measured by changing it alone. Runs on a CPU in minutes:
+
+    python bench/mqar_calibration.py --out mqar.json                       # 8 pairs, width 64, 256 keys
+    python bench/mqar_calibration.py --keys 1024 --out mqar_keys.json      # one factor changed
+
+Prints the curve and writes it as JSON (command, versions, commit, date) with the steps at which 50 % and 90 % were
+first reached.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+
+def rows(rng: random.Random, n: int, length: int, pairs: int, keys: range, values: range):
+    """(ids [n, length], mask [n, length]: True at each queried value), values drawn with replacement."""
+    ids = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    for r in range(n):
+        ks = rng.sample(keys, pairs)
+        vs = [rng.choice(values) for _ in ks]
+        row = [t for kv in zip(ks, vs) for t in kv]
+        while len(row) + 2 <= length:
+            i = rng.randrange(pairs)
+            row += [ks[i], vs[i]]
+            mask[r, len(row) - 1] = True
+        ids[r, :len(row)] = torch.tensor(row)
+    return ids, mask
+
+
+def answer_accuracy(model, ids, mask) -> float:
+    with torch.no_grad():
+        predicted = model(ids).logits[:, :-1].argmax(-1)
+    return (predicted[mask[:, 1:]] == ids[:, 1:][mask[:, 1:]]).float().mean().item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--keys", type=int, default=256, help="distinct key ids (as many value ids)")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default: just the keys and values, + 8)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64, help="width; 4 heads of hidden/4")
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=4, help="MLP width as a multiple of the hidden size")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    keys, values = range(4, 4 + args.keys), range(4 + args.keys, 4 + 2 * args.keys)
+    vocab = args.vocab or 2 * args.keys + 8
+    config = Qwen3Config(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.mlp * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=args.kv_heads,
+                         head_dim=args.hidden // 4, max_position_embeddings=args.seq_len, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    train, held_rng = random.Random(0), random.Random(123)
+    held = rows(held_rng, 256, args.seq_len, args.pairs, keys, values)
+    curve, first, t0 = [], {"0.5": None, "0.9": None}, time.time()
+    for step in range(1, args.steps + 1):
+        ids, mask = rows(train, args.batch, args.seq_len, args.pairs, keys, values)
+        m = mask[:, 1:]
+        loss = F.cross_entropy(model(ids).logits[:, :-1][m], ids[:, 1:][m])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            acc = answer_accuracy(model, *held)
+            curve.append({"step": step, "loss": round(loss.item(), 4), "heldout": round(acc, 4)})
+            for threshold in first:
+                if first[threshold] is None and acc >= float(threshold):
+                    first[threshold] = step
+            print(f"step {step:>5}  loss {loss.item():.3f}  held-out {acc:.3f}  {time.time() - t0:.0f}s", flush=True)
+            if acc > 0.97:
+                break
+    print(f"first step at 50 % / 90 %: {first['0.5']} / {first['0.9']}")
+    write_result(args.out, {"config": vars(args) | {"vocab": vocab}, "curve": curve, "first_step_at": first,
+                            "chance": 1 / args.pairs, "wall_s": round(time.time() - t0, 1), **environment()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
