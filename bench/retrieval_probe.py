@@ -97,7 +97,7 @@ def _prefetched(pool, jobs, depth):
             yield pending.popleft().get()
 
 
-def _mqar(rng, n, length, pairs, n_keys=1024):
+def _mqar(rng, n, length, pairs, n_keys):
     key_ids, value_ids = mqar_ranges(n_keys)
     out = []
     for _ in range(n):
