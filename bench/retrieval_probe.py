@@ -50,9 +50,10 @@ DENSE = {"min_episode": 360, "episode_weights": [0.15, 0.15, 0.7], "short_share"
 # --drills mqar: multi-query associative recall in token space (Zoology's MQAR, arXiv 2312.04927): one-token keys and
 # values from disjoint id ranges, --mqar-pairs pairs, then queries "key value" of those keys to the end of the row; the
 # answers are the values of the queries. No text: a calibration of the shape and the budget, not of the world's data.
-# --mqar-keys (at most 1900) says how many ids each range spans: a smaller key space is an easier task to learn.
+# --mqar-keys says how many ids each range spans (the two must fit the vocabulary: 100 + 2 x keys ids): a smaller key
+# space is an easier task to learn. The ids are arbitrary; the first GPU probes took values from 2000 up.
 def mqar_ranges(n_keys: int) -> tuple[range, range]:
-    return range(100, 100 + n_keys), range(2000, 2000 + n_keys)
+    return range(100, 100 + n_keys), range(100 + n_keys, 100 + 2 * n_keys)
 
 
 def _init_worker(tokenizer_dir, bios, chats, mode, mqar_pairs, mqar_keys=1024):
@@ -173,9 +174,11 @@ def main(argv=None):
     p.add_argument("--mqar-pairs", type=int, default=64)
     p.add_argument("--mqar-keys", type=int, default=1024, help="distinct key (and value) ids the drills draw from")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--layers", type=int, default=None, help="override the teacher's 28 layers (a smaller probe)")
+    p.add_argument("--teacher", choices=["gpu", "cpu"], default="gpu",
+                   help="whose shape: demo/teacher-gpu.yaml's (28 x 256) or demo/teacher-cpu.yaml's (8 x 128)")
+    p.add_argument("--layers", type=int, default=None, help="override the teacher's layers (a smaller probe)")
     p.add_argument("--hidden", type=int, default=None,
-                   help="override the teacher's width 256 (MLP 3x, its 4 heads narrowed to hidden/4 each)")
+                   help="override the teacher's width (MLP 3x, its 4 heads narrowed to hidden/4 each)")
     p.add_argument("--budget-s", type=float, default=300, help="training time; the lr schedule is fit to it")
     p.add_argument("--eval-every", type=int, default=250, help="steps")
     p.add_argument("--eval-items", type=int, default=32, help="items per recall task and length")
@@ -204,13 +207,16 @@ def main(argv=None):
     chats = [(f"c{i}", t) for i, t in enumerate(_render_chats(tok, world.chats))]
     print(f"world built in {time.time() - t0:.0f} s; vocabulary {len(tok)}", flush=True)
 
-    cfg = yaml.safe_load(bundled("demo/teacher-gpu.yaml").read_text())["model"]["config"]
+    cfg = yaml.safe_load(bundled(f"demo/teacher-{args.teacher}.yaml").read_text())["model"]["config"]
     cfg.pop("model_type")
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
     if args.hidden:
         cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                    head_dim=args.hidden // cfg["num_attention_heads"])
+    if args.drills == "mqar" and mqar_ranges(args.mqar_keys)[1].stop > cfg["vocab_size"]:
+        p.error(f"--mqar-keys {args.mqar_keys} needs {mqar_ranges(args.mqar_keys)[1].stop} token ids, the model has "
+                f"{cfg['vocab_size']}; use at most {(cfg['vocab_size'] - 100) // 2} keys")
     torch.manual_seed(args.seed)
     model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="sdpa")).to(device)
     forward = torch.compile(model) if args.compile else model  # scoring runs the eager model (other shapes)
