@@ -50,6 +50,23 @@ def answer_accuracy(model, ids, mask) -> float:
     return (predicted[mask[:, 1:]] == ids[:, 1:][mask[:, 1:]]).float().mean().item()
 
 
+def make_model(args) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=args.vocab or 2 * args.keys + 8, hidden_size=args.hidden,
+                         intermediate_size=args.mlp * args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=4, num_key_value_heads=args.kv_heads, head_dim=args.hidden // 4,
+                         max_position_embeddings=args.seq_len, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(config)
+    if args.residual_init:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    proj.weight.mul_((2 * args.layers) ** -0.5)
+    return model
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=8)
@@ -65,20 +82,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--residual-init", action="store_true",
+                   help="scale the init of the layers' writes to the residual stream (o_proj, down_proj) by "
+                        "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     keys, values = range(4, 4 + args.keys), range(4 + args.keys, 4 + 2 * args.keys)
-    vocab = args.vocab or 2 * args.keys + 8
-    config = Qwen3Config(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.mlp * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=args.kv_heads,
-                         head_dim=args.hidden // 4, max_position_embeddings=args.seq_len, tie_word_embeddings=True)
-    model = Qwen3ForCausalLM(config)
+    model = make_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     train, held_rng = random.Random(0), random.Random(123)
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
             if acc > 0.97:
                 break
     print(f"first step at 50 % / 90 %: {first['0.5']} / {first['0.9']}")
-    write_result(args.out, {"config": vars(args) | {"vocab": vocab}, "curve": curve, "first_step_at": first,
+    write_result(args.out, {"config": vars(args) | {"vocab": model.config.vocab_size}, "curve": curve, "first_step_at": first,
                             "chance": 1 / args.pairs, "wall_s": round(time.time() - t0, 1), **environment()})
     return 0
 

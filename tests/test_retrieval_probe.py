@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -87,3 +88,17 @@ def test_mqar_calibration_rows_and_run(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["curve"]) == 1 and result["curve"][0]["step"] == 100 and result["chance"] == 0.5
     assert set(result["first_step_at"]) == {"0.5", "0.9"} and result["config"]["vocab"] == 24
+
+
+def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
+    import argparse
+
+    import mqar_calibration as cal
+
+    args = argparse.Namespace(vocab=None, keys=8, hidden=16, mlp=2, layers=3, kv_heads=4, seq_len=16,
+                              residual_init=False)
+    plain = cal.make_model(args).state_dict()
+    scaled = cal.make_model(argparse.Namespace(**vars(args) | {"residual_init": True})).state_dict()
+    for name, weight in plain.items():
+        factor = 6 ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        assert torch.allclose(scaled[name], weight * factor), name
