@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                 break
     print(f"first step at 50 % / 90 %: {first['0.5']} / {first['0.9']}")
     write_result(args.out, {"config": vars(args) | {"vocab": model.config.vocab_size}, "curve": curve,
-                            "first_step_at": first, "chance": 1 / args.pairs, "wall_s": round(time.time() - t0, 1), **environment()})
+                            "first_step_at": first, "chance": 1 / args.pairs, "wall_s": round(time.time() - t0, 1),
+                            **environment()})
     return 0
 
 

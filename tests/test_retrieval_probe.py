@@ -57,7 +57,8 @@ def test_world_drills_mask_exactly_the_answers(drill_worker, monkeypatch, tmp_pa
 def test_probe_runs_on_cpu_and_writes_its_curve(tmp_path):
     out = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "retrieval_probe.py"), "--device", "cpu",
-                           "--world", "tiny", "--teacher", "cpu", "--drills", "mqar", "--mqar-pairs", "4", "--seq-len", "64",
+                           "--world", "tiny", "--teacher", "cpu", "--drills", "mqar", "--mqar-pairs", "4",
+                           "--seq-len", "64",
                            "--batch", "2", "--layers", "1", "--hidden", "64", "--mqar-keys", "16", "--budget-s", "4",
                            "--eval-every", "1000",
                            "--eval-items", "1", "--eval-lengths", "1024", "--workers", "1", "--out", str(out)],
