@@ -26,22 +26,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
+from retrieval_probe import mqar_rows  # noqa: E402
 
 
 def rows(rng: random.Random, n: int, length: int, pairs: int, keys: range, values: range):
-    """(ids [n, length], mask [n, length]: True at each queried value), values drawn with replacement."""
-    ids = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, length, dtype=torch.bool)
-    for r in range(n):
-        ks = rng.sample(keys, pairs)
-        vs = [rng.choice(values) for _ in ks]
-        row = [t for kv in zip(ks, vs) for t in kv]
-        while len(row) + 2 <= length:
-            i = rng.randrange(pairs)
-            row += [ks[i], vs[i]]
-            mask[r, len(row) - 1] = True
-        ids[r, :len(row)] = torch.tensor(row)
-    return ids, mask
+    """(ids [n, length], mask [n, length]: True at each queried value), values drawn with replacement (the probe's
+    drills draw them without: `retrieval_probe.mqar_rows`, which makes both)."""
+    ids, mask = zip(*mqar_rows(rng, n, length, pairs, keys, values, distinct_values=False))
+    return torch.tensor(ids), torch.tensor(mask)
 
 
 def answer_accuracy(model, ids, mask) -> float:

@@ -98,18 +98,24 @@ def _prefetched(pool, jobs, depth):
             yield pending.popleft().get()
 
 
-def _mqar(rng, n, length, pairs, n_keys):
-    key_ids, value_ids = mqar_ranges(n_keys)
+def mqar_rows(rng, n, length, pairs, keys, values, distinct_values=True):
+    """`n` rows of `length` ids: `pairs` key-value pairs, then "key value" queries of them to the end (0-padded), each
+    with its mask (True at the queried values). `distinct_values=False` draws the values with replacement."""
     out = []
     for _ in range(n):
-        keys, values = rng.sample(key_ids, pairs), rng.sample(value_ids, pairs)
-        ids, mask = [t for kv in zip(keys, values) for t in kv], [False] * 2 * pairs
+        ks = rng.sample(keys, pairs)
+        vs = rng.sample(values, pairs) if distinct_values else [rng.choice(values) for _ in ks]
+        ids, mask = [t for kv in zip(ks, vs) for t in kv], [False] * 2 * pairs
         while len(ids) + 2 <= length:
             i = rng.randrange(pairs)
-            ids += [keys[i], values[i]]
+            ids += [ks[i], vs[i]]
             mask += [False, True]
         out.append((ids + [0] * (length - len(ids)), mask + [False] * (length - len(mask))))
     return out
+
+
+def _mqar(rng, n, length, pairs, n_keys):
+    return mqar_rows(rng, n, length, pairs, *mqar_ranges(n_keys))
 
 
 def recall_items(tokenizer, lengths, n):
@@ -196,6 +202,17 @@ def main(argv=None):
     from gendistill.recipes import bundled
     from gendistill.world.world import _render_chats, build_world
 
+    cfg = yaml.safe_load(bundled(f"demo/teacher-{args.teacher}.yaml").read_text())["model"]["config"]
+    cfg.pop("model_type")
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    if args.hidden:
+        cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                   head_dim=args.hidden // cfg["num_attention_heads"])
+    needed = mqar_ranges(args.mqar_keys)[1].stop
+    if args.drills == "mqar" and needed > cfg["vocab_size"]:  # before the world is built: minutes at gpu scale
+        p.error(f"--mqar-keys {args.mqar_keys} needs {needed} token ids, the model has {cfg['vocab_size']}; use at "
+                f"most {(cfg['vocab_size'] - 100) // 2} keys")
     t0 = time.time()
     device = torch.device(args.device)
     world = build_world(seed=0, scale=args.world, long_docs=0)  # the drills are made here, not read from the world
@@ -207,16 +224,6 @@ def main(argv=None):
     chats = [(f"c{i}", t) for i, t in enumerate(_render_chats(tok, world.chats))]
     print(f"world built in {time.time() - t0:.0f} s; vocabulary {len(tok)}", flush=True)
 
-    cfg = yaml.safe_load(bundled(f"demo/teacher-{args.teacher}.yaml").read_text())["model"]["config"]
-    cfg.pop("model_type")
-    if args.layers:
-        cfg["num_hidden_layers"] = args.layers
-    if args.hidden:
-        cfg.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                   head_dim=args.hidden // cfg["num_attention_heads"])
-    if args.drills == "mqar" and mqar_ranges(args.mqar_keys)[1].stop > cfg["vocab_size"]:
-        p.error(f"--mqar-keys {args.mqar_keys} needs {mqar_ranges(args.mqar_keys)[1].stop} token ids, the model has "
-                f"{cfg['vocab_size']}; use at most {(cfg['vocab_size'] - 100) // 2} keys")
     torch.manual_seed(args.seed)
     model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation="sdpa")).to(device)
     forward = torch.compile(model) if args.compile else model  # scoring runs the eager model (other shapes)
