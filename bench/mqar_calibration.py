@@ -49,7 +49,8 @@ def make_model(args) -> torch.nn.Module:
     config = Qwen3Config(vocab_size=args.vocab or 2 * args.keys + 8, hidden_size=args.hidden,
                          intermediate_size=args.mlp * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=args.kv_heads, head_dim=args.hidden // 4,
-                         max_position_embeddings=args.seq_len, tie_word_embeddings=True)
+                         max_position_embeddings=args.seq_len, tie_word_embeddings=True,
+                         initializer_range=args.init_std)
     model = Qwen3ForCausalLM(config)
     if args.residual_init:
         with torch.no_grad():
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--residual-init", action="store_true",
                    help="scale the init of the layers' writes to the residual stream (o_proj, down_proj) by "
                         "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not")
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="std of the normal init of every weight matrix (Qwen3's initializer_range, 0.02 at any width)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)

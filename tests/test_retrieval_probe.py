@@ -97,9 +97,21 @@ def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
     import mqar_calibration as cal
 
     args = argparse.Namespace(vocab=None, keys=8, hidden=16, mlp=2, layers=3, kv_heads=4, seq_len=16,
-                              residual_init=False)
+                              residual_init=False, init_std=0.02)
     plain = cal.make_model(args).state_dict()
     scaled = cal.make_model(argparse.Namespace(**vars(args) | {"residual_init": True})).state_dict()
     for name, weight in plain.items():
         factor = 6 ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
         assert torch.allclose(scaled[name], weight * factor), name
+
+
+def test_mqar_calibration_init_std_sets_the_weight_init():
+    import argparse
+
+    import mqar_calibration as cal
+
+    args = argparse.Namespace(vocab=None, keys=64, hidden=64, mlp=4, layers=1, kv_heads=4, seq_len=16,
+                              residual_init=False, init_std=0.125)
+    model = cal.make_model(args)
+    assert model.config.initializer_range == 0.125
+    assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
