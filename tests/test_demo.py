@@ -10,7 +10,7 @@ import pytest
 from gendistill.demo import KernelWarmup, build_world_dir, run_demo
 from gendistill.io import UserError
 from gendistill.world import build_world
-from gendistill.world.teacher import TEACHER_RECORD, teacher_cache_key, train_teacher
+from gendistill.world.teacher import TEACHER_RECORD, demo_recipe, teacher_cache_key, train_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,16 +81,29 @@ def test_long_documents_fill_one_training_window_each(tmp_path):
         assert int(seq["input_ids"][0]) in starts and int(seq["input_ids"][-1]) == tok.eos_token_id
 
 
-def test_gpu_teacher_recipe_ends_with_a_long_stage_over_whole_documents(tmp_path):
-    """teacher-gpu.yaml, shrunk to a tiny model and one step per stage: the demo points its long stage at the
-    world's long documents and sets its sequence length to theirs."""
+def test_a_teacher_recipe_of_ones_own_gets_the_worlds_long_documents(tmp_path):
+    """`gendistill world teacher --recipe`: teacher-gpu.yaml plus a long stage (what the bundled recipe had until it
+    wiped the GPU teacher), shrunk to a tiny model and one step per stage: the long stage is pointed at the world's
+    long documents, with their sequence length."""
+    import yaml
+
+    from gendistill.world.cli import build_parser, main
+
     world = build_world_dir(tmp_path, seed=0, preset="tiny")
+    raw = yaml.safe_load(demo_recipe("teacher", "gpu").read_text())
+    assert [s["name"] for s in raw["stages"]] == ["pretrain", "sft"] and "long" not in raw["data"]
+    raw["data"]["long"] = {"path": "WORLD/longctx.jsonl"}
+    raw["stages"].append({"name": "long", "objective": "ce", "data": "long", "seq_len": 8192, "tokens": 1000000,
+                          "lr": 3.0e-4, "train": ["attention", "norms"]})
+    recipe = tmp_path / "teacher-long.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
     small = ["model.config.num_hidden_layers=2", "model.config.hidden_size=32", "model.config.head_dim=16",
              "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
              "model.config.num_key_value_heads=1", "*.tokens=null", "*.steps=1", "*.batch_size=2",
              "*.micro_batch_size=2", "*.precision=fp32", "pretrain.seq_len=64", "sft.seq_len=64"]
-    teacher = train_teacher(world, tmp_path / "teacher", "gpu", overrides=small)
+    teacher = train_teacher(world, tmp_path / "teacher", "gpu", overrides=small, recipe=recipe)
     record = json.loads((teacher / TEACHER_RECORD).read_text())
+    assert record["recipe"] == "teacher-long.yaml"
     assert [s["name"] for s in record["stages"]] == ["pretrain", "sft", "long"]
     assert record["stages"][2]["tokens"] == 2 * 1024  # two whole 1024-token documents
     assert (teacher / "config.json").exists() and not (tmp_path / "teacher.run").exists()
@@ -98,7 +111,12 @@ def test_gpu_teacher_recipe_ends_with_a_long_stage_over_whole_documents(tmp_path
     bare = tmp_path / "bare"
     build_world(seed=0, scale="tiny", long_docs=0).save(bare / "world")
     with pytest.raises(UserError, match="longctx.jsonl"):
-        train_teacher(bare / "world", tmp_path / "t2", "gpu", overrides=small)
+        train_teacher(bare / "world", tmp_path / "t2", "gpu", overrides=small, recipe=recipe)
+    args = build_parser("gendistill world").parse_args(
+        ["teacher", "--world", str(world), "--out", str(tmp_path / "t3"), "--recipe", str(tmp_path / "nope.yaml")])
+    with pytest.raises(UserError, match="nope.yaml not found"):
+        main(args)
+    assert not (tmp_path / "t3").exists()
 
 
 def test_kernel_warmup_runs_the_demo_at_its_shapes_in_a_second_process(tmp_path, capsys):
@@ -119,20 +137,16 @@ def test_kernel_warmup_runs_the_demo_at_its_shapes_in_a_second_process(tmp_path,
 
 
 def test_gpu_recipes_match_the_gpu_world():
-    """teacher-gpu.yaml's long stage reads documents of the gpu preset's length, and the GPU demo scores recall at
-    lengths it is trained for and at one beyond them."""
+    """The GPU demo scores recall at 1K up to the gpu preset's long-document length and at one length beyond it; the
+    bundled GPU teacher has no long stage (it wiped the teacher: teacher-gpu.yaml)."""
     from gendistill.demo import EVAL_SETTINGS
     from gendistill.distill import load_recipe
-    from gendistill.world.teacher import demo_recipe
     from gendistill.evaluation.tasks import parse_task_list
     from gendistill.world import PRESETS
 
     preset = PRESETS["gpu"]
     assert preset.long_docs * preset.long_doc_tokens > 0 and preset.mc_questions_per_fact == 3
-    recipe = load_recipe(demo_recipe("teacher", "gpu"))
-    long = recipe.stage("long")
-    assert long.data == "long" and long.seq_len == preset.long_doc_tokens and recipe.stages[-1] is long
-    assert long.tokens <= preset.long_docs * preset.long_doc_tokens  # one pass: no document is read twice
+    assert [stage.name for stage in load_recipe(demo_recipe("teacher", "gpu")).stages] == ["pretrain", "sft"]
     lengths = sorted({n for entry in parse_task_list(EVAL_SETTINGS["gpu"]["recall"]) if isinstance(entry, tuple)
                       for n in entry[1]})
     assert [n for n in lengths if n > preset.long_doc_tokens] == [2 * preset.long_doc_tokens]

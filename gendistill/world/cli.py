@@ -27,6 +27,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     teacher.add_argument("--scale", choices=["mini", "cpu", "gpu"], default="cpu",
                          help="which teacher recipe (default cpu; mini: the cpu recipe cut to a few steps)")
     teacher.add_argument("--seed", type=int, default=0)
+    teacher.add_argument("--recipe", help="a plain-training recipe of your own instead of the bundled "
+                                          "demo/teacher-<scale>.yaml; its data sources bios, chat and (if declared) "
+                                          "long are pointed at the world's pretrain.jsonl, chat.jsonl, longctx.jsonl")
     teacher.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
@@ -36,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
         from gendistill.world.teacher import train_teacher
 
         check_output_dir(args.out, args.overwrite)
-        print(f"teacher written to {train_teacher(args.world, args.out, args.scale, args.seed)}")
+        print(f"teacher written to {train_teacher(args.world, args.out, args.scale, args.seed, recipe=args.recipe)}")
         return 0
     check_output_dir(args.out, args.overwrite)  # fail before generating anything
     start = time.perf_counter()

@@ -1,7 +1,8 @@
-"""The world's teacher: a Qwen3 trained from scratch on a world's biographies, then chat SFT (and, at GPU scale, a
-long-context stage on the world's 8K-token retrieval documents), by gendistill's own trainer (`distill.run_recipe`) with a plain-training recipe (`model:`, no teacher): the bundled
-`demo/teacher-<scale>.yaml`, its paths filled in from the world directory. `gendistill world teacher` and the demo
-train it here; the demo caches it by what it is made from (`teacher_cache_key`)."""
+"""The world's teacher: a Qwen3 trained from scratch on a world's biographies, then chat SFT, by gendistill's own
+trainer (`distill.run_recipe`) with a plain-training recipe (`model:`, no teacher): the bundled
+`demo/teacher-<scale>.yaml` or the user's own (`gendistill world teacher --recipe`, e.g. with a stage on the world's
+long-context documents), its paths filled in from the world directory. `gendistill world teacher` and the demo train
+it here; the demo caches it by what it is made from (`teacher_cache_key`)."""
 from __future__ import annotations
 
 import hashlib
@@ -54,10 +55,10 @@ def stage_rows(run: dict) -> list[dict]:
 
 
 def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int = 0,
-                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Train the world's Qwen3 teacher from scratch (`overrides`: more `--set` entries); `out_dir` appears whole (HF
-    format + tokenizer + TEACHER_RECORD) or not at all. The model's vocabulary is the world tokenizer's, padded to a
-    multiple of 64."""
+                  overrides: list[str] | tuple[str, ...] = (), recipe: Path | None = None) -> Path:
+    """Train the world's Qwen3 teacher from scratch with `recipe` (default: the bundled one of `scale`; `overrides`:
+    more `--set` entries); `out_dir` appears whole (HF format + tokenizer + TEACHER_RECORD) or not at all. The
+    model's vocabulary is the world tokenizer's, padded to a multiple of 64."""
     from transformers import AutoTokenizer
 
     from gendistill.distill import run_recipe
@@ -69,7 +70,10 @@ def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int 
         raise UserError(f"{world_dir} is not a world directory (no world.json); build one with `gendistill world build`")
     run_dir = out_dir.with_name(out_dir.name + ".run")
     vocab = -(-len(AutoTokenizer.from_pretrained(world_dir / "tokenizer")) // 64) * 64
-    recipe = demo_recipe("teacher", scale)
+    recipe = Path(recipe) if recipe else demo_recipe("teacher", scale)
+    if not recipe.is_file():
+        raise UserError(f"teacher recipe {recipe} not found; pass a YAML recipe file (see the bundled "
+                        f"{demo_recipe('teacher', scale)})")
     settings = world_data_overrides(world_dir) + long_overrides(recipe, world_dir) + [
         f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}", f"model.seed={seed}",
         f"model.config.vocab_size={vocab}"]
