@@ -244,7 +244,10 @@ def test_liger_kd_kernels_match_the_chunked_reference(kernel):
 
 def test_compiled_kda_block_matches_eager_on_the_fla_path():
     """compile: true on CUDA: a student KDA decoder block compiled by inductor (fla's kernels stay opaque, graphs break
-    around them) gives eager's output and gradients, packed documents included."""
+    around them) gives eager's output and gradients, packed documents included. Under bf16 autocast, as a bf16 stage
+    trains: fla's shipped configs are bf16 ones, and in fp32 every kernel autotuned first (the test sat in that for
+    over 390 s on a fresh H100; a stack dump showed it in chunk_gla_fwd_o_gk's autotuning). Both paths run the same
+    fla kernels; what inductor fuses around them rounds bf16 differently, hence the relative bound."""
     from gendistill.linear_mixers import packed_documents
     from gendistill.testing import random_teacher_and_student
 
@@ -258,11 +261,13 @@ def test_compiled_kda_block_matches_eager_on_the_fla_path():
     for fn in (layer.forward, torch.compile(layer.forward)):
         x.grad = None
         layer.zero_grad()
-        y = fn(x, position_ids=position_ids, kda_packing=packing)
-        y.square().mean().backward()
-        outs.append((y.detach(), x.grad.clone(), layer.self_attn.q_proj.weight.grad.clone()))
-    for eager, compiled in zip(*outs):
-        torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, position_ids=position_ids, kda_packing=packing)
+        y.float().square().mean().backward()
+        outs.append((y.detach().float(), x.grad.clone(), layer.self_attn.q_proj.weight.grad.clone()))
+    for name, eager, compiled in zip(("output", "input grad", "q_proj grad"), *outs):
+        assert torch.isfinite(compiled).all(), name
+        assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2, name
 
 
 def test_kernels_warm_then_export_writes_configs_fla_reads(tmp_path):
