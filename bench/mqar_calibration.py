@@ -43,19 +43,29 @@ def answer_accuracy(model, ids, mask) -> float:
 
 
 def make_model(args) -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A fresh Qwen3 (the teachers' architecture), or with `--arch gpt2` a GPT-2 of the same width, depth and heads
+    (learned positions, LayerNorm, GELU MLP, no q/k norms: whether an effect is Qwen3's or any transformer's)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=args.vocab or 2 * args.keys + 8, hidden_size=args.hidden,
-                         intermediate_size=args.mlp * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=args.kv_heads, head_dim=args.hidden // 4,
-                         max_position_embeddings=args.seq_len, tie_word_embeddings=True,
-                         initializer_range=args.init_std)
-    model = Qwen3ForCausalLM(config)
+    vocab = args.vocab or 2 * args.keys + 8
+    if getattr(args, "arch", "qwen3") == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=args.hidden, n_layer=args.layers, n_head=4, n_inner=args.mlp *
+                            args.hidden, n_positions=args.seq_len, initializer_range=args.init_std, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+        model = GPT2LMHeadModel(config)
+        writes = [(block.attn.c_proj, block.mlp.c_proj) for block in model.transformer.h]
+    else:
+        config = Qwen3Config(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.mlp * args.hidden,
+                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=args.kv_heads,
+                             head_dim=args.hidden // 4, max_position_embeddings=args.seq_len, tie_word_embeddings=True,
+                             initializer_range=args.init_std)
+        model = Qwen3ForCausalLM(config)
+        writes = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in model.model.layers]
     if args.residual_init:
         with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            for pair in writes:
+                for proj in pair:
                     proj.weight.mul_((2 * args.layers) ** -0.5)
     return model
 
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--keys", type=int, default=256, help="distinct key ids (as many value ids)")
     p.add_argument("--vocab", type=int, help="vocabulary size (default: just the keys and values, + 8)")
+    p.add_argument("--arch", choices=["qwen3", "gpt2"], default="qwen3")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64, help="width; 4 heads of hidden/4")
     p.add_argument("--kv-heads", type=int, default=4)
@@ -77,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--beta2", type=float, default=0.98)
     p.add_argument("--residual-init", action="store_true",
                    help="scale the init of the layers' writes to the residual stream (o_proj, down_proj) by "
-                        "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not")
+                        "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not (its GPT-2 "
+                        "does: with --arch gpt2 this scales them twice)")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="std of the normal init of every weight matrix (Qwen3's initializer_range, 0.02 at any width)")
     p.add_argument("--steps", type=int, default=1500)

@@ -59,7 +59,7 @@ def test_teacher_cache_key_follows_the_training_data(tmp_path):
 
 
 def test_long_documents_fill_one_training_window_each(tmp_path):
-    """The teacher's long stage packs the world's long documents into windows of long_doc_tokens: each window must
+    """A teacher's long stage packs the world's long documents into windows of long_doc_tokens: each window must
     be one whole document, so that its position ids run 0..L-1 (no packed-document mask, plain causal attention)
     and no retrieval episode is cut from its question."""
     from transformers import AutoTokenizer

@@ -89,6 +89,9 @@ def test_mqar_calibration_rows_and_run(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["curve"]) == 1 and result["curve"][0]["step"] == 100 and result["chance"] == 0.5
     assert set(result["first_step_at"]) == {"0.5", "0.9"} and result["config"]["vocab"] == 24
+    assert cal.main(["--arch", "gpt2", "--pairs", "2", "--keys", "8", "--seq-len", "16", "--batch", "4", "--steps",
+                     "100", "--hidden", "16", "--layers", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["arch"] == "gpt2"
 
 
 def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
@@ -115,3 +118,5 @@ def test_mqar_calibration_init_std_sets_the_weight_init():
     model = cal.make_model(args)
     assert model.config.initializer_range == 0.125
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
+    gpt2 = cal.make_model(argparse.Namespace(**vars(args) | {"arch": "gpt2"}))
+    assert abs(gpt2.transformer.h[0].mlp.c_fc.weight.std().item() - 0.125) < 0.01

@@ -87,7 +87,8 @@ class Preset:
     eval_phrasings: int = 1
     mc_questions_per_fact: int = 1  # MC conversations per (person, attribute) in the chat data, each its own options
     # Long-context retrieval documents (longctx.jsonl, `_make_long_docs`): how many, and their exact length in tokens
-    # once the trainer appends the end-of-text token, which is the teacher's long stage's seq_len. 0: none.
+    # once the trainer appends the end-of-text token, which is a long stage's seq_len (a teacher recipe that declares a
+    # `long` data source; the bundled ones do not). 0: none.
     long_docs: int = 0
     long_doc_tokens: int = 8192
 
@@ -118,8 +119,8 @@ PRESETS: dict[str, Preset] = {
     # Three MC conversations per fact instead of one: the 28-layer teacher trained with one answered the seen people's
     # open questions almost always right, but asked the same facts as MC it often answered with a value that was none
     # of the options (it answers from memory, and in the MC format, seen once per fact, its memory was off where in the
-    # open format, seen six times, it was not). 1,024 long documents of 8,192 tokens (`_make_long_docs`): the
-    # teacher's long stage reads each once.
+    # open format, seen six times, it was not). 1,024 long documents of 8,192 tokens (`_make_long_docs`): a long stage
+    # of 8M tokens reads each once.
     "gpu": Preset(1000, 6, 40, 48, 30, 16, 40, 6, 0.25, 200, 8, 6144, mc_questions_per_fact=3, long_docs=1024,
                   long_doc_tokens=8192),
 }
@@ -644,9 +645,10 @@ def _spec(name: str, kind: str) -> dict:
 
 
 # --- long-context retrieval documents -----------------------------------------------------------------------
-# The teacher's long stage reads these so that it finds needles and recalls associations across its whole training
-# length. Each document is exactly `long_doc_tokens` - 1 tokens, so that with the end-of-text token the trainer
-# appends it fills one training window: no window mixes two documents, position ids run 0..L-1, and attention is
+# A teacher's long stage reads these so that it finds needles and recalls associations across its whole training
+# length (the bundled GPU recipe's did, and wiped the teacher: teacher-gpu.yaml; `world teacher --recipe` adds one).
+# Each document is exactly `long_doc_tokens` - 1 tokens, so that with the end-of-text token the trainer appends it
+# fills one training window: no window mixes two documents, position ids run 0..L-1, and attention is
 # plain causal (no packed-document mask). A document is a run of segments, each ending with a newline:
 #   - retrieval episodes in the wording of the recall tasks (gendistill.evaluation.recall: NIAH single, NIAH multikey,
 #     associative recall), with keys and values of their own, of log-uniformly drawn lengths from LONG_MIN_EPISODE
