@@ -49,7 +49,7 @@ def make_model(args) -> torch.nn.Module:
 
     torch.manual_seed(0)
     vocab = args.vocab or 2 * args.keys + 8
-    if getattr(args, "arch", "qwen3") == "gpt2":
+    if args.arch == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=args.hidden, n_layer=args.layers, n_head=4, n_inner=args.mlp *
                             args.hidden, n_positions=args.seq_len, initializer_range=args.init_std, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)

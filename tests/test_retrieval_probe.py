@@ -100,7 +100,7 @@ def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
     import mqar_calibration as cal
 
     args = argparse.Namespace(vocab=None, keys=8, hidden=16, mlp=2, layers=3, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.02)
+                              residual_init=False, init_std=0.02, arch="qwen3")
     plain = cal.make_model(args).state_dict()
     scaled = cal.make_model(argparse.Namespace(**vars(args) | {"residual_init": True})).state_dict()
     for name, weight in plain.items():
@@ -114,7 +114,7 @@ def test_mqar_calibration_init_std_sets_the_weight_init():
     import mqar_calibration as cal
 
     args = argparse.Namespace(vocab=None, keys=64, hidden=64, mlp=4, layers=1, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.125)
+                              residual_init=False, init_std=0.125, arch="qwen3")
     model = cal.make_model(args)
     assert model.config.initializer_range == 0.125
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
