@@ -62,11 +62,15 @@ def make_model(args) -> torch.nn.Module:
                              initializer_range=args.init_std)
         model = Qwen3ForCausalLM(config)
         writes = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in model.model.layers]
-    if args.residual_init:
-        with torch.no_grad():
-            for pair in writes:
-                for proj in pair:
+    with torch.no_grad():
+        for pair in writes:
+            for proj in pair:
+                if args.zero_writes:
+                    proj.weight.zero_()
+                elif args.residual_init:
                     proj.weight.mul_((2 * args.layers) ** -0.5)
+        if args.embed_std is not None:
+            model.get_input_embeddings().weight.normal_(0.0, args.embed_std)
     return model
 
 
@@ -90,6 +94,12 @@ def main(argv=None) -> int:
                    help="scale the init of the layers' writes to the residual stream (o_proj, down_proj) by "
                         "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not (its GPT-2 "
                         "does: with --arch gpt2 this scales them twice)")
+    p.add_argument("--zero-writes", action="store_true",
+                   help="initialise the layers' writes to the residual stream (o_proj, down_proj) at zero, as nanochat "
+                        "and modded-nanogpt do: every block starts as the identity, so at any depth the residual "
+                        "stream starts as the token embedding")
+    p.add_argument("--embed-std", type=float,
+                   help="std of the (tied) embedding's init instead of --init-std")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="std of the normal init of every weight matrix (Qwen3's initializer_range, 0.02 at any width)")
     p.add_argument("--steps", type=int, default=1500)

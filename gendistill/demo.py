@@ -74,11 +74,12 @@ def distill_student(teacher_dir: Path, world_dir: Path, out: Path, scale: str,
                     overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from gendistill.distill import run_recipe
 
-    settings = world_data_overrides(world_dir) + [f"teacher.path={teacher_dir}", f"tokenizer.path={teacher_dir}",
-                                              f"out_dir={out / 'distill'}"]
+    recipe = demo_recipe("distill", scale)
+    settings = world_data_overrides(recipe, world_dir) + [
+        f"teacher.path={teacher_dir}", f"tokenizer.path={teacher_dir}", f"out_dir={out / 'distill'}"]
     if scale == "mini":
         settings += MINI_OVERRIDES
-    return run_recipe(demo_recipe("distill", scale), settings + list(overrides), overwrite=True)
+    return run_recipe(recipe, settings + list(overrides), overwrite=True)
 
 
 def _eval_tasks(world_dir: Path, settings: dict) -> str:

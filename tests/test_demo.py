@@ -10,7 +10,8 @@ import pytest
 from gendistill.demo import KernelWarmup, build_world_dir, run_demo
 from gendistill.io import UserError
 from gendistill.world import build_world
-from gendistill.world.teacher import TEACHER_RECORD, demo_recipe, teacher_cache_key, train_teacher
+from gendistill.world.teacher import (TEACHER_RECORD, demo_recipe, teacher_cache_key, train_teacher,
+                                     world_data_overrides)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,8 +84,9 @@ def test_long_documents_fill_one_training_window_each(tmp_path):
 
 def test_a_teacher_recipe_of_ones_own_gets_the_worlds_long_documents(tmp_path):
     """`gendistill world teacher --recipe`: teacher-gpu.yaml plus a long stage (what the bundled recipe had until it
-    wiped the GPU teacher), shrunk to a tiny model and one step per stage: the long stage is pointed at the world's
-    long documents, with their sequence length."""
+    wiped the GPU teacher), its pretraining on a mixture of the biographies and the long documents (a `path` list),
+    shrunk to a tiny model and one step per stage: the WORLD/ paths are the world's files, and the long stage
+    gets the long documents' sequence length."""
     import yaml
 
     from gendistill.world.cli import build_parser, main
@@ -93,10 +95,15 @@ def test_a_teacher_recipe_of_ones_own_gets_the_worlds_long_documents(tmp_path):
     raw = yaml.safe_load(demo_recipe("teacher", "gpu").read_text())
     assert [s["name"] for s in raw["stages"]] == ["pretrain", "sft"] and "long" not in raw["data"]
     raw["data"]["long"] = {"path": "WORLD/longctx.jsonl"}
+    raw["data"]["mix"] = {"path": ["WORLD/pretrain.jsonl", "WORLD/longctx.jsonl"]}
+    raw["stages"][0].update(data="mix", packing="whole")
     raw["stages"].append({"name": "long", "objective": "ce", "data": "long", "seq_len": 8192, "tokens": 1000000,
                           "lr": 3.0e-4, "train": ["attention", "norms"]})
     recipe = tmp_path / "teacher-long.yaml"
     recipe.write_text(yaml.safe_dump(raw))
+    settings = world_data_overrides(recipe, world)
+    assert f"data.mix.path={json.dumps([str(world / 'pretrain.jsonl'), str(world / 'longctx.jsonl')])}" in settings
+    assert f"data.bios.path={world / 'pretrain.jsonl'}" in settings and "long.seq_len=1024" in settings
     small = ["model.config.num_hidden_layers=2", "model.config.hidden_size=32", "model.config.head_dim=16",
              "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
              "model.config.num_key_value_heads=1", "*.tokens=null", "*.steps=1", "*.batch_size=2",
@@ -110,7 +117,7 @@ def test_a_teacher_recipe_of_ones_own_gets_the_worlds_long_documents(tmp_path):
 
     bare = tmp_path / "bare"
     build_world(seed=0, scale="tiny", long_docs=0).save(bare / "world")
-    with pytest.raises(UserError, match="longctx.jsonl"):
+    with pytest.raises(UserError, match="data.long reads WORLD/longctx.jsonl, but the world .* has no longctx"):
         train_teacher(bare / "world", tmp_path / "t2", "gpu", overrides=small, recipe=recipe)
     args = build_parser("gendistill world").parse_args(
         ["teacher", "--world", str(world), "--out", str(tmp_path / "t3"), "--recipe", str(tmp_path / "nope.yaml")])

@@ -192,6 +192,33 @@ def test_parquet_text_files_directories_and_unreachable_hub_ids(tmp_path):
         detect_kind(DataSource(path="nobody/no-such-dataset"))  # offline in tests: fails cleanly, naming it
 
 
+def test_a_path_list_is_one_source_of_several_files_and_each_is_fingerprinted(tmp_path):
+    """`path: [a, b]` mixes two files into one source (a teacher's pretraining text beside its long documents); the
+    token cache and the resume fingerprint change when either file does; a missing entry or mixed formats fail."""
+    from gendistill.distill.data import cached_corpus_dir, iter_records
+    from gendistill.distill.trainer import _data_fingerprint
+
+    (tmp_path / "long").mkdir()
+    a, b = tmp_path / "pretrain.jsonl", tmp_path / "long" / "longctx.jsonl"
+    a.write_text("".join(json.dumps({"text": f"bio {i}"}) + "\n" for i in range(3)))
+    b.write_text(json.dumps({"text": "a long document"}) + "\n")
+    src = DataSource(path=[str(a), str(b.parent)])
+    assert [r["text"] for r in iter_records(src)] == ["bio 0", "bio 1", "bio 2", "a long document"]
+    tok = tiny_tokenizer()
+    assert build_corpus(src, detect_kind(src), tok, tmp_path / "cache", 10**9).num_documents == 4
+    cache, files = cached_corpus_dir(src, "text", tok, tmp_path / "cache"), _data_fingerprint(src)["files"]
+    assert sorted(files) == ["0/pretrain.jsonl", "1/longctx.jsonl"]
+    b.write_text(json.dumps({"text": "another long document"}) + "\n")
+    assert cached_corpus_dir(src, "text", tok, tmp_path / "cache") != cache
+    assert _data_fingerprint(src)["files"]["1/longctx.jsonl"] != files["1/longctx.jsonl"]
+    assert _data_fingerprint(src)["files"]["0/pretrain.jsonl"] == files["0/pretrain.jsonl"]
+    with pytest.raises(UserError, match="nowhere.jsonl does not exist; a `path` list names local files"):
+        detect_kind(DataSource(path=[str(a), str(tmp_path / "nowhere.jsonl")]))
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    with pytest.raises(UserError, match="cannot tell one format .* set `format` \\(a source reads files of one"):
+        detect_kind(DataSource(path=[str(a), str(tmp_path / "notes.txt")]))
+
+
 def test_one_tokenizer_fingerprint_survives_save_and_load_and_sees_what_changes_ids(tmp_path):
     """The trainer records the fingerprint of the tokenizer it holds (run.json, token caches); eval takes it of the
     tokenizer loaded from the student dir the trainer saved: the two must be equal. A different merge table, chat

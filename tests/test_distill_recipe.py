@@ -143,6 +143,8 @@ def test_overrides_target_one_stage_every_stage_or_top_level():
     ("kd.eval=nowhere.module:fn", "kd.eval = nowhere.module:fn. Check that you trust it, then pass --allow-code"),
     ("defaults.sequence_length=8", "defaults.sequence_length: unknown key"),
     ("data.text.fromat=json", "data.text.fromat: unknown key (did you mean 'format'?)"),
+    ("data.text.path=[]", "data.text.path: a list of local files/directories must be non-empty strings"),
+    (("data.text.path=[a.jsonl, b.jsonl]", "data.text.format=hub"), "data.text.format: a `path` list names local"),
     ("teacher=null", "teacher: required: stages ['attn_align', 'hidden_align', 'kd', 'kd_instruct']"),
     ("student={convert: {}, config: {}}", "student: expected one of"),
     ("parallel=zero3", "parallel: expected one of auto, fsdp, ddp"),

@@ -44,19 +44,36 @@ def local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def source_paths(src: DataSource) -> list[Path] | None:
+    """The paths a local source names (one, or each entry of a `path` list), or None for a hub dataset: a single
+    path that does not exist is taken for a hub id unless `format` says it is local."""
+    if isinstance(src.path, list):
+        paths = [Path(os.path.expanduser(p)) for p in src.path]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise UserError(f"data source {src.path!r}: {', '.join(missing)} does not exist; a `path` list names "
+                            f"local files or directories only")
+        return paths
+    path = Path(os.path.expanduser(src.path))
+    return [path] if src.format != "hub" and (path.exists() or src.format != "auto") else None
+
+
 def iter_records(src: DataSource):
-    """Yield the records of a source, streamed (nothing is materialised or written to the datasets cache)."""
+    """Yield the records of a source, streamed (nothing is materialised or written to the datasets cache). A `path`
+    list reads its files one after the other; the packer's per-epoch shuffle mixes their documents."""
     import datasets
 
-    path = Path(os.path.expanduser(src.path))
     try:
-        if src.format != "hub" and (path.exists() or src.format != "auto"):
-            files = local_files(path)
+        paths = source_paths(src)
+        if paths is not None:
+            files = [f for p in paths for f in local_files(p)]
             if all(f.is_file() and f.stat().st_size == 0 for f in files):
                 raise UserError(f"data source {src.path!r} is empty (0 bytes); point `path` at a file with records")
-            fmt = src.format if src.format != "auto" else _EXTENSIONS.get(files[0].suffix)
+            formats = {_EXTENSIONS.get(f.suffix) for f in files}
+            fmt = src.format if src.format != "auto" else formats.pop() if len(formats) == 1 else None
             if fmt is None:
-                raise UserError(f"data source {src.path}: cannot tell the format of {files[0].name}; set `format`")
+                raise UserError(f"data source {src.path}: cannot tell one format for {', '.join(f.name for f in files)}"
+                                f"; set `format`" + (" (a source reads files of one format)" if len(files) > 1 else ""))
             kwargs = {"sample_by": src.text_sample_by} if fmt == "text" else {}
             ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", streaming=True,
                                        **kwargs)
@@ -130,9 +147,9 @@ def render_chat(messages: list[dict], tokenizer,
 def _source_fingerprint(src: DataSource, kind: str, tokenizer) -> str:
     spec = asdict(src)
     spec.pop("shuffle")  # read-time only
-    path = Path(os.path.expanduser(src.path))
-    if path.exists():  # local files: edits invalidate the cache
-        spec["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in local_files(path)]
+    paths = source_paths(src)
+    if paths is not None and all(p.exists() for p in paths):  # local files: edits invalidate the cache
+        spec["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for p in paths for f in local_files(p)]
     blob = json.dumps([CACHE_VERSION, spec, kind, tokenizer_fingerprint(tokenizer)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

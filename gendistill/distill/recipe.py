@@ -116,7 +116,7 @@ class Stage:
 
 @dataclasses.dataclass
 class DataSource:
-    path: str  # hub dataset id, or a local .jsonl/.json/.parquet/.txt file or directory of them
+    path: str | list  # hub dataset id, a local .jsonl/.json/.parquet/.txt file or directory, or a list of those
     format: str = "auto"  # auto | json | parquet | text | hub
     name: str | None = None  # hub configuration
     split: str = "train"
@@ -371,8 +371,15 @@ def load_data_source(raw, where: str = "data") -> DataSource:
     if not isinstance(raw, dict):
         _fail(where, f"expected a path/hub id or a mapping with `path`, got {raw!r}")
     _check_keys(raw, DataSource.__dataclass_fields__, where)
-    if not isinstance(raw.get("path"), str) or not raw["path"]:
-        _fail(f"{where}.path", "required: a hub dataset id or a local file/directory")
+    path = raw.get("path")
+    if isinstance(path, list):
+        if not path or not all(isinstance(p, str) and p for p in path):
+            _fail(f"{where}.path", f"a list of local files/directories must be non-empty strings, got {path!r}")
+        if raw.get("format") == "hub":
+            _fail(f"{where}.format", "a `path` list names local files or directories; a hub dataset is one id")
+    elif not isinstance(path, str) or not path:
+        _fail(f"{where}.path", "required: a hub dataset id, a local file/directory, or a list of local files/"
+                               "directories (read as one source)")
     src = DataSource(**raw)
     _choice(src.format, ("auto", "json", "parquet", "text", "hub"), f"{where}.format")
     _choice(src.kind, ("auto", "text", "chat"), f"{where}.kind")

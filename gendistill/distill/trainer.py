@@ -41,7 +41,7 @@ import yaml
 from torch.profiler import record_function  # names the step's phases in a profile (bench/profiling.py)
 
 from gendistill.distill import checkpoint, parallel
-from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files,
+from gendistill.distill.data import (DataSource, PackedStream, TokenCorpus, build_corpus, local_files, source_paths,
                                      cached_corpus_dir, detect_kind)
 from gendistill.distill.losses import (ALIGN_TERMS, LINEAR, HeadLoss, StudentObjective, TeacherCapture,
                                        teacher_topk)
@@ -914,11 +914,13 @@ def weights_sha256(model) -> str:
 
 def _data_fingerprint(src) -> dict:
     spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
-    path = Path(os.path.expanduser(src.path))
-    if src.format != "hub" and path.exists():  # local files: their contents, wherever they are
-        files = local_files(path)
-        root = path if path.is_dir() else path.parent
-        spec["files"] = {str(f.relative_to(root)): sha256_file(f) for f in files}
+    paths = source_paths(src)
+    if paths is not None and all(p.exists() for p in paths):  # local files: their contents, wherever they are
+        spec["files"] = {}
+        for i, path in enumerate(paths):  # a `path` list: each entry's files under its index
+            root = path if path.is_dir() else path.parent
+            prefix = f"{i}/" if isinstance(src.path, list) else ""
+            spec["files"].update({prefix + str(f.relative_to(root)): sha256_file(f) for f in local_files(path)})
     else:
         spec["hub"] = src.path
         spec["revision"] = _hub_revision(src.path)

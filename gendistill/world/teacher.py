@@ -26,26 +26,33 @@ def demo_recipe(kind: str, scale: str) -> Path:
     return RECIPES / "demo" / f"{kind}-{'cpu' if scale == 'mini' else scale}.yaml"
 
 
-def world_data_overrides(world_dir: Path) -> list[str]:
-    """The `--set`s that point a demo recipe's two data sources at a world's files."""
-    return [f"data.bios.path={Path(world_dir) / 'pretrain.jsonl'}", f"data.chat.path={Path(world_dir) / 'chat.jsonl'}"]
-
-
-def long_overrides(recipe: Path, world_dir: Path) -> list[str]:
-    """A recipe with a `long` data source trains on the world's long documents: point it at them, and make the
-    stages that read them as long as the documents (one document per sequence, see world.py)."""
+def world_data_overrides(recipe: Path, world_dir: Path) -> list[str]:
+    """The `--set`s that point a demo recipe's data at a world's files: a data source's `WORLD/<file>` path, or such
+    an entry of a `path` list (a mixture, e.g. the biographies beside the long documents), becomes that file of
+    `world_dir`. A stage that reads the long documents alone (`WORLD/longctx.jsonl`) gets their length as its
+    seq_len: one document per sequence (see world.py)."""
     import yaml
 
     raw = yaml.safe_load(Path(recipe).read_text())
-    if "long" not in (raw.get("data") or {}):
-        return []
-    docs = Path(world_dir) / "longctx.jsonl"
-    if not docs.exists():
-        raise UserError(f"{Path(recipe).name} trains on long-context documents, but the world {world_dir} has none "
-                        "(longctx.jsonl); build it with `gendistill world build --scale gpu`")
-    length = json.loads((Path(world_dir) / "world.json").read_text())["preset"]["long_doc_tokens"]
-    stages = [s["name"] for s in raw.get("stages", []) if s.get("data") == "long"]
-    return [f"data.long.path={docs}"] + [f"{name}.seq_len={length}" for name in stages]
+    settings, long_sources = [], set()
+    for name, src in (raw.get("data") or {}).items():
+        path = src.get("path") if isinstance(src, dict) else src
+        entries = path if isinstance(path, list) else [path]
+        if not any(isinstance(e, str) and e.startswith("WORLD/") for e in entries):
+            continue
+        resolved = [str(Path(world_dir) / e[len("WORLD/"):]) if e.startswith("WORLD/") else e for e in entries]
+        for entry, file in zip(entries, resolved):
+            if entry.startswith("WORLD/") and not Path(file).exists():
+                hint = " (built with `gendistill world build --scale gpu`)" if entry == "WORLD/longctx.jsonl" else ""
+                raise UserError(f"{Path(recipe).name}: data.{name} reads {entry}, but the world {world_dir} has no "
+                                f"{entry[len('WORLD/'):]}{hint}")
+        settings.append(f"data.{name}.path={json.dumps(resolved) if isinstance(path, list) else resolved[0]}")
+        if entries == ["WORLD/longctx.jsonl"]:
+            long_sources.add(name)
+    if long_sources:
+        length = json.loads((Path(world_dir) / "world.json").read_text())["preset"]["long_doc_tokens"]
+        settings += [f"{s['name']}.seq_len={length}" for s in raw.get("stages", []) if s.get("data") in long_sources]
+    return settings
 
 
 def stage_rows(run: dict) -> list[dict]:
@@ -74,7 +81,7 @@ def train_teacher(world_dir: Path, out_dir: Path, scale: str = "cpu", seed: int 
     if not recipe.is_file():
         raise UserError(f"teacher recipe {recipe} not found; pass a YAML recipe file (see the bundled "
                         f"{demo_recipe('teacher', scale)})")
-    settings = world_data_overrides(world_dir) + long_overrides(recipe, world_dir) + [
+    settings = world_data_overrides(recipe, world_dir) + [
         f"tokenizer.path={world_dir / 'tokenizer'}", f"out_dir={run_dir}", f"model.seed={seed}",
         f"model.config.vocab_size={vocab}"]
     if scale == "mini":
