@@ -37,6 +37,7 @@ def rows(rng: random.Random, n: int, length: int, pairs: int, keys: range, value
 
 
 def answer_accuracy(model, ids, mask) -> float:
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.no_grad():
         predicted = model(ids).logits[:, :-1].argmax(-1)
     return (predicted[mask[:, 1:]] == ids[:, 1:][mask[:, 1:]]).float().mean().item()
@@ -62,6 +63,9 @@ def make_model(args) -> torch.nn.Module:
                              initializer_range=args.init_std)
         model = Qwen3ForCausalLM(config)
         writes = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in model.model.layers]
+        if args.no_qk_norm:  # Qwen3 RMS-normalises each head's q and k: logits bounded by sqrt(head_dim) x the gains
+            for layer in model.model.layers:
+                layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
     with torch.no_grad():
         for pair in writes:
             for proj in pair:
@@ -98,24 +102,28 @@ def main(argv=None) -> int:
                    help="initialise the layers' writes to the residual stream (o_proj, down_proj) at zero, as nanochat "
                         "and modded-nanogpt do: every block starts as the identity, so at any depth the residual "
                         "stream starts as the token embedding")
+    p.add_argument("--no-qk-norm", action="store_true", help="Qwen3 without its per-head q/k RMSNorm")
     p.add_argument("--embed-std", type=float,
                    help="std of the (tied) embedding's init instead of --init-std")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="std of the normal init of every weight matrix (Qwen3's initializer_range, 0.02 at any width)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 matmuls on a GPU)")
+    p.add_argument("--budget-s", type=float, help="stop at the first evaluation after this many seconds")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     keys, values = range(4, 4 + args.keys), range(4 + args.keys, 4 + 2 * args.keys)
-    model = make_model(args)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = make_model(args).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     train, held_rng = random.Random(0), random.Random(123)
     held = rows(held_rng, 256, args.seq_len, args.pairs, keys, values)
     curve, first, t0 = [], {"0.5": None, "0.9": None}, time.time()
     for step in range(1, args.steps + 1):
-        ids, mask = rows(train, args.batch, args.seq_len, args.pairs, keys, values)
+        ids, mask = (t.to(args.device) for t in rows(train, args.batch, args.seq_len, args.pairs, keys, values))
         m = mask[:, 1:]
         loss = F.cross_entropy(model(ids).logits[:, :-1][m], ids[:, 1:][m])
         loss.backward()
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
                 if first[threshold] is None and acc >= float(threshold):
                     first[threshold] = step
             print(f"step {step:>5}  loss {loss.item():.3f}  held-out {acc:.3f}  {time.time() - t0:.0f}s", flush=True)
-            if acc > 0.97:
+            if acc > 0.97 or (args.budget_s and time.time() - t0 > args.budget_s):
                 break
     print(f"first step at 50 % / 90 %: {first['0.5']} / {first['0.9']}")
     write_result(args.out, {"config": vars(args) | {"vocab": model.config.vocab_size}, "curve": curve,

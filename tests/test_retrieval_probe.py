@@ -100,12 +100,24 @@ def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
     import mqar_calibration as cal
 
     args = argparse.Namespace(vocab=None, keys=8, hidden=16, mlp=2, layers=3, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.02, arch="qwen3")
+                              residual_init=False, init_std=0.02, arch="qwen3", zero_writes=False, no_qk_norm=False,
+                              embed_std=None)
     plain = cal.make_model(args).state_dict()
     scaled = cal.make_model(argparse.Namespace(**vars(args) | {"residual_init": True})).state_dict()
     for name, weight in plain.items():
         factor = 6 ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
         assert torch.allclose(scaled[name], weight * factor), name
+    zeroed = cal.make_model(argparse.Namespace(**vars(args) | {"zero_writes": True, "embed_std": 1.0})).state_dict()
+    for name, weight in plain.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert not zeroed[name].any(), name  # every block starts as the identity
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):  # tied
+            assert 0.8 < zeroed[name].std().item() < 1.2
+        else:
+            assert torch.equal(zeroed[name], weight), name
+    bare = cal.make_model(argparse.Namespace(**vars(args) | {"no_qk_norm": True}))
+    assert set(bare.state_dict()) == {n for n in plain if not n.endswith(("q_norm.weight", "k_norm.weight"))}
+    assert bare(torch.arange(8)[None]).logits.isfinite().all()
 
 
 def test_mqar_calibration_init_std_sets_the_weight_init():
@@ -114,7 +126,8 @@ def test_mqar_calibration_init_std_sets_the_weight_init():
     import mqar_calibration as cal
 
     args = argparse.Namespace(vocab=None, keys=64, hidden=64, mlp=4, layers=1, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.125, arch="qwen3")
+                              residual_init=False, init_std=0.125, arch="qwen3", zero_writes=False, no_qk_norm=False,
+                              embed_std=None)
     model = cal.make_model(args)
     assert model.config.initializer_range == 0.125
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
