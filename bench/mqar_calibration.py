@@ -63,9 +63,12 @@ def make_model(args) -> torch.nn.Module:
                              initializer_range=args.init_std)
         model = Qwen3ForCausalLM(config)
         writes = [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in model.model.layers]
-        if args.no_qk_norm:  # Qwen3 RMS-normalises each head's q and k: logits bounded by sqrt(head_dim) x the gains
-            for layer in model.model.layers:
+        for layer in model.model.layers:  # Qwen3 RMS-normalises each head's q and k: |logit| <= sqrt(head_dim) x gains
+            if args.no_qk_norm:
                 layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
+            else:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    torch.nn.init.constant_(norm.weight, args.qk_norm_init)
     with torch.no_grad():
         for pair in writes:
             for proj in pair:
@@ -78,7 +81,7 @@ def make_model(args) -> torch.nn.Module:
     return model
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--keys", type=int, default=256, help="distinct key ids (as many value ids)")
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--no-decay-norms", action="store_true",
+                   help="no weight decay on norm gains and biases, as gendistill's trainer (default: on every weight)")
     p.add_argument("--residual-init", action="store_true",
                    help="scale the init of the layers' writes to the residual stream (o_proj, down_proj) by "
                         "1/sqrt(2 x layers), as GPT-2 and nanoGPT do; transformers' Qwen3 init does not (its GPT-2 "
@@ -103,6 +108,9 @@ def main(argv=None) -> int:
                         "and modded-nanogpt do: every block starts as the identity, so at any depth the residual "
                         "stream starts as the token embedding")
     p.add_argument("--no-qk-norm", action="store_true", help="Qwen3 without its per-head q/k RMSNorm")
+    p.add_argument("--qk-norm-init", type=float, default=1.0,
+                   help="initial gain of Qwen3's q/k norms (1: transformers' init; the bound on an attention logit, "
+                        "sqrt(head_dim) x gain^2 at init, grows with its square)")
     p.add_argument("--embed-std", type=float,
                    help="std of the (tied) embedding's init instead of --init-std")
     p.add_argument("--init-std", type=float, default=0.02,
@@ -112,12 +120,24 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 matmuls on a GPU)")
     p.add_argument("--budget-s", type=float, help="stop at the first evaluation after this many seconds")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     keys, values = range(4, 4 + args.keys), range(4 + args.keys, 4 + 2 * args.keys)
     torch.backends.cuda.matmul.allow_tf32 = True
     model = make_model(args).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2))
+    if args.no_decay_norms:  # as gendistill's trainer: norms and biases excluded from weight decay
+        from gendistill.modeling import no_weight_decay
+
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if not no_weight_decay(n)]},
+                  {"params": [p for n, p in named if no_weight_decay(n)], "weight_decay": 0.0}]
+    else:
+        groups = model.parameters()
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     train, held_rng = random.Random(0), random.Random(123)
     held = rows(held_rng, 256, args.seq_len, args.pairs, keys, values)

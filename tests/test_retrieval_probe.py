@@ -94,14 +94,12 @@ def test_mqar_calibration_rows_and_run(tmp_path):
     assert json.loads(out.read_text())["config"]["arch"] == "gpt2"
 
 
-def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
+def test_mqar_calibration_init_options_change_only_what_they_name():
     import argparse
 
     import mqar_calibration as cal
 
-    args = argparse.Namespace(vocab=None, keys=8, hidden=16, mlp=2, layers=3, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.02, arch="qwen3", zero_writes=False, no_qk_norm=False,
-                              embed_std=None)
+    args = cal.parser().parse_args("--keys 8 --hidden 16 --mlp 2 --layers 3 --seq-len 16 --out x".split())
     plain = cal.make_model(args).state_dict()
     scaled = cal.make_model(argparse.Namespace(**vars(args) | {"residual_init": True})).state_dict()
     for name, weight in plain.items():
@@ -118,6 +116,10 @@ def test_mqar_calibration_residual_init_scales_only_the_residual_writes():
     bare = cal.make_model(argparse.Namespace(**vars(args) | {"no_qk_norm": True}))
     assert set(bare.state_dict()) == {n for n in plain if not n.endswith(("q_norm.weight", "k_norm.weight"))}
     assert bare(torch.arange(8)[None]).logits.isfinite().all()
+    gained = cal.make_model(argparse.Namespace(**vars(args) | {"qk_norm_init": 2.0})).state_dict()
+    for name, weight in plain.items():
+        expected = torch.full_like(weight, 2.0) if name.endswith(("q_norm.weight", "k_norm.weight")) else weight
+        assert torch.equal(gained[name], expected), name
 
 
 def test_mqar_calibration_init_std_sets_the_weight_init():
@@ -125,9 +127,7 @@ def test_mqar_calibration_init_std_sets_the_weight_init():
 
     import mqar_calibration as cal
 
-    args = argparse.Namespace(vocab=None, keys=64, hidden=64, mlp=4, layers=1, kv_heads=4, seq_len=16,
-                              residual_init=False, init_std=0.125, arch="qwen3", zero_writes=False, no_qk_norm=False,
-                              embed_std=None)
+    args = cal.parser().parse_args("--keys 64 --layers 1 --seq-len 16 --init-std 0.125 --out x".split())
     model = cal.make_model(args)
     assert model.config.initializer_range == 0.125
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
