@@ -113,9 +113,10 @@ def test_mqar_calibration_init_options_change_only_what_they_name():
             assert 0.8 < zeroed[name].std().item() < 1.2
         else:
             assert torch.equal(zeroed[name], weight), name
-    bare = cal.make_model(argparse.Namespace(**vars(args) | {"no_qk_norm": True}))
-    assert set(bare.state_dict()) == {n for n in plain if not n.endswith(("q_norm.weight", "k_norm.weight"))}
-    assert bare(torch.arange(8)[None]).logits.isfinite().all()
+    for keep, gone in (("none", ("q_norm.weight", "k_norm.weight")), ("q", ("k_norm.weight",))):
+        bare = cal.make_model(argparse.Namespace(**vars(args) | {"qk_norm": keep}))
+        assert set(bare.state_dict()) == {n for n in plain if not n.endswith(gone)}
+        assert bare(torch.arange(8)[None]).logits.isfinite().all()
     gained = cal.make_model(argparse.Namespace(**vars(args) | {"qk_norm_init": 2.0})).state_dict()
     for name, weight in plain.items():
         expected = torch.full_like(weight, 2.0) if name.endswith(("q_norm.weight", "k_norm.weight")) else weight
@@ -133,3 +134,44 @@ def test_mqar_calibration_init_std_sets_the_weight_init():
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.125) < 0.01
     gpt2 = cal.make_model(argparse.Namespace(**vars(args) | {"arch": "gpt2"}))
     assert abs(gpt2.transformer.h[0].mlp.c_fc.weight.std().item() - 0.125) < 0.01
+
+
+def test_mqar_qk_eps_anneals_to_the_models_own_epsilon():
+    import mqar_calibration as cal
+
+    args = cal.parser().parse_args("--keys 8 --hidden 16 --layers 2 --seq-len 16 --qk-norm-eps 1 --qk-eps-anneal 100 "
+                                   "--out x".split())
+    model = cal.make_model(args)
+    assert all(l.self_attn.q_norm.variance_epsilon == 1.0 for l in model.model.layers)
+    assert cal.qk_eps(args, 1e-6, 0) == 1.0 and abs(cal.qk_eps(args, 1e-6, 50) - 1e-3) < 1e-12
+    assert cal.qk_eps(args, 1e-6, 100) == cal.qk_eps(args, 1e-6, 500) == pytest.approx(1e-6)
+    cal.set_qk_eps(model, 1e-6)  # then the model is a plain Qwen3 again: the same outputs as one loaded fresh
+    ids = torch.arange(4, 12)[None]
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits)
+
+
+def test_mqar_sweep_runs_seeds_of_conditions_in_parallel_resumes_and_summarises(tmp_path, monkeypatch):
+    import mqar_sweep as sweep
+
+    grid = {"base": "--pairs 2 --keys 8 --seq-len 16 --batch 4 --hidden 16 --layers 1", "steps": 100,
+            "seeds": [0, 1], "conditions": {"qk": "", "none": "--qk-norm none"}}
+    assert sweep.plan(grid, only=["none"], seeds=[3])[0] == (
+        "none", 3, "--pairs 2 --keys 8 --seq-len 16 --batch 4 --hidden 16 --layers 1 --qk-norm none --steps 100 "
+                   "--seed 3".split())
+    with pytest.raises(SystemExit, match="unknown condition"):
+        sweep.plan(grid, only=["nrom"])
+    monkeypatch.setitem(sweep.GRIDS, "tiny", grid)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--grid", "tiny", "--jobs", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["runs"]) == ["none_s0", "none_s1", "qk_s0", "qk_s1"]
+    assert {r["condition"]: r["config"]["qk_norm"] for r in result["runs"].values()} == {"qk": "qk", "none": "none"}
+    assert [(row["condition"], row["seeds"]) for row in result["summary"]] == [("qk", 2), ("none", 2)]
+    for row in result["summary"]:
+        seeds = [r for r in result["runs"].values() if r["condition"] == row["condition"]]
+        assert row["formed"] == sum(r["first_step_at"]["0.9"] is not None for r in seeds)
+    stamp = (tmp_path / "sweep.json.runs" / "qk_s0.json").stat().st_mtime_ns
+    assert sweep.main(["--grid", "tiny", "--out", str(out)]) == 0  # a rerun reuses every finished run
+    assert (tmp_path / "sweep.json.runs" / "qk_s0.json").stat().st_mtime_ns == stamp
