@@ -551,11 +551,13 @@ def _train(stage, student, teacher, tokenizer, corpus, out_dir, resume, strategy
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            batches = [{k: v.to(device, non_blocking=True) for k, v in
-                        stream.batch(step * stage.batch_size + j * micro, micro).items()} for j in mine]
-            counts = parallel.all_sum(env, torch.tensor([sum(int(b["loss_mask"].sum()) for b in batches),
-                                                         sum(int(b["token_mask"].sum()) for b in batches)],
-                                                        dtype=torch.float64, device=device))
+            host = [stream.batch(step * stage.batch_size + j * micro, micro) for j in mine]
+            # Counted on the host: reading counts back from the GPU would wait for the previous step's kernels.
+            counts = torch.tensor([sum(int(b["loss_mask"].sum()) for b in host),
+                                   sum(int(b["token_mask"].sum()) for b in host)], dtype=torch.float64)
+            if env.world > 1:  # NCCL sums device tensors
+                counts = parallel.all_sum(env, counts.to(device)).cpu()
+            batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host]
             norms = {"tokens": float(counts[0]), "align": float(counts[1]) * max(1, len(layers)), "world": env.world}
             local = torch.zeros(1 + len(term_names), dtype=torch.float64, device=device)
             teacher_outs = []
