@@ -29,9 +29,9 @@ GRIDS = {
     # Qwen3's per-head q/k RMSNorm at 4 layers (the CPU calibration's cliff), 5 seeds.
     "qk_norm_cpu": {"base": "--layers 4", "steps": 1500, "seeds": [0, 1, 2, 3, 4],
                     "conditions": {"qk": "", "none": "--qk-norm none"}},
-    # Depth x q/k norm at the calibration's width (64; heads of 16), 5 seeds: where the cliff is, and whether the
+    # Depth x q/k norm at the calibration's width (64; heads of 16), 4 seeds: where the cliff is, and whether the
     # norms are it.
-    "depth_qk_norm": {"base": "", "steps": 3000, "seeds": [0, 1, 2, 3, 4],
+    "depth_qk_norm": {"base": "", "steps": 3000, "seeds": [0, 1, 2, 3],
                       "conditions": {f"L{depth}_{norm}": f"--layers {depth}" + (" --qk-norm none" if norm == "none"
                                                                                  else "")
                                      for depth in (2, 3, 4, 8) for norm in ("qk", "none")}},

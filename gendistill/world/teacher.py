@@ -38,14 +38,15 @@ def world_data_overrides(recipe: Path, world_dir: Path) -> list[str]:
     for name, src in (raw.get("data") or {}).items():
         path = src.get("path") if isinstance(src, dict) else src
         entries = path if isinstance(path, list) else [path]
-        if not any(isinstance(e, str) and e.startswith("WORLD/") for e in entries):
+        files = [e[len("WORLD/"):] if isinstance(e, str) and e.startswith("WORLD/") else None for e in entries]
+        if not any(files):
             continue
-        resolved = [str(Path(world_dir) / e[len("WORLD/"):]) if e.startswith("WORLD/") else e for e in entries]
-        for entry, file in zip(entries, resolved):
-            if entry.startswith("WORLD/") and not Path(file).exists():
-                hint = " (built with `gendistill world build --scale gpu`)" if entry == "WORLD/longctx.jsonl" else ""
-                raise UserError(f"{Path(recipe).name}: data.{name} reads {entry}, but the world {world_dir} has no "
-                                f"{entry[len('WORLD/'):]}{hint}")
+        resolved = [str(Path(world_dir) / f) if f else e for e, f in zip(entries, files)]
+        for file in filter(None, files):
+            if not (Path(world_dir) / file).exists():
+                hint = " (built with `gendistill world build --scale gpu`)" if file == "longctx.jsonl" else ""
+                raise UserError(f"{Path(recipe).name}: data.{name} reads WORLD/{file}, but the world {world_dir} has "
+                                f"no {file}{hint}")
         settings.append(f"data.{name}.path={json.dumps(resolved) if isinstance(path, list) else resolved[0]}")
         if entries == ["WORLD/longctx.jsonl"]:
             long_sources.add(name)
