@@ -15,8 +15,8 @@
 #   kd, kd2  bench/kd_step.py: every stage objective and lever on one GPU, and FSDP2 on two         -> kd_step.json, kd_step_x2.json
 #   engine   bench/eval_engine.py: the batched generation engine against one-by-one generate     -> eval_engine.json
 #   demo     gendistill demo --scale gpu: the whole pipeline; its report                          -> demo/
-#   mqar     bench/mqar_sweep.py: when content lookup forms, depth x Qwen3's q/k norms (4 seeds) and the GPU world
-#            teacher's shape (MQAR_BUDGET_S: each run's time limit, default 90)  -> mqar_depth.json, mqar_teacher.json
+#   mqar     bench/mqar_sweep.py: when content lookup forms: depth x Qwen3's q/k norms (4 seeds), the GPU world
+#            teacher's shape; 8 runs at a time, each in its grid's time limit (~10 min) -> mqar_depth/teacher.json
 #   export   gendistill kernels export --mixers all: fla's autotuned configs for every mixer's training and prefill
 #            kernels at the 0.6B shape, on an empty Triton cache, to ship under gendistill/kernels/configs/ -> fla_configs/
 # Environment: GPU_NAME overrides <gpu>; GENDISTILL_COMMIT names the commit where the tree has no .git (a copy).
@@ -77,7 +77,7 @@ for step in "${@:-bench graphs}"; do
       # tiny models: eight runs share the card; its result is steps, not time, so other work beside it is harmless
       mqar)    for g in depth_qk_norm:mqar_depth teacher_shape:mqar_teacher; do
                  run "mqar ${g%%:*}" "$PY" bench/mqar_sweep.py --grid "${g%%:*}" --device cuda --jobs 8 \
-                   --budget-s "${MQAR_BUDGET_S:-90}" --work "${TMPDIR:-/tmp}/mqar-${g%%:*}" --out "$R/${g#*:}.json"
+                   --work "${TMPDIR:-/tmp}/mqar-${g%%:*}" --out "$R/${g#*:}.json"
                done ;;
       # its own empty cache and no pinned set, so that every kernel autotunes at this shape
       export)  rm -rf "$R/fla_configs" && FLA_CACHE_MODE=disabled TRITON_CACHE_DIR=$(mktemp -d) run export "$PY" -m \

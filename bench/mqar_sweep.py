@@ -23,20 +23,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_result  # noqa: E402
 
-# condition name -> calibration flags; every grid's conditions share its `base` flags.
+# condition name -> calibration flags; every grid's conditions share its `base` flags. budget_s: each run's default
+# time limit (on one GPU, eight runs at a time).
 TEACHER = "--layers 28 --hidden 256 --kv-heads 2 --mlp 3"  # the GPU world teacher's shape (head_dim 64)
 GRIDS = {
     # Qwen3's per-head q/k RMSNorm at 4 layers (the CPU calibration's cliff), 5 seeds.
-    "qk_norm_cpu": {"base": "--layers 4", "steps": 1500, "seeds": [0, 1, 2, 3, 4],
+    "qk_norm_cpu": {"base": "--layers 4", "steps": 1500, "seeds": [0, 1, 2, 3, 4], "budget_s": None,
                     "conditions": {"qk": "", "none": "--qk-norm none"}},
     # Depth x q/k norm at the calibration's width (64; heads of 16), 4 seeds: where the cliff is, and whether the
     # norms are it.
-    "depth_qk_norm": {"base": "", "steps": 3000, "seeds": [0, 1, 2, 3],
+    "depth_qk_norm": {"base": "", "steps": 3000, "seeds": [0, 1, 2, 3], "budget_s": 90,
                       "conditions": {f"L{depth}_{norm}": f"--layers {depth}" + (" --qk-norm none" if norm == "none"
                                                                                  else "")
                                      for depth in (2, 3, 4, 8) for norm in ("qk", "none")}},
     # The GPU teacher's shape, lr 3e-4 (what formed lookup at width 256) and 1e-3, with and without the q/k norms.
-    "teacher_shape": {"base": TEACHER, "steps": 4000, "seeds": [0, 1, 2],
+    "teacher_shape": {"base": TEACHER, "steps": 4000, "seeds": [0, 1], "budget_s": 240,
                       "conditions": {f"{norm}_lr{lr}": f"--lr {lr}" + (" --qk-norm none" if norm == "none" else "")
                                      for norm in ("qk", "none") for lr in ("3e-4", "1e-3")}},
 }
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="each run's step limit instead of the grid's")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each one process, one thread)")
-    p.add_argument("--budget-s", type=float, help="each run stops at its first evaluation after this many seconds")
+    p.add_argument("--budget-s", type=float, help="each run stops at its first evaluation after this many seconds "
+                                                  "(default: the grid's)")
     p.add_argument("--work", help="where each run's result goes (default: <out>.runs/); existing ones are reused")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -96,8 +98,9 @@ def main(argv=None) -> int:
         result = work / f"{name}_s{seed}.json"
         if not result.exists():
             cmd = [sys.executable, str(script), *flags, "--device", args.device, "--out", str(result)]
-            if args.budget_s:
-                cmd += ["--budget-s", str(args.budget_s)]
+            budget = args.budget_s or grid.get("budget_s")
+            if budget:
+                cmd += ["--budget-s", str(budget)]
             with open(work / f"{name}_s{seed}.log", "w") as log:
                 code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
             if code:
