@@ -28,8 +28,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                          help="which teacher recipe (default cpu; mini: the cpu recipe cut to a few steps)")
     teacher.add_argument("--seed", type=int, default=0)
     teacher.add_argument("--recipe", help="a plain-training recipe of your own instead of the bundled "
-                                          "demo/teacher-<scale>.yaml; its data sources bios, chat and (if declared) "
-                                          "long are pointed at the world's pretrain.jsonl, chat.jsonl, longctx.jsonl")
+                                          "demo/teacher-<scale>.yaml; a data path WORLD/<file> (also in a list: "
+                                          "[WORLD/pretrain.jsonl, WORLD/longctx.jsonl]) is that file of the world")
     teacher.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
