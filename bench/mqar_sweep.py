@@ -23,19 +23,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_result  # noqa: E402
 
+TEACHER = "--layers 28 --hidden 256 --kv-heads 2 --mlp 3"  # the GPU world teacher's shape (head_dim 64)
+
+
+def depth_x_qk_norm(depths) -> dict[str, str]:
+    """L<depth>_qk (Qwen3 as it is) and L<depth>_none (without its q/k norms) for each depth."""
+    return {f"L{d}_{norm}": f"--layers {d}" + (" --qk-norm none" if norm == "none" else "")
+            for d in depths for norm in ("qk", "none")}
+
+
 # condition name -> calibration flags; every grid's conditions share its `base` flags. budget_s: each run's default
 # time limit (on one GPU, eight runs at a time).
-TEACHER = "--layers 28 --hidden 256 --kv-heads 2 --mlp 3"  # the GPU world teacher's shape (head_dim 64)
 GRIDS = {
-    # Qwen3's per-head q/k RMSNorm at 4 layers (the CPU calibration's cliff), 5 seeds.
-    "qk_norm_cpu": {"base": "--layers 4", "steps": 1500, "seeds": [0, 1, 2, 3, 4], "budget_s": None,
-                    "conditions": {"qk": "", "none": "--qk-norm none"}},
+    # Qwen3's per-head q/k RMSNorm at 4 layers (the CPU calibration's cliff) and at 2 (where lookup forms), 5 seeds.
+    "qk_norm_cpu": {"base": "", "steps": 1500, "seeds": [0, 1, 2, 3, 4], "budget_s": None,
+                    "conditions": depth_x_qk_norm((4, 2))},
     # Depth x q/k norm at the calibration's width (64; heads of 16), 4 seeds: where the cliff is, and whether the
     # norms are it.
     "depth_qk_norm": {"base": "", "steps": 3000, "seeds": [0, 1, 2, 3], "budget_s": 90,
-                      "conditions": {f"L{depth}_{norm}": f"--layers {depth}" + (" --qk-norm none" if norm == "none"
-                                                                                 else "")
-                                     for depth in (2, 3, 4, 8) for norm in ("qk", "none")}},
+                      "conditions": depth_x_qk_norm((2, 3, 4, 8))},
     # The GPU teacher's shape, lr 3e-4 (what formed lookup at width 256) and 1e-3, with and without the q/k norms.
     "teacher_shape": {"base": TEACHER, "steps": 4000, "seeds": [0, 1], "budget_s": 240,
                       "conditions": {f"{norm}_lr{lr}": f"--lr {lr}" + (" --qk-norm none" if norm == "none" else "")
