@@ -80,13 +80,13 @@ def make_model(args) -> torch.nn.Module:
             for which in ("q", "k"):
                 if which in args.qk_norm:
                     torch.nn.init.constant_(getattr(layer.self_attn, f"{which}_norm").weight, args.qk_norm_init)
-                    if args.qk_norm_eps is not None:
-                        getattr(layer.self_attn, f"{which}_norm").variance_epsilon = args.qk_norm_eps
                 else:
                     setattr(layer.self_attn, f"{which}_norm", torch.nn.Identity())
             if args.qk_init_std is not None:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                     torch.nn.init.normal_(proj.weight, 0.0, args.qk_init_std)
+        if args.qk_norm_eps is not None:
+            set_qk_eps(model, args.qk_norm_eps)
     with torch.no_grad():
         for pair in writes:
             for proj in pair:
