@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         result = work / f"{name}_s{seed}.json"
         if not result.exists():
             cmd = [sys.executable, str(script), *flags, "--device", args.device, "--out", str(result)]
-            budget = args.budget_s or grid.get("budget_s")
+            budget = args.budget_s or grid["budget_s"]
             if budget:
                 cmd += ["--budget-s", str(budget)]
             with open(work / f"{name}_s{seed}.log", "w") as log:

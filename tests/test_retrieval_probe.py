@@ -155,7 +155,7 @@ def test_mqar_qk_eps_anneals_to_the_models_own_epsilon():
 def test_mqar_sweep_runs_seeds_of_conditions_in_parallel_resumes_and_summarises(tmp_path, monkeypatch):
     import mqar_sweep as sweep
 
-    grid = {"base": "--pairs 2 --keys 8 --seq-len 16 --batch 4 --hidden 16 --layers 1", "steps": 100,
+    grid = {"base": "--pairs 2 --keys 8 --seq-len 16 --batch 4 --hidden 16 --layers 1", "steps": 100, "budget_s": None,
             "seeds": [0, 1], "conditions": {"qk": "", "none": "--qk-norm none"}}
     assert sweep.plan(grid, only=["none"], seeds=[3])[0] == (
         "none", 3, "--pairs 2 --keys 8 --seq-len 16 --batch 4 --hidden 16 --layers 1 --qk-norm none --steps 100 "

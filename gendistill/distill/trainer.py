@@ -917,11 +917,11 @@ def _data_fingerprint(src) -> dict:
     spec = {k: v for k, v in dataclasses.asdict(src).items() if k != "path"}
     paths = source_paths(src)
     if paths is not None and all(p.exists() for p in paths):  # local files: their contents, wherever they are
-        spec["files"] = {}
+        spec["files"], listed = {}, isinstance(src.path, list)
         for i, path in enumerate(paths):  # a `path` list: each entry's files under its index
             root = path if path.is_dir() else path.parent
-            prefix = f"{i}/" if isinstance(src.path, list) else ""
-            spec["files"].update({prefix + str(f.relative_to(root)): sha256_file(f) for f in local_files(path)})
+            spec["files"].update({(f"{i}/" if listed else "") + str(f.relative_to(root)): sha256_file(f)
+                                  for f in local_files(path)})
     else:
         spec["hub"] = src.path
         spec["revision"] = _hub_revision(src.path)

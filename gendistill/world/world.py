@@ -87,8 +87,8 @@ class Preset:
     eval_phrasings: int = 1
     mc_questions_per_fact: int = 1  # MC conversations per (person, attribute) in the chat data, each its own options
     # Long-context retrieval documents (longctx.jsonl, `_make_long_docs`): how many, and their exact length in tokens
-    # once the trainer appends the end-of-text token, which is a long stage's seq_len (a teacher recipe that declares a
-    # `long` data source; the bundled ones do not). 0: none.
+    # once the trainer appends the end-of-text token, which is a long stage's seq_len (a teacher recipe's stage that
+    # reads WORLD/longctx.jsonl alone; the bundled ones have none). 0: none.
     long_docs: int = 0
     long_doc_tokens: int = 8192
 
